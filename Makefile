@@ -1,0 +1,35 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PORT ?= 8000
+WORKERS ?= 1
+
+.PHONY: install run serve test bench lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/python manage.py demo --port $(PORT) --workers $(WORKERS)
+
+serve: install
+	$(BIN)/python manage.py serve --port $(PORT) --workers $(WORKERS)
+
+test: install
+	$(BIN)/python scripts/ensure_services.py
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/bench_dissect.py
+
+lint: install
+	$(BIN)/ruff check dissect_core api workers config tests
+
+clean:
+	rm -rf var

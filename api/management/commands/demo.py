@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+from rest_framework.authtoken.models import Token
+
+from api.launch import ServiceProcesses
+
+
+class Command(BaseCommand):
+    help = (
+        "The demo: make synthetic scenes, train the demo classifier (once), serve the API and a worker, "
+        "register both, run a dissection job through the queue, print a summary, keep serving until Ctrl-C."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
+        parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 1)))
+        parser.add_argument("--no-serve", action="store_true", help="exit after the summary")
+
+    def handle(self, *args, port: int, workers: int, no_serve: bool, **options):
+        call_command("migrate", interactive=False, verbosity=0)
+        token = self._demo_user()
+        demo_dir = settings.DATA_ROOTS[0] / "demo"
+        self._make_demo(demo_dir)
+        procs = ServiceProcesses(port=port, workers=workers, log_dir=settings.VAR_DIR / "logs")
+        procs.start()
+        try:
+            procs.wait_ready()
+            base = f"http://127.0.0.1:{port}"
+            client = _Client(base, token)
+            job = self._run_job(client, demo_dir)
+            self._summary(client, job)
+            self.stdout.write(f"dashboard: {base}/  (user demo, password demo)")
+            self.stdout.write(f"API token: {token}")
+            if no_serve:
+                return
+            self.stdout.write(f"serving at {base}/ with {workers} worker(s); logs in {settings.VAR_DIR / 'logs'}. Ctrl-C stops.")
+            procs.wait()
+        except KeyboardInterrupt:
+            self.stdout.write("stopping")
+        finally:
+            procs.stop()
+
+    def _demo_user(self) -> str:
+        users = get_user_model()
+        user, created = users.objects.get_or_create(username="demo", defaults={"email": "demo@example.com"})
+        if created:
+            user.set_password("demo")
+            user.save()
+        token, _ = Token.objects.get_or_create(user=user)
+        self.stdout.write(f"demo user: demo / demo, API token {token.key}")
+        return token.key
+
+    def _make_demo(self, demo_dir: Path) -> None:
+        self.stdout.write(f"demo data and classifier in {demo_dir} (made once, then reused)")
+        done = subprocess.run([sys.executable, "-m", "dissect_core", "make-demo", "--out", str(demo_dir)])
+        if done.returncode != 0:
+            raise CommandError("making the demo data or training the demo classifier failed (see above)")
+
+    def _run_job(self, client: "_Client", demo_dir: Path) -> dict:
+        meta = json.loads((demo_dir / "classifier.json").read_text())
+        model = client.find("models", "demo-scenecnn") or client.post(
+            "/api/models/",
+            {
+                "name": "demo-scenecnn",
+                "arch": meta["arch"],
+                "num_classes": meta["num_classes"],
+                "input_size": meta["input_size"][0] if isinstance(meta["input_size"], list) else meta["input_size"],
+                "mean": meta["mean"],
+                "std": meta["std"],
+                "classes": meta.get("classes", []),
+                "weights_path": str(demo_dir / "classifier.safetensors"),
+                "public": True,
+            },
+        )
+        dataset = client.find("datasets", "demo-scenes") or client.post(
+            "/api/datasets/",
+            {"name": "demo-scenes", "format": "synthetic", "path": str(demo_dir / "data"), "public": True},
+        )
+        layers = [entry["name"] for entry in model["layers"] if entry["type"] == "Conv2d"][-2:]
+        job = client.post(
+            "/api/jobs/", {"type": "dissect", "model": model["id"], "dataset": dataset["id"], "params": {"layers": layers}}
+        )
+        self.stdout.write(f"job {job['id']} submitted: dissect {', '.join(layers)} of {model['name']} on {dataset['name']} ({dataset['image_count']} images)")
+        while job["status"] in ("queued", "running"):
+            time.sleep(1.0)
+            job = client.get(f"/api/jobs/{job['id']}/")
+            bar = "#" * int(30 * job["progress"])
+            eta = f"{job['eta_seconds']:.0f} s left" if job.get("eta_seconds") is not None else ""
+            self.stdout.write(f"\r[{bar:<30}] {job['progress'] * 100:5.1f}% {job['status']:<9} {job['phase']:<10} {eta:<14}", ending="")
+            self.stdout.flush()
+        self.stdout.write("")
+        if job["status"] != "succeeded":
+            raise CommandError(f"job {job['id']} ended {job['status']}: {job['error']}")
+        return job
+
+    def _summary(self, client: "_Client", job: dict) -> None:
+        units = client.get(f"/api/units/?job={job['id']}&page_size=1000")["results"]
+        seconds = job_seconds(job)
+        self.stdout.write(f"job {job['id']} succeeded in {seconds:.1f} s: {len(units)} units dissected")
+        for layer in job["params"]["layers"]:
+            in_layer = [u for u in units if u["layer"] == layer]
+            detectors = [u for u in in_layer if u["iou"] >= 0.04]
+            per_cat = Counter(u["category"] for u in detectors)
+            cats = ", ".join(f"{c}: {n}" for c, n in per_cat.most_common()) or "none"
+            self.stdout.write(f"  {layer}: {len(detectors)}/{len(in_layer)} units labelled (IoU >= 0.04); {cats}")
+            for u in in_layer[:5]:
+                self.stdout.write(f"    unit {u['unit']:>4}  {u['label'] or '-':<18} {u['category'] or '':<9} IoU {u['iou']:.3f}")
+
+
+def job_seconds(job: dict) -> float:
+    from datetime import datetime
+
+    if not job.get("started") or not job.get("finished"):
+        return 0.0
+    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(job["finished"]) - parse(job["started"])).total_seconds()
+
+
+class _Client:
+    def __init__(self, base: str, token: str) -> None:
+        self.base = base
+        self.headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=600) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise CommandError(f"{method} {path} answered {exc.code}: {exc.read().decode(errors='replace')[:500]}")
+
+    def get(self, path: str) -> dict:
+        return self._call("GET", path)
+
+    def post(self, path: str, body: dict) -> dict:
+        return self._call("POST", path, body)
+
+    def find(self, resource: str, name: str) -> dict | None:
+        rows = self.get(f"/api/{resource}/?limit=500")["results"]
+        return next((row for row in rows if row["name"] == name), None)

@@ -1,0 +1,209 @@
+"""Tables: registered networks and datasets, jobs, and every dissected unit with its scores."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class NetworkModel(models.Model):
+    """A registered network (classifier or generator) and where its weights lie."""
+
+    class Kind(models.TextChoices):
+        CLASSIFIER = "classifier"
+        GENERATOR = "generator"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="network_models")
+    name = models.CharField(max_length=200)
+    arch = models.CharField(max_length=200)
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.CLASSIFIER)
+    num_classes = models.PositiveIntegerField(null=True, blank=True)
+    input_size = models.PositiveIntegerField(default=224)
+    mean = models.JSONField(default=list)
+    std = models.JSONField(default=list)
+    weights_path = models.CharField(max_length=1000)
+    classes = models.JSONField(default=list, blank=True)
+    layers = models.JSONField(default=list, blank=True)
+    public = models.BooleanField(default=False)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "nd_model"
+        ordering = ["-created", "-id"]
+        indexes = [models.Index(fields=["owner", "public"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.arch})"
+
+
+class Dataset(models.Model):
+    """A registered concept dataset: a Broden directory, an image folder, or synthetic scenes."""
+
+    class Format(models.TextChoices):
+        BRODEN = "broden"
+        IMAGEFOLDER = "imagefolder"
+        SYNTHETIC = "synthetic"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=200)
+    format = models.CharField(max_length=20, choices=Format.choices)
+    path = models.CharField(max_length=1000)
+    concepts_source = models.CharField(max_length=50, default="masks")
+    image_count = models.PositiveIntegerField(default=0)
+    image_size = models.JSONField(default=list)
+    mask_size = models.JSONField(default=list)
+    categories = models.JSONField(default=list)
+    concept_count = models.PositiveIntegerField(default=0)
+    classes = models.JSONField(default=list, blank=True)
+    public = models.BooleanField(default=False)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "nd_dataset"
+        ordering = ["-created", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.format})"
+
+    @property
+    def spec(self) -> str:
+        return f"{'broden' if self.format == 'synthetic' else self.format}:{self.path}"
+
+
+class Concept(models.Model):
+    """A visual concept by name and category, shared by every dataset that names it."""
+
+    name = models.CharField(max_length=200)
+    category = models.CharField(max_length=100)
+
+    class Meta:
+        db_table = "nd_concept"
+        ordering = ["category", "name"]
+        constraints = [models.UniqueConstraint(fields=["name", "category"], name="concept_name_category")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.category})"
+
+
+class Job(models.Model):
+    """A unit of work for the workers. Its state changes only through api.services."""
+
+    class Type(models.TextChoices):
+        DISSECT = "dissect"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    type = models.CharField(max_length=40, choices=Type.choices)
+    model = models.ForeignKey(NetworkModel, on_delete=models.CASCADE, related_name="jobs")
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="jobs")
+    params = models.JSONField(default=dict)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
+    phase = models.CharField(max_length=40, blank=True, default="")
+    progress = models.FloatField(default=0.0)
+    images_done = models.PositiveIntegerField(default=0)
+    images_total = models.PositiveIntegerField(default=0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    worker = models.CharField(max_length=200, blank=True, default="")
+    created = models.DateTimeField(auto_now_add=True)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    heartbeat = models.DateTimeField(null=True, blank=True)
+    results_path = models.CharField(max_length=1000, blank=True, default="")
+
+    class Meta:
+        db_table = "nd_job"
+        ordering = ["-created", "-id"]
+        indexes = [models.Index(fields=["status", "heartbeat"]), models.Index(fields=["owner", "-created"])]
+
+    def __str__(self) -> str:
+        return f"job {self.pk} {self.type} {self.status}"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in self.FINAL
+
+
+class Unit(models.Model):
+    """One dissected unit (channel) of one layer, as one job measured it."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="units")
+    model = models.ForeignKey(NetworkModel, on_delete=models.CASCADE, related_name="units")
+    layer = models.CharField(max_length=200)
+    unit = models.PositiveIntegerField()
+    label = models.ForeignKey(Concept, on_delete=models.PROTECT, null=True, related_name="labelled_units")
+    iou = models.FloatField()
+    threshold = models.FloatField()
+    top_images = models.JSONField(default=list)
+
+    class Meta:
+        db_table = "nd_unit"
+        ordering = ["-iou", "id"]
+        constraints = [models.UniqueConstraint(fields=["job", "layer", "unit"], name="unit_job_layer_unit")]
+        indexes = [
+            models.Index(fields=["model", "layer", "unit"]),
+            models.Index(fields=["label", "-iou"]),
+            models.Index(fields=["-iou", "id"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.layer}#{self.unit}"
+
+
+class UnitConcept(models.Model):
+    """One of a unit's top-K concepts (K = settings.UNIT_TOP_CONCEPTS) with its IoU."""
+
+    unit = models.ForeignKey(Unit, on_delete=models.CASCADE, related_name="scores")
+    concept = models.ForeignKey(Concept, on_delete=models.PROTECT, related_name="unit_scores")
+    rank = models.PositiveSmallIntegerField()
+    iou = models.FloatField()
+
+    class Meta:
+        db_table = "nd_unit_concept"
+        ordering = ["unit_id", "rank"]
+        constraints = [models.UniqueConstraint(fields=["unit", "concept"], name="unitconcept_unit_concept")]
+        indexes = [models.Index(fields=["concept", "-iou"])]
+
+
+class LayerResult(models.Model):
+    """Per-layer outcome of a dissection job: summary and the full IoU matrix file."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="layer_results")
+    layer = models.CharField(max_length=200)
+    units = models.PositiveIntegerField()
+    summary = models.JSONField(default=dict)
+    matrix_path = models.CharField(max_length=1000, blank=True, default="")
+
+    class Meta:
+        db_table = "nd_layer_result"
+        ordering = ["job_id", "id"]
+        constraints = [models.UniqueConstraint(fields=["job", "layer"], name="layerresult_job_layer")]
+
+
+class WorkerHeartbeat(models.Model):
+    """A live worker process reports here every few seconds; /api/health/ counts the fresh ones."""
+
+    hostname = models.CharField(max_length=255, unique=True)
+    pid = models.PositiveIntegerField()
+    device = models.CharField(max_length=50, default="cpu")
+    started = models.DateTimeField()
+    last_seen = models.DateTimeField()
+
+    class Meta:
+        db_table = "nd_worker"
+        ordering = ["hostname"]
+
+
+def visible_to(user) -> Q:
+    """Rows a user may read: their own and public ones."""
+    return Q(owner=user) | Q(public=True)

@@ -1,0 +1,93 @@
+"""Read paths: what a user may see, and the health of the parts the service stands on."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import Count, Max, Q, QuerySet
+from django.utils import timezone
+
+from api.models import Concept, Dataset, Job, LayerResult, NetworkModel, Unit, WorkerHeartbeat, visible_to
+
+
+def model_list(*, user) -> QuerySet[NetworkModel]:
+    return NetworkModel.objects.filter(visible_to(user)).select_related("owner").order_by("-created", "-id")
+
+
+def dataset_list(*, user) -> QuerySet[Dataset]:
+    return Dataset.objects.filter(visible_to(user)).select_related("owner").order_by("-created", "-id")
+
+
+def job_list(*, user) -> QuerySet[Job]:
+    return (
+        Job.objects.filter(Q(owner=user) | Q(model__public=True, dataset__public=True))
+        .select_related("owner", "model", "dataset")
+        .order_by("-created", "-id")
+    )
+
+
+def unit_list(*, user) -> QuerySet[Unit]:
+    return (
+        Unit.objects.filter(Q(job__owner=user) | Q(model__public=True))
+        .filter(job__status=Job.Status.SUCCEEDED)
+        .select_related("model", "label")
+        .prefetch_related("scores__concept")
+        .order_by("-iou", "id")
+    )
+
+
+def concept_list(*, user) -> QuerySet[Concept]:
+    visible_units = Q(labelled_units__job__owner=user) | Q(labelled_units__model__public=True)
+    ok = Q(labelled_units__job__status=Job.Status.SUCCEEDED) & visible_units
+    return (
+        Concept.objects.annotate(
+            units=Count("labelled_units", filter=ok, distinct=True),
+            models=Count("labelled_units__model", filter=ok, distinct=True),
+            best_iou=Max("labelled_units__iou", filter=ok),
+        )
+        .filter(units__gt=0)
+        .order_by("-units", "name")
+    )
+
+
+def layer_summaries(*, model: NetworkModel, user) -> QuerySet[LayerResult]:
+    return LayerResult.objects.filter(job__model=model, job__status=Job.Status.SUCCEEDED).filter(
+        Q(job__owner=user) | Q(job__model__public=True)
+    ).order_by("-job__created", "id")
+
+
+def health() -> tuple[bool, dict]:
+    report: dict = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        report["database"] = {"ok": True, "engine": connection.vendor}
+    except Exception as exc:
+        report["database"] = {"ok": False, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+    report["broker"] = _broker_health()
+    if report["database"]["ok"]:
+        cutoff = timezone.now() - timedelta(seconds=settings.WORKER_ALIVE_SECONDS)
+        alive = WorkerHeartbeat.objects.filter(last_seen__gte=cutoff).count()
+        report["workers"] = {"ok": alive > 0, "alive": alive}
+    else:
+        report["workers"] = {"ok": False, "alive": 0, "error": "database unreachable"}
+    ok = all(part["ok"] for part in report.values())
+    report["status"] = "ok" if ok else "degraded"
+    return ok, report
+
+
+def _broker_health() -> dict:
+    from config.celery import app
+
+    url = settings.CELERY_BROKER_URL
+    transport = url.split("://", 1)[0]
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+            if transport.startswith("redis"):
+                conn.default_channel.client.ping()
+        return {"ok": True, "transport": transport}
+    except Exception as exc:
+        return {"ok": False, "transport": transport, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}

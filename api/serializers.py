@@ -1,0 +1,150 @@
+"""Input and output serializers. Fields are listed explicitly everywhere."""
+
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from api.models import Concept, Dataset, Job, LayerResult, NetworkModel, Unit, UnitConcept
+
+
+class LayerInfoSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    type = serializers.CharField()
+    units = serializers.IntegerField()
+    height = serializers.IntegerField()
+    width = serializers.IntegerField()
+
+
+class NetworkModelSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    layers = LayerInfoSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = NetworkModel
+        fields = [
+            "id", "name", "arch", "kind", "num_classes", "input_size", "mean", "std",
+            "classes", "layers", "public", "owner", "created",
+        ]
+        read_only_fields = fields
+
+
+class NetworkModelCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    arch = serializers.CharField(max_length=200)
+    kind = serializers.ChoiceField(choices=NetworkModel.Kind.choices, default=NetworkModel.Kind.CLASSIFIER)
+    num_classes = serializers.IntegerField(required=False, min_value=1, max_value=100_000)
+    input_size = serializers.IntegerField(required=False, min_value=8, max_value=4096)
+    mean = serializers.ListField(child=serializers.FloatField(), min_length=3, max_length=3, required=False)
+    std = serializers.ListField(
+        child=serializers.FloatField(min_value=1e-6), min_length=3, max_length=3, required=False
+    )
+    classes = serializers.ListField(child=serializers.CharField(max_length=200), required=False, max_length=100_000)
+    weights = serializers.FileField(required=False)
+    weights_path = serializers.CharField(required=False, max_length=1000)
+    public = serializers.BooleanField(default=False)
+
+    def validate_arch(self, value: str) -> str:
+        if value != "torchscript" and not value.startswith(("torchvision:", "builtin:")):
+            raise serializers.ValidationError("arch must be torchvision:NAME, builtin:NAME or torchscript")
+        return value
+
+
+class DatasetSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    concepts = serializers.CharField(source="concepts_source", read_only=True)
+
+    class Meta:
+        model = Dataset
+        fields = [
+            "id", "name", "format", "path", "concepts", "image_count", "image_size", "mask_size",
+            "categories", "concept_count", "classes", "public", "owner", "created",
+        ]
+        read_only_fields = fields
+
+
+class DatasetCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    format = serializers.ChoiceField(choices=Dataset.Format.choices)
+    path = serializers.CharField(required=False, max_length=1000)
+    archive = serializers.FileField(required=False)
+    concepts = serializers.ChoiceField(choices=["masks", "colors"], default="masks")
+    public = serializers.BooleanField(default=False)
+
+
+class JobSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    model_name = serializers.CharField(source="model.name", read_only=True)
+    dataset_name = serializers.CharField(source="dataset.name", read_only=True)
+
+    class Meta:
+        model = Job
+        fields = [
+            "id", "type", "model", "model_name", "dataset", "dataset_name", "params", "status", "phase",
+            "progress", "images_done", "images_total", "eta_seconds", "error", "attempts", "owner",
+            "created", "started", "finished",
+        ]
+        read_only_fields = fields
+
+
+class JobCreateSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(choices=Job.Type.choices)
+    model = serializers.IntegerField(min_value=1)
+    dataset = serializers.IntegerField(min_value=1)
+    params = serializers.DictField(required=False, default=dict)
+
+
+class UnitConceptSerializer(serializers.ModelSerializer):
+    concept = serializers.CharField(source="concept.name")
+    category = serializers.CharField(source="concept.category")
+
+    class Meta:
+        model = UnitConcept
+        fields = ["concept", "category", "iou", "rank"]
+
+
+class UnitSerializer(serializers.ModelSerializer):
+    model_name = serializers.CharField(source="model.name", read_only=True)
+    label = serializers.CharField(source="label.name", default=None, read_only=True)
+    category = serializers.CharField(source="label.category", default=None, read_only=True)
+    top_concepts = UnitConceptSerializer(source="scores", many=True, read_only=True)
+
+    class Meta:
+        model = Unit
+        fields = [
+            "id", "job", "model", "model_name", "layer", "unit", "label", "category", "iou", "threshold",
+            "top_concepts",
+        ]
+        read_only_fields = fields
+
+
+class UnitDetailSerializer(UnitSerializer):
+    top_images = serializers.JSONField(read_only=True)
+
+    class Meta(UnitSerializer.Meta):
+        fields = UnitSerializer.Meta.fields + ["top_images"]
+        read_only_fields = fields
+
+
+class ConceptSerializer(serializers.ModelSerializer):
+    units = serializers.IntegerField(read_only=True)
+    models = serializers.IntegerField(read_only=True)
+    best_iou = serializers.FloatField(read_only=True)
+
+    class Meta:
+        model = Concept
+        fields = ["id", "name", "category", "units", "models", "best_iou"]
+        read_only_fields = fields
+
+
+class LayerResultSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = LayerResult
+        fields = ["job", "layer", "units", "summary"]
+        read_only_fields = fields
+
+
+class HealthSerializer(serializers.Serializer):
+    status = serializers.CharField()
+    database = serializers.DictField()
+    broker = serializers.DictField()
+    workers = serializers.DictField()

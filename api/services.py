@@ -1,0 +1,406 @@
+"""Write paths. Every change to models, datasets, jobs and results goes through here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from api.errors import ApplicationError
+from api.models import Concept, Dataset, Job, LayerResult, NetworkModel, Unit, UnitConcept, WorkerHeartbeat
+from api.storage import extract_archive, new_upload_dir, path_in_data_roots, remove_tree, save_upload
+
+PROBE_TIMEOUT_SECONDS = int(os.environ.get("PROBE_TIMEOUT_SECONDS", 300))
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".zip")
+
+
+def _run_probe(args: list[str]) -> dict:
+    """Run ``python -m workers.probe`` (torch never loads in the web process)."""
+    env = {**os.environ, "PYTHONPATH": str(settings.BASE_DIR)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "workers.probe", *args],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_SECONDS,
+            cwd=settings.BASE_DIR,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ApplicationError(f"checking the input took longer than {PROBE_TIMEOUT_SECONDS} s") from exc
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ApplicationError(f"the input could not be checked: {tail[0]}", status=400)
+    return json.loads(lines[-1])
+
+
+@transaction.atomic
+def model_register(
+    *,
+    owner,
+    name: str,
+    arch: str,
+    kind: str = NetworkModel.Kind.CLASSIFIER,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    weights_file=None,
+    weights_path: str | None = None,
+    public: bool = False,
+    classes: list[str] | None = None,
+) -> NetworkModel:
+    """Register a network after checking, in a subprocess, that its weights load into ``arch``."""
+    if (weights_file is None) == (not weights_path):
+        raise ApplicationError("give exactly one of weights (an uploaded file) or weights_path")
+    folder = None
+    try:
+        if weights_file is not None:
+            filename = Path(weights_file.name).name
+            suffixes = TORCHSCRIPT_SUFFIXES if arch == "torchscript" else WEIGHT_SUFFIXES
+            if not filename.lower().endswith(suffixes):
+                raise ApplicationError(f"weights file {filename!r} must end in one of {', '.join(suffixes)}")
+            folder = new_upload_dir("models")
+            path = save_upload(weights_file, folder, filename)
+        else:
+            path = path_in_data_roots(weights_path)
+            if not path.is_file():
+                raise ApplicationError(f"weights_path {weights_path} is not a file")
+        args = ["model", "--arch", arch, "--weights", str(path)]
+        if num_classes is not None:
+            args += ["--num-classes", str(num_classes)]
+        if input_size is not None:
+            args += ["--input-size", str(input_size)]
+        if mean:
+            args += ["--mean", *map(str, mean)]
+        if std:
+            args += ["--std", *map(str, std)]
+        found = _run_probe(args)
+        if not found.get("ok"):
+            raise ApplicationError(f"weights do not load: {found.get('message')}", extra=found.get("details") or {})
+        return NetworkModel.objects.create(
+            owner=owner,
+            name=name,
+            arch=arch,
+            kind=kind,
+            num_classes=found.get("num_classes") or num_classes,
+            input_size=input_size or 224,
+            mean=list(mean or [0.485, 0.456, 0.406]),
+            std=list(std or [0.229, 0.224, 0.225]),
+            weights_path=str(path),
+            classes=list(classes or []),
+            layers=found["layers"],
+            public=public,
+        )
+    except BaseException:
+        remove_tree(folder)
+        raise
+
+
+@transaction.atomic
+def dataset_register(
+    *,
+    owner,
+    name: str,
+    format: str,
+    path: str | None = None,
+    archive=None,
+    concepts: str = "masks",
+    public: bool = False,
+) -> Dataset:
+    """Register a dataset after opening and checking it in a subprocess."""
+    if (archive is None) == (not path):
+        raise ApplicationError("give exactly one of path (inside DATA_ROOTS) or archive (an uploaded file)")
+    if concepts not in ("masks", "colors"):
+        raise ApplicationError(f"concepts must be 'masks' or 'colors', not {concepts!r}")
+    folder = None
+    try:
+        if archive is not None:
+            folder = new_upload_dir("datasets")
+            saved = save_upload(archive, folder, Path(archive.name).name)
+            root = extract_archive(saved, folder / "data")
+            saved.unlink()
+        else:
+            root = path_in_data_roots(path)
+            if not root.is_dir():
+                raise ApplicationError(f"path {path} is not a directory")
+        scheme = "broden" if format in ("broden", "synthetic") else format
+        args = ["dataset", "--spec", f"{scheme}:{root}"]
+        if concepts == "colors":
+            args.append("--colors")
+        found = _run_probe(args)
+        if not found.get("ok"):
+            raise ApplicationError(f"dataset is not valid: {found.get('message')}", extra=found.get("details") or {})
+        dataset = Dataset.objects.create(
+            owner=owner,
+            name=name,
+            format=format,
+            path=str(root),
+            concepts_source=concepts,
+            image_count=found["image_count"],
+            image_size=found["image_size"],
+            mask_size=found["mask_size"],
+            categories=found["categories"],
+            concept_count=len(found["concepts"]),
+            classes=found.get("classes", []),
+            public=public,
+        )
+        return dataset
+    except BaseException:
+        remove_tree(folder)
+        raise
+
+
+def _validate_dissect_params(model: NetworkModel, params: dict[str, Any]) -> dict[str, Any]:
+    known = {"layers", "quantile", "batch_size", "max_images", "top_k_images"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ApplicationError(f"unknown params: {', '.join(unknown)}", extra={"allowed": sorted(known)})
+    layer_names = [entry["name"] for entry in model.layers]
+    layers = params.get("layers")
+    if not layers:
+        convs = [entry["name"] for entry in model.layers if entry.get("type") == "Conv2d"]
+        layers = [convs[-1] if convs else layer_names[-1]]
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        raise ApplicationError("params.layers must be a list of layer names")
+    missing = [x for x in layers if x not in layer_names]
+    if missing:
+        raise ApplicationError(
+            f"unknown layer(s) {', '.join(missing)} for model {model.name}", extra={"valid": layer_names}
+        )
+    quantile = params.get("quantile", 0.99)
+    if not isinstance(quantile, (int, float)) or not 0.0 < float(quantile) < 1.0:
+        raise ApplicationError("params.quantile must be a number strictly between 0 and 1")
+    batch_size = params.get("batch_size", settings.DISSECT_BATCH_SIZE)
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= 1024:
+        raise ApplicationError("params.batch_size must be an integer in 1..1024")
+    out = {"layers": layers, "quantile": float(quantile), "batch_size": batch_size}
+    if "max_images" in params:
+        if not isinstance(params["max_images"], int) or params["max_images"] < 1:
+            raise ApplicationError("params.max_images must be a positive integer")
+        out["max_images"] = params["max_images"]
+    if "top_k_images" in params:
+        if not isinstance(params["top_k_images"], int) or not 0 <= params["top_k_images"] <= 50:
+            raise ApplicationError("params.top_k_images must be an integer in 0..50")
+        out["top_k_images"] = params["top_k_images"]
+    return out
+
+
+@transaction.atomic
+def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset, params: dict[str, Any]) -> Job:
+    """Create a job and enqueue it once the transaction commits."""
+    if type != Job.Type.DISSECT:
+        raise ApplicationError(f"job type {type!r} is not available; available: {', '.join(Job.Type.values)}")
+    if not isinstance(params, dict):
+        raise ApplicationError("params must be a JSON object")
+    clean = _validate_dissect_params(model, params)
+    job = Job.objects.create(owner=owner, type=type, model=model, dataset=dataset, params=clean)
+    transaction.on_commit(lambda: _enqueue(job.pk))
+    return job
+
+
+def _enqueue(job_id: int) -> None:
+    from workers.tasks import run_job
+
+    run_job.apply_async(kwargs={"job_id": job_id})
+
+
+@transaction.atomic
+def job_cancel(*, job: Job) -> Job:
+    """Cancel a queued or running job; the worker notices within seconds and stops."""
+    job = Job.objects.select_for_update().get(pk=job.pk)
+    if job.is_final:
+        raise ApplicationError(f"job {job.pk} is already {job.status}", status=409)
+    job.status = Job.Status.CANCELLED
+    job.finished = timezone.now()
+    job.phase = "cancelled"
+    job.save(update_fields=["status", "finished", "phase"])
+    Unit.objects.filter(job=job).delete()
+    LayerResult.objects.filter(job=job).delete()
+    return job
+
+
+@transaction.atomic
+def job_start(*, job_id: int, worker: str) -> Job | None:
+    """Mark a job running for this worker; None when it is final already (nothing to do)."""
+    job = Job.objects.select_for_update().get(pk=job_id)
+    if job.is_final:
+        return None
+    now = timezone.now()
+    job.status = Job.Status.RUNNING
+    job.started = job.started or now
+    job.heartbeat = now
+    job.attempts += 1
+    job.worker = worker
+    job.phase = "starting"
+    job.error = ""
+    job.save(update_fields=["status", "started", "heartbeat", "attempts", "worker", "phase", "error"])
+    return job
+
+
+def job_progress(*, job_id: int, phase: str, done: int, total: int, fraction: float) -> str:
+    """Record progress and a heartbeat; returns the job's status (the worker stops if cancelled)."""
+    now = timezone.now()
+    job = Job.objects.only("status", "started").get(pk=job_id)
+    if job.status != Job.Status.RUNNING:
+        return job.status
+    eta = None
+    if job.started and fraction > 0.01:
+        elapsed = (now - job.started).total_seconds()
+        eta = max(0.0, elapsed * (1.0 - fraction) / fraction)
+    Job.objects.filter(pk=job_id, status=Job.Status.RUNNING).update(
+        phase=phase,
+        images_done=done,
+        images_total=total,
+        progress=min(1.0, max(0.0, fraction)),
+        eta_seconds=eta,
+        heartbeat=now,
+    )
+    return job.status
+
+
+@transaction.atomic
+def job_succeed(*, job_id: int, results_path: str = "") -> Job | None:
+    job = Job.objects.select_for_update().get(pk=job_id)
+    if job.status != Job.Status.RUNNING:
+        return None
+    job.status = Job.Status.SUCCEEDED
+    job.progress = 1.0
+    job.phase = "done"
+    job.eta_seconds = 0.0
+    job.finished = timezone.now()
+    job.results_path = results_path
+    job.save(update_fields=["status", "progress", "phase", "eta_seconds", "finished", "results_path"])
+    return job
+
+
+@transaction.atomic
+def job_fail(*, job_id: int, message: str) -> Job | None:
+    """Fail a job with a reason and drop any results it wrote."""
+    job = Job.objects.select_for_update().get(pk=job_id)
+    if job.is_final:
+        return None
+    job.status = Job.Status.FAILED
+    job.error = message[:20000]
+    job.phase = "failed"
+    job.finished = timezone.now()
+    job.save(update_fields=["status", "error", "phase", "finished"])
+    Unit.objects.filter(job=job).delete()
+    LayerResult.objects.filter(job=job).delete()
+    return job
+
+
+def concepts_ensure(*, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Concept]:
+    """Get or create concepts by (name, category) in bulk."""
+    Concept.objects.bulk_create(
+        [Concept(name=n, category=c) for n, c in set(pairs)], ignore_conflicts=True, batch_size=2000
+    )
+    found: dict[tuple[str, str], Concept] = {}
+    names = {n for n, _ in pairs}
+    for concept in Concept.objects.filter(name__in=names):
+        found[(concept.name, concept.category)] = concept
+    return found
+
+
+def layer_result_store(
+    *,
+    job: Job,
+    layer: str,
+    thresholds: np.ndarray,
+    iou: np.ndarray,
+    concepts: list[tuple[str, str]],
+    summary: dict,
+    top_images: list[list[int]] | None = None,
+) -> int:
+    """Write one layer's units, top-K concept scores and IoU matrix file, idempotently.
+
+    Args:
+        thresholds: float [U], t_u per unit.
+        iou: float [U, C], IoU per unit and concept (columns in ``concepts`` order).
+        concepts: C pairs (name, category).
+    Returns:
+        the number of units written.
+    """
+    units_count, n_concepts = iou.shape
+    if n_concepts != len(concepts) or thresholds.shape != (units_count,):
+        raise ValueError("iou, thresholds and concepts disagree in shape")
+    k = max(1, settings.UNIT_TOP_CONCEPTS)
+    folder = Path(settings.MEDIA_ROOT) / "results" / f"job-{job.pk}"
+    folder.mkdir(parents=True, exist_ok=True)
+    matrix_path = folder / f"{layer}.npz"
+    tmp = folder / f".{layer}.tmp.npz"
+    np.savez_compressed(
+        tmp,
+        iou=iou.astype(np.float32),
+        thresholds=thresholds.astype(np.float32),
+        concept_names=np.array([n for n, _ in concepts]),
+        concept_categories=np.array([c for _, c in concepts]),
+    )
+    os.replace(tmp, matrix_path)
+    concept_rows = concepts_ensure(pairs=list(concepts))
+    order = np.argsort(-iou, axis=1, kind="stable")[:, :k] if n_concepts else np.zeros((units_count, 0), int)
+    with transaction.atomic():
+        locked = Job.objects.select_for_update().get(pk=job.pk)
+        if locked.status != Job.Status.RUNNING:
+            return 0
+        Unit.objects.filter(job=job, layer=layer).delete()
+        units = []
+        for u in range(units_count):
+            best = order[u, 0] if n_concepts else None
+            units.append(
+                Unit(
+                    job=job,
+                    model_id=job.model_id,
+                    layer=layer,
+                    unit=u,
+                    label=concept_rows[concepts[best]] if best is not None else None,
+                    iou=float(iou[u, best]) if best is not None else 0.0,
+                    threshold=float(thresholds[u]),
+                    top_images=list(top_images[u]) if top_images is not None else [],
+                )
+            )
+        Unit.objects.bulk_create(units, batch_size=2000)
+        unit_ids = dict(Unit.objects.filter(job=job, layer=layer).values_list("unit", "id"))
+        scores = [
+            UnitConcept(unit_id=unit_ids[u], concept=concept_rows[concepts[c]], rank=r, iou=float(iou[u, c]))
+            for u in range(units_count)
+            for r, c in enumerate(order[u])
+        ]
+        UnitConcept.objects.bulk_create(scores, batch_size=5000)
+        LayerResult.objects.update_or_create(
+            job=job,
+            layer=layer,
+            defaults={"units": units_count, "summary": summary, "matrix_path": str(matrix_path)},
+        )
+    return units_count
+
+
+def worker_heartbeat(*, hostname: str, pid: int, device: str, started) -> None:
+    now = timezone.now()
+    WorkerHeartbeat.objects.update_or_create(
+        hostname=hostname, defaults={"pid": pid, "device": device, "started": started, "last_seen": now}
+    )
+
+
+def worker_gone(*, hostname: str) -> None:
+    WorkerHeartbeat.objects.filter(hostname=hostname).delete()
+
+
+def jobs_fail_stale(*, older_than: timedelta) -> int:
+    """Fail running jobs whose worker stopped sending heartbeats."""
+    cutoff = timezone.now() - older_than
+    stale = list(Job.objects.filter(status=Job.Status.RUNNING, heartbeat__lt=cutoff).values_list("pk", flat=True))
+    for job_id in stale:
+        job_fail(job_id=job_id, message=f"no heartbeat from the worker for over {older_than.total_seconds():.0f} s")
+    return len(stale)

@@ -1,0 +1,142 @@
+"""HTTP endpoints. Views parse input, call one service or selector, and serialize the result."""
+
+from __future__ import annotations
+
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.pagination import CursorPagination
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from api import selectors, services
+from api.filters import ConceptFilter, JobFilter, UnitFilter
+from api.models import Dataset, NetworkModel
+from api.serializers import (
+    ConceptSerializer,
+    DatasetCreateSerializer,
+    DatasetSerializer,
+    HealthSerializer,
+    JobCreateSerializer,
+    JobSerializer,
+    LayerResultSerializer,
+    NetworkModelCreateSerializer,
+    NetworkModelSerializer,
+    UnitDetailSerializer,
+    UnitSerializer,
+)
+
+
+class HealthView(APIView):
+    permission_classes = [AllowAny]
+    authentication_classes = []
+
+    @extend_schema(responses={200: HealthSerializer, 503: HealthSerializer})
+    def get(self, request):
+        ok, report = selectors.health()
+        return Response(report, status=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = NetworkModelSerializer
+    parser_classes = [MultiPartParser, FormParser, JSONParser]
+    ordering_fields = ["created", "name"]
+
+    def get_queryset(self):
+        return selectors.model_list(user=self.request.user)
+
+    @extend_schema(request=NetworkModelCreateSerializer, responses={201: NetworkModelSerializer})
+    def create(self, request):
+        data = NetworkModelCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        model = services.model_register(
+            owner=request.user,
+            weights_file=values.pop("weights", None),
+            weights_path=values.pop("weights_path", None),
+            **values,
+        )
+        return Response(NetworkModelSerializer(model).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(responses={200: LayerResultSerializer(many=True)})
+    @action(detail=True, methods=["get"])
+    def layers(self, request, pk=None):
+        model = self.get_object()
+        rows = selectors.layer_summaries(model=model, user=request.user)
+        return Response(LayerResultSerializer(rows, many=True).data)
+
+
+class DatasetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = DatasetSerializer
+    parser_classes = [JSONParser, MultiPartParser, FormParser]
+    ordering_fields = ["created", "name"]
+
+    def get_queryset(self):
+        return selectors.dataset_list(user=self.request.user)
+
+    @extend_schema(request=DatasetCreateSerializer, responses={201: DatasetSerializer})
+    def create(self, request):
+        data = DatasetCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        dataset = services.dataset_register(owner=request.user, **values)
+        return Response(DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
+
+
+class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = JobSerializer
+    filterset_class = JobFilter
+    ordering_fields = ["created"]
+
+    def get_queryset(self):
+        return selectors.job_list(user=self.request.user)
+
+    @extend_schema(request=JobCreateSerializer, responses={202: JobSerializer})
+    def create(self, request):
+        data = JobCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = data.validated_data
+        model = get_object_or_404(selectors.model_list(user=request.user), pk=values["model"])
+        dataset = get_object_or_404(selectors.dataset_list(user=request.user), pk=values["dataset"])
+        job = services.job_create(
+            owner=request.user, type=values["type"], model=model, dataset=dataset, params=values["params"]
+        )
+        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={200: JobSerializer, 409: OpenApiResponse(description="already final")})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        job = get_object_or_404(self.get_queryset().filter(owner=request.user), pk=pk)
+        job = services.job_cancel(job=job)
+        return Response(JobSerializer(job).data)
+
+
+class UnitPagination(CursorPagination):
+    ordering = ("-iou", "id")
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+
+class UnitViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    filterset_class = UnitFilter
+    pagination_class = UnitPagination
+    ordering_fields = ["iou", "id"]
+
+    def get_queryset(self):
+        return selectors.unit_list(user=self.request.user)
+
+    def get_serializer_class(self):
+        return UnitDetailSerializer if self.action == "retrieve" else UnitSerializer
+
+
+class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    serializer_class = ConceptSerializer
+    filterset_class = ConceptFilter
+    ordering_fields = ["units", "models", "name"]
+
+    def get_queryset(self):
+        return selectors.concept_list(user=self.request.user)

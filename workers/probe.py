@@ -1,0 +1,87 @@
+"""Checks a model or dataset in a separate process and prints what it found as JSON.
+
+The web process never imports torch: registration runs ``python -m workers.probe``
+in a subprocess with a time limit and reads one JSON object from its stdout:
+``{"ok": true, ...}`` or ``{"ok": false, "message": ..., "details": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def probe_model(args: argparse.Namespace) -> dict:
+    from dissect_core.models import list_layers, load_model
+
+    loaded = load_model(
+        args.arch,
+        Path(args.weights),
+        args.num_classes,
+        input_size=args.input_size,
+        mean=args.mean,
+        std=args.std,
+    )
+    layers = [
+        {"name": info.name, "type": info.type, "units": info.units, "height": info.height, "width": info.width}
+        for info in list_layers(loaded)
+    ]
+    return {"ok": True, "num_classes": loaded.num_classes, "layers": layers}
+
+
+def probe_dataset(args: argparse.Namespace) -> dict:
+    from dissect_core.datasets import open_dataset
+
+    dataset = open_dataset(args.spec, colors=args.colors)
+    validate = getattr(dataset, "validate", None)
+    if callable(validate):
+        validate(full=False)
+    if len(dataset) == 0:
+        return {"ok": False, "message": "the dataset holds no images", "details": {}}
+    return {
+        "ok": True,
+        "image_count": len(dataset),
+        "image_size": list(dataset.image_size),
+        "mask_size": list(dataset.mask_size),
+        "categories": list(dataset.categories),
+        "concepts": [{"name": c.name, "category": c.category} for c in dataset.concepts],
+        "classes": list(getattr(dataset, "classes", []) or []),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.probe")
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("model")
+    m.add_argument("--arch", required=True)
+    m.add_argument("--weights", required=True)
+    m.add_argument("--num-classes", type=int, default=None)
+    m.add_argument("--input-size", type=int, default=None)
+    m.add_argument("--mean", type=float, nargs=3, default=None)
+    m.add_argument("--std", type=float, nargs=3, default=None)
+    d = sub.add_parser("dataset")
+    d.add_argument("--spec", required=True)
+    d.add_argument("--colors", action="store_true")
+    args = parser.parse_args(argv)
+
+    from dissect_core.errors import DissectError
+
+    try:
+        result = probe_model(args) if args.what == "model" else probe_dataset(args)
+    except DissectError as exc:
+        result = {"ok": False, "message": exc.message, "details": _jsonable(exc.details)}
+    except Exception as exc:  # a file that breaks a loader in an unforeseen way is still bad input
+        result = {"ok": False, "message": f"{type(exc).__name__}: {exc}", "details": {}}
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _jsonable(details: dict) -> dict:
+    return json.loads(json.dumps(details, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
