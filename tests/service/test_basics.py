@@ -58,3 +58,17 @@ def test_migrations_are_complete():
 def test_dashboard_needs_login(client):
     response = client.get("/")
     assert response.status_code == 302 and "/login/" in response["Location"]
+
+
+def test_superuser_and_token_commands_work_as_documented(tmp_path):
+    import os
+
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "VAR_DIR": str(tmp_path),
+           "DJANGO_SUPERUSER_USERNAME": "root", "DJANGO_SUPERUSER_PASSWORD": "pw-root-1234",
+           "DJANGO_SUPERUSER_EMAIL": "root@example.com"}
+    env.pop("DATABASE_URL", None)
+    for args in (["migrate", "--noinput"], ["createsuperuser", "--noinput"]):
+        done = subprocess.run([sys.executable, "manage.py", *args], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "manage.py", "drf_create_token", "root"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "Generated token" in done.stdout, done.stdout + done.stderr

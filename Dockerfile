@@ -1,0 +1,13 @@
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY dissect_core ./dissect_core
+COPY api ./api
+COPY workers ./workers
+COPY config ./config
+COPY manage.py ./
+RUN pip install --no-cache-dir . && useradd --create-home app && mkdir -p /data /media && chown app /data /media
+USER app
+EXPOSE 8000
+CMD ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000"]

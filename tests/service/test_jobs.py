@@ -1,0 +1,111 @@
+"""Jobs go through the real broker to a real worker process and land in Postgres."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.service]
+
+
+def _wait_final(api, job_id: int, timeout: float = 240.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.get(f"/api/jobs/{job_id}/").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")
+
+
+@pytest.fixture()
+def scenes(data_root):
+    from dissect_core.synthetic import generate
+
+    path = data_root / "scenes-24"
+    if not (path / "index.csv").exists():
+        generate(path, n_images=24, seed=3)
+    return path
+
+
+@pytest.fixture()
+def demo_weights(data_root, scenes):
+    import torch
+    from safetensors.torch import save_file
+
+    from dissect_core.archs import ARCHS
+    from dissect_core.datasets import open_dataset
+
+    classes = open_dataset(f"broden:{scenes}").classes
+    torch.manual_seed(0)
+    net = ARCHS["scenecnn"](num_classes=len(classes))
+    path = data_root / "scenecnn-random.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path, len(classes)
+
+
+def _register(api, scenes, demo_weights, *, public=False):
+    weights, num_classes = demo_weights
+    model = api.post(
+        "/api/models/",
+        {"name": "scenecnn", "arch": "builtin:scenecnn", "num_classes": num_classes, "input_size": 64,
+         "weights_path": str(weights), "public": public},
+        format="json",
+    )
+    assert model.status_code == 201, model.json()
+    dataset = api.post("/api/datasets/", {"name": "scenes", "format": "synthetic", "path": str(scenes)}, format="json")
+    assert dataset.status_code == 201, dataset.json()
+    return model.json(), dataset.json()
+
+
+def test_dissection_job_end_to_end(api, other_api, celery_worker_process, scenes, demo_weights):
+    from api.models import Unit, UnitConcept
+
+    model, dataset = _register(api, scenes, demo_weights)
+    assert dataset["image_count"] == 24
+    conv_layers = [layer for layer in model["layers"] if layer["type"] == "Conv2d"]
+    layer = conv_layers[-1]
+    response = api.post(
+        "/api/jobs/",
+        {"type": "dissect", "model": model["id"], "dataset": dataset["id"], "params": {"layers": [layer["name"]]}},
+        format="json",
+    )
+    assert response.status_code == 202, response.json()
+    job = _wait_final(api, response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["progress"] == 1.0 and job["attempts"] == 1
+
+    rows = Unit.objects.filter(job_id=job["id"], layer=layer["name"])
+    assert rows.count() == layer["units"]
+    assert UnitConcept.objects.filter(unit__job_id=job["id"]).count() == layer["units"] * 5
+    units = api.get(f"/api/units/?job={job['id']}&page_size=1000").json()["results"]
+    assert len(units) == layer["units"]
+    assert all(0.0 <= u["iou"] <= 1.0 for u in units)
+    assert [u["iou"] for u in units] == sorted((u["iou"] for u in units), reverse=True)
+
+    assert other_api.get(f"/api/jobs/{job['id']}/").status_code == 404
+    assert other_api.get(f"/api/units/?job={job['id']}").json()["results"] == []
+    assert other_api.get(f"/api/models/{model['id']}/").status_code == 404
+
+    health = api.get("/api/health/")
+    assert health.status_code == 200 and health.json()["workers"]["alive"] >= 1
+
+
+def test_bad_input_fails_the_job_once_with_the_reason(api, celery_worker_process, scenes, demo_weights, data_root):
+    copy = data_root / "scenes-doomed"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(scenes, copy)
+    model, _ = _register(api, scenes, demo_weights)
+    dataset = api.post("/api/datasets/", {"name": "doomed", "format": "synthetic", "path": str(copy)}, format="json")
+    assert dataset.status_code == 201
+    for image in (copy / "images").iterdir():
+        image.unlink()
+    response = api.post(
+        "/api/jobs/", {"type": "dissect", "model": model["id"], "dataset": dataset.json()["id"]}, format="json"
+    )
+    job = _wait_final(api, response.json()["id"])
+    assert job["status"] == "failed"
+    assert job["attempts"] == 1
+    assert "images" in job["error"]
