@@ -91,3 +91,41 @@ def _broker_health() -> dict:
         return {"ok": True, "transport": transport}
     except Exception as exc:
         return {"ok": False, "transport": transport, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+
+
+def job_matrix_path(*, job: Job, layer: str):
+    """The IoU matrix file of one layer of a succeeded job."""
+    from pathlib import Path
+
+    from api.errors import ApplicationError
+
+    if job.status != Job.Status.SUCCEEDED:
+        raise ApplicationError(f"job {job.pk} is {job.status}; results exist once it has succeeded", status=409)
+    row = job.layer_results.filter(layer=layer).first()
+    if row is None:
+        layers = ", ".join(job.layer_results.values_list("layer", flat=True))
+        raise ApplicationError(f"job {job.pk} has no layer {layer!r}; its layers: {layers}", status=404)
+    return Path(row.matrix_path)
+
+
+def matrix_csv_lines(path):
+    """Yield ``unit,concept,category,iou`` CSV lines of an IoU matrix file."""
+    import csv
+    import io
+
+    import numpy as np
+
+    with np.load(path) as data:
+        iou = data["iou"]
+        names = data["concept_names"]
+        cats = data["concept_categories"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["unit", "concept", "category", "iou"])
+    yield buffer.getvalue()
+    for u in range(iou.shape[0]):
+        buffer.seek(0)
+        buffer.truncate()
+        for c in range(iou.shape[1]):
+            writer.writerow([u, names[c], cats[c], f"{iou[u, c]:.6f}"])
+        yield buffer.getvalue()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from django.http import FileResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.pagination import CursorPagination
@@ -13,6 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api import selectors, services
+from api.errors import ApplicationError
 from api.filters import ConceptFilter, JobFilter, UnitFilter
 from api.models import Dataset, NetworkModel
 from api.serializers import (
@@ -112,6 +115,29 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         job = get_object_or_404(self.get_queryset().filter(owner=request.user), pk=pk)
         job = services.job_cancel(job=job)
         return Response(JobSerializer(job).data)
+
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("layer", str, required=True, description="a dissected layer of the job"),
+            OpenApiParameter("as", str, enum=["csv", "npz"], description="csv (default) or npz"),
+        ],
+        responses={(200, "text/csv"): OpenApiTypes.BINARY, (200, "application/octet-stream"): OpenApiTypes.BINARY},
+    )
+    @action(detail=True, methods=["get"])
+    def matrix(self, request, pk=None):
+        """The full unit x concept IoU matrix of one layer of a succeeded job."""
+        job = self.get_object()
+        layer = request.query_params.get("layer", "")
+        kind = request.query_params.get("as", "csv")
+        if kind not in ("csv", "npz"):
+            raise ApplicationError("as must be csv or npz")
+        path = selectors.job_matrix_path(job=job, layer=layer)
+        if kind == "npz":
+            return FileResponse(open(path, "rb"), as_attachment=True, filename=f"job{job.pk}-{layer}.npz")
+        response = StreamingHttpResponse(selectors.matrix_csv_lines(path), content_type="text/csv")
+        response["Content-Disposition"] = f'attachment; filename="job{job.pk}-{layer}.csv"'
+        return response
 
 
 class UnitPagination(CursorPagination):

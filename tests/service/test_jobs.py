@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import time
+
+import numpy as np
 
 import pytest
 
@@ -85,6 +88,16 @@ def test_dissection_job_end_to_end(api, other_api, celery_worker_process, scenes
     assert all(0.0 <= u["iou"] <= 1.0 for u in units)
     assert [u["iou"] for u in units] == sorted((u["iou"] for u in units), reverse=True)
 
+    matrix = api.get(f"/api/jobs/{job['id']}/matrix/?layer={layer['name']}")
+    lines = b"".join(matrix.streaming_content).decode().strip().splitlines()
+    assert lines[0] == "unit,concept,category,iou"
+    assert len(lines) == 1 + layer["units"] * dataset["concept_count"]
+    npz = api.get(f"/api/jobs/{job['id']}/matrix/?layer={layer['name']}&as=npz")
+    with np.load(io.BytesIO(b"".join(npz.streaming_content))) as data:
+        assert data["iou"].shape == (layer["units"], dataset["concept_count"])
+        best = data["iou"].max(axis=1)
+    assert np.allclose(sorted(best, reverse=True), [u["iou"] for u in units], atol=1e-6)
+
     assert other_api.get(f"/api/jobs/{job['id']}/").status_code == 404
     assert other_api.get(f"/api/units/?job={job['id']}").json()["results"] == []
     assert other_api.get(f"/api/models/{model['id']}/").status_code == 404
@@ -109,3 +122,16 @@ def test_bad_input_fails_the_job_once_with_the_reason(api, celery_worker_process
     assert job["status"] == "failed"
     assert job["attempts"] == 1
     assert "images" in job["error"]
+
+
+def test_matrix_download_needs_a_succeeded_job(api, scenes, demo_weights):
+    from django.contrib.auth import get_user_model
+
+    from api.models import Dataset, Job, NetworkModel
+
+    user = get_user_model().objects.get(username="alice")
+    model = NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x", layers=[])
+    dataset = Dataset.objects.create(owner=user, name="d", format="broden", path=str(scenes))
+    job = Job.objects.create(owner=user, type="dissect", model=model, dataset=dataset, status="running")
+    response = api.get(f"/api/jobs/{job.pk}/matrix/?layer=conv5")
+    assert response.status_code == 409 and "running" in response.json()["message"]
