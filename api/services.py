@@ -233,11 +233,17 @@ def job_cancel(*, job: Job) -> Job:
 
 @transaction.atomic
 def job_start(*, job_id: int, worker: str) -> Job | None:
-    """Mark a job running for this worker; None when it is final already (nothing to do)."""
+    """Mark a job running for this worker.
+
+    Returns None (nothing to do) when the job is final, or running elsewhere with a
+    fresh heartbeat; a running job whose heartbeat is stale is taken over.
+    """
     job = Job.objects.select_for_update().get(pk=job_id)
     if job.is_final:
         return None
     now = timezone.now()
+    if job.status == Job.Status.RUNNING and job.heartbeat and (now - job.heartbeat).total_seconds() < settings.JOB_STALE_SECONDS:
+        return None
     job.status = Job.Status.RUNNING
     job.started = job.started or now
     job.heartbeat = now
@@ -397,10 +403,34 @@ def worker_gone(*, hostname: str) -> None:
     WorkerHeartbeat.objects.filter(hostname=hostname).delete()
 
 
-def jobs_fail_stale(*, older_than: timedelta) -> int:
-    """Fail running jobs whose worker stopped sending heartbeats."""
+def jobs_recover_stale(*, older_than: timedelta, max_attempts: int) -> list[int]:
+    """Requeue running jobs whose worker stopped sending heartbeats (it died); fail them after
+    ``max_attempts`` tries. Safe to call from every worker at once (rows are skipped when locked).
+
+    Returns:
+        the ids of the jobs requeued or failed.
+    """
     cutoff = timezone.now() - older_than
-    stale = list(Job.objects.filter(status=Job.Status.RUNNING, heartbeat__lt=cutoff).values_list("pk", flat=True))
-    for job_id in stale:
-        job_fail(job_id=job_id, message=f"no heartbeat from the worker for over {older_than.total_seconds():.0f} s")
-    return len(stale)
+    touched: list[int] = []
+    with transaction.atomic():
+        stale = Job.objects.select_for_update(skip_locked=True).filter(
+            status=Job.Status.RUNNING, heartbeat__lt=cutoff
+        )
+        for job in stale:
+            touched.append(job.pk)
+            reason = f"no heartbeat from worker {job.worker or '?'} for over {older_than.total_seconds():.0f} s"
+            if job.attempts >= max_attempts:
+                job.status = Job.Status.FAILED
+                job.error = f"{reason}, after {job.attempts} attempts"
+                job.phase = "failed"
+                job.finished = timezone.now()
+                job.save(update_fields=["status", "error", "phase", "finished"])
+                Unit.objects.filter(job=job).delete()
+                LayerResult.objects.filter(job=job).delete()
+            else:
+                job.status = Job.Status.QUEUED
+                job.phase = "requeued"
+                job.error = reason
+                job.save(update_fields=["status", "phase", "error"])
+                transaction.on_commit(lambda pk=job.pk: _enqueue(pk))
+    return touched

@@ -10,5 +10,6 @@ os.environ.setdefault("VAR_DIR", str(_base / "var" / "test"))
 os.environ.setdefault("DATA_ROOTS", str(_base / "var" / "test" / "data"))
 os.environ.setdefault("JOB_HEARTBEAT_SECONDS", "0.5")
 os.environ.setdefault("WORKER_HEARTBEAT_SECONDS", "1")
+os.environ.setdefault("JOB_STALE_SECONDS", "6")
 
 from config.settings import *  # noqa: E402,F403

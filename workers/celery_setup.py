@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from datetime import timedelta
 
 from celery import signals
 from django.conf import settings
@@ -41,11 +42,16 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         from api.services import worker_heartbeat
 
+        from api.services import jobs_recover_stale
+
         while not self.stopped.is_set():
             try:
                 close_old_connections()
                 worker_heartbeat(
                     hostname=self.hostname, pid=os.getpid(), device=settings.WORKER_DEVICE, started=self.started_at
+                )
+                jobs_recover_stale(
+                    older_than=timedelta(seconds=settings.JOB_STALE_SECONDS), max_attempts=settings.JOB_MAX_ATTEMPTS
                 )
             except Exception:  # the database may be restarting; the next beat retries
                 connection.close()
