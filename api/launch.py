@@ -35,6 +35,8 @@ class ServiceProcesses:
         return proc
 
     def start(self) -> None:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGHUP, _raise_interrupt)
         bindir = Path(sys.executable).parent
         self._spawn(
             [str(bindir / "gunicorn"), "config.wsgi:application", "--bind", f"127.0.0.1:{self.port}",
@@ -75,10 +77,19 @@ class ServiceProcesses:
     def stop(self) -> None:
         for proc in self.children:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.terminate()
         deadline = time.monotonic() + 20
         for proc in self.children:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                pass
+            if proc.poll() is None or proc.returncode is not None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
