@@ -18,13 +18,14 @@ def _configure(app: Celery) -> None:
     transport_options: dict = {"visibility_timeout": settings.JOB_TIME_LIMIT + 600}
     if broker.startswith("filesystem://"):
         folder = settings.CELERY_BROKER_FOLDER
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            "control_folder": str(folder / "control"),
         }
     app.conf.update(
         broker_url=broker,
