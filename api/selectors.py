@@ -129,3 +129,14 @@ def matrix_csv_lines(path):
         for c in range(iou.shape[1]):
             writer.writerow([u, names[c], cats[c], f"{iou[u, c]:.6f}"])
         yield buffer.getvalue()
+
+
+def unit_image_path(*, unit: Unit):
+    """The PNG strip of a unit's top-activating images (None when the job rendered none)."""
+    from pathlib import Path
+
+    folder = unit.job.results_path
+    if not folder:
+        return None
+    path = Path(folder) / unit.layer / f"unit_{unit.unit:04d}.png"
+    return path if path.is_file() else None

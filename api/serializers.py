@@ -119,10 +119,16 @@ class UnitSerializer(serializers.ModelSerializer):
 
 class UnitDetailSerializer(UnitSerializer):
     top_images = serializers.JSONField(read_only=True)
+    image_url = serializers.SerializerMethodField()
 
     class Meta(UnitSerializer.Meta):
-        fields = UnitSerializer.Meta.fields + ["top_images"]
+        fields = UnitSerializer.Meta.fields + ["top_images", "image_url"]
         read_only_fields = fields
+
+    def get_image_url(self, unit: Unit) -> str | None:
+        request = self.context.get("request")
+        path = f"/api/units/{unit.pk}/image/"
+        return request.build_absolute_uri(path) if request else path
 
 
 class ConceptSerializer(serializers.ModelSerializer):

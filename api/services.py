@@ -363,7 +363,7 @@ def layer_result_store(
         Unit.objects.filter(job=job, layer=layer).delete()
         units = []
         for u in range(units_count):
-            best = order[u, 0] if n_concepts else None
+            best = order[u, 0] if n_concepts and iou[u, order[u, 0]] > 0 else None
             units.append(
                 Unit(
                     job=job,

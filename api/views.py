@@ -158,6 +158,16 @@ class UnitViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     def get_serializer_class(self):
         return UnitDetailSerializer if self.action == "retrieve" else UnitSerializer
 
+    @extend_schema(responses={(200, "image/png"): OpenApiTypes.BINARY, 404: OpenApiResponse(description="no image")})
+    @action(detail=True, methods=["get"])
+    def image(self, request, pk=None):
+        """The unit's top-activating images, the region above its threshold highlighted (PNG)."""
+        unit = self.get_object()
+        path = selectors.unit_image_path(unit=unit)
+        if path is None:
+            raise ApplicationError(f"unit {unit.pk} has no image", status=404)
+        return FileResponse(open(path, "rb"), content_type="image/png")
+
 
 class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     serializer_class = ConceptSerializer

@@ -31,7 +31,7 @@ class ProgressReporter(threading.Thread):
     with it, so the heartbeat stops and the job is requeued by a live worker.
     """
 
-    PHASE_SHARE = {"forward": (0.0, 0.6), "quantile": (0.6, 0.72), "refine": (0.72, 0.8), "count": (0.8, 0.97)}
+    PHASE_SHARE = {"forward": (0.0, 0.6), "quantile": (0.6, 0.72), "refine": (0.72, 0.8), "count": (0.8, 0.9), "images": (0.9, 0.97)}
 
     def __init__(self, job_id: int, interval: float) -> None:
         super().__init__(name=f"job-{job_id}-progress", daemon=True)
@@ -78,6 +78,7 @@ def run_dissection(job: Job) -> None:
     from dissect_core.datasets import open_dataset
     from dissect_core.dissect import dissect
     from dissect_core.models import load_model
+    from dissect_core.visualize import save_unit_strips
 
     params = job.params
     model_row = job.model
@@ -108,8 +109,15 @@ def run_dissection(job: Job) -> None:
             should_stop=reporter.should_stop,
             top_k_images=params.get("top_k_images", 5),
         )
-        reporter.progress("storing", len(dataset), len(dataset))
         concepts = [(c.name, c.category) for c in dataset.concepts]
+        results_dir = Path(settings.MEDIA_ROOT) / "results" / f"job-{job.pk}"
+        if params.get("top_k_images", 5) > 0:
+            for layer, result in results.items():
+                units = result.units
+                reporter.progress("images", 0, units)
+                save_unit_strips(loaded, dataset, result, results_dir / layer, device=pick_device())
+                reporter.progress("images", units, units)
+        reporter.progress("storing", len(dataset), len(dataset))
         for layer, result in results.items():
             top = getattr(result, "top_images", None)
             services.layer_result_store(
@@ -121,4 +129,4 @@ def run_dissection(job: Job) -> None:
                 summary=result.summary(min_iou=0.04),
                 top_images=[[int(i) for i in row] for row in np.asarray(top)] if top is not None else None,
             )
-    services.job_succeed(job_id=job.pk, results_path=str(Path(settings.MEDIA_ROOT) / "results" / f"job-{job.pk}"))
+    services.job_succeed(job_id=job.pk, results_path=str(results_dir))

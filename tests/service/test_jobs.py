@@ -98,6 +98,14 @@ def test_dissection_job_end_to_end(api, other_api, celery_worker_process, scenes
         best = data["iou"].max(axis=1)
     assert np.allclose(sorted(best, reverse=True), [u["iou"] for u in units], atol=1e-6)
 
+    detail = api.get(f"/api/units/{units[0]['id']}/").json()
+    assert len(detail["top_images"]) == 5
+    image = api.get(detail["image_url"])
+    assert image.status_code == 200 and image["Content-Type"] == "image/png"
+    png = b"".join(image.streaming_content)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert other_api.get(detail["image_url"]).status_code == 404
+
     assert other_api.get(f"/api/jobs/{job['id']}/").status_code == 404
     assert other_api.get(f"/api/units/?job={job['id']}").json()["results"] == []
     assert other_api.get(f"/api/models/{model['id']}/").status_code == 404
