@@ -1,0 +1,266 @@
+"""Command line: ``python -m dissect_core {dissect,layers,make-demo,make-synthetic} ...``.
+
+``dissect`` writes, per layer, ``OUT/LAYER/units.csv`` (unit,label,category,iou,threshold)
+and ``OUT/LAYER/iou.csv`` (unit,concept,category,iou: every unit x concept pair),
+plus ``OUT/LAYER/summary.json``. Bad input prints one line ``error: ...`` and exits
+with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import DissectError
+
+__all__ = ["build_parser", "main", "read_meta", "write_layer_csvs"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="python -m dissect_core", description="Network dissection (Bau et al. 2020).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser, weights_required: bool) -> None:
+        p.add_argument("--model", required=True, help="torchvision:ARCH, builtin:NAME or torchscript")
+        p.add_argument("--weights", required=weights_required, type=Path,
+                       help=".safetensors, .pt/.pth (weights only) or the TorchScript file")
+        p.add_argument("--num-classes", type=int, default=None)
+        p.add_argument("--input-size", type=int, default=None, help="network input size (square)")
+        p.add_argument("--meta", type=Path, default=None,
+                       help="JSON with input_size, mean, std, num_classes (default: WEIGHTS.json or "
+                            "classifier.json next to the weights)")
+
+    d = sub.add_parser("dissect", help="dissect layers and write CSVs")
+    model_args(d, weights_required=True)
+    d.add_argument("--dataset", required=True, help="broden:DIR, imagefolder:DIR, synthetic:DIR or synthetic:N[:SEED]")
+    d.add_argument("--layer", action="append", required=True, dest="layers", help="dotted layer name (repeatable)")
+    d.add_argument("--quantile", type=float, default=0.99)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--colors", action="store_true", help="add colour-name concepts")
+    d.add_argument("--parts", action="store_true", help="add object-part concepts (obj-t, obj-b, obj-l, obj-r)")
+    d.add_argument("--split", default=None, help="dataset split to use (train, val)")
+    d.add_argument("--max-images", type=int, default=None)
+    d.add_argument("--num-workers", type=int, default=0)
+    d.add_argument("--out", required=True, type=Path)
+    d.add_argument("--no-progress", action="store_true")
+
+    ls = sub.add_parser("layers", help="print the layers with feature-map outputs")
+    model_args(ls, weights_required=False)
+
+    demo = sub.add_parser("make-demo", help="generate the synthetic demo dataset and train its classifier")
+    demo.add_argument("--out", required=True, type=Path)
+    demo.add_argument("--n-images", type=int, default=None)
+    demo.add_argument("--epochs", type=int, default=None)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true")
+
+    syn = sub.add_parser("make-synthetic", help="write a synthetic Broden dataset")
+    syn.add_argument("--out", required=True, type=Path)
+    syn.add_argument("--n", type=int, required=True)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--image-size", type=int, default=None)
+    return parser
+
+
+def read_meta(meta: Path | None, weights: Path | None) -> dict[str, Any]:
+    """The model description next to the weights, if any.
+
+    Args:
+        meta: an explicit JSON file (must exist).
+        weights: the weights file; ``WEIGHTS.json`` or ``classifier.json`` beside it is used.
+
+    Returns:
+        the parsed JSON object (empty when there is none).
+
+    Raises:
+        DissectError: an explicit file is missing or not a JSON object.
+    """
+    candidates = [meta] if meta is not None else []
+    if meta is None and weights is not None:
+        candidates = [weights.with_suffix(".json"), weights.parent / "classifier.json"]
+    for path in candidates:
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise DissectError(f"cannot read model description {path}: {exc}") from None
+            if not isinstance(data, dict):
+                raise DissectError(f"model description {path} is not a JSON object")
+            return data
+        if meta is not None:
+            raise DissectError(f"model description {path} does not exist")
+    return {}
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .models import load_model
+
+    meta = read_meta(args.meta, args.weights)
+    input_size = args.input_size if args.input_size is not None else meta.get("input_size")
+    return load_model(
+        args.model,
+        args.weights,
+        args.num_classes if args.num_classes is not None else meta.get("num_classes"),
+        input_size=input_size,
+        mean=meta.get("mean"),
+        std=meta.get("std"),
+        classes=meta.get("classes"),
+    )
+
+
+def write_layer_csvs(result: Any, out_dir: Path) -> Path:
+    """Write one layer's units.csv, iou.csv and summary.json.
+
+    Args:
+        result: a :class:`~dissect_core.dissect.LayerResult`.
+        out_dir: the run's output directory; files go to ``out_dir/LAYER/``.
+
+    Returns:
+        the layer's directory.
+    """
+    layer_dir = out_dir / result.layer
+    layer_dir.mkdir(parents=True, exist_ok=True)
+    with open(layer_dir / "units.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["unit", "label", "category", "iou", "threshold"])
+        for row in result.unit_rows():
+            writer.writerow([row["unit"], row["label"], row["category"], repr(row["iou"]), repr(row["threshold"])])
+    with open(layer_dir / "iou.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["unit", "concept", "category", "iou"])
+        for row in result.iou_rows():
+            writer.writerow([row["unit"], row["concept"], row["category"], repr(row["iou"])])
+    summary = result.summary()
+    summary.update({"quantile": result.quantile, "images": result.n_images})
+    (layer_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return layer_dir
+
+
+class _Bars:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.phase = ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if phase != self.phase or self.bar is None:
+            self.close()
+            self.phase = phase
+            self.bar = tqdm(total=total, desc=phase, unit="img", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _cmd_dissect(args: argparse.Namespace) -> int:
+    from .datasets import open_dataset
+    from .dissect import dissect
+
+    if not 0.0 <= args.quantile <= 1.0:
+        raise DissectError(f"--quantile must lie in [0, 1], got {args.quantile}")
+    model = _load(args)
+    dataset = open_dataset(args.dataset, split=args.split, max_images=args.max_images, colors=args.colors,
+                           parts=args.parts)
+    bars = _Bars(not args.no_progress)
+    try:
+        results = dissect(model, dataset, args.layers, quantile=args.quantile, batch_size=args.batch_size,
+                          device=args.device, num_workers=args.num_workers, progress=bars)
+    finally:
+        bars.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for result in results.values():
+        layer_dir = write_layer_csvs(result, args.out)
+        s = result.summary()
+        print(f"{result.layer}: {s['units']} units, {s['detectors']} detectors (IoU >= 0.04), "
+              f"{s['unique_concepts']} unique concepts -> {layer_dir}")
+    return 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from .models import list_layers
+
+    model = _load(args)
+    rows = [("name", "type", "units", "height", "width")]
+    rows += [(i.name, i.type, str(i.units), str(i.height), str(i.width)) for i in list_layers(model)]
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    for r in rows:
+        print("  ".join(v.ljust(widths[c]) if c < 2 else v.rjust(widths[c]) for c, v in enumerate(r)).rstrip())
+    return 0
+
+
+def _cmd_make_demo(args: argparse.Namespace) -> int:
+    from .demo import make_demo
+
+    kwargs: dict[str, Any] = {"seed": args.seed, "force": args.force}
+    if args.n_images is not None:
+        kwargs["n_images"] = args.n_images
+    if args.epochs is not None:
+        kwargs["epochs"] = args.epochs
+    paths = make_demo(args.out, **kwargs)
+    print(f"demo ready: dataset broden:{paths.data}, weights {paths.weights}, description {paths.config}")
+    return 0
+
+
+def _cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from .synthetic import generate
+
+    if args.n < 1:
+        raise DissectError("--n must be positive")
+    kwargs: dict[str, Any] = {"n_images": args.n, "seed": args.seed}
+    if args.image_size is not None:
+        kwargs["image_size"] = (args.image_size, args.image_size)
+    try:
+        out = generate(args.out, **kwargs)
+    except (ValueError, FileExistsError) as exc:
+        raise DissectError(str(exc)) from None
+    print(f"wrote synthetic dataset broden:{out}")
+    return 0
+
+
+_COMMANDS = {
+    "dissect": _cmd_dissect,
+    "layers": _cmd_layers,
+    "make-demo": _cmd_make_demo,
+    "make-synthetic": _cmd_make_synthetic,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI.
+
+    Args:
+        argv: arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        the exit status: 0 on success, 2 on bad input.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except DissectError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

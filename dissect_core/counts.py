@@ -1,0 +1,385 @@
+"""Dataset-level unit x concept counts, and the top-activating images of each unit.
+
+For each unit u and concept c, :class:`ConceptCounts` accumulates over every image
+and mask pixel, as exact int64 integers:
+
+- ``intersection[u, c]``: pixels where u is on (a_u > t_u) and c is present,
+- ``act_area[u]``: pixels where u is on,
+- ``concept_area[c]``: pixels where c is present,
+
+from which ``IoU = intersection / (act_area + concept_area - intersection)``.
+A pixel carries a concept through any of its label maps or through a whole-image
+label, and counts once per concept even when several maps name it.
+
+Intersections are counted from the "on" pixels only (a sparse list of
+(image, unit, pixel) triples: about 1 - quantile of all pixels), each gathering
+its pixel's deduplicated concepts into one ``bincount`` over
+``unit * (C + 1) + concept``; so the cost scales with the on pixels, not with
+units x pixels x concepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import DatasetError
+
+__all__ = ["ConceptCounts", "PixelLabels", "TopActivations", "prepare_labels"]
+
+_CHUNK = 1 << 20
+
+
+@dataclass
+class PixelLabels:
+    """The deduplicated concept labels of a batch at mask resolution.
+
+    Attributes:
+        pixel: int64 tensor [B, P, K]: per pixel, its map labels (0 = none), with
+            duplicates across maps and whole-image labels removed.
+        image: int64 tensor [B, J]: whole-image labels, deduplicated (0 = none).
+        concept_area: int64 tensor [C + 1]: pixels of the batch carrying each concept.
+        size: (h, w) of the masks; P = h * w.
+    """
+
+    pixel: torch.Tensor
+    image: torch.Tensor
+    concept_area: torch.Tensor
+    size: tuple[int, int]
+
+    @property
+    def batch(self) -> int:
+        """Number of images B."""
+        return self.pixel.shape[0]
+
+    def rows(self, image: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+        """The concepts of some pixels.
+
+        Args:
+            image: int64 tensor [M], batch positions.
+            pixel: int64 tensor [M], flat mask positions.
+
+        Returns:
+            int64 tensor [M, K + J] of concept numbers (0 = none), no duplicates in a row.
+        """
+        parts = []
+        if self.pixel.shape[2]:
+            parts.append(self.pixel[image, pixel])
+        if self.image.shape[1]:
+            parts.append(self.image[image])
+        if not parts:
+            return torch.zeros((image.shape[0], 0), dtype=torch.int64, device=image.device)
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+
+def _dedupe_columns(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero every entry equal to an earlier entry along ``dim``."""
+    x = x.clone()
+    for k in range(1, x.shape[dim]):
+        cur = x.select(dim, k)
+        for j in range(k):
+            cur.masked_fill_(cur == x.select(dim, j), 0)
+    return x
+
+
+def prepare_labels(
+    label_maps: torch.Tensor,
+    image_labels: torch.Tensor,
+    num_concepts: int,
+    *,
+    size: tuple[int, int] | None = None,
+) -> PixelLabels:
+    """Deduplicate a batch's labels once, for all layers.
+
+    Args:
+        label_maps: int tensor [B, K, h, w] of concept numbers (0 = none); K may be 0.
+        image_labels: int tensor [B, J] of whole-image concept numbers (0 = none).
+        num_concepts: C; every label must lie in [0, C].
+        size: (h, w) when K == 0 (the mask size).
+
+    Returns:
+        the batch's :class:`PixelLabels`.
+    """
+    b = label_maps.shape[0]
+    if label_maps.dim() != 4:
+        raise ValueError(f"label_maps must be [B, K, h, w], got {tuple(label_maps.shape)}")
+    h, w = label_maps.shape[2:] if label_maps.shape[1] else (size or label_maps.shape[2:])
+    if label_maps.shape[1]:
+        maps = label_maps.to(torch.int64).reshape(b, label_maps.shape[1], -1)
+    else:
+        maps = torch.zeros((b, 0, int(h) * int(w)), dtype=torch.int64, device=label_maps.device)
+    image = image_labels.to(torch.int64).reshape(b, -1)
+    for t, what in ((maps, "label map"), (image, "image label")):
+        if t.numel() and (int(t.max()) > num_concepts or int(t.min()) < 0):
+            raise DatasetError(
+                f"{what} holds concept number {int(t.max()) if int(t.max()) > num_concepts else int(t.min())}, "
+                f"outside 0..{num_concepts}"
+            )
+    image = _dedupe_columns(image, 1)
+    for j in range(image.shape[1]):
+        maps.masked_fill_(maps == image[:, j, None, None], 0)
+    maps = _dedupe_columns(maps, 1)
+    area = torch.bincount(maps.reshape(-1), minlength=num_concepts + 1)
+    if image.numel():
+        area = area + torch.bincount(image.reshape(-1), minlength=num_concepts + 1) * (h * w)
+    area[0] = 0
+    pixel = maps.permute(0, 2, 1).contiguous()
+    return PixelLabels(pixel=pixel, image=image, concept_area=area, size=(int(h), int(w)))
+
+
+class TopActivations:
+    """The k images with the highest peak activation, per unit (ties: lower index first).
+
+    Args:
+        units: U.
+        k: how many images to keep per unit.
+    """
+
+    def __init__(self, units: int, k: int) -> None:
+        self.units = int(units)
+        self.k = int(k)
+        self.values = torch.zeros(self.units, 0, dtype=torch.float32)
+        self.indices = torch.zeros(self.units, 0, dtype=torch.int64)
+
+    def add(self, peaks: torch.Tensor, indices: torch.Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            peaks: float tensor [B, U], each image's peak (spatial max) activation.
+            indices: int64 tensor [B], the images' dataset indices.
+        """
+        if self.k == 0 or peaks.shape[0] == 0:
+            return
+        dev = peaks.device
+        values = torch.cat([self.values.to(dev), peaks.t().to(torch.float32)], dim=1)
+        idx = torch.cat([self.indices.to(dev), indices.to(dev).to(torch.int64)[None, :].expand(self.units, -1)], dim=1)
+        order = torch.argsort(idx, dim=1, stable=True)
+        values, idx = torch.gather(values, 1, order), torch.gather(idx, 1, order)
+        order = torch.argsort(values, dim=1, descending=True, stable=True)[:, : self.k]
+        self.values, self.indices = torch.gather(values, 1, order), torch.gather(idx, 1, order)
+
+    def merge(self, other: TopActivations) -> TopActivations:
+        """Merge another shard's top images (in place).
+
+        Args:
+            other: with the same units and k.
+
+        Returns:
+            self.
+        """
+        if (other.units, other.k) != (self.units, self.k):
+            raise ValueError("cannot merge top images of different shapes")
+        if other.values.shape[1]:
+            dev = self.values.device
+            values = torch.cat([self.values, other.values.to(dev)], 1)
+            idx = torch.cat([self.indices, other.indices.to(dev)], 1)
+            order = torch.argsort(idx, dim=1, stable=True)
+            values, idx = torch.gather(values, 1, order), torch.gather(idx, 1, order)
+            order = torch.argsort(values, dim=1, descending=True, stable=True)[:, : self.k]
+            self.values, self.indices = torch.gather(values, 1, order), torch.gather(idx, 1, order)
+        return self
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Plain numpy arrays (see :meth:`from_state_dict`)."""
+        return {
+            "k": np.array(self.k, dtype=np.int64),
+            "values": self.values.cpu().numpy().copy(),
+            "indices": self.indices.cpu().numpy().copy(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray]) -> TopActivations:
+        """Rebuild from :meth:`state_dict`."""
+        values = torch.as_tensor(np.asarray(state["values"], np.float32))
+        top = cls(values.shape[0], int(state["k"]))
+        top.values = values
+        top.indices = torch.as_tensor(np.asarray(state["indices"], np.int64))
+        return top
+
+
+class ConceptCounts:
+    """Exact unit x concept counts of one layer (see module docstring).
+
+    Args:
+        units: U.
+        num_concepts: C (concepts are numbered 1..C; column 0 stays 0).
+        top_k: keep the top-k images per unit by peak activation (0: none).
+        device: where the accumulators live (default: the device of the first batch).
+
+    Attributes:
+        intersection: int64 [U, C + 1]. act_area: int64 [U].
+        concept_area: int64 [C + 1]. n_pixels, n_images: ints.
+        top: :class:`TopActivations` or None.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        num_concepts: int,
+        *,
+        top_k: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.units = int(units)
+        self.num_concepts = int(num_concepts)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self.intersection = torch.zeros(self.units, self.num_concepts + 1, dtype=torch.int64, device=dev)
+        self.act_area = torch.zeros(self.units, dtype=torch.int64, device=dev)
+        self.concept_area = torch.zeros(self.num_concepts + 1, dtype=torch.int64, device=dev)
+        self.n_pixels = 0
+        self.n_images = 0
+        self.top: TopActivations | None = TopActivations(self.units, top_k) if top_k else None
+        self._placed = device is not None
+
+    def _to(self, device: torch.device) -> None:
+        if not self._placed:
+            self.intersection = self.intersection.to(device)
+            self.act_area = self.act_area.to(device)
+            self.concept_area = self.concept_area.to(device)
+            self._placed = True
+
+    def add(
+        self,
+        on: torch.Tensor,
+        label_maps: torch.Tensor | PixelLabels,
+        image_labels: torch.Tensor | None = None,
+    ) -> None:
+        """Count one batch.
+
+        Args:
+            on: bool tensor [B, U, h, w]: unit on at a mask pixel (a_u > t_u).
+            label_maps: int tensor [B, K, h, w] of concept numbers, or the batch's
+                :class:`PixelLabels` (then image_labels is ignored).
+            image_labels: int tensor [B, J] of whole-image concept numbers.
+        """
+        b, u, h, w = on.shape
+        if u != self.units:
+            raise ValueError(f"counts have {self.units} units, the mask has {u}")
+        if isinstance(label_maps, PixelLabels):
+            labels = label_maps
+        else:
+            if image_labels is None:
+                image_labels = torch.zeros((b, 0), dtype=torch.int64, device=on.device)
+            labels = prepare_labels(label_maps.to(on.device), image_labels.to(on.device), self.num_concepts,
+                                    size=(h, w))
+        if labels.size != (h, w) or labels.batch != b:
+            raise ValueError(f"labels are {labels.batch} x {labels.size}, the mask {b} x {(h, w)}")
+        self.add_area(labels)
+        per_image = max(1, _CHUNK * 16 // max(1, u * h * w))
+        for start in range(0, b, per_image):
+            flat = on[start:start + per_image].reshape(-1, u, h * w)
+            bi, ui, pi = flat.nonzero(as_tuple=True)
+            self.add_pixels(bi + start, ui, pi, labels)
+
+    def add_area(self, labels: PixelLabels) -> None:
+        """Add a batch's concept areas and pixel and image totals (once per batch).
+
+        Args:
+            labels: the batch's :class:`PixelLabels`.
+        """
+        self._to(labels.concept_area.device)
+        self.concept_area += labels.concept_area.to(self.concept_area.device)
+        self.n_pixels += labels.batch * labels.size[0] * labels.size[1]
+        self.n_images += labels.batch
+
+    def add_pixels(
+        self, image: torch.Tensor, unit: torch.Tensor, pixel: torch.Tensor, labels: PixelLabels
+    ) -> None:
+        """Count "on" pixels given as triples (areas must be added by :meth:`add_area`).
+
+        Args:
+            image: int64 tensor [M], batch position of each on pixel.
+            unit: int64 tensor [M], its unit.
+            pixel: int64 tensor [M], its flat mask position (y * w + x).
+            labels: the batch's :class:`PixelLabels`.
+        """
+        for start in range(0, unit.numel(), _CHUNK):
+            sl = slice(start, start + _CHUNK)
+            self.add_rows(unit[sl], labels.rows(image[sl], pixel[sl]))
+
+    def add_rows(self, unit: torch.Tensor, concepts: torch.Tensor) -> None:
+        """Count "on" pixels given by unit and deduplicated concept row.
+
+        Args:
+            unit: int64 tensor [M], the unit of each on pixel.
+            concepts: int tensor [M, L], the pixel's concepts (0 = none, no duplicates in a row).
+        """
+        self._to(unit.device)
+        if unit.numel() == 0:
+            return
+        self.act_area += torch.bincount(unit, minlength=self.units).to(self.act_area.device)
+        if concepts.shape[1] == 0:
+            return
+        inter = self.intersection.view(-1)
+        concepts = concepts.to(torch.int64)
+        flat = (unit[:, None] * (self.num_concepts + 1) + concepts)[concepts > 0]
+        inter += torch.bincount(flat, minlength=inter.numel()).to(inter.device)
+
+    def merge(self, other: ConceptCounts) -> ConceptCounts:
+        """Add another shard's counts (in place).
+
+        Args:
+            other: counts with the same units and concepts.
+
+        Returns:
+            self.
+        """
+        if (other.units, other.num_concepts) != (self.units, self.num_concepts):
+            raise ValueError("cannot merge counts of different shapes")
+        self.intersection += other.intersection.to(self.intersection.device)
+        self.act_area += other.act_area.to(self.act_area.device)
+        self.concept_area += other.concept_area.to(self.concept_area.device)
+        self.n_pixels += other.n_pixels
+        self.n_images += other.n_images
+        if other.top is not None:
+            if self.top is None:
+                self.top = TopActivations(other.top.units, other.top.k)
+            self.top.merge(other.top)
+        return self
+
+    def iou(self) -> np.ndarray:
+        """Dataset-level IoU.
+
+        Returns:
+            float64 array [U, C + 1]; column 0 and empty unions are 0.
+        """
+        inter = self.intersection.cpu().numpy().astype(np.float64)
+        union = (
+            self.act_area.cpu().numpy()[:, None].astype(np.float64)
+            + self.concept_area.cpu().numpy()[None, :].astype(np.float64)
+            - inter
+        )
+        out = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        out[:, 0] = 0.0
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Plain numpy arrays (see :meth:`from_state_dict`)."""
+        state = {
+            "intersection": self.intersection.cpu().numpy().copy(),
+            "act_area": self.act_area.cpu().numpy().copy(),
+            "concept_area": self.concept_area.cpu().numpy().copy(),
+            "n_pixels": np.array(self.n_pixels, dtype=np.int64),
+            "n_images": np.array(self.n_images, dtype=np.int64),
+        }
+        if self.top is not None:
+            state.update({f"top_{k}": v for k, v in self.top.state_dict().items()})
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray]) -> ConceptCounts:
+        """Rebuild from :meth:`state_dict`."""
+        inter = np.asarray(state["intersection"], np.int64)
+        counts = cls(inter.shape[0], inter.shape[1] - 1, device="cpu")
+        counts.intersection = torch.as_tensor(inter)
+        counts.act_area = torch.as_tensor(np.asarray(state["act_area"], np.int64))
+        counts.concept_area = torch.as_tensor(np.asarray(state["concept_area"], np.int64))
+        counts.n_pixels = int(state["n_pixels"])
+        counts.n_images = int(state["n_images"])
+        if "top_k" in state:
+            counts.top = TopActivations.from_state_dict(
+                {k[len("top_"):]: v for k, v in state.items() if k.startswith("top_")}
+            )
+        return counts

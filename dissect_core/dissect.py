@@ -1,0 +1,821 @@
+"""The dissection engine: thresholds, unit x concept IoU and labels for whole layers.
+
+:func:`dissect` runs the network once per image, stops after the deepest requested
+layer, and records every requested layer from that same pass. Each layer's
+native-resolution activations go to a scratch file on disk (``cache_dir`` or a
+temporary directory, deleted afterwards), so the later passes read them back
+instead of re-running the network, and memory stays flat however many images
+there are:
+
+1. forward: activations upsampled to the mask resolution feed a
+   :class:`~dissect_core.quantile.QuantileSketch` per layer; the top images by peak
+   activation are kept; labels are cached.
+2. (rarely) quantile: refinement passes for units whose threshold bracket is too
+   crowded to collect in memory.
+3. count: one pass that both finishes the exact thresholds and counts. Pixels
+   above a unit's bracket are on, pixels below it are off, and the few pixels
+   inside it are kept (value and concepts) until the exact hazen quantile is known.
+
+The same pieces serve distributed workers, one shard of images each::
+
+    sketches = merge(quantile_pass(model, ds, layers, indices=shard) for shard in shards)
+    thresholds = resolve_thresholds(sketches, 0.99, lambda brackets: merge(
+        refine_pass(model, ds, layers, brackets, indices=shard) for shard in shards))
+    counts = merge(count_pass(model, ds, layers, thresholds, indices=shard) for shard in shards)
+    results = {layer: finalize(layer, thresholds[layer], counts[layer], ds.concepts) for layer in layers}
+
+Merged shard counts equal a single run's exactly (the counts are integers).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .concepts import Concept, ConceptDataset, Sample, collate_samples
+from .counts import ConceptCounts, PixelLabels, TopActivations, prepare_labels
+from .errors import Cancelled, DatasetError, DissectError, LayerError
+from .models import LoadedModel
+from .nethook import get_module, trace
+from .quantile import (
+    QuantileBracket,
+    QuantileRefiner,
+    QuantileSketch,
+    float_keys,
+    keys_to_float,
+)
+from .upsample import upsample
+
+__all__ = [
+    "LayerResult",
+    "ProgressFn",
+    "UnitLabel",
+    "count_pass",
+    "dissect",
+    "finalize",
+    "preprocess_images",
+    "quantile_pass",
+    "refine_pass",
+    "resolve_thresholds",
+]
+
+ProgressFn = Callable[[str, int, int], None]
+
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class UnitLabel:
+    """The best concept of a unit.
+
+    Attributes:
+        unit: unit index.
+        concept: concept name, ``"-"`` when the unit overlaps no concept.
+        category: the concept's category (``""`` for none).
+        iou: its IoU.
+        number: concept number (0 for none).
+    """
+
+    unit: int
+    concept: str
+    category: str
+    iou: float
+    number: int
+
+
+@dataclass
+class LayerResult:
+    """Everything dissection found about one layer.
+
+    Attributes:
+        layer: dotted layer name.
+        quantile: the activation quantile of the thresholds.
+        concepts: the dataset's concepts (column i of ``iou`` is ``concepts[i]``).
+        thresholds: float64 [U], t_u.
+        iou: float64 [U, C], dataset-level IoU of unit x concept.
+        intersection: int64 [U, C], pixels where the unit is on and the concept present.
+        act_area: int64 [U], pixels where the unit is on.
+        concept_area: int64 [C], pixels where the concept is present.
+        top_images: int64 [U, k], dataset indices of each unit's top images by
+            peak (spatial max, native resolution) activation, best first.
+        top_values: float32 [U, k], their peak activations.
+        n_images: images dissected.
+        n_pixels: mask pixels dissected (images x mask size).
+    """
+
+    layer: str
+    quantile: float
+    concepts: list[Concept]
+    thresholds: np.ndarray
+    iou: np.ndarray
+    intersection: np.ndarray
+    act_area: np.ndarray
+    concept_area: np.ndarray
+    top_images: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    top_values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    n_images: int = 0
+    n_pixels: int = 0
+
+    @property
+    def units(self) -> int:
+        """Number of units U."""
+        return int(self.thresholds.shape[0])
+
+    @property
+    def labels(self) -> list[UnitLabel]:
+        """Each unit's highest-IoU concept over all categories."""
+        out = []
+        for u in range(self.units):
+            if self.iou.shape[1] == 0 or self.iou[u].max() <= 0:
+                out.append(UnitLabel(u, "-", "", 0.0, 0))
+                continue
+            c = int(np.argmax(self.iou[u]))
+            concept = self.concepts[c]
+            out.append(UnitLabel(u, concept.name, concept.category, float(self.iou[u, c]), concept.number))
+        return out
+
+    def unit_rows(self) -> list[dict[str, Any]]:
+        """One row per unit: unit, label, category, iou, threshold."""
+        return [
+            {"unit": lab.unit, "label": lab.concept, "category": lab.category, "iou": lab.iou,
+             "threshold": float(self.thresholds[lab.unit])}
+            for lab in self.labels
+        ]
+
+    def iou_rows(self) -> Iterator[dict[str, Any]]:
+        """One row per unit x concept pair: unit, concept, category, iou (unit-major order)."""
+        for u in range(self.units):
+            for c, concept in enumerate(self.concepts):
+                yield {"unit": u, "concept": concept.name, "category": concept.category,
+                       "iou": float(self.iou[u, c])}
+
+    def summary(self, min_iou: float = 0.04) -> dict[str, Any]:
+        """Detector counts, as the paper reports them.
+
+        Args:
+            min_iou: a unit is a detector of its label when its IoU is at least this.
+
+        Returns:
+            dict with ``layer``, ``units``, ``detectors`` (count), ``unique_concepts``
+            (distinct labels among detectors), ``detectors_by_category`` and
+            ``unique_concepts_by_category`` (category -> count), and
+            ``concept_units`` (concept name -> number of detector units).
+        """
+        detectors = [lab for lab in self.labels if lab.number and lab.iou >= min_iou]
+        by_cat = Counter(lab.category for lab in detectors)
+        unique: dict[str, set[str]] = {}
+        for lab in detectors:
+            unique.setdefault(lab.category, set()).add(lab.concept)
+        return {
+            "layer": self.layer,
+            "units": self.units,
+            "min_iou": min_iou,
+            "detectors": len(detectors),
+            "unique_concepts": len({lab.concept for lab in detectors}),
+            "detectors_by_category": dict(by_cat),
+            "unique_concepts_by_category": {k: len(v) for k, v in unique.items()},
+            "concept_units": dict(Counter(lab.concept for lab in detectors)),
+        }
+
+
+class _Indexed(Dataset):
+    def __init__(self, dataset: ConceptDataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Sample]:
+        return self.indices[i], self.dataset[self.indices[i]]
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DissectError("device cuda requested but CUDA is not available")
+    return dev
+
+
+def preprocess_images(
+    images: torch.Tensor,
+    input_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """uint8 RGB images to the network's normalised input.
+
+    Args:
+        images: uint8 tensor [B, 3, H, W].
+        input_size: (h, w) the network expects (bilinear, antialiased resize when different).
+        mean: per-channel mean for [0, 1] images.
+        std: per-channel std.
+
+    Returns:
+        float32 tensor [B, 3, h, w].
+    """
+    x = images.to(torch.float32).div_(255.0)
+    if tuple(x.shape[-2:]) != tuple(input_size):
+        x = F.interpolate(x, size=tuple(input_size), mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device)[None, :, None, None]
+    s = torch.tensor(std, dtype=torch.float32, device=x.device)[None, :, None, None]
+    return x.sub_(m).div_(s)
+
+
+@dataclass
+class _Source:
+    """The images and concepts one pass runs over."""
+
+    model: LoadedModel
+    dataset: ConceptDataset
+    layers: list[str]
+    indices: list[int]
+    batch_size: int
+    device: torch.device
+    num_workers: int
+    segmenter: Any
+    concepts: list[Concept]
+    mask_size: tuple[int, int] | None
+
+    @property
+    def num_concepts(self) -> int:
+        return len(self.concepts)
+
+
+def _make_source(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layers: Sequence[str],
+    *,
+    indices: Sequence[int] | None,
+    batch_size: int,
+    device: torch.device | str | None,
+    num_workers: int,
+    segmenter: Any,
+) -> _Source:
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise LayerError("no layers requested", valid=[])
+    for layer in layers:
+        get_module(model.module, layer)
+    if batch_size < 1:
+        raise DissectError(f"batch_size must be positive, got {batch_size}")
+    n = len(dataset)
+    idx = list(range(n)) if indices is None else [int(i) for i in indices]
+    if not idx:
+        raise DatasetError("the dataset (or the index selection) holds no images")
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise DatasetError(f"image indices out of range 0..{n - 1}: {bad[:5]}")
+    concepts = list(segmenter.concepts) if segmenter is not None else list(dataset.concepts)
+    for i, concept in enumerate(concepts):
+        if concept.number != i + 1:
+            raise DatasetError(f"concept {concept.name!r} has number {concept.number}, expected {i + 1}")
+    mask = None if segmenter is not None else tuple(int(v) for v in dataset.mask_size)
+    return _Source(model, dataset, layers, idx, batch_size, _resolve_device(device), num_workers, segmenter,
+                   concepts, mask)
+
+
+@dataclass
+class _Prepared:
+    indices: torch.Tensor
+    acts: dict[str, torch.Tensor]
+    label_maps: torch.Tensor
+    image_labels: torch.Tensor
+
+
+def _check_stop(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("dissection cancelled")
+
+
+def _forward_batches(
+    src: _Source,
+    progress: ProgressFn | None,
+    should_stop: Callable[[], bool] | None,
+    phase: str = "forward",
+) -> Iterator[_Prepared]:
+    """Run the network once per batch and yield every requested layer's activations."""
+    loader = DataLoader(
+        _Indexed(src.dataset, src.indices),
+        batch_size=src.batch_size,
+        shuffle=False,
+        num_workers=src.num_workers,
+        collate_fn=collate_samples,
+        pin_memory=src.device.type == "cuda",
+    )
+    module = src.model.module.to(src.device)
+    total = len(src.indices)
+    done = 0
+    if progress:
+        progress(phase, 0, total)
+    for batch in loader:
+        _check_stop(should_stop)
+        batch = batch.to(src.device, non_blocking=True)
+        x = preprocess_images(batch.images, src.model.input_size, src.model.mean, src.model.std)
+        with torch.no_grad(), trace(module, src.layers, stop_after_last=True) as tr:
+            tr(x)
+            acts = {}
+            for layer in src.layers:
+                a = tr.outputs.get(layer)
+                if not isinstance(a, torch.Tensor) or a.dim() != 4:
+                    shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+                    raise LayerError(
+                        f"layer {layer!r} outputs {shape}, not a [B, C, h, w] feature map", layer=layer, valid=[]
+                    )
+                acts[layer] = a.to(torch.float32)
+            if src.segmenter is not None:
+                label_maps = src.segmenter.segment(batch.images)
+                image_labels = torch.zeros((label_maps.shape[0], 0), dtype=torch.int32, device=src.device)
+            else:
+                label_maps, image_labels = batch.label_maps, batch.image_labels
+        if src.mask_size is None:
+            src.mask_size = tuple(int(v) for v in label_maps.shape[-2:])
+        if label_maps.shape[1] and tuple(label_maps.shape[-2:]) != src.mask_size:
+            raise DatasetError(
+                f"label maps are {tuple(label_maps.shape[-2:])}, the dataset's mask size is {src.mask_size}"
+            )
+        yield _Prepared(batch.indices, acts, label_maps, image_labels)
+        done += batch.indices.shape[0]
+        if progress:
+            progress(phase, done, total)
+
+
+def _chunks(a: torch.Tensor, mask_size: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, upsampled [b, U, mh*mw]) pieces of a batch, each of bounded size."""
+    b, u = a.shape[:2]
+    per = max(1, _CHUNK_ELEMENTS // max(1, u * mask_size[0] * mask_size[1]))
+    for start in range(0, b, per):
+        up = upsample(a[start:start + per], mask_size)
+        yield start, up.reshape(up.shape[0], u, -1)
+
+
+def _float32_below(values: np.ndarray) -> np.ndarray:
+    """Largest float32 <= each float64 value (so ``a > result`` iff ``a > value`` for float32 a)."""
+    f = np.asarray(values, dtype=np.float64).astype(np.float32)
+    return np.where(f.astype(np.float64) > values, np.nextafter(f, np.float32(-np.inf)), f).astype(np.float32)
+
+
+class _LayerCounter:
+    """Counts one layer, finishing unresolved thresholds on the way (see module docstring)."""
+
+    def __init__(self, units: int, num_concepts: int, top_k: int, device: torch.device,
+                 thresholds: np.ndarray | None = None, bracket: QuantileBracket | None = None) -> None:
+        self.counts = ConceptCounts(units, num_concepts, top_k=top_k, device=device)
+        self.bracket = bracket
+        self.thresholds = thresholds
+        self.refiner: QuantileRefiner | None = None
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        if thresholds is not None:
+            cand = _float32_below(thresholds)
+            self.sure = None
+        else:
+            assert bracket is not None
+            self.refiner = QuantileRefiner(bracket, max_values=np.iinfo(np.int64).max)
+            lo_val = keys_to_float(bracket.key_lo[0]).astype(np.float32)
+            resolved = bracket.resolved.all(axis=0)
+            exact = _float32_below(bracket.estimate())
+            cand = np.where(resolved, exact, np.nextafter(lo_val, np.float32(-np.inf))).astype(np.float32)
+            sure = np.where(resolved, exact, keys_to_float(bracket.key_hi[1]).astype(np.float32))
+            self.sure = torch.as_tensor(sure, device=device)
+            self.collect_lo, self.collect_hi = (torch.as_tensor(v.astype(np.int64), device=device)
+                                                for v in self.refiner.collect_ranges())
+        self.cand = torch.as_tensor(cand, device=device)
+
+    def add(self, offset: int, up: torch.Tensor, labels: PixelLabels) -> None:
+        bi, ui, pi = (up > self.cand[None, :, None]).nonzero(as_tuple=True)
+        if self.sure is None:
+            self.counts.add_pixels(bi + offset, ui, pi, labels)
+            return
+        vals = up[bi, ui, pi]
+        bi = bi + offset
+        sure = vals > self.sure[ui]
+        self.counts.add_pixels(bi[sure], ui[sure], pi[sure], labels)
+        amb = ~sure
+        if bool(amb.any()):
+            ua, keys = ui[amb], float_keys(vals[amb]).to(torch.int64)
+            rows = labels.rows(bi[amb], pi[amb])
+            lo, hi = self.collect_lo[:, ua], self.collect_hi[:, ua]
+            inside = ((keys >= lo) & (keys <= hi)).any(0)
+            assert self.refiner is not None
+            self.refiner.collected_units.append(ua[inside].to(torch.int32).cpu().numpy())
+            self.refiner.collected_keys.append(keys[inside].to(torch.int32).cpu().numpy())
+            self.pending.append((ua.cpu().numpy(), keys.cpu().numpy(), rows.cpu().numpy()))
+
+    def finish(self) -> tuple[np.ndarray, ConceptCounts]:
+        if self.thresholds is not None:
+            return self.thresholds, self.counts
+        assert self.refiner is not None
+        bracket = self.refiner.bracket()
+        thresholds = bracket.values()
+        dev = self.counts.intersection.device
+        for units, keys, rows in self.pending:
+            on = keys_to_float(keys).astype(np.float64) > thresholds[units]
+            if on.any():
+                self.counts.add_rows(torch.as_tensor(units[on], device=dev), torch.as_tensor(rows[on], device=dev))
+        self.pending = []
+        return thresholds, self.counts
+
+
+class _Cache:
+    """Per-layer activation files plus per-batch labels, on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: dict[str, Any] = {}
+        self.shapes: dict[str, tuple[int, int, int]] = {}
+        self.batches: list[tuple[int, np.ndarray]] = []
+        self.offsets: dict[str, list[int]] = {}
+
+    def write(self, prepared: _Prepared) -> None:
+        b = int(prepared.indices.shape[0])
+        for i, (layer, a) in enumerate(prepared.acts.items()):
+            if layer not in self.files:
+                self.files[layer] = open(self.root / f"layer{i}.f32", "w+b")  # noqa: SIM115
+                self.shapes[layer] = tuple(a.shape[1:])
+                self.offsets[layer] = []
+            f = self.files[layer]
+            self.offsets[layer].append(f.tell())
+            f.write(a.detach().to("cpu").contiguous().numpy().tobytes())
+        k = len(self.batches)
+        maps = prepared.label_maps.to("cpu")
+        dtype = np.int16 if (maps.numel() == 0 or int(maps.max()) < 32767) else np.int32
+        np.save(self.root / f"maps{k}.npy", maps.numpy().astype(dtype))
+        np.save(self.root / f"image{k}.npy", prepared.image_labels.to("cpu").numpy().astype(np.int32))
+        self.batches.append((b, prepared.indices.cpu().numpy()))
+
+    def read(self, k: int, layer: str) -> np.ndarray:
+        b = self.batches[k][0]
+        u, h, w = self.shapes[layer]
+        f = self.files[layer]
+        f.seek(self.offsets[layer][k])
+        data = np.fromfile(f, dtype=np.float32, count=b * u * h * w)
+        return data.reshape(b, u, h, w)
+
+    def read_labels(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.load(self.root / f"maps{k}.npy"), np.load(self.root / f"image{k}.npy")
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+
+
+def _cached_batches(
+    cache: _Cache,
+    layers: Sequence[str],
+    device: torch.device,
+    phase: str,
+    progress: ProgressFn | None,
+    should_stop: Callable[[], bool] | None,
+) -> Iterator[_Prepared]:
+    total = sum(b for b, _ in cache.batches)
+    done = 0
+    if progress:
+        progress(phase, 0, total)
+    for k, (b, idx) in enumerate(cache.batches):
+        _check_stop(should_stop)
+        acts = {}
+        for layer in layers:
+            t = torch.from_numpy(cache.read(k, layer))
+            if device.type == "cuda":
+                t = t.pin_memory()
+            acts[layer] = t.to(device, non_blocking=True)
+        maps, image = cache.read_labels(k)
+        yield _Prepared(
+            torch.from_numpy(idx),
+            acts,
+            torch.from_numpy(maps.astype(np.int32)).to(device, non_blocking=True),
+            torch.from_numpy(image).to(device, non_blocking=True),
+        )
+        done += b
+        if progress:
+            progress(phase, done, total)
+
+
+def _labels_of(src: _Source, prepared: _Prepared) -> PixelLabels:
+    assert src.mask_size is not None
+    return prepare_labels(prepared.label_maps, prepared.image_labels, src.num_concepts, size=src.mask_size)
+
+
+def dissect(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layers: Sequence[str],
+    *,
+    quantile: float = 0.99,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    indices: Sequence[int] | None = None,
+    num_workers: int = 0,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    top_k_images: int = 5,
+    segmenter: Any = None,
+    max_collect: int = 1 << 23,
+) -> dict[str, LayerResult]:
+    """Dissect layers of a network on a concept dataset (see module docstring).
+
+    Args:
+        model: the network and its input conventions.
+        dataset: images with concept masks (or plain images with ``segmenter``).
+        layers: dotted layer names; all are recorded from the same forward passes.
+        quantile: the activation quantile that sets each unit's threshold.
+        batch_size: images per forward pass.
+        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
+        indices: dataset indices to use (default: all).
+        num_workers: DataLoader worker processes.
+        progress: ``progress(phase, done, total)`` after every batch; phases are
+            ``"forward"``, ``"quantile"`` (only when a refinement pass is needed)
+            and ``"count"``; done and total count images.
+        should_stop: checked before every batch; True raises :class:`Cancelled`.
+        cache_dir: where to put the scratch activation files (a temporary
+            directory inside it, removed afterwards; default: the system's).
+        top_k_images: top-activating images kept per unit.
+        segmenter: a :class:`~dissect_core.segmenter.Segmenter` that labels the
+            images (its concepts replace the dataset's).
+        max_collect: values a threshold-refinement pass may hold in memory.
+
+    Returns:
+        layer name -> :class:`LayerResult`.
+
+    Raises:
+        LayerError: an unknown layer, or one whose output is not a feature map.
+        DatasetError: a malformed dataset.
+        Cancelled: should_stop returned True.
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise DissectError(f"quantile must lie in [0, 1], got {quantile}")
+    src = _make_source(model, dataset, layers, indices=indices, batch_size=batch_size, device=device,
+                       num_workers=num_workers, segmenter=segmenter)
+    root = Path(tempfile.mkdtemp(prefix="dissect-", dir=cache_dir))
+    cache = _Cache(root)
+    try:
+        sketches: dict[str, QuantileSketch] = {}
+        counters: dict[str, _LayerCounter] = {}
+        top: dict[str, Any] = {}
+
+        def absorb(prepared: _Prepared) -> None:
+            cache.write(prepared)
+            assert src.mask_size is not None
+            for layer, a in prepared.acts.items():
+                for _, up in _chunks(a, src.mask_size):
+                    if layer not in sketches:
+                        sketches[layer] = QuantileSketch(a.shape[1], device=src.device)
+                        top[layer] = TopActivations(a.shape[1], top_k_images) if top_k_images else None
+                    sketches[layer].add_batch(up)
+                if top[layer] is not None:
+                    top[layer].add(a.amax(dim=(2, 3)), prepared.indices.to(src.device))
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dissect-sketch") as pool:
+            pending: deque[Future[None]] = deque()
+            try:
+                for prepared in _forward_batches(src, progress, should_stop):
+                    pending.append(pool.submit(absorb, prepared))
+                    while len(pending) > 1:
+                        pending.popleft().result()
+                while pending:
+                    pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
+        if not all(sketch.finite for sketch in sketches.values()):
+            raise DissectError("the network produced non-finite activations (inf or NaN) at a requested layer")
+        brackets = {layer: sketch.bracket(quantile) for layer, sketch in sketches.items()}
+        sketches.clear()
+        while True:
+            crowded = {layer: QuantileRefiner(b, max_values=max_collect) for layer, b in brackets.items()
+                       if not b.done and QuantileRefiner(b, max_values=max_collect).narrowing}
+            if not crowded:
+                break
+            for prepared in _cached_batches(cache, list(crowded), src.device, "quantile", progress, should_stop):
+                for layer, a in prepared.acts.items():
+                    for _, up in _chunks(a, src.mask_size):
+                        crowded[layer].add_batch(up)
+            brackets.update({layer: r.bracket() for layer, r in crowded.items()})
+        for layer in src.layers:
+            units = cache.shapes[layer][0]
+            b = brackets[layer]
+            counters[layer] = _LayerCounter(units, src.num_concepts, 0, src.device,
+                                            thresholds=b.values() if b.done else None, bracket=b)
+        for prepared in _cached_batches(cache, src.layers, src.device, "count", progress, should_stop):
+            labels = _labels_of(src, prepared)
+            for layer, a in prepared.acts.items():
+                counter = counters[layer]
+                counter.counts.add_area(labels)
+                for offset, up in _chunks(a, src.mask_size):
+                    counter.add(offset, up, labels)
+        results = {}
+        for layer in src.layers:
+            thresholds, counts = counters[layer].finish()
+            counts.top = top[layer]
+            results[layer] = finalize(layer, thresholds, counts, src.concepts, quantile=quantile)
+        return results
+    finally:
+        cache.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def quantile_pass(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layers: Sequence[str],
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    segmenter: Any = None,
+) -> dict[str, QuantileSketch]:
+    """Pass 1 on one shard: a mergeable activation sketch per layer.
+
+    Args:
+        model, dataset, layers, batch_size, device, num_workers, progress,
+        should_stop, segmenter: as for :func:`dissect` (phase ``"quantile"``).
+        indices: the shard's dataset indices (default: all).
+
+    Returns:
+        layer -> :class:`QuantileSketch` of the upsampled activations (on the CPU).
+    """
+    src = _make_source(model, dataset, layers, indices=indices, batch_size=batch_size, device=device,
+                       num_workers=num_workers, segmenter=segmenter)
+    sketches: dict[str, QuantileSketch] = {}
+    for prepared in _forward_batches(src, progress, should_stop, phase="quantile"):
+        assert src.mask_size is not None
+        for layer, a in prepared.acts.items():
+            sketch = sketches.setdefault(layer, QuantileSketch(a.shape[1], device=src.device))
+            for _, up in _chunks(a, src.mask_size):
+                sketch.add_batch(up)
+    return {layer: QuantileSketch.from_state_dict(s.state_dict()) for layer, s in sketches.items()}
+
+
+def refine_pass(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layers: Sequence[str],
+    brackets: dict[str, QuantileBracket],
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    segmenter: Any = None,
+    max_collect: int = 1 << 23,
+) -> dict[str, QuantileRefiner]:
+    """A threshold-refinement pass on one shard (see :func:`resolve_thresholds`).
+
+    Args:
+        brackets: layer -> the merged sketch's bracket (or a refined one); every
+            shard must get the same brackets.
+        max_collect: values the pass may collect (same on every shard).
+        others: as for :func:`quantile_pass` (phase ``"quantile"``).
+
+    Returns:
+        layer -> :class:`QuantileRefiner`; merge the shards' and call ``bracket()``.
+    """
+    todo = [layer for layer in layers if not brackets[layer].done]
+    refiners = {layer: QuantileRefiner(brackets[layer], max_values=max_collect) for layer in todo}
+    if not todo:
+        return refiners
+    src = _make_source(model, dataset, todo, indices=indices, batch_size=batch_size, device=device,
+                       num_workers=num_workers, segmenter=segmenter)
+    for prepared in _forward_batches(src, progress, should_stop, phase="quantile"):
+        assert src.mask_size is not None
+        for layer, a in prepared.acts.items():
+            for _, up in _chunks(a, src.mask_size):
+                refiners[layer].add_batch(up)
+    return refiners
+
+
+def resolve_thresholds(
+    sketches: dict[str, QuantileSketch],
+    quantile: float,
+    refine: Callable[[dict[str, QuantileBracket]], dict[str, QuantileRefiner]],
+) -> dict[str, np.ndarray]:
+    """Exact thresholds from merged sketches, running refinement passes as needed.
+
+    Args:
+        sketches: layer -> merged sketch over all images.
+        quantile: the activation quantile.
+        refine: runs :func:`refine_pass` over all shards for the given brackets
+            and returns the merged refiners.
+
+    Returns:
+        layer -> float64 [U] thresholds (numpy hazen quantiles).
+    """
+    brackets = {layer: s.bracket(quantile) for layer, s in sketches.items()}
+    while not all(b.done for b in brackets.values()):
+        pending = {layer: b for layer, b in brackets.items() if not b.done}
+        refined = refine(pending)
+        brackets.update({layer: refined[layer].bracket() for layer in pending})
+    return {layer: b.values() for layer, b in brackets.items()}
+
+
+def count_pass(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layers: Sequence[str],
+    thresholds: dict[str, np.ndarray | torch.Tensor],
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    segmenter: Any = None,
+    top_k_images: int = 5,
+) -> dict[str, ConceptCounts]:
+    """Pass 2 on one shard: unit x concept counts at given thresholds.
+
+    Args:
+        thresholds: layer -> float [U] thresholds (a pixel is on when a_u > t_u).
+        top_k_images: top images per unit to keep (merged across shards).
+        others: as for :func:`quantile_pass` (phase ``"count"``).
+
+    Returns:
+        layer -> :class:`ConceptCounts` (on the CPU; ``.top`` holds the top images).
+    """
+    src = _make_source(model, dataset, layers, indices=indices, batch_size=batch_size, device=device,
+                       num_workers=num_workers, segmenter=segmenter)
+    counters: dict[str, _LayerCounter] = {}
+    for prepared in _forward_batches(src, progress, should_stop, phase="count"):
+        labels = _labels_of(src, prepared)
+        for layer, a in prepared.acts.items():
+            if layer not in counters:
+                t = np.asarray(torch.as_tensor(thresholds[layer]).cpu().numpy(), dtype=np.float64)
+                if t.shape != (a.shape[1],):
+                    raise DissectError(f"layer {layer!r} has {a.shape[1]} units, got {t.shape} thresholds")
+                counters[layer] = _LayerCounter(a.shape[1], src.num_concepts, top_k_images, src.device,
+                                                thresholds=t)
+            counter = counters[layer]
+            counter.counts.add_area(labels)
+            if counter.counts.top is not None:
+                counter.counts.top.add(a.amax(dim=(2, 3)), prepared.indices.to(src.device))
+            for offset, up in _chunks(a, src.mask_size):
+                counter.add(offset, up, labels)
+    return {layer: ConceptCounts.from_state_dict(c.counts.state_dict()) for layer, c in counters.items()}
+
+
+def finalize(
+    layer: str,
+    thresholds: np.ndarray | torch.Tensor,
+    counts: ConceptCounts,
+    concepts: Sequence[Concept],
+    *,
+    quantile: float = 0.99,
+) -> LayerResult:
+    """Turn merged counts into a :class:`LayerResult`.
+
+    Args:
+        layer: the layer name.
+        thresholds: float [U].
+        counts: the layer's counts over all images.
+        concepts: the concepts (``concepts[i].number == i + 1``).
+        quantile: the quantile the thresholds are at.
+
+    Returns:
+        the result (IoU columns in ``concepts`` order).
+    """
+    t = np.asarray(torch.as_tensor(thresholds).cpu().numpy(), dtype=np.float64)
+    if len(concepts) != counts.num_concepts:
+        raise DissectError(f"{len(concepts)} concepts given, counts hold {counts.num_concepts}")
+    iou = counts.iou()[:, 1:]
+    top_images = np.zeros((counts.units, 0), np.int64)
+    top_values = np.zeros((counts.units, 0), np.float32)
+    if counts.top is not None:
+        top_images = counts.top.indices.cpu().numpy()
+        top_values = counts.top.values.cpu().numpy()
+    return LayerResult(
+        layer=layer,
+        quantile=float(quantile),
+        concepts=list(concepts),
+        thresholds=t,
+        iou=iou,
+        intersection=counts.intersection.cpu().numpy()[:, 1:],
+        act_area=counts.act_area.cpu().numpy(),
+        concept_area=counts.concept_area.cpu().numpy()[1:],
+        top_images=top_images,
+        top_values=top_values,
+        n_images=counts.n_images,
+        n_pixels=counts.n_pixels,
+    )

@@ -1,0 +1,446 @@
+"""Loading classifiers safely, and listing their layers.
+
+Architectures are named by spec: ``torchvision:NAME`` (any torchvision
+classification builder, built with ``weights=None``), ``builtin:NAME``
+(:data:`dissect_core.archs.ARCHS`) or ``torchscript`` (the weights file is a
+TorchScript archive). Weights are read only as ``.safetensors`` or through
+``torch.load(weights_only=True)``: a pickle that would run code is refused, never
+executed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .nethook import get_module, module_names
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LayerInfo",
+    "LoadedModel",
+    "infer_num_classes_from_state_dict",
+    "list_layers",
+    "load_model",
+    "load_state_dict_file",
+    "unwrap_state_dict",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadedModel:
+    """A network ready to dissect.
+
+    Attributes:
+        module: the network in eval mode, on the CPU.
+        arch: the spec it was built from (``torchvision:resnet18``, ``builtin:scenecnn``,
+            ``torchscript``).
+        num_classes: number of output classes (None when unknown, e.g. TorchScript).
+        input_size: (H, W) the network expects.
+        mean: per-channel normalisation mean (RGB, for images scaled to [0, 1]).
+        std: per-channel normalisation std.
+        kind: ``"torchvision"``, ``"builtin"`` or ``"torchscript"``.
+    """
+
+    module: nn.Module
+    arch: str
+    num_classes: int | None
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    kind: str = "torchvision"
+    classes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One layer whose output is a feature map.
+
+    Attributes:
+        name: dotted module name.
+        type: module class name.
+        units: channels of the output.
+        height: output height for the model's input size.
+        width: output width.
+    """
+
+    name: str
+    type: str
+    units: int
+    height: int
+    width: int
+
+
+def _size2(value: int | Sequence[int] | None, default: tuple[int, int]) -> tuple[int, int]:
+    if value is None:
+        return default
+    if isinstance(value, int):
+        return (value, value)
+    h, w = (int(v) for v in value)
+    return (h, w)
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weights file without executing code.
+
+    Args:
+        path: ``.safetensors``, or a ``torch.save`` file (``.pt``, ``.pth``, ``.bin``)
+            read with ``weights_only=True``.
+
+    Returns:
+        the (unwrapped, see :func:`unwrap_state_dict`) state dict.
+
+    Raises:
+        ModelLoadError: missing, truncated, corrupt or code-carrying files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist", path=str(path))
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"weights file {path} is empty", path=str(path))
+    kind = "safetensors" if path.suffix == ".safetensors" else _sniff(path)
+    if kind == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(
+                f"weights file {path} is not a readable safetensors file (truncated or corrupt?): {exc}",
+                path=str(path),
+            ) from None
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ModelLoadError(
+                f"refusing to load {path}: it is not a plain weights file (torch.load with "
+                f"weights_only=True rejected it: {str(exc).splitlines()[0][:300]})",
+                path=str(path),
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
+            raise ModelLoadError(
+                f"weights file {path} is unreadable (truncated or corrupt?): {str(exc).splitlines()[0][:300]}",
+                path=str(path),
+            ) from None
+    return unwrap_state_dict(obj, source=str(path))
+
+
+def unwrap_state_dict(obj: Any, *, source: str = "weights") -> dict[str, torch.Tensor]:
+    """Find the state dict in a checkpoint and strip wrapper prefixes.
+
+    Accepts a bare state dict, a dict holding one under ``state_dict`` /
+    ``model_state_dict`` / ``model`` / ``net`` / ``module``, and keys prefixed by
+    ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile).
+
+    Args:
+        obj: what was loaded.
+        source: names the file in error messages.
+
+    Returns:
+        name -> tensor.
+
+    Raises:
+        ModelLoadError: no state dict found.
+    """
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in _STATE_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, Mapping) or not obj:
+        raise ModelLoadError(f"{source} holds no state dict (found {type(obj).__name__})", path=source)
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ModelLoadError(f"{source} holds no tensors", path=source)
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def infer_num_classes_from_state_dict(state: Mapping[str, torch.Tensor], arch: str | None = None) -> int | None:
+    """Guess the number of classes a state dict was trained for.
+
+    With ``arch`` (``torchvision:NAME`` or ``builtin:NAME``) the architecture is
+    built twice on the meta device with different class counts; the tensors whose
+    shapes follow the class count give it exactly. Without it, the classifier is
+    taken to be the 2-D (or 1x1 conv) weight whose output size feeds no other
+    weight, the last in natural key order.
+
+    Args:
+        state: a (possibly wrapped) state dict.
+        arch: the architecture spec, if known.
+
+    Returns:
+        the number of classes, or None when it cannot be told.
+    """
+    try:
+        state = unwrap_state_dict(state)
+    except ModelLoadError:
+        return None
+    if arch is not None and not arch.startswith("torchscript"):
+        try:
+            build = _builder(arch)
+            with torch.device("meta"):
+                a, b = build(7).state_dict(), build(11).state_dict()
+        except (ModelLoadError, RuntimeError, TypeError, ValueError, NotImplementedError):
+            a, b = {}, {}
+        for key, ta in a.items():
+            tb, ts = b.get(key), state.get(key)
+            if tb is None or ts is None or ta.shape == tb.shape or ta.dim() != ts.dim():
+                continue
+            for i, (da, db) in enumerate(zip(ta.shape, tb.shape)):
+                if (da, db) == (7, 11):
+                    return int(ts.shape[i])
+    weights = [
+        (k, v) for k, v in state.items()
+        if k.endswith("weight") and (v.dim() == 2 or (v.dim() == 4 and tuple(v.shape[2:]) == (1, 1)))
+    ]
+    if not weights:
+        return None
+    inputs = {int(v.shape[1]) for _, v in weights}
+    sinks = [(k, v) for k, v in weights if int(v.shape[0]) not in inputs] or weights
+
+    def natural(key: str) -> list[Any]:
+        return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+    return int(max(sinks, key=lambda kv: natural(kv[0]))[1].shape[0])
+
+
+def _check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {show(mismatched)}")
+        raise ModelLoadError(
+            f"weights {source} do not fit the architecture; " + "; ".join(parts),
+            missing=missing, unexpected=unexpected, mismatched=mismatched,
+        )
+    module.load_state_dict(state, strict=False)
+
+
+def _build_torchvision(name: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise ModelLoadError(
+            f"unknown torchvision classifier {name!r}; known: " + ", ".join(known), arch=f"torchvision:{name}"
+        )
+    builder = torchvision.models.get_model_builder(name)
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    params = inspect.signature(builder).parameters
+    if "aux_logits" in params or name in ("googlenet", "inception_v3"):
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = False
+    try:
+        return builder(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"cannot build torchvision:{name}: {exc}", arch=f"torchvision:{name}") from None
+
+
+def _builder(arch: str) -> Callable[[int], nn.Module]:
+    """The constructor ``num_classes -> module`` of an architecture spec."""
+    scheme, _, name = arch.partition(":")
+    if scheme == "torchvision" and name:
+        return lambda n: _build_torchvision(name, n)
+    if scheme == "builtin" and name:
+        from .archs import ARCHS
+
+        if name not in ARCHS:
+            raise ModelLoadError(
+                f"unknown builtin architecture {name!r}; known: " + ", ".join(f"builtin:{k}" for k in sorted(ARCHS)),
+                arch=arch,
+            )
+        return ARCHS[name]
+    raise ModelLoadError(
+        f"unknown model spec {arch!r}: expected torchvision:NAME, builtin:NAME or torchscript", arch=arch
+    )
+
+
+def load_model(
+    arch: str,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+    *,
+    input_size: int | Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    classes: Sequence[str] | None = None,
+) -> LoadedModel:
+    """Build an architecture and load its weights, safely.
+
+    Args:
+        arch: ``torchvision:NAME``, ``builtin:NAME`` or ``torchscript``.
+        weights: the weights file (required for ``torchscript``; without it the
+            network keeps its random initialisation).
+        num_classes: output classes; inferred from the weights when omitted
+            (torchvision falls back to 1000).
+        input_size: (H, W) or one int; default 224 x 224.
+        mean: normalisation mean, default ImageNet's.
+        std: normalisation std, default ImageNet's.
+        classes: class names, if known.
+
+    Returns:
+        the :class:`LoadedModel` (module in eval mode, on the CPU).
+
+    Raises:
+        ModelLoadError: unknown spec, unreadable or unsafe file, or weights that
+            do not fit (the message names missing, unexpected and mismatched keys).
+    """
+    size = _size2(input_size, (224, 224))
+    mean_t = tuple(float(v) for v in (mean if mean is not None else IMAGENET_MEAN))
+    std_t = tuple(float(v) for v in (std if std is not None else IMAGENET_STD))
+    if len(mean_t) != 3 or len(std_t) != 3 or any(s <= 0 for s in std_t):
+        raise ModelLoadError("mean and std must hold 3 values each, std positive")
+    scheme = arch.partition(":")[0]
+    if scheme == "torchscript":
+        if weights is None:
+            raise ModelLoadError("a torchscript model needs its file as weights")
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelLoadError(f"TorchScript file {path} does not exist", path=str(path))
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise ModelLoadError(
+                f"{path} is not a loadable TorchScript archive: {str(exc).splitlines()[0][:300]}", path=str(path)
+            ) from None
+        module.eval()
+        return LoadedModel(module, "torchscript", num_classes, size, mean_t, std_t, "torchscript",
+                           list(classes or []))
+    build = _builder(arch)
+    state = load_state_dict_file(weights) if weights is not None else None
+    if num_classes is None and state is not None:
+        num_classes = infer_num_classes_from_state_dict(state, arch)
+    if num_classes is None and scheme == "torchvision":
+        num_classes = 1000
+    if num_classes is None:
+        raise ModelLoadError(f"{arch}: give num_classes (no weights to infer it from)", arch=arch)
+    module = build(int(num_classes))
+    kind = scheme
+    if state is not None:
+        _check_and_load(module, state, str(weights))
+    module.eval()
+    return LoadedModel(module, arch, num_classes, size, mean_t, std_t, kind, list(classes or []))
+
+
+def list_layers(model: LoadedModel | nn.Module, input_size: int | Sequence[int] | None = None) -> list[LayerInfo]:
+    """The layers whose output is a 4-D feature map, in execution order.
+
+    Runs one forward pass of a zero image with a hook on every module.
+
+    Args:
+        model: a :class:`LoadedModel` or a bare module.
+        input_size: (H, W) to probe with (default: the model's input size, or 224).
+
+    Returns:
+        one :class:`LayerInfo` per module whose output is a [1, C, h, w] tensor
+        (a module run several times reports its last run).
+
+    Raises:
+        ModelLoadError: the forward pass fails at that input size.
+    """
+    module = model.module if isinstance(model, LoadedModel) else model
+    default = model.input_size if isinstance(model, LoadedModel) else (224, 224)
+    h, w = _size2(input_size, default)
+    x = torch.zeros(1, 3, h, w)
+    names = module_names(module)
+    if isinstance(module, torch.jit.ScriptModule):
+        return _list_script_layers(module, names, x)
+    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+    order: list[str] = []
+    handles = []
+
+    def make_hook(name: str, type_name: str) -> Any:
+        def hook(_: nn.Module, __: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                shapes[name] = (type_name, tuple(output.shape))
+                if name in order:
+                    order.remove(name)
+                order.append(name)
+
+        return hook
+
+    was_training = module.training
+    module.eval()
+    try:
+        for name in names:
+            sub = get_module(module, name)
+            handles.append(sub.register_forward_hook(make_hook(name, type(sub).__name__)))
+        with torch.no_grad():
+            module(x)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"the model does not run on a 1x3x{h}x{w} input: {str(exc).splitlines()[0][:300]}"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        module.train(was_training)
+    return [LayerInfo(n, shapes[n][0], shapes[n][1][1], shapes[n][1][2], shapes[n][1][3]) for n in order]
+
+
+def _list_script_layers(module: torch.jit.ScriptModule, names: list[str], x: torch.Tensor) -> list[LayerInfo]:
+    from .nethook import _script_layers_fn
+
+    fn, kept = _script_layers_fn(module, tuple(names), keep_output=False, clone=False, strict=False)
+    with torch.no_grad():
+        try:
+            values = fn(module._c, x)
+        except RuntimeError as exc:
+            raise ModelLoadError(
+                f"the model does not run on a {tuple(x.shape)} input: {str(exc).splitlines()[0][:300]}"
+            ) from None
+    found = []
+    for name, out in zip(kept, values):
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            sub = get_module(module, name)
+            type_name = getattr(sub, "original_name", type(sub).__name__)
+            found.append(LayerInfo(name, type_name, out.shape[1], out.shape[2], out.shape[3]))
+    return found

@@ -1,0 +1,860 @@
+"""Per-unit streaming quantiles: a mergeable sketch plus an exact refinement.
+
+The dissection threshold of a unit is numpy's ``method="hazen"`` quantile of its
+upsampled activations over every pixel of every image. That is computed in two
+steps, both streaming, vectorised over units and mergeable across shards:
+
+1. :class:`QuantileSketch`, a DDSketch-style histogram per unit. Every float32
+   value is put in a bucket by its bit pattern: sign, exponent and the top
+   ``mantissa_bits`` (m) bits of the mantissa. A bucket spans a relative width of
+   at most ``2**-m``, so reading a rank off the histogram (bucket midpoint) has a
+   relative value error of at most ``alpha = 2**-(m+1)`` (m = 8: alpha ~ 0.002)
+   for normal floats; exact zeros have a bucket of their own, negatives a mirrored
+   store. Memory is bounded: each store keeps ``max_buckets`` buckets per unit
+   below the largest magnitude seen and collapses smaller magnitudes into its
+   lowest bucket (only low quantiles lose accuracy; the window moves in steps of
+   ``max_buckets // 4``, so it always spans at least 3/4 of that below the
+   largest bucket). Updates are one ``bincount``
+   over ``unit * width + bucket``, with no sort. Shards merge exactly: the window
+   depends only on the largest value seen, and histograms add.
+2. :class:`QuantileRefiner`, the exact refinement. The sketch's :meth:`bracket`
+   names, per unit, the range of keys holding the two order statistics that the
+   hazen rule interpolates, and how many values lie below it. A second pass over
+   the same data collects the values inside that range (or, where a range is too
+   crowded for the memory budget, histograms it again at a finer resolution) and
+   returns the exact order statistics, so the quantile equals
+   ``np.quantile(values.astype(np.float64), q, method="hazen")`` bit for bit.
+
+Values are compared through an order-preserving int32 key of their float32 bits
+(:func:`float_keys`), so brackets are exact integer ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "QuantileBracket",
+    "QuantileRefiner",
+    "QuantileSketch",
+    "exact_quantiles",
+    "float_keys",
+    "hazen_lerp",
+    "hazen_ranks",
+    "keys_to_float",
+]
+
+_ABS_MASK = 0x7FFFFFFF
+_INF_KEY = 0x7F800000
+
+
+def float_keys(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving integer keys of float32 values.
+
+    Args:
+        x: float tensor of any shape (converted to float32); must not hold NaN.
+
+    Returns:
+        int32 tensor of x's shape with ``key(a) < key(b)`` iff ``a < b``
+        (-0.0 and +0.0 share key 0).
+    """
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    return torch.where(bits < 0, -(bits & _ABS_MASK), bits)
+
+
+def keys_to_float(keys: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`float_keys`.
+
+    Args:
+        keys: integer array of keys (any shape); magnitudes are clipped to +-inf.
+
+    Returns:
+        float32 array of the same shape.
+    """
+    k = np.asarray(keys, dtype=np.int64)
+    mag = np.minimum(np.abs(k), _INF_KEY)
+    bits = np.where(k < 0, mag | 0x80000000, mag).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def hazen_ranks(n: int, q: float) -> tuple[int, int, float]:
+    """The two order statistics and the weight numpy's hazen quantile interpolates.
+
+    Args:
+        n: number of values (> 0).
+        q: quantile in [0, 1].
+
+    Returns:
+        (lo, hi, gamma): 0-based ranks and the weight such that the quantile is
+        ``hazen_lerp(sorted[lo], sorted[hi], gamma)``, exactly as numpy computes it.
+    """
+    if n <= 0:
+        raise ValueError("quantile of an empty set of values")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must lie in [0, 1], got {q}")
+    virtual = n * q + (0.5 + q * (1 - 0.5 - 0.5)) - 1
+    prev = float(math.floor(virtual))
+    lo, hi = int(prev), int(prev) + 1
+    if virtual >= n - 1:
+        lo, hi, prev = n - 1, n - 1, -1.0
+    if virtual < 0:
+        lo, hi, prev = 0, 0, 0.0
+    return lo, hi, float(np.float64(virtual) - np.float64(prev))
+
+
+def hazen_lerp(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
+    """numpy's quantile interpolation between two order statistics, in float64.
+
+    Args:
+        a: array [U] of the lower order statistics.
+        b: array [U] of the upper order statistics.
+        gamma: weight from :func:`hazen_ranks`.
+
+    Returns:
+        float64 array [U].
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    diff = b - a
+    if gamma >= 0.5:
+        return b - diff * (1 - gamma)
+    return a + diff * gamma
+
+
+def _as_units_last(x: torch.Tensor, batched: bool) -> torch.Tensor:
+    if batched:
+        if x.dim() < 2:
+            raise ValueError(f"expected [B, U, ...], got shape {tuple(x.shape)}")
+        return x.reshape(x.shape[0], x.shape[1], -1)
+    if x.dim() != 2:
+        raise ValueError(f"expected [U, N], got shape {tuple(x.shape)}")
+    return x.unsqueeze(0)
+
+
+def _rebase(counts: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Shift each row down by delta[u] >= 0 columns, collapsing into column 0."""
+    width = counts.shape[1]
+    cols = torch.arange(width, device=counts.device)
+    src = cols[None, :] + delta[:, None]
+    moved = torch.gather(counts, 1, src.clamp(max=width - 1)) * (src < width)
+    csum = torch.cumsum(counts, dim=1)
+    moved[:, 0] = torch.gather(csum, 1, delta.clamp(max=width - 1)[:, None])[:, 0]
+    return moved
+
+
+class QuantileSketch:
+    """Mergeable per-unit histogram sketch of float32 values (see module docstring).
+
+    Args:
+        units: number of units U.
+        mantissa_bits: m, mantissa bits kept per bucket (relative error 2**-(m+1)).
+        max_buckets: W, buckets kept per sign and unit.
+        floor: optional float [U]; values <= floor[u] are only counted (in one
+            lowest bucket per unit), not histogrammed. When the quantile of
+            interest lies well above the floor this skips most of the work; if it
+            does not, the bracket covers the floor bucket and refinement still
+            finds the exact value. Sketches merge only with equal floors.
+        device: where the histograms live (default: the device of the first data).
+    """
+
+    def __init__(
+        self,
+        units: int,
+        *,
+        mantissa_bits: int = 8,
+        max_buckets: int = 4096,
+        floor: torch.Tensor | np.ndarray | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not 0 <= mantissa_bits <= 23:
+            raise ValueError("mantissa_bits must lie in [0, 23]")
+        if max_buckets < 2:
+            raise ValueError("max_buckets must be at least 2")
+        self.units = int(units)
+        self.mantissa_bits = int(mantissa_bits)
+        self.max_buckets = int(max_buckets)
+        self.shift = 23 - self.mantissa_bits
+        self.n = 0
+        self.device = torch.device(device) if device is not None else None
+        self.floor: torch.Tensor | None = None
+        if floor is not None:
+            self.floor = torch.as_tensor(np.asarray(torch.as_tensor(floor).cpu(), dtype=np.float32))
+            if self.floor.shape != (self.units,):
+                raise ValueError(f"floor must have shape ({self.units},), got {tuple(self.floor.shape)}")
+        self.zeros: torch.Tensor | None = None
+        self.floor_count: torch.Tensor | None = None
+        self.key_min: torch.Tensor | None = None
+        self.key_max: torch.Tensor | None = None
+        self.stores: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def finite(self) -> bool:
+        """False when any value added was infinite or NaN."""
+        if self.key_max is None or self.key_min is None:
+            return True
+        return bool((self.key_max < _INF_KEY).all()) and bool((self.key_min > -_INF_KEY).all())
+
+    @property
+    def alpha(self) -> float:
+        """Relative value error bound of :meth:`quantile` for normal floats."""
+        return 2.0 ** -(self.mantissa_bits + 1)
+
+    def _init(self, device: torch.device) -> None:
+        if self.device is None:
+            self.device = device
+        if self.zeros is None:
+            self.zeros = torch.zeros(self.units, dtype=torch.int64, device=self.device)
+            self.floor_count = torch.zeros(self.units, dtype=torch.int64, device=self.device)
+            self.key_min = torch.full((self.units,), 1 << 40, dtype=torch.int64, device=self.device)
+            self.key_max = torch.full((self.units,), -(1 << 40), dtype=torch.int64, device=self.device)
+        if self.floor is not None:
+            self.floor = self.floor.to(self.device)
+
+    def _store(self, sign: str) -> dict[str, torch.Tensor]:
+        if sign not in self.stores:
+            self.stores[sign] = {
+                "counts": torch.zeros(self.units, self.max_buckets, dtype=torch.int64, device=self.device),
+                "offset": torch.zeros(self.units, dtype=torch.int64, device=self.device),
+                "max": torch.full((self.units,), -1, dtype=torch.int64, device=self.device),
+            }
+        return self.stores[sign]
+
+    def _raise_max(self, sign: str, new_max: torch.Tensor) -> None:
+        store = self._store(sign)
+        top = torch.maximum(store["max"], new_max.to(torch.int64))
+        grain = max(1, self.max_buckets // 4)
+        offset = -torch.div(-(top - self.max_buckets + 1).clamp(min=0), grain, rounding_mode="floor") * grain
+        delta = offset - store["offset"]
+        if bool((delta != 0).any()):
+            store["counts"] = _rebase(store["counts"], delta)
+        store["offset"] = offset
+        store["max"] = top
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add values.
+
+        Args:
+            x: float tensor [U, N]: N values for each unit (no NaN).
+        """
+        self._add(_as_units_last(x, batched=False))
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add feature maps.
+
+        Args:
+            x: float tensor [B, U, ...]: every element of x[:, u] is a value of unit u.
+        """
+        self._add(_as_units_last(x, batched=True))
+
+    def _add(self, x: torch.Tensor) -> None:
+        if x.shape[1] != self.units:
+            raise ValueError(f"sketch has {self.units} units, data has {x.shape[1]}")
+        if x.numel() == 0:
+            return
+        self._init(x.device)
+        x = x.to(device=self.device, dtype=torch.float32).contiguous()
+        assert self.key_min is not None and self.key_max is not None and self.zeros is not None
+        if self.floor is not None:
+            self._extremes(float_keys(x.amin(dim=(0, 2))), float_keys(x.amax(dim=(0, 2))))
+            a_i, u_i, p_i = (x > self.floor[None, :, None]).nonzero(as_tuple=True)
+            assert self.floor_count is not None
+            self.floor_count += x.shape[0] * x.shape[2] - torch.bincount(u_i, minlength=self.units)
+            self._add_pairs(u_i, x[a_i, u_i, p_i])
+            self.n += x.shape[0] * x.shape[2]
+            return
+        bits = x.view(torch.int32)
+        w = self.max_buckets
+        s = self.shift
+        bits_min = bits.amin(dim=(0, 2))
+        has_neg = bool((bits_min < 0).any())
+        unit = torch.arange(self.units, device=self.device, dtype=torch.int64)
+        if not has_neg:
+            bits_max = bits.amax(dim=(0, 2))
+            self._extremes(bits_min, bits_max)
+            self._raise_max("pos", bits_max >> s)
+            pos = self.stores["pos"]
+            idx = bits >> s
+            idx += (1 - pos["offset"]).to(torch.int32)[None, :, None]
+            torch.maximum(idx, torch.ones((), dtype=torch.int32, device=self.device), out=idx)
+            idx.mul_(bits.clamp(max=1))
+            idx += (unit * (w + 1)).to(torch.int32)[None, :, None]
+            hist = torch.bincount(idx.view(-1), minlength=self.units * (w + 1)).view(self.units, w + 1)
+            self.zeros += hist[:, 0]
+            pos["counts"] += hist[:, 1:]
+        else:
+            key = torch.where(bits < 0, -(bits & _ABS_MASK), bits)
+            mag = (bits & _ABS_MASK) >> s
+            kmin = key.amin(dim=(0, 2))
+            kmax = key.amax(dim=(0, 2))
+            self._extremes(kmin, kmax)
+            self._raise_max("pos", torch.where(kmax > 0, kmax >> s, -1))
+            self._raise_max("neg", torch.where(kmin < 0, (-kmin) >> s, -1))
+            pos, neg = self.stores["pos"], self.stores["neg"]
+            base = (unit * (2 * w + 1)).to(torch.int32)[None, :, None]
+            pos_col = base + (w + 1) + (mag - pos["offset"].to(torch.int32)[None, :, None]).clamp(min=0)
+            neg_col = base + (w - 1) - (mag - neg["offset"].to(torch.int32)[None, :, None]).clamp(min=0)
+            idx = torch.where(key > 0, pos_col, torch.where(key < 0, neg_col, base + w))
+            hist = torch.bincount(idx.view(-1), minlength=self.units * (2 * w + 1)).view(self.units, 2 * w + 1)
+            self.zeros += hist[:, w]
+            pos["counts"] += hist[:, w + 1:]
+            neg["counts"] += hist[:, :w].flip(1)
+        self.n += x.shape[0] * x.shape[2]
+
+    def _extremes(self, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
+        assert self.key_min is not None and self.key_max is not None
+        self.key_min = torch.minimum(self.key_min, kmin.to(torch.int64))
+        self.key_max = torch.maximum(self.key_max, kmax.to(torch.int64))
+
+    def _add_pairs(self, units: torch.Tensor, values: torch.Tensor) -> None:
+        """Histogram values given with their units (int64 [M], float32 [M])."""
+        assert self.zeros is not None
+        key = float_keys(values)
+        zero = key == 0
+        self.zeros += torch.bincount(units[zero], minlength=self.units)
+        w = self.max_buckets
+        for sign, mask, mag in (("pos", key > 0, key), ("neg", key < 0, -key)):
+            if not bool(mask.any()) and sign not in self.stores:
+                continue
+            uu = units[mask]
+            bucket = (mag[mask] >> self.shift).to(torch.int64)
+            top = torch.full((self.units,), -1, dtype=torch.int64, device=self.device)
+            top.scatter_reduce_(0, uu, bucket, reduce="amax")
+            self._raise_max(sign, top)
+            store = self.stores[sign]
+            col = (bucket - store["offset"][uu]).clamp(min=0)
+            store["counts"] = store["counts"].contiguous()
+            store["counts"].view(-1).add_(torch.bincount(uu * w + col, minlength=self.units * w))
+
+    def merge(self, other: QuantileSketch) -> QuantileSketch:
+        """Add another sketch's data into this one (in place).
+
+        Args:
+            other: a sketch with the same units, mantissa_bits and max_buckets.
+
+        Returns:
+            self.
+        """
+        if (other.units, other.mantissa_bits, other.max_buckets) != (
+            self.units, self.mantissa_bits, self.max_buckets
+        ):
+            raise ValueError("cannot merge sketches with different shapes or resolutions")
+        if (self.floor is None) != (other.floor is None) or (
+            self.floor is not None and not torch.equal(self.floor.cpu(), other.floor.cpu())
+        ):
+            raise ValueError("cannot merge sketches with different floors")
+        if other.zeros is None:
+            return self
+        self._init(other.zeros.device)
+        assert self.floor_count is not None and self.key_min is not None and self.key_max is not None
+        self.zeros += other.zeros.to(self.device)
+        self.floor_count += other.floor_count.to(self.device)
+        self.key_min = torch.minimum(self.key_min, other.key_min.to(self.device))
+        self.key_max = torch.maximum(self.key_max, other.key_max.to(self.device))
+        for sign, ostore in other.stores.items():
+            self._raise_max(sign, ostore["max"].to(self.device))
+            store = self.stores[sign]
+            ocounts = ostore["counts"].to(self.device)
+            delta = store["offset"] - ostore["offset"].to(self.device)
+            store["counts"] += _rebase(ocounts, delta) if bool((delta != 0).any()) else ocounts
+        self.n += other.n
+        return self
+
+    def _ordered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Value-ordered counts [U, L] and, per column, its inclusive key range [U, L]."""
+        w, s = self.max_buckets, self.shift
+        assert self.zeros is not None and self.key_min is not None and self.key_max is not None
+        dev = self.device
+        cols = torch.arange(w, device=dev, dtype=torch.int64)
+        parts_counts, parts_lo, parts_hi = [], [], []
+        if self.floor is not None:
+            assert self.floor_count is not None
+            floor_key = float_keys(self.floor).to(torch.int64)
+            parts_counts.append(self.floor_count[:, None])
+            parts_lo.append(self.key_min[:, None])
+            parts_hi.append(floor_key[:, None])
+
+        def mag_range(store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            bucket = store["offset"][:, None] + cols[None, :]
+            lo = (bucket << s).clamp(min=1)
+            lo[:, 0] = 1
+            hi = ((bucket + 1) << s) - 1
+            return lo, hi
+
+        if "neg" in self.stores:
+            neg = self.stores["neg"]
+            lo, hi = mag_range(neg)
+            parts_counts.append(neg["counts"].flip(1))
+            parts_lo.append((-hi).flip(1))
+            parts_hi.append((-lo).flip(1))
+        else:
+            zeros = torch.zeros(self.units, w, dtype=torch.int64, device=dev)
+            parts_counts.append(zeros)
+            parts_lo.append(zeros - 1)
+            parts_hi.append(zeros - 1)
+        parts_counts.append(self.zeros[:, None])
+        parts_lo.append(torch.zeros(self.units, 1, dtype=torch.int64, device=dev))
+        parts_hi.append(torch.zeros(self.units, 1, dtype=torch.int64, device=dev))
+        if "pos" in self.stores:
+            pos = self.stores["pos"]
+            lo, hi = mag_range(pos)
+            parts_counts.append(pos["counts"])
+            parts_lo.append(lo)
+            parts_hi.append(hi)
+        else:
+            ones = torch.ones(self.units, w, dtype=torch.int64, device=dev)
+            parts_counts.append(ones - 1)
+            parts_lo.append(ones)
+            parts_hi.append(ones)
+        counts, lo, hi = torch.cat(parts_counts, 1), torch.cat(parts_lo, 1), torch.cat(parts_hi, 1)
+        if self.floor is not None:
+            lo[:, 1:] = torch.maximum(lo[:, 1:], floor_key[:, None] + 1)
+        lo = torch.maximum(lo, self.key_min[:, None])
+        hi = torch.minimum(hi, self.key_max[:, None])
+        return counts, lo, hi
+
+    def bracket(self, q: float) -> QuantileBracket:
+        """The key ranges that hold the order statistics of the q-quantile.
+
+        Args:
+            q: quantile in [0, 1].
+
+        Returns:
+            a :class:`QuantileBracket` for :class:`QuantileRefiner` (already
+            resolved for units whose statistics fall in a single-value bucket,
+            such as exact zeros).
+        """
+        if self.n == 0 or self.zeros is None:
+            raise ValueError("quantile of an empty sketch")
+        lo_rank, hi_rank, gamma = hazen_ranks(self.n, q)
+        counts, key_lo, key_hi = self._ordered()
+        csum = torch.cumsum(counts, dim=1)
+        ranks = torch.tensor([lo_rank, hi_rank], dtype=torch.int64, device=csum.device)
+        col = torch.searchsorted(csum, ranks[None, :].expand(self.units, 2).contiguous(), right=True)
+        col = col.clamp(max=csum.shape[1] - 1)
+        below = torch.where(col > 0, torch.gather(csum, 1, (col - 1).clamp(min=0)), torch.zeros_like(col))
+        inside = torch.gather(counts, 1, col)
+        return QuantileBracket(
+            q=float(q),
+            n=int(self.n),
+            ranks=np.array([lo_rank, hi_rank], dtype=np.int64),
+            gamma=gamma,
+            key_lo=torch.gather(key_lo, 1, col).t().cpu().numpy(),
+            key_hi=torch.gather(key_hi, 1, col).t().cpu().numpy(),
+            below=below.t().cpu().numpy(),
+            inside=inside.t().cpu().numpy(),
+        )
+
+    def quantile(self, q: float) -> torch.Tensor:
+        """Approximate q-quantile of each unit from the sketch alone.
+
+        The two order statistics are read as bucket midpoints (exact for the zero
+        bucket), so ``|result - exact| <= alpha * max(|x_lo|, |x_hi|)`` for normal
+        floats outside the collapsed lowest buckets; use :class:`QuantileRefiner`
+        for the exact value.
+
+        Args:
+            q: quantile in [0, 1].
+
+        Returns:
+            float64 tensor [U] (on the CPU).
+        """
+        return torch.from_numpy(self.bracket(q).estimate())
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Plain numpy arrays (see :meth:`from_state_dict`)."""
+        state: dict[str, np.ndarray] = {
+            "units": np.array(self.units, dtype=np.int64),
+            "mantissa_bits": np.array(self.mantissa_bits, dtype=np.int64),
+            "max_buckets": np.array(self.max_buckets, dtype=np.int64),
+            "n": np.array(self.n, dtype=np.int64),
+        }
+        if self.floor is not None:
+            state["floor"] = self.floor.cpu().numpy().copy()
+        if self.zeros is not None:
+            for name in ("zeros", "floor_count", "key_min", "key_max"):
+                state[name] = getattr(self, name).cpu().numpy().copy()
+        for sign, store in self.stores.items():
+            for name, value in store.items():
+                state[f"{sign}_{name}"] = value.cpu().numpy().copy()
+        return state
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, np.ndarray], device: torch.device | str | None = None
+    ) -> QuantileSketch:
+        """Rebuild a sketch from :meth:`state_dict`.
+
+        Args:
+            state: the arrays.
+            device: where to put the histograms (default CPU).
+
+        Returns:
+            the sketch.
+        """
+        sketch = cls(
+            int(state["units"]),
+            mantissa_bits=int(state["mantissa_bits"]),
+            max_buckets=int(state["max_buckets"]),
+            floor=state.get("floor"),
+            device=device or "cpu",
+        )
+        sketch.n = int(state["n"])
+        if "zeros" in state:
+            for name in ("zeros", "floor_count", "key_min", "key_max"):
+                setattr(sketch, name, torch.as_tensor(np.asarray(state[name], dtype=np.int64), device=sketch.device))
+            if sketch.floor is not None:
+                sketch.floor = sketch.floor.to(sketch.device)
+        for sign in ("pos", "neg"):
+            if f"{sign}_counts" in state:
+                sketch.stores[sign] = {
+                    name: torch.as_tensor(np.asarray(state[f"{sign}_{name}"]), device=sketch.device)
+                    for name in ("counts", "offset", "max")
+                }
+        return sketch
+
+
+@dataclass
+class QuantileBracket:
+    """Where the two order statistics of a hazen quantile lie, per unit.
+
+    Row 0 is the lower statistic (0-based rank ``ranks[0]``), row 1 the upper.
+
+    Attributes:
+        q: the quantile.
+        n: number of values per unit.
+        ranks: int64 [2], 0-based ranks of the two order statistics.
+        gamma: interpolation weight (see :func:`hazen_ranks`).
+        key_lo: int64 [2, U], smallest key the statistic may have.
+        key_hi: int64 [2, U], largest key (inclusive); equal to key_lo once resolved.
+        below: int64 [2, U], number of values with key < key_lo.
+        inside: int64 [2, U], number of values with key_lo <= key <= key_hi.
+    """
+
+    q: float
+    n: int
+    ranks: np.ndarray
+    gamma: float
+    key_lo: np.ndarray
+    key_hi: np.ndarray
+    below: np.ndarray
+    inside: np.ndarray
+
+    @property
+    def resolved(self) -> np.ndarray:
+        """bool [2, U]: whether each statistic is known exactly."""
+        return self.key_lo == self.key_hi
+
+    @property
+    def done(self) -> bool:
+        """True when every statistic of every unit is known."""
+        return bool(self.resolved.all())
+
+    def values(self) -> np.ndarray:
+        """The exact hazen quantiles.
+
+        Returns:
+            float64 array [U].
+        """
+        if not self.done:
+            raise ValueError("bracket is not resolved: run a QuantileRefiner pass")
+        stats = keys_to_float(self.key_lo)
+        return hazen_lerp(stats[0], stats[1], self.gamma)
+
+    def estimate(self) -> np.ndarray:
+        """The quantiles with unresolved statistics read as bucket midpoints.
+
+        Returns:
+            float64 array [U].
+        """
+        lo = keys_to_float(self.key_lo).astype(np.float64)
+        hi = keys_to_float(self.key_hi).astype(np.float64)
+        mid = np.where(self.resolved, lo, lo / 2 + hi / 2)
+        return hazen_lerp(mid[0], mid[1], self.gamma)
+
+    def same(self, other: QuantileBracket) -> bool:
+        """Whether two brackets describe the same refinement round."""
+        return (
+            self.q == other.q and self.n == other.n
+            and np.array_equal(self.key_lo, other.key_lo) and np.array_equal(self.key_hi, other.key_hi)
+            and np.array_equal(self.below, other.below)
+        )
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Plain numpy arrays (see :meth:`from_state_dict`)."""
+        return {
+            "q": np.array(self.q, dtype=np.float64), "n": np.array(self.n, dtype=np.int64),
+            "ranks": self.ranks, "gamma": np.array(self.gamma, dtype=np.float64),
+            "key_lo": self.key_lo, "key_hi": self.key_hi, "below": self.below, "inside": self.inside,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray]) -> QuantileBracket:
+        """Rebuild a bracket from :meth:`state_dict`."""
+        return cls(
+            q=float(state["q"]), n=int(state["n"]), ranks=np.asarray(state["ranks"], np.int64),
+            gamma=float(state["gamma"]),
+            key_lo=np.asarray(state["key_lo"], np.int64), key_hi=np.asarray(state["key_hi"], np.int64),
+            below=np.asarray(state["below"], np.int64), inside=np.asarray(state["inside"], np.int64),
+        )
+
+
+_RESOLVED, _COLLECT, _NARROW = 0, 1, 2
+
+
+class QuantileRefiner:
+    """One exact refinement pass over the same values a sketch saw.
+
+    Statistics whose bracket holds few values are collected exactly; the rest
+    (within the ``max_values`` budget) are histogrammed into ``bins`` finer
+    sub-ranges. :meth:`bracket` then returns a narrower bracket, resolved for all
+    collected statistics; repeat passes until ``bracket().done``. Each narrowing
+    divides a range by ``bins``, so a 32-bit key range resolves in a few passes.
+
+    Args:
+        bracket: from :meth:`QuantileSketch.bracket` or a previous refiner.
+        max_values: how many values a pass may collect in memory.
+        bins: sub-ranges per crowded statistic.
+    """
+
+    def __init__(self, bracket: QuantileBracket, *, max_values: int = 1 << 23, bins: int = 4096) -> None:
+        self.start = bracket
+        self.bins = int(bins)
+        self.max_values = int(max_values)
+        units = bracket.key_lo.shape[1]
+        self.units = units
+        mode = np.where(bracket.resolved, _RESOLVED, _NARROW)
+        shared = bracket.key_lo[0] == bracket.key_lo[1]
+        cost = np.where(shared, bracket.inside[0], bracket.inside[0] + bracket.inside[1])
+        unresolved = ~bracket.resolved.all(axis=0)
+        order = np.argsort(np.where(unresolved, cost, 0), kind="stable")
+        budget = self.max_values
+        for u in order:
+            if not unresolved[u]:
+                continue
+            if cost[u] > budget:
+                break
+            budget -= int(cost[u])
+            mode[:, u] = np.where(bracket.resolved[:, u], _RESOLVED, _COLLECT)
+        self.mode = mode
+        width = bracket.key_hi - bracket.key_lo + 1
+        bits = np.array([[int(v).bit_length() for v in row] for row in (width - 1)], dtype=np.int64)
+        self.shift = np.maximum(bits - int(math.log2(self.bins)), 0) if self.bins > 1 else bits
+        self.collected_units: list[np.ndarray] = []
+        self.collected_keys: list[np.ndarray] = []
+        self.hist: torch.Tensor | None = None
+        self._dev: dict[str, torch.Tensor] = {}
+        self._device: torch.device | None = None
+
+    def _tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if self._device != device:
+            b = self.start
+            collect = self.mode == _COLLECT
+            lo = np.where(collect, b.key_lo, 1)
+            hi = np.where(collect, b.key_hi, 0)
+            narrow = self.mode == _NARROW
+            lo = np.clip(lo, -_ABS_MASK, _ABS_MASK).astype(np.int32)
+            hi = np.clip(hi, -_ABS_MASK, _ABS_MASK).astype(np.int32)
+            self._dev = {
+                "c_lo0": torch.as_tensor(lo[0], device=device), "c_hi0": torch.as_tensor(hi[0], device=device),
+                "c_lo1": torch.as_tensor(lo[1], device=device), "c_hi1": torch.as_tensor(hi[1], device=device),
+                "n_lo": torch.as_tensor(np.where(narrow, b.key_lo, 1), device=device),
+                "n_hi": torch.as_tensor(np.where(narrow, b.key_hi, 0), device=device),
+                "shift": torch.as_tensor(self.shift, device=device),
+            }
+            self._device = device
+        return self._dev
+
+    @property
+    def collecting(self) -> bool:
+        """Whether any statistic is collected in this pass."""
+        return bool((self.mode == _COLLECT).any())
+
+    @property
+    def narrowing(self) -> bool:
+        """Whether any statistic is histogrammed in this pass."""
+        return bool((self.mode == _NARROW).any())
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add values (the same values, in any order and sharding, that the sketch saw).
+
+        Args:
+            x: float tensor [U, N].
+        """
+        self._add(_as_units_last(x, batched=False))
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add feature maps.
+
+        Args:
+            x: float tensor [B, U, ...].
+        """
+        self._add(_as_units_last(x, batched=True))
+
+    def _add(self, x: torch.Tensor) -> None:
+        if x.shape[1] != self.units:
+            raise ValueError(f"refiner has {self.units} units, data has {x.shape[1]}")
+        if x.numel() == 0 or (not self.collecting and not self.narrowing):
+            return
+        t = self._tensors(x.device)
+        key = float_keys(x)
+        if self.collecting:
+            lo0, hi0 = t["c_lo0"][None, :, None], t["c_hi0"][None, :, None]
+            lo1, hi1 = t["c_lo1"][None, :, None], t["c_hi1"][None, :, None]
+            mask = ((key >= lo0) & (key <= hi0)) | ((key >= lo1) & (key <= hi1))
+            self.add_collected(key, mask)
+        if self.narrowing:
+            rows = []
+            key = key.to(torch.int64)
+            for stat in (0, 1):
+                lo = t["n_lo"][stat][None, :, None]
+                hi = t["n_hi"][stat][None, :, None]
+                mask = (key >= lo) & (key <= hi)
+                sub = (key - lo) >> t["shift"][stat][None, :, None]
+                unit = torch.arange(self.units, device=key.device)[None, :, None].expand_as(key)
+                rows.append(((stat * self.units + unit) * self.bins + sub)[mask])
+            flat = torch.cat(rows)
+            hist = torch.bincount(flat, minlength=2 * self.units * self.bins).view(2, self.units, self.bins)
+            self.hist = hist if self.hist is None else self.hist + hist.to(self.hist.device)
+
+    def add_collected(self, key: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add already-keyed values that lie in the collected ranges (used by the engine).
+
+        Args:
+            key: int tensor [A, U, P] of :func:`float_keys`.
+            mask: bool tensor [A, U, P], True exactly where a key lies in a
+                collected range of its unit.
+        """
+        unit = torch.arange(self.units, device=key.device)[None, :, None].expand_as(key)
+        self.collected_units.append(unit[mask].to(torch.int32).cpu().numpy())
+        self.collected_keys.append(key[mask].to(torch.int32).cpu().numpy())
+
+    def collect_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Key ranges collected in this pass.
+
+        Returns:
+            (lo, hi): int64 arrays [2, U]; an empty range is lo = 1, hi = 0.
+        """
+        collect = self.mode == _COLLECT
+        return np.where(collect, self.start.key_lo, 1), np.where(collect, self.start.key_hi, 0)
+
+    def merge(self, other: QuantileRefiner) -> QuantileRefiner:
+        """Add another shard's pass into this one (in place).
+
+        Args:
+            other: a refiner built from the same bracket.
+
+        Returns:
+            self.
+        """
+        if not self.start.same(other.start) or not np.array_equal(self.mode, other.mode):
+            raise ValueError("cannot merge refiners of different brackets")
+        self.collected_units.extend(other.collected_units)
+        self.collected_keys.extend(other.collected_keys)
+        if other.hist is not None:
+            self.hist = other.hist.clone() if self.hist is None else self.hist + other.hist.to(self.hist.device)
+        return self
+
+    def bracket(self) -> QuantileBracket:
+        """The bracket after this pass.
+
+        Returns:
+            a bracket with every collected statistic resolved and every
+            histogrammed one narrowed.
+        """
+        b = self.start
+        key_lo, key_hi = b.key_lo.copy(), b.key_hi.copy()
+        below, inside = b.below.copy(), b.inside.copy()
+        if self.collecting:
+            units = np.concatenate(self.collected_units) if self.collected_units else np.zeros(0, np.int32)
+            keys = np.concatenate(self.collected_keys) if self.collected_keys else np.zeros(0, np.int32)
+            order = np.lexsort((keys, units))
+            units, keys = units[order].astype(np.int64), keys[order].astype(np.int64)
+            starts = np.searchsorted(units, np.arange(self.units + 1))
+            for stat, u in zip(*np.nonzero(self.mode == _COLLECT)):
+                seg = keys[starts[u]:starts[u + 1]]
+                first = np.searchsorted(seg, b.key_lo[stat, u], side="left")
+                last = np.searchsorted(seg, b.key_hi[stat, u], side="right")
+                if last - first != b.inside[stat, u]:
+                    raise RuntimeError(
+                        f"unit {u}: the refinement pass saw {last - first} values in the bracket, "
+                        f"the sketch {b.inside[stat, u]}: the data changed between passes"
+                    )
+                value = seg[first + b.ranks[stat] - b.below[stat, u]]
+                key_lo[stat, u] = key_hi[stat, u] = value
+                below[stat, u] = b.below[stat, u] + np.searchsorted(seg[first:last], value, side="left")
+                inside[stat, u] = np.count_nonzero(seg[first:last] == value)
+        if self.narrowing:
+            assert self.hist is not None or not (self.mode == _NARROW).any()
+            hist = self.hist.cpu().numpy() if self.hist is not None else np.zeros((2, self.units, self.bins), np.int64)
+            for stat, u in zip(*np.nonzero(self.mode == _NARROW)):
+                h = hist[stat, u]
+                if h.sum() != b.inside[stat, u]:
+                    raise RuntimeError(
+                        f"unit {u}: the refinement pass saw {h.sum()} values in the bracket, "
+                        f"the sketch {b.inside[stat, u]}: the data changed between passes"
+                    )
+                csum = np.cumsum(h)
+                target = b.ranks[stat] - b.below[stat, u]
+                j = int(np.searchsorted(csum, target, side="right"))
+                sh = int(self.shift[stat, u])
+                lo = b.key_lo[stat, u] + (j << sh)
+                hi = min(b.key_hi[stat, u], b.key_lo[stat, u] + ((j + 1) << sh) - 1)
+                key_lo[stat, u], key_hi[stat, u] = lo, hi
+                below[stat, u] = b.below[stat, u] + (csum[j - 1] if j > 0 else 0)
+                inside[stat, u] = h[j]
+        return QuantileBracket(
+            q=b.q, n=b.n, ranks=b.ranks, gamma=b.gamma, key_lo=key_lo, key_hi=key_hi, below=below, inside=inside
+        )
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Plain numpy arrays (see :meth:`from_state_dict`)."""
+        state = {f"bracket_{k}": v for k, v in self.start.state_dict().items()}
+        state["max_values"] = np.array(self.max_values, dtype=np.int64)
+        state["bins"] = np.array(self.bins, dtype=np.int64)
+        state["collected_units"] = (
+            np.concatenate(self.collected_units) if self.collected_units else np.zeros(0, np.int32)
+        )
+        state["collected_keys"] = (
+            np.concatenate(self.collected_keys) if self.collected_keys else np.zeros(0, np.int32)
+        )
+        if self.hist is not None:
+            state["hist"] = self.hist.cpu().numpy().copy()
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray]) -> QuantileRefiner:
+        """Rebuild a refiner from :meth:`state_dict`."""
+        bracket = QuantileBracket.from_state_dict(
+            {k[len("bracket_"):]: v for k, v in state.items() if k.startswith("bracket_")}
+        )
+        refiner = cls(bracket, max_values=int(state["max_values"]), bins=int(state["bins"]))
+        refiner.collected_units = [np.asarray(state["collected_units"], np.int32)]
+        refiner.collected_keys = [np.asarray(state["collected_keys"], np.int32)]
+        if "hist" in state:
+            refiner.hist = torch.as_tensor(np.asarray(state["hist"]))
+        return refiner
+
+
+def exact_quantiles(x: torch.Tensor, q: float, **sketch_args: int) -> np.ndarray:
+    """Exact per-unit hazen quantiles of an in-memory tensor via sketch + refinement.
+
+    Args:
+        x: float tensor [U, N].
+        q: quantile in [0, 1].
+        **sketch_args: passed to :class:`QuantileSketch`.
+
+    Returns:
+        float64 array [U], equal to ``np.quantile(x.double(), q, axis=1, method="hazen")``.
+    """
+    sketch = QuantileSketch(x.shape[0], **sketch_args)
+    sketch.add(x)
+    bracket = sketch.bracket(q)
+    while not bracket.done:
+        refiner = QuantileRefiner(bracket)
+        refiner.add(x)
+        bracket = refiner.bracket()
+    return bracket.values()
