@@ -38,9 +38,14 @@ def unit_list(*, user) -> QuerySet[Unit]:
     )
 
 
-def concept_list(*, user) -> QuerySet[Concept]:
+def concept_list(*, user, min_iou: float = 0.04) -> QuerySet[Concept]:
+    """Concepts that label at least one visible unit with IoU >= min_iou, with unit and model counts."""
     visible_units = Q(labelled_units__job__owner=user) | Q(labelled_units__model__public=True)
-    ok = Q(labelled_units__job__status=Job.Status.SUCCEEDED) & visible_units
+    ok = (
+        Q(labelled_units__job__status=Job.Status.SUCCEEDED)
+        & Q(labelled_units__iou__gte=min_iou)
+        & visible_units
+    )
     return (
         Concept.objects.annotate(
             units=Count("labelled_units", filter=ok, distinct=True),

@@ -174,5 +174,16 @@ class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     filterset_class = ConceptFilter
     ordering_fields = ["units", "models", "name"]
 
+    @extend_schema(
+        parameters=[OpenApiParameter("min_iou", float, description="count units with IoU >= this (default 0.04)")]
+    )
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
+
     def get_queryset(self):
-        return selectors.concept_list(user=self.request.user)
+        raw = self.request.query_params.get("min_iou", "0.04")
+        try:
+            min_iou = float(raw)
+        except ValueError:
+            raise ApplicationError(f"min_iou must be a number, not {raw!r}") from None
+        return selectors.concept_list(user=self.request.user, min_iou=min_iou)

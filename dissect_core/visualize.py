@@ -8,7 +8,7 @@ dimmed; the images side by side in one strip.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from PIL import Image
 
 from .concepts import ConceptDataset
 from .dissect import LayerResult, preprocess_images
+from .errors import Cancelled
 from .models import LoadedModel
 from .nethook import trace
 from .upsample import upsample
@@ -172,6 +173,8 @@ def save_unit_strips(
     device: torch.device | str = "cpu",
     scale: int = 1,
     units_per_pass: int = 64,
+    progress: Callable[[str, int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Path]:
     """Write one PNG strip per unit, ``out_dir/unit_NNNN.png``.
 
@@ -183,6 +186,8 @@ def save_unit_strips(
         out_dir: directory (created if needed).
         units: which units (default: all).
         units_per_pass: units rendered per batch of forward passes.
+        progress: ``progress("images", units_done, units_total)`` after each group.
+        should_stop: checked before each group; True raises :class:`Cancelled`.
 
     Returns:
         the written paths.
@@ -192,6 +197,8 @@ def save_unit_strips(
     chosen = [int(u) for u in (range(result.units) if units is None else units)]
     paths = []
     for start in range(0, len(chosen), units_per_pass):
+        if should_stop is not None and should_stop():
+            raise Cancelled("stopped while drawing unit images")
         group = chosen[start:start + units_per_pass]
         wanted = [int(i) for u in group for i in result.top_images[u]]
         images, acts = _unit_activations(model, dataset, result.layer, wanted, group, device)
@@ -203,4 +210,6 @@ def save_unit_strips(
             unit_strip([images[i] for i in indices], [acts[i][g] for i in indices],
                        float(result.thresholds[u]), scale=scale).save(path)
             paths.append(path)
+        if progress is not None:
+            progress("images", start + len(group), len(chosen))
     return paths

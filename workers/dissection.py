@@ -113,10 +113,11 @@ def run_dissection(job: Job) -> None:
         results_dir = Path(settings.MEDIA_ROOT) / "results" / f"job-{job.pk}"
         if params.get("top_k_images", 5) > 0:
             for layer, result in results.items():
-                units = result.units
-                reporter.progress("images", 0, units)
-                save_unit_strips(loaded, dataset, result, results_dir / layer, device=pick_device())
-                reporter.progress("images", units, units)
+                reporter.progress("images", 0, result.units)
+                save_unit_strips(
+                    loaded, dataset, result, results_dir / layer, device=pick_device(),
+                    progress=reporter.progress, should_stop=reporter.should_stop,
+                )
         reporter.progress("storing", len(dataset), len(dataset))
         for layer, result in results.items():
             top = getattr(result, "top_images", None)
