@@ -120,6 +120,7 @@ class Job(models.Model):
     finished = models.DateTimeField(null=True, blank=True)
     heartbeat = models.DateTimeField(null=True, blank=True)
     results_path = models.CharField(max_length=1000, blank=True, default="")
+    stage = models.CharField(max_length=40, blank=True, default="")
 
     class Meta:
         db_table = "nd_job"
@@ -132,6 +133,33 @@ class Job(models.Model):
     @property
     def is_final(self) -> bool:
         return self.status in self.FINAL
+
+
+class JobShard(models.Model):
+    """One slice of a sharded job's images for one stage (quantile, refineN, count)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        DONE = "done"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="shards")
+    stage = models.CharField(max_length=40)
+    index = models.PositiveIntegerField()
+    start = models.PositiveIntegerField()
+    stop = models.PositiveIntegerField()
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    images_done = models.PositiveIntegerField(default=0)
+    attempts = models.PositiveIntegerField(default=0)
+    worker = models.CharField(max_length=200, blank=True, default="")
+    heartbeat = models.DateTimeField(null=True, blank=True)
+    path = models.CharField(max_length=1000, blank=True, default="")
+
+    class Meta:
+        db_table = "nd_job_shard"
+        ordering = ["job_id", "stage", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "stage", "index"], name="shard_job_stage_index")]
+        indexes = [models.Index(fields=["status", "heartbeat"])]
 
 
 class Unit(models.Model):

@@ -163,7 +163,7 @@ def dataset_register(
 
 
 def _validate_dissect_params(model: NetworkModel, params: dict[str, Any]) -> dict[str, Any]:
-    known = {"layers", "quantile", "batch_size", "max_images", "top_k_images"}
+    known = {"layers", "quantile", "batch_size", "max_images", "top_k_images", "shard_size"}
     unknown = sorted(set(params) - known)
     if unknown:
         raise ApplicationError(f"unknown params: {', '.join(unknown)}", extra={"allowed": sorted(known)})
@@ -190,6 +190,10 @@ def _validate_dissect_params(model: NetworkModel, params: dict[str, Any]) -> dic
         if not isinstance(params["max_images"], int) or params["max_images"] < 1:
             raise ApplicationError("params.max_images must be a positive integer")
         out["max_images"] = params["max_images"]
+    if "shard_size" in params:
+        if not isinstance(params["shard_size"], int) or params["shard_size"] < 1:
+            raise ApplicationError("params.shard_size must be a positive integer (images per shard)")
+        out["shard_size"] = params["shard_size"]
     if "top_k_images" in params:
         if not isinstance(params["top_k_images"], int) or not 0 <= params["top_k_images"] <= 50:
             raise ApplicationError("params.top_k_images must be an integer in 0..50")
@@ -226,9 +230,19 @@ def job_cancel(*, job: Job) -> Job:
     job.finished = timezone.now()
     job.phase = "cancelled"
     job.save(update_fields=["status", "finished", "phase"])
+    _drop_results(job)
+    return job
+
+
+def _drop_results(job: Job) -> None:
+    """Remove whatever a job wrote (rows now, files once the transaction commits)."""
+    import shutil
+
     Unit.objects.filter(job=job).delete()
     LayerResult.objects.filter(job=job).delete()
-    return job
+    media = Path(settings.MEDIA_ROOT)
+    for folder in (media / "results" / f"job-{job.pk}", media / "work" / f"job-{job.pk}"):
+        transaction.on_commit(lambda f=folder: shutil.rmtree(f, ignore_errors=True))
 
 
 @transaction.atomic
@@ -302,8 +316,7 @@ def job_fail(*, job_id: int, message: str) -> Job | None:
     job.phase = "failed"
     job.finished = timezone.now()
     job.save(update_fields=["status", "error", "phase", "finished"])
-    Unit.objects.filter(job=job).delete()
-    LayerResult.objects.filter(job=job).delete()
+    _drop_results(job)
     return job
 
 
@@ -425,8 +438,7 @@ def jobs_recover_stale(*, older_than: timedelta, max_attempts: int) -> list[int]
                 job.phase = "failed"
                 job.finished = timezone.now()
                 job.save(update_fields=["status", "error", "phase", "finished"])
-                Unit.objects.filter(job=job).delete()
-                LayerResult.objects.filter(job=job).delete()
+                _drop_results(job)
             else:
                 job.status = Job.Status.QUEUED
                 job.phase = "requeued"
@@ -434,3 +446,145 @@ def jobs_recover_stale(*, older_than: timedelta, max_attempts: int) -> list[int]
                 job.save(update_fields=["status", "phase", "error"])
                 transaction.on_commit(lambda pk=job.pk: _enqueue(pk))
     return touched
+
+
+def shards_create(*, job: Job, stage: str, ranges: list[tuple[int, int]]) -> list[int]:
+    """Open a stage of a sharded job: one pending shard per image range; enqueue them on commit.
+
+    Returns:
+        the shard indices created (existing ones are kept, so a replay is harmless).
+    """
+    from api.models import JobShard
+
+    with transaction.atomic():
+        Job.objects.filter(pk=job.pk).update(stage=stage)
+        JobShard.objects.bulk_create(
+            [JobShard(job=job, stage=stage, index=i, start=a, stop=b) for i, (a, b) in enumerate(ranges)],
+            ignore_conflicts=True,
+        )
+        for i in range(len(ranges)):
+            transaction.on_commit(lambda i=i: _enqueue_shard(job.pk, stage, i))
+    return list(range(len(ranges)))
+
+
+def _enqueue_shard(job_id: int, stage: str, index: int) -> None:
+    from workers.tasks import run_shard
+
+    run_shard.apply_async(kwargs={"job_id": job_id, "stage": stage, "index": index})
+
+
+def shards_requeue_unfinished(*, job: Job) -> int:
+    """Enqueue again every shard of the job's current stage that is not done."""
+    from api.models import JobShard
+
+    pending = list(
+        JobShard.objects.filter(job=job, stage=job.stage).exclude(status=JobShard.Status.DONE).values_list("index", flat=True)
+    )
+    for index in pending:
+        transaction.on_commit(lambda i=index: _enqueue_shard(job.pk, job.stage, i))
+    return len(pending)
+
+
+def shard_start(*, job_id: int, stage: str, index: int, worker: str):
+    """Claim a shard. Returns (job, shard), or None when there is nothing to do (job final,
+    another stage current, shard done) ; raises ``ShardBusy`` when another worker holds it
+    with a fresh heartbeat."""
+    from api.models import JobShard
+
+    with transaction.atomic():
+        job = Job.objects.select_for_update().get(pk=job_id)
+        if job.is_final or job.stage != stage:
+            return None
+        shard = JobShard.objects.select_for_update().get(job=job, stage=stage, index=index)
+        now = timezone.now()
+        if shard.status == JobShard.Status.DONE:
+            return None
+        if (
+            shard.status == JobShard.Status.RUNNING
+            and shard.heartbeat
+            and (now - shard.heartbeat).total_seconds() < settings.JOB_STALE_SECONDS
+        ):
+            raise ShardBusy(f"shard {index} of job {job_id} is running on {shard.worker}")
+        shard.status = JobShard.Status.RUNNING
+        shard.attempts += 1
+        shard.worker = worker
+        shard.heartbeat = now
+        shard.images_done = 0
+        shard.save(update_fields=["status", "attempts", "worker", "heartbeat", "images_done"])
+        if job.status == Job.Status.QUEUED:
+            job.status = Job.Status.RUNNING
+            job.started = job.started or now
+        job.heartbeat = now
+        job.save(update_fields=["status", "started", "heartbeat"])
+        return job, shard
+
+
+class ShardBusy(Exception):
+    """Another live worker holds the shard; try again later."""
+
+
+def shard_progress(*, shard_id: int, done: int) -> str:
+    """Record a shard's progress and heartbeat; update the job's; return the job's status."""
+    from django.db.models import Sum
+
+    from api.models import JobShard
+
+    now = timezone.now()
+    JobShard.objects.filter(pk=shard_id, status=JobShard.Status.RUNNING).update(images_done=done, heartbeat=now)
+    shard = JobShard.objects.select_related("job").get(pk=shard_id)
+    job = shard.job
+    if job.status != Job.Status.RUNNING:
+        return job.status
+    shards = JobShard.objects.filter(job=job, stage=shard.stage)
+    total = sum(s.stop - s.start for s in shards)
+    done_all = shards.aggregate(n=Sum("images_done"))["n"] or 0
+    start, end = SHARD_STAGE_SHARE.get(shard.stage.rstrip("0123456789"), (0.0, 0.95))
+    fraction = start + (end - start) * (done_all / total if total else 1.0)
+    eta = None
+    if job.started and fraction > 0.01:
+        elapsed = (now - job.started).total_seconds()
+        eta = max(0.0, elapsed * (1.0 - fraction) / fraction)
+    Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
+        phase=shard.stage, images_done=done_all, images_total=total, progress=fraction, eta_seconds=eta, heartbeat=now
+    )
+    return job.status
+
+
+SHARD_STAGE_SHARE = {"quantile": (0.0, 0.45), "refine": (0.45, 0.55), "count": (0.55, 0.92), "finish": (0.92, 0.99)}
+
+
+def shard_done(*, shard_id: int, path: str) -> bool:
+    """Mark a shard done; True when it was the last of its stage (the caller advances the job)."""
+    from api.models import JobShard
+
+    with transaction.atomic():
+        shard = JobShard.objects.select_for_update().get(pk=shard_id)
+        job = Job.objects.select_for_update().get(pk=shard.job_id)
+        if shard.status == JobShard.Status.DONE:
+            return False
+        shard.status = JobShard.Status.DONE
+        shard.path = path
+        shard.images_done = shard.stop - shard.start
+        shard.heartbeat = timezone.now()
+        shard.save(update_fields=["status", "path", "images_done", "heartbeat"])
+        if job.is_final or job.stage != shard.stage:
+            return False
+        return not JobShard.objects.filter(job=job, stage=shard.stage).exclude(status=JobShard.Status.DONE).exists()
+
+
+def shards_recover_stale(*, older_than: timedelta) -> list[int]:
+    """Requeue shards whose worker stopped beating (the job itself may still look alive)."""
+    from api.models import JobShard
+
+    cutoff = timezone.now() - older_than
+    requeued: list[int] = []
+    with transaction.atomic():
+        stale = JobShard.objects.select_for_update(skip_locked=True).filter(
+            status=JobShard.Status.RUNNING, heartbeat__lt=cutoff, job__status=Job.Status.RUNNING
+        )
+        for shard in stale:
+            shard.status = JobShard.Status.PENDING
+            shard.save(update_fields=["status"])
+            requeued.append(shard.pk)
+            transaction.on_commit(lambda s=shard: _enqueue_shard(s.job_id, s.stage, s.index))
+    return requeued

@@ -145,6 +145,7 @@ JOB_MAX_ATTEMPTS = int(os.environ.get("JOB_MAX_ATTEMPTS", 3))
 WORKER_HEARTBEAT_SECONDS = float(os.environ.get("WORKER_HEARTBEAT_SECONDS", 5.0))
 WORKER_ALIVE_SECONDS = float(os.environ.get("WORKER_ALIVE_SECONDS", 20.0))
 WORKER_DEVICE = os.environ.get("WORKER_DEVICE", "auto")
+JOB_SHARD_SIZE = int(os.environ.get("JOB_SHARD_SIZE", 2000))
 DISSECT_BATCH_SIZE = int(os.environ.get("DISSECT_BATCH_SIZE", 32))
 UNIT_TOP_CONCEPTS = int(os.environ.get("UNIT_TOP_CONCEPTS", 5))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,9 +30,76 @@ def _flush_broker(url: str) -> None:
     redis.Redis.from_url(url).flushdb()
 
 
+class WorkerPool:
+    """Real ``celery worker`` processes on the test database and the test Redis database."""
+
+    def __init__(self, env: dict[str, str], blocker) -> None:
+        self.env = env
+        self.blocker = blocker
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.count = 0
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> str:
+        self.count += 1
+        name = f"testworker{self.count}-{os.getpid()}"
+        log = open(ARTIFACTS / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "celery"), "-A", "config", "worker", "--concurrency", "1",
+             "--pool", "prefork", "--loglevel", "INFO", "--hostname", f"{name}@%h"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        from api.models import WorkerHeartbeat
+
+        deadline = time.monotonic() + 90
+        with self.blocker.unblock():
+            while not WorkerHeartbeat.objects.filter(pid=proc.pid).exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    tail = (ARTIFACTS / f"{name}.log").read_text(errors="replace")[-3000:]
+                    pytest.fail(f"the celery worker did not start; its log ends:\n{tail}")
+                time.sleep(0.3)
+        self.procs[name] = proc
+        return name
+
+    def alive(self) -> list[str]:
+        return [name for name, proc in self.procs.items() if proc.poll() is None]
+
+    def ensure(self, n: int) -> None:
+        while len(self.alive()) < n:
+            self.start()
+
+    def kill(self, hostname: str) -> None:
+        """kill -9 a worker (its main process and its pool children)."""
+        name = hostname.split("@", 1)[0]
+        proc = self.procs[name]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def shrink(self, n: int) -> None:
+        """Stop workers (gracefully) until at most n are alive."""
+        for name in self.alive()[n:]:
+            proc = self.procs[name]
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup, django_db_blocker):
-    """One real ``celery worker`` process on the test database and the test Redis database."""
+def worker_pool(django_db_setup, django_db_blocker):
     from django.conf import settings
     from django.db import connection
 
@@ -44,31 +112,16 @@ def celery_worker_process(django_db_setup, django_db_blocker):
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
         "PYTHONUNBUFFERED": "1",
     }
-    log_path = ARTIFACTS / "worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "celery"), "-A", "config", "worker", "--concurrency", "1",
-         "--pool", "prefork", "--loglevel", "INFO", "--hostname", f"testworker-{os.getpid()}@%h"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    from api.models import WorkerHeartbeat
+    pool = WorkerPool(env, django_db_blocker)
+    yield pool
+    pool.stop_all()
 
-    deadline = time.monotonic() + 90
-    with django_db_blocker.unblock():
-        while not WorkerHeartbeat.objects.filter(pid=proc.pid).exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                tail = log_path.read_text(errors="replace")[-3000:]
-                pytest.fail(f"the celery worker did not start; its log ends:\n{tail}")
-            time.sleep(0.5)
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+
+@pytest.fixture()
+def celery_worker_process(worker_pool):
+    """At least one live worker process for this test."""
+    worker_pool.ensure(1)
+    return worker_pool
 
 
 @pytest.fixture()
@@ -101,3 +154,53 @@ def other_api(other_user):
     token, _ = Token.objects.get_or_create(user=other_user)
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
     return client
+
+
+def wait_final(api, job_id: int, timeout: float = 240.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.get(f"/api/jobs/{job_id}/").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")
+
+
+@pytest.fixture()
+def scenes(data_root):
+    from dissect_core.synthetic import generate
+
+    path = data_root / "scenes-24"
+    if not (path / "index.csv").exists():
+        generate(path, n_images=24, seed=3)
+    return path
+
+
+@pytest.fixture()
+def demo_weights(data_root, scenes):
+    import torch
+    from safetensors.torch import save_file
+
+    from dissect_core.archs import ARCHS
+    from dissect_core.datasets import open_dataset
+
+    classes = open_dataset(f"broden:{scenes}").classes
+    torch.manual_seed(0)
+    net = ARCHS["scenecnn"](num_classes=len(classes))
+    path = data_root / "scenecnn-random.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path, len(classes)
+
+
+def register(api, scenes, demo_weights, *, public=False):
+    weights, num_classes = demo_weights
+    model = api.post(
+        "/api/models/",
+        {"name": "scenecnn", "arch": "builtin:scenecnn", "num_classes": num_classes, "input_size": 64,
+         "weights_path": str(weights), "public": public},
+        format="json",
+    )
+    assert model.status_code == 201, model.json()
+    dataset = api.post("/api/datasets/", {"name": "scenes", "format": "synthetic", "path": str(scenes)}, format="json")
+    assert dataset.status_code == 201, dataset.json()
+    return model.json(), dataset.json()

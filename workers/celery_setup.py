@@ -42,7 +42,7 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         from api.services import worker_heartbeat
 
-        from api.services import jobs_recover_stale
+        from api.services import jobs_recover_stale, shards_recover_stale
 
         while not self.stopped.is_set():
             try:
@@ -53,6 +53,7 @@ class _Heartbeat(threading.Thread):
                 jobs_recover_stale(
                     older_than=timedelta(seconds=settings.JOB_STALE_SECONDS), max_attempts=settings.JOB_MAX_ATTEMPTS
                 )
+                shards_recover_stale(older_than=timedelta(seconds=settings.JOB_STALE_SECONDS))
             except Exception:  # the database may be restarting; the next beat retries
                 connection.close()
             self.stopped.wait(settings.WORKER_HEARTBEAT_SECONDS)

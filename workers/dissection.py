@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 
 from api import services
 from api.models import Job
@@ -75,59 +75,78 @@ class ProgressReporter(threading.Thread):
 
 
 def run_dissection(job: Job) -> None:
-    from dissect_core.datasets import open_dataset
+    """Run a dissection job: in this task when it fits one shard, else fanned out over shards."""
     from dissect_core.dissect import dissect
-    from dissect_core.models import load_model
-    from dissect_core.visualize import save_unit_strips
 
-    params = job.params
-    model_row = job.model
-    loaded = load_model(
-        model_row.arch,
-        Path(model_row.weights_path),
-        model_row.num_classes,
-        input_size=model_row.input_size,
-        mean=model_row.mean or None,
-        std=model_row.std or None,
-    )
-    dataset_row = job.dataset
-    dataset = open_dataset(
-        dataset_row.spec,
-        max_images=params.get("max_images"),
-        colors=dataset_row.concepts_source == "colors",
-    )
+    from workers import shards
+
+    if job.stage:
+        resume_sharded(job)
+        return
+    inputs = shards.JobInputs(job)
+    n_images = len(inputs.dataset)
+    shard_size = job.params.get("shard_size", settings.JOB_SHARD_SIZE)
+    if n_images > shard_size:
+        shards.start(job, n_images, shard_size)
+        return
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
-        reporter.progress("loading", 0, len(dataset))
+        reporter.progress("loading", 0, n_images)
         results = dissect(
-            loaded,
-            dataset,
-            params["layers"],
-            quantile=params.get("quantile", 0.99),
-            batch_size=params.get("batch_size", settings.DISSECT_BATCH_SIZE),
+            inputs.model,
+            inputs.dataset,
+            inputs.layers,
+            quantile=inputs.quantile,
+            batch_size=inputs.batch_size,
             device=pick_device(),
             progress=reporter.progress,
             should_stop=reporter.should_stop,
-            top_k_images=params.get("top_k_images", 5),
+            top_k_images=job.params.get("top_k_images", 5),
         )
-        concepts = [(c.name, c.category) for c in dataset.concepts]
-        results_dir = Path(settings.MEDIA_ROOT) / "results" / f"job-{job.pk}"
-        if params.get("top_k_images", 5) > 0:
-            for layer, result in results.items():
-                reporter.progress("images", 0, result.units)
-                save_unit_strips(
-                    loaded, dataset, result, results_dir / layer, device=pick_device(),
-                    progress=reporter.progress, should_stop=reporter.should_stop,
-                )
-        reporter.progress("storing", len(dataset), len(dataset))
+        store_results(job, inputs.model, inputs.dataset, results, reporter)
+
+
+def resume_sharded(job: Job) -> None:
+    """A sharded job picked up again (its worker died): advance it or requeue its open shards."""
+    from api.models import JobShard
+
+    from workers import shards
+
+    open_shards = JobShard.objects.filter(job=job, stage=job.stage).exclude(status=JobShard.Status.DONE)
+    if job.stage == "finish" or not open_shards.exists():
+        if job.stage == "finish":
+            Job.objects.filter(pk=job.pk).update(stage="count")
+            job.stage = "count"
+        with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
+            reporter.progress("merging", 0, 1)
+            shards.advance(job, reporter)
+        return
+    with transaction.atomic():
+        services.shards_requeue_unfinished(job=job)
+
+
+def store_results(job: Job, model, dataset, results: dict, reporter: ProgressReporter) -> None:
+    """Draw unit images, write every layer's results, and mark the job succeeded."""
+    from dissect_core.visualize import save_unit_strips
+
+    concepts = [(c.name, c.category) for c in dataset.concepts]
+    results_dir = Path(settings.MEDIA_ROOT) / "results" / f"job-{job.pk}"
+    if job.params.get("top_k_images", 5) > 0:
         for layer, result in results.items():
-            top = getattr(result, "top_images", None)
-            services.layer_result_store(
-                job=job,
-                layer=layer,
-                thresholds=np.asarray(result.thresholds, dtype=np.float64),
-                iou=np.asarray(result.iou, dtype=np.float64),
-                concepts=concepts,
-                summary=result.summary(min_iou=0.04),
-                top_images=[[int(i) for i in row] for row in np.asarray(top)] if top is not None else None,
+            reporter.progress("images", 0, result.units)
+            save_unit_strips(
+                model, dataset, result, results_dir / layer, device=pick_device(),
+                progress=reporter.progress, should_stop=reporter.should_stop,
             )
+    reporter.progress("storing", len(dataset), len(dataset))
+    for layer, result in results.items():
+        top = getattr(result, "top_images", None)
+        services.layer_result_store(
+            job=job,
+            layer=layer,
+            thresholds=np.asarray(result.thresholds, dtype=np.float64),
+            iou=np.asarray(result.iou, dtype=np.float64),
+            concepts=concepts,
+            summary=result.summary(min_iou=0.04),
+            top_images=[[int(i) for i in row] for row in np.asarray(top)] if top is not None else None,
+        )
     services.job_succeed(job_id=job.pk, results_path=str(results_dir))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
 
 from api import services
 from workers.celery_setup import TRANSIENT_ERRORS, job_task
@@ -13,17 +15,12 @@ from workers.celery_setup import TRANSIENT_ERRORS, job_task
 logger = logging.getLogger(__name__)
 
 
-@job_task
-def run_job(*, job_id: int) -> None:
-    """Run one job to a final state (succeeded, failed with a reason, or cancelled)."""
+def _guarded(job_id: int, work: Callable[[], None]) -> None:
+    """Run job work; bad input fails the job once with its message, transient faults retry."""
     from dissect_core.errors import Cancelled, DissectError
-    from workers.dissection import run_dissection
 
-    job = services.job_start(job_id=job_id, worker=run_job.request.hostname or "worker")
-    if job is None:
-        return
     try:
-        run_dissection(job)
+        work()
     except Cancelled:
         logger.info("job %s cancelled", job_id)
     except DissectError as exc:
@@ -35,3 +32,39 @@ def run_job(*, job_id: int) -> None:
     except Exception as exc:
         logger.exception("job %s crashed", job_id)
         services.job_fail(job_id=job_id, message=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
+
+
+@job_task
+def run_job(*, job_id: int) -> None:
+    """Run one job to a final state, or fan it out over shards (see workers.shards)."""
+    from workers.dissection import run_dissection
+
+    job = services.job_start(job_id=job_id, worker=run_job.request.hostname or "worker")
+    if job is not None:
+        _guarded(job_id, lambda: run_dissection(job))
+
+
+@job_task
+def run_shard(*, job_id: int, stage: str, index: int) -> None:
+    """Run one shard of a sharded job; the last shard of a stage opens the next stage."""
+    from workers import shards
+    from workers.dissection import ProgressReporter
+
+    try:
+        claimed = services.shard_start(
+            job_id=job_id, stage=stage, index=index, worker=run_shard.request.hostname or "worker"
+        )
+    except services.ShardBusy:
+        raise run_shard.retry(countdown=settings.JOB_STALE_SECONDS, max_retries=None) from None
+    if claimed is None:
+        return
+    job, shard = claimed
+
+    def work() -> None:
+        if shards.run_shard(job, shard):
+            job.refresh_from_db()
+            with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
+                reporter.progress("merging", 0, 1)
+                shards.advance(job, reporter)
+
+    _guarded(job_id, work)

@@ -10,63 +10,15 @@ import numpy as np
 
 import pytest
 
+from conftest import register, wait_final
+
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.service]
-
-
-def _wait_final(api, job_id: int, timeout: float = 240.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = api.get(f"/api/jobs/{job_id}/").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")
-
-
-@pytest.fixture()
-def scenes(data_root):
-    from dissect_core.synthetic import generate
-
-    path = data_root / "scenes-24"
-    if not (path / "index.csv").exists():
-        generate(path, n_images=24, seed=3)
-    return path
-
-
-@pytest.fixture()
-def demo_weights(data_root, scenes):
-    import torch
-    from safetensors.torch import save_file
-
-    from dissect_core.archs import ARCHS
-    from dissect_core.datasets import open_dataset
-
-    classes = open_dataset(f"broden:{scenes}").classes
-    torch.manual_seed(0)
-    net = ARCHS["scenecnn"](num_classes=len(classes))
-    path = data_root / "scenecnn-random.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    return path, len(classes)
-
-
-def _register(api, scenes, demo_weights, *, public=False):
-    weights, num_classes = demo_weights
-    model = api.post(
-        "/api/models/",
-        {"name": "scenecnn", "arch": "builtin:scenecnn", "num_classes": num_classes, "input_size": 64,
-         "weights_path": str(weights), "public": public},
-        format="json",
-    )
-    assert model.status_code == 201, model.json()
-    dataset = api.post("/api/datasets/", {"name": "scenes", "format": "synthetic", "path": str(scenes)}, format="json")
-    assert dataset.status_code == 201, dataset.json()
-    return model.json(), dataset.json()
 
 
 def test_dissection_job_end_to_end(api, other_api, celery_worker_process, scenes, demo_weights):
     from api.models import Unit, UnitConcept
 
-    model, dataset = _register(api, scenes, demo_weights)
+    model, dataset = register(api, scenes, demo_weights)
     assert dataset["image_count"] == 24
     conv_layers = [layer for layer in model["layers"] if layer["type"] == "Conv2d"]
     layer = conv_layers[-1]
@@ -76,7 +28,7 @@ def test_dissection_job_end_to_end(api, other_api, celery_worker_process, scenes
         format="json",
     )
     assert response.status_code == 202, response.json()
-    job = _wait_final(api, response.json()["id"])
+    job = wait_final(api, response.json()["id"])
     assert job["status"] == "succeeded", job["error"]
     assert job["progress"] == 1.0 and job["attempts"] == 1
 
@@ -118,7 +70,7 @@ def test_bad_input_fails_the_job_once_with_the_reason(api, celery_worker_process
     copy = data_root / "scenes-doomed"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(scenes, copy)
-    model, _ = _register(api, scenes, demo_weights)
+    model, _ = register(api, scenes, demo_weights)
     dataset = api.post("/api/datasets/", {"name": "doomed", "format": "synthetic", "path": str(copy)}, format="json")
     assert dataset.status_code == 201
     for image in (copy / "images").iterdir():
@@ -126,7 +78,7 @@ def test_bad_input_fails_the_job_once_with_the_reason(api, celery_worker_process
     response = api.post(
         "/api/jobs/", {"type": "dissect", "model": model["id"], "dataset": dataset.json()["id"]}, format="json"
     )
-    job = _wait_final(api, response.json()["id"])
+    job = wait_final(api, response.json()["id"])
     assert job["status"] == "failed"
     assert job["attempts"] == 1
     assert "images" in job["error"]

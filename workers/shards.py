@@ -1,0 +1,203 @@
+"""Sharded dissection: a job's images split into ranges that run on whichever workers are free.
+
+Stages, each a fan-out over the same image ranges, each shard writing one state file:
+
+- ``quantile``: per-layer quantile sketches (they merge by adding histograms);
+- ``refine1``, ``refine2``, ...: only while some thresholds are not exact yet, the
+  values inside each unit's bracket (they merge by concatenation);
+- ``count``: per unit x concept counts at the exact thresholds (integers: they add).
+
+The worker that finishes the last shard of a stage merges the stage and opens the
+next one; after ``count`` it finalizes and stores the results. Shard state lives in
+files under ``MEDIA_ROOT/work/job-N`` and in ``JobShard`` rows, never in Celery results.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from django.db import connection
+
+from api import services
+from api.models import Job, JobShard
+
+
+def work_dir(job_id: int) -> Path:
+    return Path(settings.MEDIA_ROOT) / "work" / f"job-{job_id}"
+
+
+def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + shard_size, n_images)) for a in range(0, n_images, shard_size)]
+
+
+def save_states(path: Path, states: dict[str, dict[str, np.ndarray]]) -> None:
+    """Write {layer: state_dict} atomically as one .npz."""
+    flat = {f"{layer}|{key}": np.asarray(value) for layer, state in states.items() for key, value in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+
+
+def load_states(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as data:
+        for name in data.files:
+            layer, key = name.split("|", 1)
+            out.setdefault(layer, {})[key] = data[name]
+    return out
+
+
+class ShardReporter(threading.Thread):
+    """Heartbeat and progress of one shard, written from a side thread (see ProgressReporter)."""
+
+    def __init__(self, shard_id: int, offset: int, interval: float) -> None:
+        super().__init__(name=f"shard-{shard_id}", daemon=True)
+        self.shard_id = shard_id
+        self.done = 0
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+        self.interval = interval
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        self.done = done
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set()
+
+    def run(self) -> None:
+        try:
+            while not self.finished.wait(self.interval):
+                try:
+                    if services.shard_progress(shard_id=self.shard_id, done=self.done) == Job.Status.CANCELLED:
+                        self.cancelled.set()
+                except Exception:
+                    connection.close()
+        finally:
+            connection.close()
+
+    def __enter__(self) -> "ShardReporter":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.finished.set()
+        self.join(timeout=30)
+
+
+class JobInputs:
+    """The loaded model and dataset of a job (loaded once per task)."""
+
+    def __init__(self, job: Job) -> None:
+        from dissect_core.datasets import open_dataset
+        from dissect_core.models import load_model
+
+        row = job.model
+        self.model = load_model(
+            row.arch, Path(row.weights_path), row.num_classes,
+            input_size=row.input_size, mean=row.mean or None, std=row.std or None,
+        )
+        self.dataset = open_dataset(
+            job.dataset.spec, max_images=job.params.get("max_images"), colors=job.dataset.concepts_source == "colors"
+        )
+        self.layers = job.params["layers"]
+        self.quantile = job.params.get("quantile", 0.99)
+        self.batch_size = job.params.get("batch_size", settings.DISSECT_BATCH_SIZE)
+
+
+def start(job: Job, n_images: int, shard_size: int) -> None:
+    """Open the first stage of a sharded job."""
+    shutil.rmtree(work_dir(job.pk), ignore_errors=True)
+    services.shards_create(job=job, stage="quantile", ranges=shard_ranges(n_images, shard_size))
+
+
+def run_shard(job: Job, shard: JobShard) -> bool:
+    """Compute one shard's state file. Returns True when it was the stage's last shard."""
+    from dissect_core.dissect import count_pass, quantile_pass, refine_pass
+    from dissect_core.quantile import QuantileBracket
+
+    from workers.dissection import pick_device
+
+    inputs = JobInputs(job)
+    indices = list(range(shard.start, shard.stop))
+    common = dict(indices=indices, batch_size=inputs.batch_size, device=pick_device())
+    folder = work_dir(job.pk)
+    path = folder / f"{shard.stage}-{shard.index}.npz"
+    with ShardReporter(shard.pk, shard.start, settings.JOB_HEARTBEAT_SECONDS) as reporter:
+        common.update(progress=reporter.progress, should_stop=reporter.should_stop)
+        if shard.stage == "quantile":
+            out = quantile_pass(inputs.model, inputs.dataset, inputs.layers, **common)
+        elif shard.stage.startswith("refine"):
+            brackets = {k: QuantileBracket.from_state_dict(v) for k, v in load_states(folder / f"{shard.stage}-brackets.npz").items()}
+            out = refine_pass(inputs.model, inputs.dataset, list(brackets), brackets, **common)
+        else:
+            thresholds = {k: v["t"] for k, v in load_states(folder / "thresholds.npz").items()}
+            out = count_pass(
+                inputs.model, inputs.dataset, inputs.layers, thresholds,
+                top_k_images=job.params.get("top_k_images", 5), **common,
+            )
+        save_states(path, {layer: state.state_dict() for layer, state in out.items()})
+    return services.shard_done(shard_id=shard.pk, path=str(path))
+
+
+def _merge_stage(job: Job, stage: str, cls) -> dict:
+    merged: dict = {}
+    for shard in JobShard.objects.filter(job=job, stage=stage).order_by("index"):
+        for layer, state in load_states(Path(shard.path)).items():
+            part = cls.from_state_dict(state)
+            merged[layer] = part if layer not in merged else merged[layer].merge(part)
+    return merged
+
+
+def advance(job: Job, reporter) -> None:
+    """Merge the finished stage of a job and open the next one (or finish the job)."""
+    from dissect_core.counts import ConceptCounts
+    from dissect_core.quantile import QuantileBracket, QuantileRefiner, QuantileSketch
+
+    folder = work_dir(job.pk)
+    stage = job.stage
+    ranges = list(JobShard.objects.filter(job=job, stage=stage).order_by("index").values_list("start", "stop"))
+    if stage == "quantile" or stage.startswith("refine"):
+        if stage == "quantile":
+            sketches = _merge_stage(job, stage, QuantileSketch)
+            brackets = {layer: s.bracket(job.params.get("quantile", 0.99)) for layer, s in sketches.items()}
+            resolved: dict = {}
+            round_no = 0
+        else:
+            round_no = int(stage[len("refine"):])
+            refined = _merge_stage(job, stage, QuantileRefiner)
+            brackets = {layer: r.bracket() for layer, r in refined.items()}
+            resolved = {k: v["t"] for k, v in load_states(folder / "resolved.npz").items()} if (folder / "resolved.npz").exists() else {}
+        for layer, bracket in brackets.items():
+            if bracket.done:
+                resolved[layer] = bracket.values()
+        save_states(folder / "resolved.npz", {layer: {"t": t} for layer, t in resolved.items()})
+        pending = {layer: b for layer, b in brackets.items() if not b.done}
+        if pending:
+            next_stage = f"refine{round_no + 1}"
+            save_states(folder / f"{next_stage}-brackets.npz", {layer: b.state_dict() for layer, b in pending.items()})
+            services.shards_create(job=job, stage=next_stage, ranges=ranges)
+        else:
+            save_states(folder / "thresholds.npz", {layer: {"t": t} for layer, t in resolved.items()})
+            services.shards_create(job=job, stage="count", ranges=ranges)
+        return
+    if stage == "count":
+        from dissect_core.dissect import finalize
+
+        from workers.dissection import store_results
+
+        inputs = JobInputs(job)
+        thresholds = {k: v["t"] for k, v in load_states(folder / "thresholds.npz").items()}
+        counts = _merge_stage(job, stage, ConceptCounts)
+        results = {
+            layer: finalize(layer, thresholds[layer], counts[layer], inputs.dataset.concepts, quantile=inputs.quantile)
+            for layer in inputs.layers
+        }
+        Job.objects.filter(pk=job.pk).update(stage="finish")
+        store_results(job, inputs.model, inputs.dataset, results, reporter)
+        shutil.rmtree(folder, ignore_errors=True)
