@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from django.conf import settings
@@ -11,6 +14,9 @@ from django.db import connection, transaction
 
 from api import services
 from api.models import Job
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def pick_device() -> str:
@@ -20,6 +26,30 @@ def pick_device() -> str:
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return wanted
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def with_batch_backoff(run: Callable[[int], T], batch_size: int) -> T:
+    """Call ``run(batch_size)``; on an out-of-memory error halve the batch and try again (down to 1)."""
+    import torch
+
+    while True:
+        try:
+            return run(batch_size)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or batch_size == 1:
+                raise
+            logger.warning("out of memory at batch size %d; retrying with %d", batch_size, batch_size // 2)
+            batch_size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 class ProgressReporter(threading.Thread):
@@ -91,16 +121,19 @@ def run_dissection(job: Job) -> None:
         return
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
         reporter.progress("loading", 0, n_images)
-        results = dissect(
-            inputs.model,
-            inputs.dataset,
-            inputs.layers,
-            quantile=inputs.quantile,
-            batch_size=inputs.batch_size,
-            device=pick_device(),
-            progress=reporter.progress,
-            should_stop=reporter.should_stop,
-            top_k_images=job.params.get("top_k_images", 5),
+        results = with_batch_backoff(
+            lambda batch_size: dissect(
+                inputs.model,
+                inputs.dataset,
+                inputs.layers,
+                quantile=inputs.quantile,
+                batch_size=batch_size,
+                device=pick_device(),
+                progress=reporter.progress,
+                should_stop=reporter.should_stop,
+                top_k_images=job.params.get("top_k_images", 5),
+            ),
+            inputs.batch_size,
         )
         store_results(job, inputs.model, inputs.dataset, results, reporter)
 

@@ -121,26 +121,34 @@ def run_shard(job: Job, shard: JobShard) -> bool:
     from dissect_core.dissect import count_pass, quantile_pass, refine_pass
     from dissect_core.quantile import QuantileBracket
 
-    from workers.dissection import pick_device
+    from workers.dissection import pick_device, with_batch_backoff
 
     inputs = JobInputs(job)
     indices = list(range(shard.start, shard.stop))
-    common = dict(indices=indices, batch_size=inputs.batch_size, device=pick_device())
     folder = work_dir(job.pk)
     path = folder / f"{shard.stage}-{shard.index}.npz"
     with ShardReporter(shard.pk, shard.start, settings.JOB_HEARTBEAT_SECONDS) as reporter:
-        common.update(progress=reporter.progress, should_stop=reporter.should_stop)
+        common = dict(indices=indices, device=pick_device(), progress=reporter.progress,
+                      should_stop=reporter.should_stop)
         if shard.stage == "quantile":
-            out = quantile_pass(inputs.model, inputs.dataset, inputs.layers, **common)
+            def run(batch_size: int) -> dict:
+                return quantile_pass(inputs.model, inputs.dataset, inputs.layers, batch_size=batch_size, **common)
         elif shard.stage.startswith("refine"):
-            brackets = {k: QuantileBracket.from_state_dict(v) for k, v in load_states(folder / f"{shard.stage}-brackets.npz").items()}
-            out = refine_pass(inputs.model, inputs.dataset, list(brackets), brackets, **common)
+            brackets = {
+                k: QuantileBracket.from_state_dict(v)
+                for k, v in load_states(folder / f"{shard.stage}-brackets.npz").items()
+            }
+
+            def run(batch_size: int) -> dict:
+                return refine_pass(inputs.model, inputs.dataset, list(brackets), brackets, batch_size=batch_size,
+                                   **common)
         else:
             thresholds = {k: v["t"] for k, v in load_states(folder / "thresholds.npz").items()}
-            out = count_pass(
-                inputs.model, inputs.dataset, inputs.layers, thresholds,
-                top_k_images=job.params.get("top_k_images", 5), **common,
-            )
+
+            def run(batch_size: int) -> dict:
+                return count_pass(inputs.model, inputs.dataset, inputs.layers, thresholds, batch_size=batch_size,
+                                  top_k_images=job.params.get("top_k_images", 5), **common)
+        out = with_batch_backoff(run, inputs.batch_size)
         save_states(path, {layer: state.state_dict() for layer, state in out.items()})
     return services.shard_done(shard_id=shard.pk, path=str(path))
 
