@@ -9,7 +9,7 @@ class UnitFilter(django_filters.FilterSet):
     model = django_filters.NumberFilter(field_name="model_id")
     job = django_filters.NumberFilter(field_name="job_id")
     layer = django_filters.CharFilter(field_name="layer")
-    concept = django_filters.CharFilter(field_name="label__name")
+    concept = django_filters.CharFilter(field_name="label_name")
     category = django_filters.CharFilter(field_name="label__category")
     min_iou = django_filters.NumberFilter(field_name="iou", lookup_expr="gte")
 

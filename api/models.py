@@ -170,6 +170,10 @@ class Unit(models.Model):
     layer = models.CharField(max_length=200)
     unit = models.PositiveIntegerField()
     label = models.ForeignKey(Concept, on_delete=models.PROTECT, null=True, related_name="labelled_units")
+    # Copy of label.name ("" when unlabelled), written with the unit by services.layer_result_store
+    # (concept names never change): ?concept=NAME is then one equality on an ordered index even
+    # when the name exists in several categories.
+    label_name = models.CharField(max_length=200, blank=True, default="")
     iou = models.FloatField()
     threshold = models.FloatField()
     top_images = models.JSONField(default=list)
@@ -178,10 +182,13 @@ class Unit(models.Model):
         db_table = "nd_unit"
         ordering = ["-iou", "id"]
         constraints = [models.UniqueConstraint(fields=["job", "layer", "unit"], name="unit_job_layer_unit")]
+        # Each index serves one read of GET /api/units/ in its (-iou, id) order, so that a page
+        # is an ordered index walk that stops after page_size rows: ?concept=, ?model=&layer=,
+        # and no filter / ?min_iou= / ?category=.
         indexes = [
-            models.Index(fields=["model", "layer", "unit"]),
-            models.Index(fields=["label", "-iou"]),
-            models.Index(fields=["-iou", "id"]),
+            models.Index(fields=["label_name", "-iou", "id"], name="unit_label_name_iou_id"),
+            models.Index(fields=["model", "layer", "-iou", "id"], name="unit_model_layer_iou_id"),
+            models.Index(fields=["-iou", "id"], name="nd_unit_iou_474750_idx"),
         ]
 
     def __str__(self) -> str:

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from api.models import Concept, Dataset, Job, LayerResult, NetworkModel, Unit, UnitConcept
+from api import selectors
+from api.models import (
+    Concept,
+    Dataset,
+    Job,
+    LayerResult,
+    NetworkModel,
+    Unit,
+    UnitConcept,
+)
 
 
 class LayerInfoSerializer(serializers.Serializer):
@@ -102,19 +112,36 @@ class UnitConceptSerializer(serializers.ModelSerializer):
         fields = ["concept", "category", "iou", "rank"]
 
 
+class UnitListSerializer(serializers.ListSerializer):
+    """Reads the top concepts of every unit of a page in one query."""
+
+    def to_representation(self, data):
+        units = list(data.all() if hasattr(data, "all") else data)
+        top = selectors.unit_top_concepts(unit_ids=[unit.pk for unit in units])
+        for unit in units:
+            unit.top_concept_rows = top[unit.pk]
+        return super().to_representation(units)
+
+
 class UnitSerializer(serializers.ModelSerializer):
     model_name = serializers.CharField(source="model.name", read_only=True)
     label = serializers.CharField(source="label.name", default=None, read_only=True)
     category = serializers.CharField(source="label.category", default=None, read_only=True)
-    top_concepts = UnitConceptSerializer(source="scores", many=True, read_only=True)
+    top_concepts = serializers.SerializerMethodField()
 
     class Meta:
         model = Unit
+        list_serializer_class = UnitListSerializer
         fields = [
             "id", "job", "model", "model_name", "layer", "unit", "label", "category", "iou", "threshold",
             "top_concepts",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(UnitConceptSerializer(many=True))
+    def get_top_concepts(self, unit: Unit) -> list[dict]:
+        rows = getattr(unit, "top_concept_rows", None)
+        return rows if rows is not None else selectors.unit_top_concepts(unit_ids=[unit.pk])[unit.pk]
 
 
 class UnitDetailSerializer(UnitSerializer):

@@ -1,0 +1,585 @@
+"""Benchmark of the results store at scale: Postgres, the real Django/DRF view stack.
+
+Fills its own Postgres database with synthetic dissection results (default: 1,000
+models x 5 layers x 512 units, top-5 concepts per unit: 2.56 M units, 12.8 M score
+rows) by binary COPY, then measures p50/p95 latency of the cross-model reads through
+DRF (``APIClient`` with a token, in process) and of bulk-writing one 512-unit layer
+through ``api.services.layer_result_store``. Targets: p95 of
+``/api/units/?concept=X&min_iou=0.04`` under 50 ms, one layer written in under 1 s.
+
+Usage:
+    python bench/bench_store.py [--models 1000] [--layers 5] [--units 512] [--requests 200]
+                                [--db netdissect_bench] [--skip-fill] [--keep]
+
+The database (default ``netdissect_bench`` on 127.0.0.1:5432, user postgres; override
+with --admin-url) is dropped and recreated unless --skip-fill reuses a filled one;
+it is dropped at the end unless --keep. ``netdissect`` and ``test_netdissect`` are
+refused.
+
+Data: one querying user ``bench`` owns 90% of the models (two thirds of those
+public, one third private); a second user owns the other 10%, private, so their
+units must be filtered out. 2% of the jobs are still running (their units exist but
+are not visible). Unit labels follow a Zipf(0.8) law over ~1,200 Broden-like concepts
+(the most frequent labels ~6% of all units); label IoU ~ Gamma(2, 0.025), about half
+the units are detectors (IoU >= 0.04). Eight part concepts share an object concept's
+name, so ?concept= of those names spans two categories.
+
+Fill: the unit tables' indexes and constraints are dropped, the rows generated with
+numpy and sent as COPY BINARY, the indexes rebuilt, then VACUUM ANALYZE and CHECKPOINT;
+each step is timed. Latencies are wall-clock times of ``APIClient.get`` including JSON
+decoding; the first request for each frequent concept is reported apart (cold cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROTECTED = {"netdissect", "test_netdissect", "postgres", "template0", "template1"}
+LAYERS = ["layer1.0", "layer2.0", "layer3.0", "layer4.0", "layer4.1"]
+CATEGORIES = [("object", 584), ("part", 234), ("material", 32), ("color", 11), ("scene", 290), ("texture", 47)]
+SHARED_NAMES = 8
+TOP_IMAGES = 5
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------- database setup
+
+
+def admin_connect(admin_url: str):
+    import psycopg2
+
+    conn = psycopg2.connect(admin_url)
+    conn.autocommit = True
+    return conn
+
+
+def recreate_database(admin_url: str, name: str) -> None:
+    if name in PROTECTED:
+        raise SystemExit(f"refusing to drop database {name!r}")
+    conn = admin_connect(admin_url)
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    if name in PROTECTED:
+        return
+    conn = admin_connect(admin_url)
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+def migrate(env: dict) -> None:
+    done = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, capture_output=True, text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"migrate failed:\n{done.stdout}\n{done.stderr}")
+
+
+# ---------------------------------------------------------------- binary COPY
+
+
+class ChunkReader(io.RawIOBase):
+    """A file object over a generator of bytes chunks (what copy_expert reads from)."""
+
+    def __init__(self, chunks):
+        self._chunks = iter(chunks)
+        self._current = memoryview(b"")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        out = []
+        while size < 0 or size > 0:
+            if self._pos >= len(self._current):
+                try:
+                    self._current, self._pos = memoryview(next(self._chunks)), 0
+                except StopIteration:
+                    break
+                continue
+            end = len(self._current) if size < 0 else self._pos + size
+            piece = self._current[self._pos : end]
+            self._pos += len(piece)
+            if size > 0:
+                size -= len(piece)
+            out.append(piece)
+        return b"".join(out)
+
+
+COPY_BLOCK = 1 << 20
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+COPY_TRAILER = b"\xff\xff"
+
+
+def binary_rows(columns: list[tuple[str, str]], values: dict[str, np.ndarray]) -> bytes:
+    """Pack columns (name, big-endian numpy type) into COPY BINARY tuples."""
+    n = len(next(iter(values.values())))
+    fields = [("nfields", ">i2")]
+    for name, kind in columns:
+        fields += [(f"len_{name}", ">i4"), (name, kind)]
+    rows = np.empty(n, dtype=np.dtype(fields))
+    rows["nfields"] = len(columns)
+    for name, kind in columns:
+        rows[f"len_{name}"] = np.dtype(kind).itemsize
+        rows[name] = values[name]
+    return rows.tobytes()
+
+
+def copy_binary(cursor, table: str, columns: list[str], chunks) -> None:
+    def stream():
+        yield COPY_HEADER
+        yield from chunks
+        yield COPY_TRAILER
+
+    cursor.copy_expert(
+        f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT binary)", ChunkReader(stream()), size=COPY_BLOCK
+    )
+
+
+def fixed_width_json_lists(values: np.ndarray, width: int = 5) -> np.ndarray:
+    """Render rows of small non-negative ints as fixed-width JSON lists ("[   12,    4, ...]") bytes."""
+    n, k = values.shape
+    out = np.full((n, k, width + 1), ord(" "), dtype=np.uint8)
+    v = values.astype(np.int64)
+    for pos in range(width):
+        power = 10 ** (width - 1 - pos)
+        digit = (v // power) % 10 + ord("0")
+        show = (v >= power) | (pos == width - 1)
+        out[:, :, pos] = np.where(show, digit, ord(" "))
+    out[:, :, width] = ord(",")
+    flat = out.reshape(n, k * (width + 1))[:, :-1]
+    jsonb = np.concatenate(
+        [np.full((n, 1), 1, np.uint8), np.full((n, 1), ord("["), np.uint8), flat, np.full((n, 1), ord("]"), np.uint8)],
+        axis=1,
+    )
+    return jsonb.view(f"S{jsonb.shape[1]}").ravel()
+
+
+# ---------------------------------------------------------------- synthetic data
+
+
+def make_concepts():
+    """Concept names of one width ("obj-0042"), so that unit rows pack into fixed-width COPY tuples."""
+    names, cats = [], []
+    for cat, count in CATEGORIES:
+        for i in range(count):
+            names.append(f"{cat[:3]}-{i:04d}")
+            cats.append(cat)
+    first_part = names.index("par-0000")
+    for i in range(SHARED_NAMES):  # a few part concepts share an object's name
+        names[first_part + i] = names[i]
+    return names, cats
+
+
+def unit_rows(rng, *, first_unit_id: int, jobs: np.ndarray, models: np.ndarray, n_layers: int, n_units: int,
+              concept_ids: np.ndarray, concept_names: np.ndarray, weights: np.ndarray, top: int):
+    n_jobs = len(jobs)
+    n = n_jobs * n_layers * n_units
+    ids = np.arange(first_unit_id, first_unit_id + n, dtype=np.int64)
+    job = np.repeat(jobs, n_layers * n_units)
+    model = np.repeat(models, n_layers * n_units)
+    layer_index = np.tile(np.repeat(np.arange(n_layers), n_units), n_jobs)
+    layer = np.array([s.encode() for s in LAYERS[:n_layers]], dtype="S8")[layer_index]
+    unit = np.tile(np.arange(n_units, dtype=np.int32), n_jobs * n_layers)
+    n_concepts = len(concept_ids)
+    label_pos = rng.choice(n_concepts, size=n, p=weights)
+    offsets = np.cumsum(rng.integers(1, 40, size=(n, top - 1)), axis=1)
+    pos = np.concatenate([label_pos[:, None], (label_pos[:, None] + offsets) % n_concepts], axis=1)
+    best = np.clip(rng.gamma(2.0, 0.025, size=n), 0.001, 0.6)
+    decay = np.cumprod(rng.uniform(0.55, 0.97, size=(n, top - 1)), axis=1)
+    ious = np.concatenate([best[:, None], best[:, None] * decay], axis=1)
+    threshold = rng.gamma(2.0, 1.0, size=n)
+    images = rng.integers(0, 20000, size=(n, TOP_IMAGES))
+    units = {
+        "id": ids, "job_id": job, "model_id": model, "layer": layer, "unit": unit,
+        "label_id": concept_ids[label_pos], "label_name": concept_names[label_pos], "iou": best, "threshold": threshold,
+        "top_images": fixed_width_json_lists(images),
+    }
+    scores = {
+        "unit_id": np.repeat(ids, top), "concept_id": concept_ids[pos].ravel(),
+        "rank": np.tile(np.arange(top, dtype=np.int16), n), "iou": ious.ravel(),
+    }
+    return units, scores
+
+
+def drop_table_indexes(cursor, tables: list[str]) -> list[str]:
+    """Drop every constraint (FKs included) and index of ``tables``; return the SQL that recreates them."""
+    recreate: list[str] = []
+    cursor.execute(
+        """
+        SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid), c.contype
+        FROM pg_constraint c WHERE c.conrelid = ANY(%s::regclass[]) AND c.contype IN ('p', 'u', 'f', 'c')
+        ORDER BY CASE c.contype WHEN 'p' THEN 0 WHEN 'u' THEN 1 WHEN 'c' THEN 2 ELSE 3 END
+        """,
+        [tables],
+    )
+    constraints = cursor.fetchall()
+    cursor.execute(
+        """
+        SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+        FROM pg_index i WHERE i.indrelid = ANY(%s::regclass[])
+          AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid AND c.contype IN ('p', 'u'))
+        """,
+        [tables],
+    )
+    indexes = cursor.fetchall()
+    for table, name, definition, kind in sorted(constraints, key=lambda r: r[3] != "f"):
+        cursor.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+    for name, _ in indexes:
+        cursor.execute(f"DROP INDEX {name}")
+    for table, name, definition, _ in constraints:
+        recreate.append(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
+    fks = [s for s in recreate if "FOREIGN KEY" in s]
+    rest = [s for s in recreate if "FOREIGN KEY" not in s]
+    return rest + [sql for _, sql in indexes] + fks
+
+
+def fill(args, timings: dict) -> dict:
+    from django.contrib.auth import get_user_model
+    from django.db import connection, transaction
+    from rest_framework.authtoken.models import Token
+
+    from api.models import Concept, Dataset, Job, LayerResult, NetworkModel
+
+    rng = np.random.default_rng(args.seed)
+    User = get_user_model()
+    started = time.perf_counter()
+    bench = User.objects.create_user(username="bench", password="pw-bench-1234")
+    other = User.objects.create_user(username="other", password="pw-other-1234")
+    Token.objects.create(user=bench)
+    names, cats = make_concepts()
+    Concept.objects.bulk_create([Concept(name=n, category=c) for n, c in zip(names, cats, strict=True)])
+    rows = list(Concept.objects.order_by("id").values_list("id", "name"))
+    concept_ids = np.array([pk for pk, _ in rows], dtype=np.int64)
+    concept_names = np.array([name.encode() for _, name in rows], dtype="S8")
+    dataset = Dataset.objects.create(owner=bench, name="broden-like", format="broden", path="/data/broden",
+                                     image_count=20000, categories=[c for c, _ in CATEGORIES],
+                                     concept_count=len(names), public=True)
+    n_models = args.models
+    n_other = n_models // 10
+    owners = [other] * n_other + [bench] * (n_models - n_other)
+    public = [False] * n_other + [i % 3 != 2 for i in range(n_models - n_other)]
+    layers_info = [{"name": name, "type": "Conv2d", "units": args.units, "height": 7, "width": 7}
+                   for name in LAYERS[: args.layers]]
+    order = rng.permutation(n_models)
+    models = NetworkModel.objects.bulk_create([
+        NetworkModel(owner=owners[i], name=f"net-{i:04d}", arch="torchvision:resnet18", num_classes=365,
+                     weights_path=f"/data/w/{i}.safetensors", layers=layers_info, public=public[i])
+        for i in order
+    ])
+    running = set(rng.choice(n_models, size=max(1, n_models // 50), replace=False).tolist())
+    jobs = Job.objects.bulk_create([
+        Job(owner=m.owner, type="dissect", model=m, dataset=dataset, params={"layers": LAYERS[: args.layers]},
+            status=Job.Status.RUNNING if i in running else Job.Status.SUCCEEDED, progress=1.0, phase="done")
+        for i, m in enumerate(models)
+    ])
+    LayerResult.objects.bulk_create([
+        LayerResult(job=j, layer=name, units=args.units, matrix_path=f"/media/results/job-{j.pk}/{name}.npz",
+                    summary={"units": args.units, "detectors": args.units // 2,
+                             "by_category": {c: int(rng.integers(0, 60)) for c, _ in CATEGORIES}})
+        for j in jobs for name in LAYERS[: args.layers]
+    ], batch_size=5000)
+    timings["fill: users, concepts, models, jobs"] = time.perf_counter() - started
+
+    ranks = np.arange(1, len(concept_ids) + 1, dtype=np.float64)
+    weights = ranks ** -0.8
+    weights = rng.permutation(weights / weights.sum())
+    job_ids = np.array([j.pk for j in jobs], dtype=np.int64)
+    model_ids = np.array([j.model_id for j in jobs], dtype=np.int64)
+    unit_cols = [("id", ">i8"), ("job_id", ">i8"), ("model_id", ">i8"), ("layer", "S8"), ("unit", ">i4"),
+                 ("label_id", ">i8"), ("label_name", "S8"), ("iou", ">f8"), ("threshold", ">f8"), ("top_images", f"S{3 + 6 * TOP_IMAGES - 1}")]
+    score_cols = [("id", ">i8"), ("unit_id", ">i8"), ("concept_id", ">i8"), ("rank", ">i2"), ("iou", ">f8")]
+    per_chunk = 50
+    gen_time = 0.0
+
+    def chunks():
+        nonlocal gen_time
+        next_unit, next_score = 1, 1
+        for start in range(0, n_models, per_chunk):
+            t0 = time.perf_counter()
+            units, scores = unit_rows(
+                rng, first_unit_id=next_unit, jobs=job_ids[start:start + per_chunk],
+                models=model_ids[start:start + per_chunk], n_layers=args.layers, n_units=args.units,
+                concept_ids=concept_ids, concept_names=concept_names, weights=weights, top=args.top,
+            )
+            n_scores = len(scores["unit_id"])
+            scores["id"] = np.arange(next_score, next_score + n_scores, dtype=np.int64)
+            next_unit += len(units["id"])
+            next_score += n_scores
+            packed = (binary_rows(unit_cols, units), binary_rows(score_cols, scores))
+            gen_time += time.perf_counter() - t0
+            yield packed
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET maintenance_work_mem = '1GB'")
+        cursor.execute("SET synchronous_commit = off")
+        t0 = time.perf_counter()
+        with transaction.atomic():
+            recreate = drop_table_indexes(cursor, ["nd_unit", "nd_unit_concept"])
+        timings["fill: drop indexes"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        raw = cursor.cursor
+        with tempfile.TemporaryFile(dir=args.tmp) as score_file:
+
+            def unit_chunks():
+                for unit_bytes, score_bytes in chunks():
+                    score_file.write(score_bytes)
+                    yield unit_bytes
+
+            copy_binary(raw, "nd_unit", [c for c, _ in unit_cols], unit_chunks())
+            t1 = time.perf_counter()
+            timings["fill: COPY units (incl. generation)"] = t1 - t0
+            score_file.seek(0)
+
+            def score_chunks():
+                while block := score_file.read(1 << 24):
+                    yield block
+
+            copy_binary(raw, "nd_unit_concept", [c for c, _ in score_cols], score_chunks())
+        timings["fill: COPY unit concepts"] = time.perf_counter() - t1
+        timings["fill: of which numpy generation"] = gen_time
+        for table in ("nd_unit", "nd_unit_concept"):
+            cursor.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"
+            )
+        t0 = time.perf_counter()
+        for sql in recreate:
+            cursor.execute(sql)
+        timings["fill: rebuild indexes and constraints"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE")
+        timings["fill: VACUUM ANALYZE"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cursor.execute("CHECKPOINT")  # flush the fill now, not during the measurements
+    timings["fill: CHECKPOINT"] = time.perf_counter() - t0
+    return {"user": bench.pk}
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return statistics.median(ordered), p95, ordered[-1]
+
+
+def measure_get(client, paths: list[str], *, check=None) -> list[float]:
+    out = []
+    for path in paths:
+        t0 = time.perf_counter()
+        response = client.get(path)
+        body = response.json()
+        out.append(time.perf_counter() - t0)
+        if response.status_code != 200:
+            raise SystemExit(f"GET {path} -> {response.status_code}: {body}")
+        if check is not None:
+            check(path, body)
+    return out
+
+
+def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from django.db.models import Count
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    from api import services
+    from api.models import Concept, Dataset, Job, NetworkModel, Unit, UnitConcept
+
+    rng = np.random.default_rng(args.seed + 1)
+    user = get_user_model().objects.get(username="bench")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
+    n = args.requests
+
+    counts = list(
+        Unit.objects.filter(iou__gte=0.04).values("label__name").annotate(n=Count("id")).order_by("-n")
+    )
+    head = [c["label__name"] for c in counts[:20]]
+    everyone = [c["label__name"] for c in counts]
+    names_head = [head[i % len(head)] for i in range(n // 2)]
+    names_any = rng.choice(everyone, size=n - n // 2).tolist()
+
+    def check_units(path, body):
+        results = body["results"]
+        if results and any(r["iou"] < 0.04 for r in results):
+            raise SystemExit(f"{path}: a unit under min_iou")
+        if results and len(results[0]["top_concepts"]) != args.top:
+            raise SystemExit(f"{path}: expected {args.top} top concepts")
+
+    samples = measure_get(client, [f"/api/units/?concept={c}&min_iou=0.04" for c in head], check=check_units)
+    rows.append(("GET /api/units/?concept=X&min_iou=0.04, first request for each of the 20 (cold cache)",
+                 samples, ""))
+    interleaved = [name for pair in zip(names_head, names_any, strict=False) for name in pair]
+    samples = measure_get(client, [f"/api/units/?concept={c}&min_iou=0.04" for c in interleaved], check=check_units)
+    rows.append(("GET /api/units/?concept=X&min_iou=0.04 (X among the 20 most frequent labels)", samples[0::2],
+                 "p95 < 50 ms"))
+    rows.append(("GET /api/units/?concept=X&min_iou=0.04 (X any label, uniform)", samples[1::2], "p95 < 50 ms"))
+    rows.append(("  both together (requests alternate between the two)", samples, "p95 < 50 ms"))
+
+    first = client.get(f"/api/units/?concept={head[0]}&min_iou=0.04").json()
+    nexts = []
+    page = first
+    for _ in range(min(20, n)):
+        if not page.get("next"):
+            break
+        t0 = time.perf_counter()
+        page = client.get(page["next"]).json()
+        nexts.append(time.perf_counter() - t0)
+    rows.append((f"GET next pages (cursor) of concept={head[0]}, pages 2..{len(nexts) + 1}", nexts, ""))
+
+    visible_models = list(
+        NetworkModel.objects.filter(owner=user).values_list("id", flat=True)
+    ) + list(NetworkModel.objects.filter(public=True).exclude(owner=user).values_list("id", flat=True))
+    picks = rng.choice(visible_models, size=n).tolist()
+    layer_names = LAYERS[: args.layers]
+    paths = [f"/api/units/?model={m}&layer={layer_names[i % len(layer_names)]}" for i, m in enumerate(picks)]
+    rows.append(("GET /api/units/?model=M&layer=L", measure_get(client, paths), ""))
+    paths = [f"/api/units/?min_iou=0.04&category={['object', 'part', 'material'][i % 3]}" for i in range(n // 4)]
+    rows.append(("GET /api/units/?min_iou=0.04&category=C", measure_get(client, paths), ""))
+    paths = [f"/api/models/{m}/layers/" for m in picks]
+    rows.append(("GET /api/models/{id}/layers/", measure_get(client, paths), ""))
+    k = max(3, min(10, n // 10))
+    rows.append(("GET /api/concepts/", measure_get(client, ["/api/concepts/"] * k), ""))
+    rows.append(("GET /api/concepts/?category=object&min_iou=0.1",
+                 measure_get(client, ["/api/concepts/?category=object&min_iou=0.1"] * k), ""))
+
+    # Bulk write: one 512-unit layer with the full unit x concept matrix, as a worker stores it.
+    dataset = Dataset.objects.first()
+    concepts = list(Concept.objects.order_by("id").values_list("name", "category"))
+    writes, rewrites = [], []
+    for i in range(args.writes):
+        model = NetworkModel.objects.create(owner=user, name=f"write-{i}", arch="torchvision:resnet18",
+                                            weights_path="/x", public=True)
+        job = Job.objects.create(owner=user, type="dissect", model=model, dataset=dataset, status=Job.Status.RUNNING)
+        iou = rng.gamma(1.2, 0.01, size=(args.units, len(concepts)))
+        thresholds = rng.gamma(2.0, 1.0, size=args.units)
+        top_images = rng.integers(0, 20000, size=(args.units, TOP_IMAGES)).tolist()
+        for target in (writes, rewrites):
+            t0 = time.perf_counter()
+            stored = services.layer_result_store(
+                job=job, layer="layer4.1", thresholds=thresholds, iou=iou, concepts=concepts,
+                summary={"units": args.units}, top_images=top_images,
+            )
+            target.append(time.perf_counter() - t0)
+            assert stored == args.units
+        assert Unit.objects.filter(job=job).count() == args.units
+        assert UnitConcept.objects.filter(unit__job=job).count() == args.units * args.top
+    rows.append((f"layer_result_store: one {args.units}-unit layer x {len(concepts)} concepts (first write)",
+                 writes, "< 1 s"))
+    rows.append(("layer_result_store: the same layer again (redelivery, replaces)", rewrites, "< 1 s"))
+    rows.append((f"  (database vendor: {connection.vendor})", [], ""))
+
+
+def print_table(rows, timings: dict, args) -> None:
+    log("")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    log(f"machine: {os.cpu_count()} CPUs, load average {load} at the end (other processes share the CPUs)")
+    log(f"store benchmark: {args.models} models x {args.layers} layers x {args.units} units, top {args.top} "
+        f"concepts ({args.models * args.layers * args.units:,} units, "
+        f"{args.models * args.layers * args.units * args.top:,} scores); Postgres database {args.db}")
+    if timings:
+        log("")
+        log(f"{'fill step':<58} {'seconds':>9}")
+        for name, seconds in timings.items():
+            log(f"{name:<58} {seconds:>9.1f}")
+    log("")
+    log(f"{'measurement':<78} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}  target")
+    for name, samples, target in rows:
+        if not samples:
+            log(name)
+            continue
+        p50, p95, worst = percentiles(samples)
+        log(f"{name:<78} {len(samples):>4} {p50 * 1000:>8.1f} {p95 * 1000:>8.1f} {worst * 1000:>8.1f}  {target}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python bench/bench_store.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=int, default=1000)
+    parser.add_argument("--layers", type=int, default=5, choices=range(1, len(LAYERS) + 1))
+    parser.add_argument("--units", type=int, default=512)
+    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--writes", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--db", default="netdissect_bench")
+    parser.add_argument("--admin-url", default="postgres://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--skip-fill", action="store_true", help="reuse a database filled by an earlier --keep run")
+    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--tmp", default=None, help="folder for the temporary score file (default: system temp)")
+    args = parser.parse_args()
+    if args.db in PROTECTED:
+        raise SystemExit(f"refusing to use database {args.db!r}")
+
+    base = args.admin_url.rsplit("/", 1)[0]
+    media = tempfile.mkdtemp(prefix="bench-store-media-")
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"{base}/{args.db}",
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "MEDIA_ROOT": media,
+        "VAR_DIR": str(Path(media) / "var"),
+        "UNIT_TOP_CONCEPTS": str(args.top),
+        "DEBUG": "false",
+    }
+    os.environ.update(env)
+    timings: dict[str, float] = {}
+    rows: list = []
+    try:
+        if not args.skip_fill:
+            t0 = time.perf_counter()
+            recreate_database(args.admin_url, args.db)
+            migrate(env)
+            timings["create database and migrate"] = time.perf_counter() - t0
+
+        import django
+
+        django.setup()
+        if not args.skip_fill:
+            t0 = time.perf_counter()
+            fill(args, timings)
+            timings["fill: total"] = time.perf_counter() - t0
+        measure(args, rows)
+    finally:
+        from django.apps import apps
+
+        if apps.ready:
+            from django.db import connections
+
+            connections.close_all()
+        shutil.rmtree(media, ignore_errors=True)
+        if not args.keep:
+            drop_database(args.admin_url, args.db)
+    print_table(rows, timings, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
