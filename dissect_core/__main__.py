@@ -4,6 +4,13 @@
 and ``OUT/LAYER/iou.csv`` (unit,concept,category,iou: every unit x concept pair),
 plus ``OUT/LAYER/summary.json``. Bad input prints one line ``error: ...`` and exits
 with status 2.
+
+``ablate`` ranks each unit's importance to each class on the training split and
+removes sets of units on the validation split, writing ``OUT/LAYER/importance.csv``
+(class,class_index,rank,unit,balanced_accuracy,drop,margin_drop), ``OUT/LAYER/sets.csv``
+(class,class_index,k,baseline,removed_top,kept_top,removed_top_accuracy,kept_top_accuracy),
+``OUT/LAYER/ablation.npz`` (the results' state dicts) and ``OUT/LAYER/ablation.json``
+(headline numbers; with ``--attack-images`` also the adversarial unit changes).
 """
 
 from __future__ import annotations
@@ -66,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--n", type=int, required=True)
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--image-size", type=int, default=None)
+
+    ab = sub.add_parser("ablate", help="unit importance per class by ablation, and set removals")
+    model_args(ab, weights_required=True)
+    ab.add_argument("--dataset", required=True, help="a dataset with train/val splits and scene classes")
+    ab.add_argument("--layer", required=True, help="dotted layer name")
+    ab.add_argument("--train-split", default="train")
+    ab.add_argument("--val-split", default="val")
+    ab.add_argument("--ks", default=None, help="comma-separated set sizes (default 1,2,3,4,5,20,64,128,256) or 'all'")
+    ab.add_argument("--headline-k", type=int, default=20)
+    ab.add_argument("--max-images", type=int, default=None, help="at most this many images per split")
+    ab.add_argument("--attack-images", type=int, default=0,
+                    help="also attack this many validation images (PGD) and report unit peak changes")
+    ab.add_argument("--batch-size", type=int, default=64)
+    ab.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ab.add_argument("--out", required=True, type=Path)
+    ab.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -231,11 +254,69 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .ablation import ablate_sets, unit_importance
+    from .datasets import open_dataset
+
+    model = _load(args)
+    train = open_dataset(args.dataset, split=args.train_split, max_images=args.max_images)
+    val = open_dataset(args.dataset, split=args.val_split, max_images=args.max_images)
+    ks = None
+    if args.ks and args.ks != "all":
+        try:
+            ks = [int(k) for k in args.ks.split(",") if k.strip()]
+        except ValueError:
+            raise DissectError(f"--ks must be comma-separated integers or 'all', got {args.ks!r}") from None
+    bars = _Bars(not args.no_progress)
+    try:
+        importance = unit_importance(model, train, args.layer, batch_size=args.batch_size, device=args.device,
+                                     progress=bars)
+        if args.ks == "all":
+            ks = range(1, len(importance.units) + 1)
+        sets = ablate_sets(model, val, args.layer, importance, ks=ks, batch_size=args.batch_size,
+                           device=args.device, progress=bars)
+        attack = None
+        if args.attack_images > 0:
+            from .attack import attack_unit_changes
+
+            attack = attack_unit_changes(model, val, args.layer, importance, max_images=args.attack_images,
+                                         batch_size=args.batch_size, device=args.device, progress=bars)
+    finally:
+        bars.close()
+    layer_dir = args.out / args.layer
+    layer_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("importance.csv", list(importance.rows())), ("sets.csv", list(sets.rows()))):
+        with open(layer_dir / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    arrays: dict[str, Any] = {}
+    parts: list[tuple[str, Any]] = [("importance", importance), ("sets", sets)]
+    if attack is not None:
+        parts.append(("attack", attack))
+    for prefix, result in parts:
+        arrays.update({f"{prefix}.{k}": np.asarray(v) for k, v in result.state_dict().items()})
+    np.savez_compressed(layer_dir / "ablation.npz", **arrays)
+    headline = sets.summary(args.headline_k)
+    report: dict[str, Any] = {"layer": args.layer, "units": len(importance.units), "classes": importance.classes,
+                              "tied": importance.tied.tolist(), "headline": headline}
+    if attack is not None:
+        report["attack"] = attack.summary()
+    (layer_dir / "ablation.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{args.layer}: k={headline['k']}, mean balanced accuracy over {headline['classes']} classes: "
+          f"baseline {headline['baseline']:.3f}, top {headline['k']} removed {headline['removed_top']:.3f}, "
+          f"all but top {headline['k']} removed {headline['kept_top']:.3f} -> {layer_dir}")
+    return 0
+
+
 _COMMANDS = {
     "dissect": _cmd_dissect,
     "layers": _cmd_layers,
     "make-demo": _cmd_make_demo,
     "make-synthetic": _cmd_make_synthetic,
+    "ablate": _cmd_ablate,
 }
 
 
