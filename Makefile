@@ -22,6 +22,7 @@ serve: install
 	$(BIN)/python manage.py serve --port $(PORT) --workers $(WORKERS)
 
 test: install
+	bash scripts/ensure_browser.sh
 	$(BIN)/python scripts/ensure_services.py
 	$(BIN)/python -m pytest
 
