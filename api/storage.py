@@ -15,6 +15,7 @@ from api.errors import ApplicationError
 MAX_ARCHIVE_MEMBERS = 200_000
 MAX_ARCHIVE_BYTES = 20 * 1024**3
 MAX_COMPRESSION_RATIO = 200
+DATASET_SUBFOLDERS = {"images", "masks"}
 
 
 def path_in_data_roots(raw: str) -> Path:
@@ -98,8 +99,8 @@ def extract_archive(archive: Path, target: Path) -> Path:
             tf.extractall(target, filter="data")
     else:
         raise ApplicationError(f"{archive.name}: archives must be .zip, .tar or .tar.gz")
-    entries = [p for p in target.iterdir()]
-    if len(entries) == 1 and entries[0].is_dir():
+    entries = list(target.iterdir())
+    if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in DATASET_SUBFOLDERS:
         return entries[0]
     return target
 

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from dissect_core.broden import MAX_IMAGE_PIXELS
+
 
 def probe_model(args: argparse.Namespace) -> dict:
     from dissect_core.models import list_layers, load_model
@@ -38,6 +40,10 @@ def probe_dataset(args: argparse.Namespace) -> dict:
     validate = getattr(dataset, "validate", None)
     if callable(validate):
         validate(full=False)
+    oversized = _first_oversized_image(Path(args.spec.split(":", 1)[1]))
+    if oversized is not None:
+        path, why = oversized
+        return {"ok": False, "message": f"{path.name} {why}", "details": {"path": str(path)}}
     if len(dataset) == 0:
         return {"ok": False, "message": "the dataset holds no images", "details": {}}
     return {
@@ -49,6 +55,34 @@ def probe_dataset(args: argparse.Namespace) -> dict:
         "concepts": [{"name": c.name, "category": c.category} for c in dataset.concepts],
         "classes": list(getattr(dataset, "classes", []) or []),
     }
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _first_oversized_image(root: Path) -> tuple[Path, str] | None:
+    """Read every image's header (no decoding) and return the first over the pixel limit."""
+    import warnings
+
+    from PIL import Image
+
+    if not root.is_dir():
+        return None
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as image:
+                    width, height = image.size
+        except Image.DecompressionBombError:
+            return path, f"is over the limit of {MAX_IMAGE_PIXELS} pixels (a decompression bomb)"
+        except OSError:
+            continue
+        if width * height > MAX_IMAGE_PIXELS:
+            return path, f"is {width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

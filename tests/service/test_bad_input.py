@@ -251,13 +251,6 @@ def test_an_image_over_the_pixel_limit_is_refused(api, nothing_left):
     _bad(response, 400, "a.png", "9000x9000", "over the limit")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registration checks the pixel size of the first image only (imagefolder) or of no image "
-    "(broden: validate(full=False) checks that files exist): a bomb later in the folder is accepted "
-    "and the job fails instead. Fix in workers/probe.py / dissect_core: read every image's header "
-    "(PIL Image.open(...).size, no decoding) at registration and refuse any over MAX_IMAGE_PIXELS.",
-)
 @pytest.mark.parametrize("layout", ["imagefolder", "broden"])
 def test_an_image_over_the_pixel_limit_anywhere_in_the_dataset_is_refused(api, media, layout):
     if layout == "imagefolder":
@@ -274,6 +267,14 @@ def test_an_image_over_the_pixel_limit_anywhere_in_the_dataset_is_refused(api, m
                         format="multipart")
     _bad(response, 400, "c.png", "over the limit")
     _assert_nothing_left(media)
+
+
+def test_an_image_folder_archive_with_images_at_the_top_registers(api):
+    archive = _zip({"images/a.png": _png(16, 16), "images/b.png": _png(16, 16)})
+    response = api.post("/api/datasets/", {"name": "top", "format": "imagefolder", "archive": archive,
+                                           "concepts": "colors"}, format="multipart")
+    assert response.status_code == 201, response.json()
+    assert response.json()["image_count"] == 2
 
 
 # ---------------------------------------------------------------- jobs
