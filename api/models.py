@@ -91,6 +91,7 @@ class Job(models.Model):
 
     class Type(models.TextChoices):
         DISSECT = "dissect"
+        ABLATE = "ablate"
 
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -121,6 +122,7 @@ class Job(models.Model):
     heartbeat = models.DateTimeField(null=True, blank=True)
     results_path = models.CharField(max_length=1000, blank=True, default="")
     stage = models.CharField(max_length=40, blank=True, default="")
+    summary = models.JSONField(default=dict, blank=True)
 
     class Meta:
         db_table = "nd_job"
@@ -223,6 +225,49 @@ class LayerResult(models.Model):
         db_table = "nd_layer_result"
         ordering = ["job_id", "id"]
         constraints = [models.UniqueConstraint(fields=["job", "layer"], name="layerresult_job_layer")]
+
+
+class ClassUnitImportance(models.Model):
+    """How much one class's balanced accuracy drops when one unit alone is removed (an ablate job)."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="importances")
+    model = models.ForeignKey(NetworkModel, on_delete=models.CASCADE, related_name="importances")
+    layer = models.CharField(max_length=200)
+    class_index = models.PositiveIntegerField()
+    class_name = models.CharField(max_length=200)
+    rank = models.PositiveIntegerField()
+    unit = models.PositiveIntegerField()
+    balanced_accuracy = models.FloatField()
+    drop = models.FloatField()
+    margin_drop = models.FloatField()
+
+    class Meta:
+        db_table = "nd_class_unit_importance"
+        ordering = ["job_id", "class_index", "rank"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "class_index", "unit"], name="importance_job_class_unit")
+        ]
+        indexes = [models.Index(fields=["model", "class_name", "job", "rank"])]
+
+
+class AblationCurve(models.Model):
+    """One point of the paper's Figure 2c curves: a class with its k most important units removed,
+    or with all units but those removed (validation split)."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="curves")
+    class_index = models.PositiveIntegerField()
+    class_name = models.CharField(max_length=200)
+    k = models.PositiveIntegerField()
+    baseline = models.FloatField(null=True)
+    removed_top = models.FloatField(null=True)
+    kept_top = models.FloatField(null=True)
+    removed_top_accuracy = models.FloatField()
+    kept_top_accuracy = models.FloatField()
+
+    class Meta:
+        db_table = "nd_ablation_curve"
+        ordering = ["job_id", "class_index", "k"]
+        constraints = [models.UniqueConstraint(fields=["job", "class_index", "k"], name="curve_job_class_k")]
 
 
 class WorkerHeartbeat(models.Model):

@@ -102,6 +102,61 @@ def layer_summaries(*, model: NetworkModel, user) -> QuerySet[LayerResult]:
     ).order_by("-job__created", "id")
 
 
+
+def latest_unit_iou(*, model_id: int, layer: str):
+    """(job id, float [U] best-concept IoU per unit) of the latest succeeded dissection of a layer, or None."""
+    import numpy as np
+
+    job = (
+        Job.objects.filter(model_id=model_id, type=Job.Type.DISSECT, status=Job.Status.SUCCEEDED, units__layer=layer)
+        .order_by("-finished", "-id")
+        .first()
+    )
+    if job is None:
+        return None
+    rows = list(Unit.objects.filter(job=job, layer=layer).order_by("unit").values_list("unit", "iou"))
+    iou = np.zeros(len(rows), np.float64)
+    for unit, value in rows:
+        if unit < len(iou):
+            iou[unit] = value
+    return job.pk, iou
+
+
+def latest_ablation_job(*, model: NetworkModel, user, layer: str | None = None):
+    jobs = job_list(user=user).filter(model=model, type=Job.Type.ABLATE, status=Job.Status.SUCCEEDED)
+    if layer:
+        jobs = jobs.filter(params__layer=layer)
+    return jobs.order_by("-finished", "-id").first()
+
+
+def important_units(*, job: Job, class_name: str, limit: int) -> list[dict]:
+    """A class's most important units in an ablate job, each with its dissection label when one exists."""
+    from api.models import ClassUnitImportance
+
+    rows = list(
+        ClassUnitImportance.objects.filter(job=job, class_name=class_name)
+        .order_by("rank")
+        .values("unit", "rank", "balanced_accuracy", "drop", "margin_drop")[:limit]
+    )
+    dissection = (
+        Job.objects.filter(model_id=job.model_id, type=Job.Type.DISSECT, status=Job.Status.SUCCEEDED,
+                           units__layer=job.params["layer"])
+        .order_by("-finished", "-id")
+        .first()
+    )
+    labels = {}
+    if dissection is not None:
+        labels = {
+            u: (name or None, iou)
+            for u, name, iou in Unit.objects.filter(
+                job=dissection, layer=job.params["layer"], unit__in=[r["unit"] for r in rows]
+            ).values_list("unit", "label_name", "iou")
+        }
+    for row in rows:
+        row["label"], row["iou"] = labels.get(row["unit"], (None, None))
+    return rows
+
+
 def health() -> tuple[bool, dict]:
     report: dict = {}
     try:
@@ -184,3 +239,124 @@ def unit_image_path(*, unit: Unit):
         return None
     path = Path(folder) / unit.layer / f"unit_{unit.unit:04d}.png"
     return path if path.is_file() else None
+
+
+# Dashboard reads (api/dashboard.py). Each takes the requesting user, or rows already checked
+# against them, and returns rows ordered for one page.
+
+DETECTOR_MIN_IOU = 0.04
+
+DASHBOARD_UNIT_ORDERINGS = {
+    "-iou": ("-iou", "id"),
+    "iou": ("iou", "id"),
+    "unit": ("unit", "id"),
+    "concept": ("label_name", "-iou", "id"),
+}
+
+
+def dashboard_job_counts(*, user) -> dict[str, int]:
+    """How many of the user's visible jobs are in each status."""
+    rows = job_list(user=user).order_by().values_list("status").annotate(n=Count("id"))
+    return dict(rows)
+
+
+def dashboard_model_jobs(*, model: NetworkModel, user) -> QuerySet[Job]:
+    """The visible jobs of one model, newest first."""
+    return job_list(user=user).filter(model=model)
+
+
+def dashboard_latest_layer_results(*, model: NetworkModel, user) -> dict[str, LayerResult]:
+    """Per layer of a model, the result of its latest succeeded visible dissection."""
+    rows = layer_summaries(model=model, user=user).select_related("job").only(
+        "id", "layer", "units", "summary", "job__id", "job__created", "job__status"
+    )
+    latest: dict[str, LayerResult] = {}
+    for row in rows:
+        latest.setdefault(row.layer, row)
+    return latest
+
+
+def dashboard_detector_counts(
+    *, layer_results: list[LayerResult], min_iou: float = DETECTOR_MIN_IOU
+) -> dict[tuple[int, str], list[tuple[str, str, int]]]:
+    """Detector units (label IoU >= min_iou) per concept, for some (job, layer) results, in one query.
+
+    Returns:
+        {(job id, layer): [(concept, category, units), ...]} most units first.
+    """
+    found: dict[tuple[int, str], list[tuple[str, str, int]]] = {(r.job_id, r.layer): [] for r in layer_results}
+    if not layer_results:
+        return found
+    which = Q()
+    for r in layer_results:
+        which |= Q(job_id=r.job_id, layer=r.layer)
+    rows = (
+        Unit.objects.filter(which, iou__gte=min_iou, label__isnull=False)
+        .order_by()
+        .values_list("job_id", "layer", "label__name", "label__category")
+        .annotate(n=Count("id"))
+    )
+    for job_id, layer, name, category, n in rows:
+        found[(job_id, layer)].append((name, category, n))
+    for counts in found.values():
+        counts.sort(key=lambda row: (-row[2], row[0]))
+    return found
+
+
+def dashboard_layer_units(
+    *,
+    user,
+    job: Job,
+    layer: str,
+    concept: str = "",
+    category: str = "",
+    min_iou: float | None = None,
+    ordering: str = "-iou",
+) -> QuerySet[Unit]:
+    """The visible units of one layer of a job, filtered by label, category and IoU, in an order
+    of :data:`DASHBOARD_UNIT_ORDERINGS`."""
+    units = unit_list(user=user).filter(job=job, layer=layer)
+    if concept:
+        units = units.filter(label_name=concept)
+    if category:
+        units = units.filter(label__category=category)
+    if min_iou is not None:
+        units = units.filter(iou__gte=min_iou)
+    return units.order_by(*DASHBOARD_UNIT_ORDERINGS.get(ordering, DASHBOARD_UNIT_ORDERINGS["-iou"]))
+
+
+def dashboard_layer_labels(*, job: Job, layer: str) -> list[tuple[str, str, int]]:
+    """The labels of one layer of a job with their unit counts: [(concept, category, units)]."""
+    rows = (
+        Unit.objects.filter(job=job, layer=layer, label__isnull=False)
+        .order_by()
+        .values_list("label__name", "label__category")
+        .annotate(n=Count("id"))
+    )
+    return sorted(rows, key=lambda row: (row[0], row[1]))
+
+
+def dashboard_unit_neighbours(*, user, unit: Unit) -> dict[str, Unit | None]:
+    """The units numbered just below and above one unit in its layer (None at the ends)."""
+    layer = unit_list(user=user).filter(job_id=unit.job_id, layer=unit.layer).only("id", "unit")
+    return {
+        "previous": layer.filter(unit__lt=unit.unit).order_by("-unit").first(),
+        "next": layer.filter(unit__gt=unit.unit).order_by("unit").first(),
+    }
+
+
+def dashboard_unit_search(*, user, concept: str, min_iou: float | None = None) -> QuerySet[Unit]:
+    """Every visible unit labelled with a concept (its name in any case), best IoU first."""
+    names = list(Concept.objects.filter(name__iexact=concept.strip()).values_list("name", flat=True).distinct())
+    units = unit_list(user=user).filter(label_name__in=names)
+    if min_iou is not None:
+        units = units.filter(iou__gte=min_iou)
+    return units
+
+
+def dashboard_concept_suggestions(*, user, text: str, limit: int = 30) -> list[Concept]:
+    """Concepts that label visible units, whose name contains ``text`` (all when empty), most units first."""
+    rows = concept_list(user=user, min_iou=0.0)
+    if text:
+        rows = rows.filter(name__icontains=text.strip())
+    return list(rows[:limit])

@@ -7,6 +7,7 @@ from rest_framework import serializers
 
 from api import selectors
 from api.models import (
+    AblationCurve,
     Concept,
     Dataset,
     Job,
@@ -181,3 +182,34 @@ class HealthSerializer(serializers.Serializer):
     database = serializers.DictField()
     broker = serializers.DictField()
     workers = serializers.DictField()
+
+
+class AblationCurveSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AblationCurve
+        fields = ["class_index", "class_name", "k", "baseline", "removed_top", "kept_top",
+                  "removed_top_accuracy", "kept_top_accuracy"]
+        read_only_fields = fields
+
+
+class AblationSerializer(serializers.Serializer):
+    job = serializers.IntegerField()
+    summary = serializers.JSONField()
+    curves = AblationCurveSerializer(many=True)
+
+
+class ImportantUnitSerializer(serializers.Serializer):
+    unit = serializers.IntegerField()
+    rank = serializers.IntegerField()
+    balanced_accuracy = serializers.FloatField(help_text="the class's balanced accuracy with this unit removed")
+    drop = serializers.FloatField(help_text="baseline balanced accuracy minus the above")
+    margin_drop = serializers.FloatField(help_text="mean drop of the class's logit margin on its own images")
+    label = serializers.CharField(allow_null=True, help_text="the unit's concept in the latest dissection")
+    iou = serializers.FloatField(allow_null=True)
+
+
+class ImportantUnitsSerializer(serializers.Serializer):
+    job = serializers.IntegerField()
+    layer = serializers.CharField()
+    class_name = serializers.CharField()
+    units = ImportantUnitSerializer(many=True)

@@ -201,14 +201,61 @@ def _validate_dissect_params(model: NetworkModel, params: dict[str, Any]) -> dic
     return out
 
 
+def _validate_ablate_params(model: NetworkModel, dataset: Dataset, params: dict[str, Any]) -> dict[str, Any]:
+    known = {"layer", "ks", "classes", "train_split", "val_split", "max_images", "batch_size"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ApplicationError(f"unknown params: {', '.join(unknown)}", extra={"allowed": sorted(known)})
+    if model.kind != NetworkModel.Kind.CLASSIFIER:
+        raise ApplicationError(f"ablate needs a classifier; model {model.name} is a {model.kind}")
+    if not dataset.classes:
+        raise ApplicationError(f"ablate needs a dataset with class labels; dataset {dataset.name} has none")
+    layer_names = [entry["name"] for entry in model.layers]
+    layer = params.get("layer")
+    if not isinstance(layer, str) or layer not in layer_names:
+        raise ApplicationError(
+            f"params.layer must be one layer of model {model.name}, not {layer!r}", extra={"valid": layer_names}
+        )
+    out: dict[str, Any] = {
+        "layer": layer,
+        "train_split": params.get("train_split", "train"),
+        "val_split": params.get("val_split", "val"),
+        "batch_size": params.get("batch_size", 64),
+    }
+    for key in ("train_split", "val_split"):
+        if not isinstance(out[key], str) or not out[key]:
+            raise ApplicationError(f"params.{key} must be a split name (a value of the dataset's split column)")
+    if not isinstance(out["batch_size"], int) or not 1 <= out["batch_size"] <= 1024:
+        raise ApplicationError("params.batch_size must be an integer in 1..1024")
+    ks = params.get("ks")
+    if ks is not None:
+        if not isinstance(ks, list) or not ks or not all(isinstance(k, int) and k > 0 for k in ks):
+            raise ApplicationError("params.ks must be a list of positive integers (set sizes)")
+        out["ks"] = sorted(set(ks))
+    classes = params.get("classes")
+    if classes is not None:
+        n = len(dataset.classes)
+        if not isinstance(classes, list) or not all(isinstance(c, int) and 0 <= c < n for c in classes):
+            raise ApplicationError(f"params.classes must be a list of class indices in 0..{n - 1}")
+        out["classes"] = sorted(set(classes))
+    if "max_images" in params:
+        if not isinstance(params["max_images"], int) or params["max_images"] < 1:
+            raise ApplicationError("params.max_images must be a positive integer")
+        out["max_images"] = params["max_images"]
+    return out
+
+
 @transaction.atomic
 def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset, params: dict[str, Any]) -> Job:
     """Create a job and enqueue it once the transaction commits."""
-    if type != Job.Type.DISSECT:
+    if type not in Job.Type.values:
         raise ApplicationError(f"job type {type!r} is not available; available: {', '.join(Job.Type.values)}")
     if not isinstance(params, dict):
         raise ApplicationError("params must be a JSON object")
-    clean = _validate_dissect_params(model, params)
+    if type == Job.Type.ABLATE:
+        clean = _validate_ablate_params(model, dataset, params)
+    else:
+        clean = _validate_dissect_params(model, params)
     job = Job.objects.create(owner=owner, type=type, model=model, dataset=dataset, params=clean)
     transaction.on_commit(lambda: _enqueue(job.pk))
     return job
@@ -238,8 +285,12 @@ def _drop_results(job: Job) -> None:
     """Remove whatever a job wrote (rows now, files once the transaction commits)."""
     import shutil
 
+    from api.models import AblationCurve, ClassUnitImportance
+
     Unit.objects.filter(job=job).delete()
     LayerResult.objects.filter(job=job).delete()
+    ClassUnitImportance.objects.filter(job=job).delete()
+    AblationCurve.objects.filter(job=job).delete()
     media = Path(settings.MEDIA_ROOT)
     for folder in (media / "results" / f"job-{job.pk}", media / "work" / f"job-{job.pk}"):
         transaction.on_commit(lambda f=folder: shutil.rmtree(f, ignore_errors=True))
@@ -692,3 +743,47 @@ def shards_recover_stale(*, older_than: timedelta) -> list[int]:
             requeued.append(shard.pk)
             transaction.on_commit(lambda s=shard: _enqueue_shard(s.job_id, s.stage, s.index))
     return requeued
+
+
+def _finite(value: float) -> float | None:
+    import math
+
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def ablation_store(*, job: Job, layer: str, importance_rows: list[dict], curve_rows: list[dict], summary: dict) -> None:
+    """Write an ablate job's unit x class importance and set-ablation curves, idempotently."""
+    from api.models import AblationCurve, ClassUnitImportance
+
+    with transaction.atomic():
+        locked = Job.objects.select_for_update().get(pk=job.pk)
+        if locked.status != Job.Status.RUNNING:
+            return
+        ClassUnitImportance.objects.filter(job=job).delete()
+        AblationCurve.objects.filter(job=job).delete()
+        ClassUnitImportance.objects.bulk_create(
+            [
+                ClassUnitImportance(
+                    job=job, model_id=job.model_id, layer=layer, class_index=row["class_index"],
+                    class_name=row["class"], rank=row["rank"], unit=row["unit"],
+                    balanced_accuracy=row["balanced_accuracy"], drop=row["drop"], margin_drop=row["margin_drop"],
+                )
+                for row in importance_rows
+                if _finite(row["balanced_accuracy"]) is not None
+            ],
+            batch_size=5000,
+        )
+        AblationCurve.objects.bulk_create(
+            [
+                AblationCurve(
+                    job=job, class_index=row["class_index"], class_name=row["class"], k=row["k"],
+                    baseline=_finite(row["baseline"]), removed_top=_finite(row["removed_top"]),
+                    kept_top=_finite(row["kept_top"]), removed_top_accuracy=row["removed_top_accuracy"],
+                    kept_top_accuracy=row["kept_top_accuracy"],
+                )
+                for row in curve_rows
+            ],
+            batch_size=5000,
+        )
+        locked.summary = summary
+        locked.save(update_fields=["summary"])

@@ -19,6 +19,8 @@ from api.errors import ApplicationError
 from api.filters import ConceptFilter, JobFilter, UnitFilter
 from api.models import Dataset, NetworkModel
 from api.serializers import (
+    AblationSerializer,
+    ImportantUnitsSerializer,
     ConceptSerializer,
     DatasetCreateSerializer,
     DatasetSerializer,
@@ -70,6 +72,37 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
         model = self.get_object()
         rows = selectors.layer_summaries(model=model, user=request.user)
         return Response(LayerResultSerializer(rows, many=True).data)
+
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("layer", str, description="the ablated layer (default: the latest ablate job's)"),
+            OpenApiParameter("limit", int, description="how many units (default 20)"),
+        ],
+        responses={200: ImportantUnitsSerializer},
+    )
+    @action(detail=True, methods=["get"], url_path=r"classes/(?P<class_name>[^/]+)/important-units")
+    def important_units(self, request, pk=None, class_name=None):
+        """A class's most important units (removing each alone hurts the class most), from the latest ablate job."""
+        model = self.get_object()
+        job = selectors.latest_ablation_job(model=model, user=request.user, layer=request.query_params.get("layer"))
+        if job is None:
+            raise ApplicationError(f"model {model.name} has no succeeded ablate job", status=404)
+        if class_name not in job.summary.get("classes", []):
+            raise ApplicationError(
+                f"{class_name!r} is not a class of ablate job {job.pk}", status=404,
+                extra={"classes": job.summary.get("classes", [])},
+            )
+        try:
+            limit = max(1, min(10_000, int(request.query_params.get("limit", 20))))
+        except ValueError:
+            raise ApplicationError("limit must be an integer") from None
+        rows = selectors.important_units(job=job, class_name=class_name, limit=limit)
+        return Response(
+            ImportantUnitsSerializer(
+                {"job": job.pk, "layer": job.params["layer"], "class_name": class_name, "units": rows}
+            ).data
+        )
 
 
 class DatasetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -138,6 +171,16 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         response = StreamingHttpResponse(selectors.matrix_csv_lines(path), content_type="text/csv")
         response["Content-Disposition"] = f'attachment; filename="job{job.pk}-{layer}.csv"'
         return response
+
+
+    @extend_schema(responses={200: AblationSerializer, 409: OpenApiResponse(description="not a succeeded ablate job")})
+    @action(detail=True, methods=["get"])
+    def ablation(self, request, pk=None):
+        """An ablate job's results: baselines, ties, the curves of Figure 2c and the Figure 2e scatter."""
+        job = self.get_object()
+        if job.type != "ablate" or job.status != "succeeded":
+            raise ApplicationError(f"job {job.pk} is not a succeeded ablate job", status=409)
+        return Response(AblationSerializer({"job": job.pk, "summary": job.summary, "curves": job.curves.all()}).data)
 
 
 class UnitPagination(CursorPagination):

@@ -61,7 +61,10 @@ class ProgressReporter(threading.Thread):
     with it, so the heartbeat stops and the job is requeued by a live worker.
     """
 
-    PHASE_SHARE = {"forward": (0.0, 0.6), "quantile": (0.6, 0.72), "refine": (0.72, 0.8), "count": (0.8, 0.9), "images": (0.9, 0.97)}
+    PHASE_SHARE = {"forward": (0.0, 0.6), "quantile": (0.6, 0.72), "refine": (0.72, 0.8), "count": (0.8, 0.9), "images": (0.9, 0.97),
+        "importance-cache": (0.0, 0.15), "importance-ablate": (0.15, 0.6),
+        "sets-cache": (0.6, 0.7), "sets-ablate": (0.7, 0.95),
+    }
 
     def __init__(self, job_id: int, interval: float) -> None:
         super().__init__(name=f"job-{job_id}-progress", daemon=True)

@@ -1,0 +1,99 @@
+"""The body of an ablate job: which units each class depends on (the paper's Figure 2)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+
+from api import selectors, services
+from api.models import Job
+from workers.dissection import ProgressReporter, pick_device, with_batch_backoff
+
+def _staged(reporter: ProgressReporter, stage: str):
+    def progress(phase: str, done: int, total: int) -> None:
+        reporter.progress(f"{stage}-{phase}", done, total)
+
+    return progress
+
+
+def _clean(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        return _clean(value.item())
+    return value
+
+
+def run_ablation(job: Job) -> None:
+    from dissect_core.ablation import ablate_sets, importance_interpretability, unit_importance
+    from dissect_core.datasets import open_dataset
+    from dissect_core.models import load_model
+
+    params = job.params
+    row = job.model
+    model = load_model(
+        row.arch, Path(row.weights_path), row.num_classes,
+        input_size=row.input_size, mean=row.mean or None, std=row.std or None, classes=row.classes or None,
+    )
+    spec = job.dataset.spec
+    train = open_dataset(spec, split=params["train_split"], max_images=params.get("max_images"))
+    val = open_dataset(spec, split=params["val_split"], max_images=params.get("max_images"))
+    layer = params["layer"]
+    device = pick_device()
+    with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
+        reporter.progress("loading", 0, len(train))
+        importance = with_batch_backoff(
+            lambda batch_size: unit_importance(
+                model, train, layer, batch_size=batch_size, device=device,
+                progress=_staged(reporter, "importance"), should_stop=reporter.should_stop,
+            ),
+            params["batch_size"],
+        )
+        sets = with_batch_backoff(
+            lambda batch_size: ablate_sets(
+                model, val, layer, importance, classes=params.get("classes"), ks=params.get("ks"),
+                batch_size=batch_size, device=device,
+                progress=_staged(reporter, "sets"), should_stop=reporter.should_stop,
+            ),
+            params["batch_size"],
+        )
+        reporter.progress("storing", 1, 1)
+        summary: dict = {
+            "layer": layer,
+            "train_images": len(train),
+            "val_images": len(val),
+            "classes": list(importance.classes),
+            "baseline_train": {
+                "accuracy": importance.baseline.accuracy,
+                "balanced_accuracy": importance.baseline.balanced_accuracy.tolist(),
+            },
+            "baseline_val": {
+                "accuracy": sets.baseline.accuracy,
+                "balanced_accuracy": sets.baseline.balanced_accuracy.tolist(),
+            },
+            "tied_units": importance.tied.tolist(),
+            "unchanged_units": importance.unchanged.tolist(),
+            "sets_k20": sets.summary(20),
+        }
+        dissection = selectors.latest_unit_iou(model_id=row.pk, layer=layer)
+        if dissection is not None and len(dissection[1]) == importance.balanced_accuracy.shape[0]:
+            interp = importance_interpretability(importance, dissection[1])
+            summary["interpretability"] = {
+                "dissection_job": dissection[0],
+                "units": interp.units.tolist(),
+                "classes_in_top4": interp.classes_in_top.tolist(),
+                "iou": interp.iou.tolist(),
+                "correlation": interp.correlation(),
+            }
+        services.ablation_store(
+            job=job, layer=layer, importance_rows=list(importance.rows()), curve_rows=list(sets.rows()),
+            summary=_clean(summary),
+        )
+    services.job_succeed(job_id=job.pk)
