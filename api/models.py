@@ -92,6 +92,7 @@ class Job(models.Model):
     class Type(models.TextChoices):
         DISSECT = "dissect"
         ABLATE = "ablate"
+        ATTACK = "attack"
 
     class Status(models.TextChoices):
         QUEUED = "queued"

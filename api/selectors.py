@@ -157,6 +157,29 @@ def important_units(*, job: Job, class_name: str, limit: int) -> list[dict]:
     return rows
 
 
+
+def importance_ranking(*, job_id: int):
+    """int64 [K, U] units per class, most important first, from an ablate job's stored ranks."""
+    import numpy as np
+
+    from api.models import ClassUnitImportance
+
+    job = Job.objects.get(pk=job_id)
+    classes = job.summary.get("classes", [])
+    rows = list(
+        ClassUnitImportance.objects.filter(job=job).order_by("class_index", "rank").values_list("class_index", "unit")
+    )
+    units = 1 + max((u for _, u in rows), default=-1)
+    ranking = np.tile(np.arange(units, dtype=np.int64), (len(classes), 1))
+    per_class: dict[int, list[int]] = {}
+    for c, u in rows:
+        per_class.setdefault(c, []).append(u)
+    for c, order in per_class.items():
+        if len(order) == units:
+            ranking[c] = order
+    return ranking
+
+
 def health() -> tuple[bool, dict]:
     report: dict = {}
     try:

@@ -92,7 +92,7 @@ class JobSerializer(serializers.ModelSerializer):
         fields = [
             "id", "type", "model", "model_name", "dataset", "dataset_name", "params", "status", "phase",
             "progress", "images_done", "images_total", "eta_seconds", "error", "attempts", "owner",
-            "created", "started", "finished",
+            "created", "started", "finished", "summary",
         ]
         read_only_fields = fields
 

@@ -245,6 +245,51 @@ def _validate_ablate_params(model: NetworkModel, dataset: Dataset, params: dict[
     return out
 
 
+def _validate_attack_params(owner, model: NetworkModel, dataset: Dataset, params: dict[str, Any]) -> dict[str, Any]:
+    known = {"layer", "split", "max_images", "eps", "iterations", "top_k", "seed", "batch_size"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ApplicationError(f"unknown params: {', '.join(unknown)}", extra={"allowed": sorted(known)})
+    if not dataset.classes:
+        raise ApplicationError(f"attack needs a dataset with class labels; dataset {dataset.name} has none")
+    layer = params.get("layer")
+    ablation = (
+        Job.objects.filter(owner=owner, model=model, type=Job.Type.ABLATE, status=Job.Status.SUCCEEDED,
+                           params__layer=layer)
+        .order_by("-finished", "-id")
+        .first()
+    )
+    if not isinstance(layer, str) or ablation is None:
+        raise ApplicationError(
+            f"params.layer must be a layer of model {model.name} with a succeeded ablate job "
+            f"(the attack compares unit changes with unit importance); got {layer!r}"
+        )
+    out: dict[str, Any] = {
+        "layer": layer,
+        "ablation_job": ablation.pk,
+        "split": params.get("split", "val"),
+        "max_images": params.get("max_images", 200),
+        "eps": params.get("eps", 8 / 255),
+        "iterations": params.get("iterations", 20),
+        "top_k": params.get("top_k", 4),
+        "seed": params.get("seed", 0),
+        "batch_size": params.get("batch_size", 32),
+    }
+    checks = [
+        (isinstance(out["split"], str) and out["split"], "params.split must be a split name"),
+        (isinstance(out["max_images"], int) and out["max_images"] >= 1, "params.max_images must be a positive integer"),
+        (isinstance(out["eps"], (int, float)) and 0 < out["eps"] <= 1, "params.eps must be in (0, 1] (pixel scale)"),
+        (isinstance(out["iterations"], int) and 1 <= out["iterations"] <= 1000, "params.iterations must be in 1..1000"),
+        (isinstance(out["top_k"], int) and out["top_k"] >= 1, "params.top_k must be a positive integer"),
+        (isinstance(out["seed"], int), "params.seed must be an integer"),
+        (isinstance(out["batch_size"], int) and 1 <= out["batch_size"] <= 1024, "params.batch_size must be in 1..1024"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ApplicationError(message)
+    return out
+
+
 @transaction.atomic
 def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset, params: dict[str, Any]) -> Job:
     """Create a job and enqueue it once the transaction commits."""
@@ -254,6 +299,8 @@ def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset, param
         raise ApplicationError("params must be a JSON object")
     if type == Job.Type.ABLATE:
         clean = _validate_ablate_params(model, dataset, params)
+    elif type == Job.Type.ATTACK:
+        clean = _validate_attack_params(owner, model, dataset, params)
     else:
         clean = _validate_dissect_params(model, params)
     job = Job.objects.create(owner=owner, type=type, model=model, dataset=dataset, params=clean)
@@ -787,3 +834,8 @@ def ablation_store(*, job: Job, layer: str, importance_rows: list[dict], curve_r
         )
         locked.summary = summary
         locked.save(update_fields=["summary"])
+
+
+def job_summary_store(*, job: Job, summary: dict) -> None:
+    """Attach a small result summary to a running job."""
+    Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(summary=summary)

@@ -97,3 +97,33 @@ def run_ablation(job: Job) -> None:
             summary=_clean(summary),
         )
     services.job_succeed(job_id=job.pk)
+
+
+def run_attack(job: Job) -> None:
+    """Attack correctly classified images and compare unit changes with unit importance (Figure 5c)."""
+    from dissect_core.attack import attack_unit_changes
+    from dissect_core.datasets import open_dataset
+    from dissect_core.models import load_model
+
+    params = job.params
+    row = job.model
+    model = load_model(
+        row.arch, Path(row.weights_path), row.num_classes,
+        input_size=row.input_size, mean=row.mean or None, std=row.std or None, classes=row.classes or None,
+    )
+    dataset = open_dataset(job.dataset.spec, split=params["split"])
+    ranking = selectors.importance_ranking(job_id=params["ablation_job"])
+    with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
+        analysis = with_batch_backoff(
+            lambda batch_size: attack_unit_changes(
+                model, dataset, params["layer"], ranking, top_k=params["top_k"], eps=params["eps"],
+                iterations=params["iterations"], max_images=params["max_images"], seed=params["seed"],
+                batch_size=batch_size, device=pick_device(),
+                progress=reporter.progress, should_stop=reporter.should_stop,
+            ),
+            params["batch_size"],
+        )
+        summary = analysis.summary(confidence=0.99)
+        summary.update({"layer": params["layer"], "ablation_job": params["ablation_job"], "eps": params["eps"]})
+        services.job_summary_store(job=job, summary=_clean(summary))
+    services.job_succeed(job_id=job.pk)

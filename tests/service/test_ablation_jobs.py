@@ -50,6 +50,19 @@ def test_ablate_job_end_to_end(api, other_api, celery_worker_process, scenes, de
     assert drops == sorted(drops)
     assert all(u["label"] is not None or u["iou"] == 0 for u in top["units"])
 
+    attack = api.post(
+        "/api/jobs/",
+        {"type": "attack", "model": model["id"], "dataset": dataset["id"],
+         "params": {"layer": "conv5.0", "split": "train", "max_images": 6, "iterations": 5}},
+        format="json",
+    )
+    assert attack.status_code == 202, attack.json()
+    attacked = wait_final(api, attack.json()["id"])
+    assert attacked["status"] == "succeeded", attacked["error"]
+    result = attacked["summary"]
+    assert result["ablation_job"] == job["id"] and 0.0 <= result["success_rate"] <= 1.0
+    assert 1 <= result["attacked"] <= 6
+
     assert other_api.get(f"/api/jobs/{job['id']}/ablation/").status_code == 404
     assert other_api.get(f"/api/models/{model['id']}/classes/{cls}/important-units/").status_code == 404
     missing = api.get(f"/api/models/{model['id']}/classes/no-such-class/important-units/")
@@ -71,6 +84,11 @@ def test_ablate_params_are_checked(api, user):
         (scenes, {"layer": "conv5.0", "ks": [0]}, "params.ks"),
         (scenes, {"layer": "conv5.0", "classes": [5]}, "params.classes"),
     ]
+    response = api.post(
+        "/api/jobs/", {"type": "attack", "model": model.pk, "dataset": scenes.pk, "params": {"layer": "conv5.0"}},
+        format="json",
+    )
+    assert response.status_code == 400 and "succeeded ablate job" in response.json()["message"]
     for dataset, params, needle in cases:
         response = api.post(
             "/api/jobs/", {"type": "ablate", "model": model.pk, "dataset": dataset.pk, "params": params}, format="json"
