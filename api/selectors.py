@@ -284,8 +284,8 @@ def dashboard_job_counts(*, user) -> dict[str, int]:
 
 
 def dashboard_model_jobs(*, model: NetworkModel, user) -> QuerySet[Job]:
-    """The visible jobs of one model, newest first."""
-    return job_list(user=user).filter(model=model)
+    """The visible jobs of one model, newest first (without the columns the job table leaves out)."""
+    return dashboard_job_list(user=user).filter(model=model)
 
 
 def dashboard_latest_layer_results(*, model: NetworkModel, user) -> dict[str, LayerResult]:
@@ -361,7 +361,7 @@ def dashboard_layer_labels(*, job: Job, layer: str) -> list[tuple[str, str, int]
 
 def dashboard_unit_neighbours(*, user, unit: Unit) -> dict[str, Unit | None]:
     """The units numbered just below and above one unit in its layer (None at the ends)."""
-    layer = unit_list(user=user).filter(job_id=unit.job_id, layer=unit.layer).only("id", "unit")
+    layer = unit_list(user=user).filter(job_id=unit.job_id, layer=unit.layer).select_related(None).only("id", "unit")
     return {
         "previous": layer.filter(unit__lt=unit.unit).order_by("-unit").first(),
         "next": layer.filter(unit__gt=unit.unit).order_by("unit").first(),
@@ -383,3 +383,14 @@ def dashboard_concept_suggestions(*, user, text: str, limit: int = 30) -> list[C
     if text:
         rows = rows.filter(name__icontains=text.strip())
     return list(rows[:limit])
+
+
+def dashboard_job_list(*, user, status: str = "") -> QuerySet[Job]:
+    """Visible jobs for the job table, newest first: ``status`` is one status, "active" (queued or
+    running) or "" (all); the large text and JSON columns the table does not show are left out."""
+    jobs = job_list(user=user).defer("summary", "error", "model__layers", "model__classes", "dataset__classes")
+    if status == "active":
+        return jobs.filter(status__in=[Job.Status.QUEUED, Job.Status.RUNNING])
+    if status:
+        return jobs.filter(status=status)
+    return jobs
