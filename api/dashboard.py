@@ -18,7 +18,6 @@ from django.core.paginator import Paginator
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
-from rest_framework.authtoken.models import Token
 
 from api import selectors, services
 from api.errors import ApplicationError
@@ -608,5 +607,4 @@ def search_page(request):
 
 @login_required
 def token_page(request):
-    token, _ = Token.objects.get_or_create(user=request.user)
-    return render(request, "dashboard/token.html", {"token": token.key})
+    return render(request, "dashboard/token.html", {"token": services.token_get_or_create(user=request.user)})

@@ -16,8 +16,23 @@ from django.db import transaction
 from django.utils import timezone
 
 from api.errors import ApplicationError
-from api.models import Concept, Dataset, Job, LayerResult, NetworkModel, Unit, UnitConcept, WorkerHeartbeat
-from api.storage import extract_archive, new_upload_dir, path_in_data_roots, remove_tree, save_upload
+from api.models import (
+    Concept,
+    Dataset,
+    Job,
+    LayerResult,
+    NetworkModel,
+    Unit,
+    UnitConcept,
+    WorkerHeartbeat,
+)
+from api.storage import (
+    extract_archive,
+    new_upload_dir,
+    path_in_data_roots,
+    remove_tree,
+    save_upload,
+)
 
 PROBE_TIMEOUT_SECONDS = int(os.environ.get("PROBE_TIMEOUT_SECONDS", 300))
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -839,3 +854,11 @@ def ablation_store(*, job: Job, layer: str, importance_rows: list[dict], curve_r
 def job_summary_store(*, job: Job, summary: dict) -> None:
     """Attach a small result summary to a running job."""
     Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(summary=summary)
+
+
+def token_get_or_create(*, user) -> str:
+    """The user's API token key (created on first use)."""
+    from rest_framework.authtoken.models import Token
+
+    token, _ = Token.objects.get_or_create(user=user)
+    return token.key

@@ -17,14 +17,13 @@ from rest_framework.views import APIView
 from api import selectors, services
 from api.errors import ApplicationError
 from api.filters import ConceptFilter, JobFilter, UnitFilter
-from api.models import Dataset, NetworkModel
 from api.serializers import (
     AblationSerializer,
-    ImportantUnitsSerializer,
     ConceptSerializer,
     DatasetCreateSerializer,
     DatasetSerializer,
     HealthSerializer,
+    ImportantUnitsSerializer,
     JobCreateSerializer,
     JobSerializer,
     LayerResultSerializer,

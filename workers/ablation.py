@@ -12,6 +12,7 @@ from api import selectors, services
 from api.models import Job
 from workers.dissection import ProgressReporter, pick_device, with_batch_backoff
 
+
 def _staged(reporter: ProgressReporter, stage: str):
     def progress(phase: str, done: int, total: int) -> None:
         reporter.progress(f"{stage}-{phase}", done, total)
@@ -32,7 +33,11 @@ def _clean(value):
 
 
 def run_ablation(job: Job) -> None:
-    from dissect_core.ablation import ablate_sets, importance_interpretability, unit_importance
+    from dissect_core.ablation import (
+        ablate_sets,
+        importance_interpretability,
+        unit_importance,
+    )
     from dissect_core.datasets import open_dataset
     from dissect_core.models import load_model
 

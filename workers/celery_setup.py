@@ -9,7 +9,12 @@ from datetime import timedelta
 
 from celery import signals
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections, connection
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connection,
+)
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
@@ -40,9 +45,11 @@ class _Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        from api.services import worker_heartbeat
-
-        from api.services import jobs_recover_stale, shards_recover_stale
+        from api.services import (
+            jobs_recover_stale,
+            shards_recover_stale,
+            worker_heartbeat,
+        )
 
         while not self.stopped.is_set():
             try:

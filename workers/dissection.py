@@ -110,7 +110,6 @@ class ProgressReporter(threading.Thread):
 def run_dissection(job: Job) -> None:
     """Run a dissection job: in this task when it fits one shard, else fanned out over shards."""
     from dissect_core.dissect import dissect
-
     from workers import shards
 
     if job.stage:
@@ -144,7 +143,6 @@ def run_dissection(job: Job) -> None:
 def resume_sharded(job: Job) -> None:
     """A sharded job picked up again (its worker died): advance it or requeue its open shards."""
     from api.models import JobShard
-
     from workers import shards
 
     open_shards = JobShard.objects.filter(job=job, stage=job.stage).exclude(status=JobShard.Status.DONE)

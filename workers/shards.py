@@ -120,7 +120,6 @@ def run_shard(job: Job, shard: JobShard) -> bool:
     """Compute one shard's state file. Returns True when it was the stage's last shard."""
     from dissect_core.dissect import count_pass, quantile_pass, refine_pass
     from dissect_core.quantile import QuantileBracket
-
     from workers.dissection import pick_device, with_batch_backoff
 
     inputs = JobInputs(job)
@@ -165,7 +164,7 @@ def _merge_stage(job: Job, stage: str, cls) -> dict:
 def advance(job: Job, reporter) -> None:
     """Merge the finished stage of a job and open the next one (or finish the job)."""
     from dissect_core.counts import ConceptCounts
-    from dissect_core.quantile import QuantileBracket, QuantileRefiner, QuantileSketch
+    from dissect_core.quantile import QuantileRefiner, QuantileSketch
 
     folder = work_dir(job.pk)
     stage = job.stage
@@ -196,7 +195,6 @@ def advance(job: Job, reporter) -> None:
         return
     if stage == "count":
         from dissect_core.dissect import finalize
-
         from workers.dissection import store_results
 
         inputs = JobInputs(job)

@@ -14,8 +14,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
-from rest_framework.authtoken.models import Token
 
+from api import services
 from api.launch import ServiceProcesses
 
 
@@ -60,9 +60,9 @@ class Command(BaseCommand):
         if created:
             user.set_password("demo")
             user.save()
-        token, _ = Token.objects.get_or_create(user=user)
-        self.stdout.write(f"demo user: demo / demo, API token {token.key}")
-        return token.key
+        token = services.token_get_or_create(user=user)
+        self.stdout.write(f"demo user: demo / demo, API token {token}")
+        return token
 
     def _make_demo(self, demo_dir: Path) -> None:
         self.stdout.write(f"demo data and classifier in {demo_dir} (made once, then reused)")
