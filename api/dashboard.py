@@ -20,6 +20,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from api import selectors, services
+from api.dashboard_roles import ablation_context
 from api.errors import ApplicationError
 from api.models import Dataset, Job, NetworkModel
 
@@ -146,10 +147,15 @@ def job_page(request, pk: int):
             })
     params = [(key, ", ".join(map(str, value)) if isinstance(value, list) else value)
               for key, value in sorted(job.params.items())]
+    roles = {}
+    if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.ABLATE:
+        roles = ablation_context(job, request.GET.get("class"))
     return render(request, "dashboard/job.html", {
         "job": job,
         "params": params,
         "layers": layers,
+        "roles": roles,
+        "attack": job.summary if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.ATTACK else None,
         "can_cancel": job.owner_id == request.user.pk and not job.is_final,
     })
 

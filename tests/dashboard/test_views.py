@@ -250,3 +250,43 @@ def test_a_500_unit_layer_renders_in_under_a_second(alice, user):
     assert max(timings.values()) < 1.0, timings
     page = alice.get(f"/jobs/{job.pk}/layers/conv5/").content.decode()
     assert "500 units" in page and page.count('loading="lazy"') == 256 and "page 1 of 2" in page
+
+
+def test_ablate_and_attack_jobs_show_the_figure_2_and_5_views(alice, user):
+    from api.models import AblationCurve, ClassUnitImportance, Job
+
+    base = make_dissection(user, units=4, layer="conv5")
+    classes = ["street", EVIL]
+    ablate = Job.objects.create(
+        owner=user, type="ablate", model=base["model"], dataset=base["dataset"], status="succeeded",
+        params={"layer": "conv5"},
+        summary={"layer": "conv5", "classes": classes, "train_images": 10, "val_images": 5, "tied_units": [2, 1],
+                 "interpretability": {"dissection_job": base["job"].pk, "units": [0, 1, 2, 3],
+                                      "classes_in_top4": [2, 1, 0, 1], "iou": [0.2, 0.1, 0.0, 0.05],
+                                      "correlation": 0.9}},
+    )
+    for c, name in enumerate(classes):
+        for k, (removed, kept) in {1: (0.8, 0.6), 2: (0.5, 0.9)}.items():
+            AblationCurve.objects.create(job=ablate, class_index=c, class_name=name, k=k, baseline=0.9,
+                                         removed_top=removed, kept_top=kept, removed_top_accuracy=0.5,
+                                         kept_top_accuracy=0.6)
+        for rank, unit in enumerate([1, 0, 3, 2]):
+            ClassUnitImportance.objects.create(job=ablate, model=base["model"], layer="conv5", class_index=c,
+                                               class_name=name, rank=rank, unit=unit, balanced_accuracy=0.5 + rank / 10,
+                                               drop=0.4 - rank / 10, margin_drop=1.0)
+    page = alice.get(f"/jobs/{ablate.pk}/?class=street").content.decode()
+    assert page.count("<polyline") == 4
+    assert "Figure 2e" in page and page.count("<circle") >= 4 + 2 * 2 * 2
+    assert EVIL_ESCAPED in page and EVIL not in page
+    important = re.findall(r"<tr><td class=\"num\">(\d+)</td><td class=\"num\">(\d+)</td>", page)
+    assert [u for _, u in important[:4]] == ["1", "0", "3", "2"]
+
+    attack = Job.objects.create(
+        owner=user, type="attack", model=base["model"], dataset=base["dataset"], status="succeeded",
+        params={"layer": "conv5", "ablation_job": ablate.pk},
+        summary={"layer": "conv5", "ablation_job": ablate.pk, "eps": 0.03, "success_rate": 0.75, "attacked": 8,
+                 "images": 6, "confidence": 0.99, "source": {"mean": 0.9, "low": 0.8, "high": 1.0},
+                 "target": {"mean": 0.7, "low": 0.6, "high": 0.8}, "other": {"mean": 0.3, "low": 0.2, "high": 0.4}},
+    )
+    page = alice.get(f"/jobs/{attack.pk}/").content.decode()
+    assert "Figure 5c" in page and "0.750 succeeded" in page and "0.900" in page
