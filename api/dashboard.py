@@ -20,7 +20,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from api import selectors, services
-from api.dashboard_roles import ablation_context
+from api.dashboard_roles import ablation_context, unit_classifier_context
 from api.errors import ApplicationError
 from api.models import Dataset, Job, NetworkModel
 
@@ -156,6 +156,8 @@ def job_page(request, pk: int):
         "layers": layers,
         "roles": roles,
         "attack": job.summary if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.ATTACK else None,
+        "unit_classifier": unit_classifier_context(job.summary)
+        if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.UNIT_CLASSIFIER else None,
         "can_cancel": job.owner_id == request.user.pk and not job.is_final,
     })
 

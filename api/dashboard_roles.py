@@ -98,3 +98,24 @@ def ablation_context(job: Job, chosen: str | None) -> dict:
         context["scatter"] = scatter_chart(interp["classes_in_top4"], interp["iou"])
         context["correlation"] = interp.get("correlation")
     return context
+
+
+def unit_classifier_context(summary: dict) -> dict:
+    """Figure 1f: peak activations on images with and without the concept, and the best threshold."""
+    with_, without = summary.get("peaks_with", []), summary.get("peaks_without", [])
+    values = with_ + without + [summary.get("threshold", 0.0)]
+    lo, hi = min(values, default=0.0), max(values, default=1.0)
+    span = (hi - lo) or 1.0
+
+    def x(v: float) -> float:
+        return round(LEFT + 10 + (PLOT_W - 20) * (v - lo) / span, 1)
+
+    rows = []
+    for r, (name, peaks) in enumerate((("with", with_), ("without", without))):
+        y0 = TOP + 20 + r * 80
+        rows.append({"name": name, "y": y0 + 30, "points": [
+            {"x": x(v), "y": round(y0 + ((i * 37) % 41) * 1.4, 1)} for i, v in enumerate(peaks)
+        ]})
+    return {**summary, "plot": {"width": LEFT + PLOT_W + 20, "height": TOP + 200, "rows": rows,
+                                "tx": x(summary.get("threshold", 0.0)), "top": TOP, "bottom": TOP + 180,
+                                "lo": lo, "hi": hi, "left": LEFT + 10, "right": LEFT + PLOT_W - 10}}

@@ -93,6 +93,7 @@ class Job(models.Model):
         DISSECT = "dissect"
         ABLATE = "ablate"
         ATTACK = "attack"
+        UNIT_CLASSIFIER = "unit_classifier"
 
     class Status(models.TextChoices):
         QUEUED = "queued"

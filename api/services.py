@@ -305,6 +305,37 @@ def _validate_attack_params(owner, model: NetworkModel, dataset: Dataset, params
     return out
 
 
+def _validate_unit_classifier_params(model: NetworkModel, params: dict[str, Any]) -> dict[str, Any]:
+    known = {"layer", "unit", "concept", "split", "max_images", "batch_size"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ApplicationError(f"unknown params: {', '.join(unknown)}", extra={"allowed": sorted(known)})
+    layers = {entry["name"]: entry for entry in model.layers}
+    layer = params.get("layer")
+    if layer not in layers:
+        raise ApplicationError(f"params.layer must be a layer of model {model.name}, not {layer!r}",
+                               extra={"valid": list(layers)})
+    unit = params.get("unit")
+    if not isinstance(unit, int) or not 0 <= unit < layers[layer]["units"]:
+        raise ApplicationError(f"params.unit must be a unit of {layer}: 0..{layers[layer]['units'] - 1}")
+    concept = params.get("concept")
+    if not isinstance(concept, str) or not concept:
+        raise ApplicationError("params.concept must be a concept name of the dataset")
+    out: dict[str, Any] = {"layer": layer, "unit": unit, "concept": concept,
+                           "batch_size": params.get("batch_size", settings.DISSECT_BATCH_SIZE)}
+    if "split" in params:
+        if not isinstance(params["split"], str):
+            raise ApplicationError("params.split must be a split name")
+        out["split"] = params["split"]
+    if "max_images" in params:
+        if not isinstance(params["max_images"], int) or params["max_images"] < 1:
+            raise ApplicationError("params.max_images must be a positive integer")
+        out["max_images"] = params["max_images"]
+    if not isinstance(out["batch_size"], int) or not 1 <= out["batch_size"] <= 1024:
+        raise ApplicationError("params.batch_size must be an integer in 1..1024")
+    return out
+
+
 @transaction.atomic
 def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset, params: dict[str, Any]) -> Job:
     """Create a job and enqueue it once the transaction commits."""
@@ -316,6 +347,8 @@ def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset, param
         clean = _validate_ablate_params(model, dataset, params)
     elif type == Job.Type.ATTACK:
         clean = _validate_attack_params(owner, model, dataset, params)
+    elif type == Job.Type.UNIT_CLASSIFIER:
+        clean = _validate_unit_classifier_params(model, params)
     else:
         clean = _validate_dissect_params(model, params)
     job = Job.objects.create(owner=owner, type=type, model=model, dataset=dataset, params=clean)

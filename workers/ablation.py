@@ -132,3 +132,52 @@ def run_attack(job: Job) -> None:
         summary.update({"layer": params["layer"], "ablation_job": params["ablation_job"], "eps": params["eps"]})
         services.job_summary_store(job=job, summary=_clean(summary))
     services.job_succeed(job_id=job.pk)
+
+
+def _spread(values: np.ndarray, n: int = 1000) -> list[float]:
+    """At most n values of a sorted array, evenly spaced (enough to draw its distribution)."""
+    if len(values) <= n:
+        return [float(v) for v in values]
+    return [float(values[int(i)]) for i in np.linspace(0, len(values) - 1, n)]
+
+
+def run_unit_classifier(job: Job) -> None:
+    """A unit as a classifier of a concept: the best threshold on its peak activation (Figure 1f)."""
+    from dissect_core.datasets import open_dataset
+    from dissect_core.errors import DissectError
+    from dissect_core.models import load_model
+    from dissect_core.unit_classifier import concept_presence, image_peaks, unit_classifier
+
+    params = job.params
+    row = job.model
+    model = load_model(
+        row.arch, Path(row.weights_path), row.num_classes,
+        input_size=row.input_size, mean=row.mean or None, std=row.std or None,
+    )
+    dataset = open_dataset(job.dataset.spec, split=params.get("split"), max_images=params.get("max_images"),
+                           colors=job.dataset.concepts_source == "colors")
+    numbers = {c.name: c.number for c in dataset.concepts}
+    if params["concept"] not in numbers:
+        raise DissectError(f"dataset {job.dataset.name} has no concept {params['concept']!r}")
+    with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
+        peaks = with_batch_backoff(
+            lambda batch_size: image_peaks(
+                model, dataset, [params["layer"]], batch_size=batch_size, device=pick_device(),
+                progress=reporter.progress, should_stop=reporter.should_stop,
+            ),
+            params["batch_size"],
+        )[params["layer"]][:, params["unit"]]
+        present = concept_presence(dataset)[:, numbers[params["concept"]]]
+        try:
+            result = unit_classifier(peaks, present)
+        except ValueError as exc:
+            raise DissectError(f"cannot score unit {params['unit']} on {params['concept']!r}: {exc}") from exc
+        summary = {
+            "layer": params["layer"], "unit": params["unit"], "concept": params["concept"],
+            "threshold": result.threshold, "balanced_accuracy": result.balanced_accuracy,
+            "true_positive_rate": result.true_positive_rate, "true_negative_rate": result.true_negative_rate,
+            "images_with": int(len(result.positive_peaks)), "images_without": int(len(result.negative_peaks)),
+            "peaks_with": _spread(result.positive_peaks), "peaks_without": _spread(result.negative_peaks),
+        }
+        services.job_summary_store(job=job, summary=_clean(summary))
+    services.job_succeed(job_id=job.pk)

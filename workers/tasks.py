@@ -37,12 +37,14 @@ def _guarded(job_id: int, work: Callable[[], None]) -> None:
 @job_task
 def run_job(*, job_id: int) -> None:
     """Run one job to a final state, or fan it out over shards (see workers.shards)."""
-    from workers.ablation import run_ablation, run_attack
+    from workers.ablation import run_ablation, run_attack, run_unit_classifier
     from workers.dissection import run_dissection
 
     job = services.job_start(job_id=job_id, worker=run_job.request.hostname or "worker")
     if job is not None:
-        body = {"ablate": run_ablation, "attack": run_attack}.get(job.type, run_dissection)
+        body = {"ablate": run_ablation, "attack": run_attack, "unit_classifier": run_unit_classifier}.get(
+            job.type, run_dissection
+        )
         _guarded(job_id, lambda: body(job))
 
 

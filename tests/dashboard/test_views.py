@@ -290,3 +290,20 @@ def test_ablate_and_attack_jobs_show_the_figure_2_and_5_views(alice, user):
     )
     page = alice.get(f"/jobs/{attack.pk}/").content.decode()
     assert "Figure 5c" in page and "0.750 succeeded" in page and "0.900" in page
+
+
+def test_unit_classifier_jobs_show_the_figure_1f_plot(alice, user):
+    from api.models import Job
+
+    base = make_dissection(user, units=4)
+    job = Job.objects.create(
+        owner=user, type="unit_classifier", model=base["model"], dataset=base["dataset"], status="succeeded",
+        params={"layer": "conv5", "unit": 2, "concept": EVIL},
+        summary={"layer": "conv5", "unit": 2, "concept": EVIL, "threshold": 1.5, "balanced_accuracy": 0.856,
+                 "true_positive_rate": 0.9, "true_negative_rate": 0.812, "images_with": 3, "images_without": 2,
+                 "peaks_with": [1.6, 2.0, 3.0], "peaks_without": [0.1, 1.0]},
+    )
+    page = alice.get(f"/jobs/{job.pk}/").content.decode()
+    assert "Figure 1f" in page and "0.856" in page
+    assert page.count("<circle") == 5
+    assert EVIL_ESCAPED in page and EVIL not in page

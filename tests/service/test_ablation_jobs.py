@@ -63,6 +63,30 @@ def test_ablate_job_end_to_end(api, other_api, celery_worker_process, scenes, de
     assert result["ablation_job"] == job["id"] and 0.0 <= result["success_rate"] <= 1.0
     assert 1 <= result["attacked"] <= 6
 
+    best = api.get(f"/api/units/?job={dissect['id']}&page_size=1").json()["results"][0]
+    scored = api.post(
+        "/api/jobs/",
+        {"type": "unit_classifier", "model": model["id"], "dataset": dataset["id"],
+         "params": {"layer": "conv5.0", "unit": best["unit"], "concept": best["label"]}},
+        format="json",
+    )
+    assert scored.status_code == 202, scored.json()
+    scored = wait_final(api, scored.json()["id"])
+    assert scored["status"] == "succeeded", scored["error"]
+    verdict = scored["summary"]
+    assert verdict["unit"] == best["unit"] and verdict["concept"] == best["label"]
+    assert verdict["images_with"] + verdict["images_without"] == dataset["image_count"]
+    assert 0.5 <= verdict["balanced_accuracy"] <= 1.0
+    assert len(verdict["peaks_with"]) == verdict["images_with"]
+    missing_concept = api.post(
+        "/api/jobs/",
+        {"type": "unit_classifier", "model": model["id"], "dataset": dataset["id"],
+         "params": {"layer": "conv5.0", "unit": 0, "concept": "unicorn"}},
+        format="json",
+    ).json()
+    failed = wait_final(api, missing_concept["id"])
+    assert failed["status"] == "failed" and "no concept 'unicorn'" in failed["error"]
+
     assert other_api.get(f"/api/jobs/{job['id']}/ablation/").status_code == 404
     assert other_api.get(f"/api/models/{model['id']}/classes/{cls}/important-units/").status_code == 404
     missing = api.get(f"/api/models/{model['id']}/classes/no-such-class/important-units/")
