@@ -16,6 +16,10 @@ Intersections are counted from the "on" pixels only (a sparse list of
 its pixel's deduplicated concepts into one ``bincount`` over
 ``unit * (C + 1) + concept``; so the cost scales with the on pixels, not with
 units x pixels x concepts.
+
+:class:`TopActivations` keeps each unit's top images by peak activation and, when
+given them, the unit's native-resolution maps on those images (U x k maps in
+all), merging across shards like the rest.
 """
 
 from __future__ import annotations
@@ -66,9 +70,10 @@ class PixelLabels:
         """
         parts = []
         if self.pixel.shape[2]:
-            parts.append(self.pixel[image, pixel])
+            flat = self.pixel.reshape(-1, self.pixel.shape[2])
+            parts.append(flat.index_select(0, image * self.pixel.shape[1] + pixel))
         if self.image.shape[1]:
-            parts.append(self.image[image])
+            parts.append(self.image.index_select(0, image))
         if not parts:
             return torch.zeros((image.shape[0], 0), dtype=torch.int64, device=image.device)
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
@@ -132,9 +137,19 @@ def prepare_labels(
 class TopActivations:
     """The k images with the highest peak activation, per unit (ties: lower index first).
 
+    When every batch comes with its feature maps, each unit's maps on its top
+    images are kept too (``maps``, native resolution), so pictures of the unit
+    need no second forward pass. Memory stays at U x k maps.
+
     Args:
         units: U.
         k: how many images to keep per unit.
+
+    Attributes:
+        values: float32 [U, k'] peak activations, best first (k' <= k).
+        indices: int64 [U, k'] their dataset indices.
+        maps: float32 [U, k', h, w], the unit's feature map on each of those
+            images, or None (no data yet, or some data came without maps).
     """
 
     def __init__(self, units: int, k: int) -> None:
@@ -142,23 +157,61 @@ class TopActivations:
         self.k = int(k)
         self.values = torch.zeros(self.units, 0, dtype=torch.float32)
         self.indices = torch.zeros(self.units, 0, dtype=torch.int64)
+        self.maps: torch.Tensor | None = None
 
-    def add(self, peaks: torch.Tensor, indices: torch.Tensor) -> None:
+    def _select(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Columns of the k best (value descending, then index ascending), as [U, k] positions."""
+        order = torch.argsort(idx, dim=1, stable=True)
+        best = torch.argsort(torch.gather(values, 1, order), dim=1, descending=True, stable=True)[:, : self.k]
+        return torch.gather(order, 1, best)
+
+    def _combine(self, values: torch.Tensor, idx: torch.Tensor, new_maps: torch.Tensor | None,
+                 new_major: bool) -> None:
+        """Keep the best of the current entries followed by new ones (their maps: [N, U, h, w] when
+        ``new_major`` is False, else [U, N, h, w]; None when they came without maps)."""
+        old = self.values.shape[1]
+        keep_maps = new_maps is not None and (self.maps is not None or old == 0)
+        pos = self._select(values, idx)
+        self.values, self.indices = torch.gather(values, 1, pos), torch.gather(idx, 1, pos)
+        if not keep_maps:
+            self.maps = None
+            return
+        assert new_maps is not None
+        from_old = pos < old
+        if self.maps is not None and pos.shape[1] == old and bool(from_old.all()):
+            return
+        h, w = new_maps.shape[-2:]
+        dev = pos.device
+        out = torch.empty((self.units, pos.shape[1], h, w), dtype=torch.float32, device=dev)
+        unit = torch.arange(self.units, device=dev)[:, None].expand_as(pos)
+        if self.maps is not None and bool(from_old.any()):
+            out[from_old] = self.maps.to(dev)[unit[from_old], pos[from_old]]
+        fresh = ~from_old
+        if new_major:
+            out[fresh] = new_maps.to(dev, torch.float32)[unit[fresh], pos[fresh] - old]
+        else:
+            out[fresh] = new_maps.to(dev, torch.float32)[pos[fresh] - old, unit[fresh]]
+        self.maps = out
+
+    def add(self, peaks: torch.Tensor, indices: torch.Tensor, maps: torch.Tensor | None = None) -> None:
         """Add a batch.
 
         Args:
             peaks: float tensor [B, U], each image's peak (spatial max) activation.
             indices: int64 tensor [B], the images' dataset indices.
+            maps: float tensor [B, U, h, w], the feature maps themselves (optional;
+                without them the kept maps are dropped).
         """
         if self.k == 0 or peaks.shape[0] == 0:
             return
         dev = peaks.device
+        if maps is not None and (maps.shape[:2] != peaks.shape or maps.dim() != 4):
+            raise ValueError(f"maps {tuple(maps.shape)} do not match peaks {tuple(peaks.shape)}")
+        if self.maps is not None and maps is not None and self.maps.shape[2:] != maps.shape[2:]:
+            raise ValueError(f"maps of size {tuple(maps.shape[2:])}, kept ones are {tuple(self.maps.shape[2:])}")
         values = torch.cat([self.values.to(dev), peaks.t().to(torch.float32)], dim=1)
         idx = torch.cat([self.indices.to(dev), indices.to(dev).to(torch.int64)[None, :].expand(self.units, -1)], dim=1)
-        order = torch.argsort(idx, dim=1, stable=True)
-        values, idx = torch.gather(values, 1, order), torch.gather(idx, 1, order)
-        order = torch.argsort(values, dim=1, descending=True, stable=True)[:, : self.k]
-        self.values, self.indices = torch.gather(values, 1, order), torch.gather(idx, 1, order)
+        self._combine(values, idx, maps, new_major=False)
 
     def merge(self, other: TopActivations) -> TopActivations:
         """Merge another shard's top images (in place).
@@ -167,27 +220,29 @@ class TopActivations:
             other: with the same units and k.
 
         Returns:
-            self.
+            self (keeping maps only when both sides have them, or one side is empty).
         """
         if (other.units, other.k) != (self.units, self.k):
             raise ValueError("cannot merge top images of different shapes")
         if other.values.shape[1]:
+            if self.maps is not None and other.maps is not None and self.maps.shape[2:] != other.maps.shape[2:]:
+                raise ValueError("cannot merge top maps of different sizes")
             dev = self.values.device
             values = torch.cat([self.values, other.values.to(dev)], 1)
             idx = torch.cat([self.indices, other.indices.to(dev)], 1)
-            order = torch.argsort(idx, dim=1, stable=True)
-            values, idx = torch.gather(values, 1, order), torch.gather(idx, 1, order)
-            order = torch.argsort(values, dim=1, descending=True, stable=True)[:, : self.k]
-            self.values, self.indices = torch.gather(values, 1, order), torch.gather(idx, 1, order)
+            self._combine(values, idx, other.maps, new_major=True)
         return self
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain numpy arrays (see :meth:`from_state_dict`)."""
-        return {
+        state = {
             "k": np.array(self.k, dtype=np.int64),
             "values": self.values.cpu().numpy().copy(),
             "indices": self.indices.cpu().numpy().copy(),
         }
+        if self.maps is not None:
+            state["maps"] = self.maps.cpu().numpy().copy()
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, np.ndarray]) -> TopActivations:
@@ -196,6 +251,8 @@ class TopActivations:
         top = cls(values.shape[0], int(state["k"]))
         top.values = values
         top.indices = torch.as_tensor(np.asarray(state["indices"], np.int64))
+        if "maps" in state:
+            top.maps = torch.as_tensor(np.asarray(state["maps"], np.float32))
         return top
 
 
@@ -211,7 +268,7 @@ class ConceptCounts:
     Attributes:
         intersection: int64 [U, C + 1]. act_area: int64 [U].
         concept_area: int64 [C + 1]. n_pixels, n_images: ints.
-        top: :class:`TopActivations` or None.
+        top: :class:`TopActivations` (with the top maps, when kept) or None.
     """
 
     def __init__(
@@ -313,9 +370,9 @@ class ConceptCounts:
         if concepts.shape[1] == 0:
             return
         inter = self.intersection.view(-1)
-        concepts = concepts.to(torch.int64)
-        flat = (unit[:, None] * (self.num_concepts + 1) + concepts)[concepts > 0]
-        inter += torch.bincount(flat, minlength=inter.numel()).to(inter.device)
+        flat = unit[:, None] * (self.num_concepts + 1) + concepts.to(torch.int64)
+        inter += torch.bincount(flat.view(-1), minlength=inter.numel()).to(inter.device)
+        self.intersection[:, 0] = 0
 
     def merge(self, other: ConceptCounts) -> ConceptCounts:
         """Add another shard's counts (in place).

@@ -8,13 +8,22 @@ instead of re-running the network, and memory stays flat however many images
 there are:
 
 1. forward: activations upsampled to the mask resolution feed a
-   :class:`~dissect_core.quantile.QuantileSketch` per layer; the top images by peak
-   activation are kept; labels are cached.
+   :class:`~dissect_core.quantile.QuantileSketch` per layer, whose floor rises
+   as images come in (values surely below the threshold are only counted); the
+   top images by peak activation, and the unit's maps on them, are kept; labels
+   are cached.
 2. (rarely) quantile: refinement passes for units whose threshold bracket is too
    crowded to collect in memory.
 3. count: one pass that both finishes the exact thresholds and counts. Pixels
    above a unit's bracket are on, pixels below it are off, and the few pixels
    inside it are kept (value and concepts) until the exact hazen quantile is known.
+
+Both the forward and the count pass upsample only the (image, unit) maps that can
+hold a pixel above the level they look at: an upsampled pixel mixes at most four
+native values with non-negative weights summing to at most 1 (zero padding
+outside), so a map whose native maximum is at or below a level t >= 0 (with a
+margin for float32 rounding) has no pixel above it. Nothing else changes: the
+thresholds and counts are those of upsampling every map.
 
 The same pieces serve distributed workers, one shard of images each::
 
@@ -37,7 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -54,9 +63,10 @@ from .quantile import (
     QuantileRefiner,
     QuantileSketch,
     float_keys,
+    hazen_ranks,
     keys_to_float,
 )
-from .upsample import upsample
+from .upsample import interpolation_matrix, upsample
 
 __all__ = [
     "LayerResult",
@@ -74,6 +84,8 @@ __all__ = [
 ProgressFn = Callable[[str, int, int], None]
 
 _CHUNK_ELEMENTS = 1 << 24
+_MIN_MAPS = 64
+_SKIP_MAPS = True
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,10 @@ class LayerResult:
         top_values: float32 [U, k], their peak activations.
         n_images: images dissected.
         n_pixels: mask pixels dissected (images x mask size).
+        top_maps: float32 [U, k, h, w], each unit's native-resolution feature map
+            on each of its top images (``top_maps[u, j]`` is on image
+            ``top_images[u, j]``), or None when not kept; pictures of units are
+            drawn from these without running the network again.
     """
 
     layer: str
@@ -127,6 +143,7 @@ class LayerResult:
     top_values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     n_images: int = 0
     n_pixels: int = 0
+    top_maps: np.ndarray | None = None
 
     @property
     def units(self) -> int:
@@ -355,13 +372,231 @@ def _forward_batches(
             progress(phase, done, total)
 
 
+def _upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The engine's one upsampling call: [M, h, w] -> [M, mh*mw].
+
+    Every pass upsamples through here, so a map gets the same float32 values
+    whichever other maps share the call (the whole batch, or only the maps a
+    skip left over). Calls of fewer than ``_MIN_MAPS`` maps are padded with zero
+    maps: BLAS libraries take other code paths for tiny products, and those may
+    round differently.
+    """
+    m = maps.shape[0]
+    if 0 < m < _MIN_MAPS and tuple(maps.shape[-2:]) != tuple(size):
+        maps = torch.cat([maps, maps.new_zeros((_MIN_MAPS - m, *maps.shape[1:]))])
+    return upsample(maps, size)[:m].reshape(m, -1)
+
+
 def _chunks(a: torch.Tensor, mask_size: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
     """(offset, upsampled [b, U, mh*mw]) pieces of a batch, each of bounded size."""
-    b, u = a.shape[:2]
+    b, u, h, w = a.shape
     per = max(1, _CHUNK_ELEMENTS // max(1, u * mask_size[0] * mask_size[1]))
     for start in range(0, b, per):
-        up = upsample(a[start:start + per], mask_size)
-        yield start, up.reshape(up.shape[0], u, -1)
+        part = a[start:start + per]
+        yield start, _upsample_maps(part.reshape(-1, h, w), mask_size).view(part.shape[0], u, -1)
+
+
+def _pick(a: torch.Tensor, bi: torch.Tensor, ui: torch.Tensor) -> torch.Tensor:
+    """``a[bi, ui]`` of a [B, U, h, w] batch, as one ``index_select``: [m, h, w]."""
+    return a.reshape(-1, *a.shape[2:]).index_select(0, bi * a.shape[1] + ui)
+
+
+class _MapUpsampler:
+    """Upsamples chosen (image, unit) maps of a batch, one call per bounded chunk.
+
+    The values are those of upsampling the whole batch (:func:`_chunks`): the
+    first time a strict subset is asked for (per map shape, device and thread
+    count, in this process), both are computed and compared, and on any
+    difference (a BLAS whose rounding depends on the other rows) every later call
+    upsamples the whole batch and picks the maps out of it.
+    """
+
+    _verdicts: ClassVar[dict[tuple[Any, ...], bool]] = {}
+
+    def __init__(self, mask_size: tuple[int, int]) -> None:
+        self.mask_size = mask_size
+        self.checked = False
+        self.gather = True
+
+    def _key(self, a: torch.Tensor) -> tuple[Any, ...]:
+        return (tuple(a.shape[-2:]), tuple(self.mask_size), str(a.device), a.dtype, torch.get_num_threads())
+
+    def rows(self, a: torch.Tensor, bi: torch.Tensor,
+             ui: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(images [m], units [m], native maps [m, h, w], upsampled maps [m, mh*mw]) chunks
+        for the maps ``a[bi, ui]``."""
+        if bi.numel() == 0:
+            return
+        if self.gather and not self.checked and bi.numel() < a.shape[0] * a.shape[1]:
+            self.checked = True
+            key = self._key(a)
+            if key not in self._verdicts:
+                native = _pick(a, bi, ui)
+                rows = torch.cat([up for _, up in _chunks(a, self.mask_size)])[bi, ui]
+                self._verdicts[key] = self.gather = torch.equal(_upsample_maps(native, self.mask_size), rows)
+                yield bi, ui, native, rows
+                return
+            self.gather = self._verdicts[key]
+        if not self.gather:
+            yield bi, ui, _pick(a, bi, ui), torch.cat([up for _, up in _chunks(a, self.mask_size)])[bi, ui]
+            return
+        per = max(_MIN_MAPS, _CHUNK_ELEMENTS // max(1, self.mask_size[0] * self.mask_size[1]))
+        for start in range(0, bi.numel(), per):
+            b, u = bi[start:start + per], ui[start:start + per]
+            native = _pick(a, b, u)
+            yield b, u, native, _upsample_maps(native, self.mask_size)
+
+
+def _upsample_slack(device: torch.device) -> float:
+    """Relative error allowance of one upsampling, as a fraction of the largest |input|.
+
+    Two stages of at most two products each in float32: 2 * gamma_2 < 2**-21. When
+    matmuls may run in reduced precision (TF32, bfloat16 passes), a generous 2**-5.
+    """
+    exact = torch.get_float32_matmul_precision() == "highest"
+    if device.type == "cuda":
+        exact = exact and not torch.backends.cuda.matmul.allow_tf32
+    return 2.0 ** -21 if exact else 2.0 ** -5
+
+
+class _MapBound:
+    """An upper bound on every upsampled value of each (image, unit) feature map.
+
+    An upsampled pixel mixes at most 4 native values with non-negative weights
+    (zero padding outside the map), so it is at most ``S * max(max(a), 0)`` where
+    S bounds the weight sums (<= 1 up to float32 rounding of the weights), plus
+    float32 rounding: ``S * (max(max a, 0) + slack * max|a|)``. A map whose bound
+    is <= t has no pixel > t and needs no upsampling. The bound is >= 0, so units
+    with t < 0 are never skipped (padding blends toward 0, above such t).
+    :meth:`rows` bounds each upsampled row the same way, from the native rows it
+    reads.
+    """
+
+    def __init__(self, native: tuple[int, int], size: tuple[int, int], device: torch.device) -> None:
+        wh, ww = (interpolation_matrix(n, t).to(torch.float64) for n, t in zip(native, size))
+        if tuple(native) == tuple(size):
+            self.scale, self.slack = 1.0, 0.0
+        else:
+            self.scale = float(wh.sum(1).max()) * float(ww.sum(1).max()) * (1.0 + 2.0 ** -40)
+            self.slack = _upsample_slack(device)
+        self.row_weights = (wh.t() * float(ww.sum(1).max()) * (1.0 + 2.0 ** -40)).to(device)
+
+    def rows(self, maps: torch.Tensor) -> torch.Tensor:
+        """float64 [m, mh] upper bounds of each upsampled row of maps [m, h, w].
+
+        Target row t reads native rows with weights ``wh[t]``, and each of its
+        pixels at most ``S_w`` times the largest of those blends, so
+        ``wh[t] @ (max(row max, 0) + slack * row max|a|) * S_w`` bounds it (the
+        same rounding argument as for whole maps).
+        """
+        hi = maps.amax(dim=2).to(torch.float64)
+        c = hi.clamp(min=0)
+        if self.slack:
+            c = c + self.slack * torch.maximum(hi.abs(), maps.amin(dim=2).to(torch.float64).abs())
+        return c @ self.row_weights
+
+    def __call__(self, a: torch.Tensor, peaks: torch.Tensor | None = None) -> torch.Tensor:
+        """float64 [B, U] upper bounds of a [B, U, h, w] batch (``peaks``: its spatial max, if known)."""
+        return self.both(a, peaks, lower=False)[1]
+
+    def both(self, a: torch.Tensor, peaks: torch.Tensor | None = None,
+             lower: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(lower, upper) float64 [B, U] bounds of every upsampled value of each map.
+
+        Below: 0 for a map without negative values (non-negative weights and
+        inputs give non-negative results in any rounding), else
+        ``S * (min(a) - slack * max|a|)``.
+        """
+        hi = (a.amax(dim=(2, 3)) if peaks is None else peaks).to(torch.float64)
+        if not self.slack:
+            lo = a.amin(dim=(2, 3)).to(torch.float64) if lower else None
+            return lo, hi.clamp(min=0) * self.scale
+        lo = a.amin(dim=(2, 3)).to(torch.float64)
+        mag = torch.maximum(hi.abs(), lo.abs())
+        upper = (hi.clamp(min=0) + self.slack * mag) * self.scale
+        if not lower:
+            return None, upper
+        return torch.where(lo >= 0, torch.zeros_like(lo), (lo - self.slack * mag) * self.scale), upper
+
+
+def _rows_above(up: torch.Tensor, row_bound: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upsampled rows that may hold a value above ``level``.
+
+    Args:
+        up: float32 [m, mh*mw] upsampled maps.
+        row_bound: float64 [m, mh] from :meth:`_MapBound.rows`.
+        level: float32 [m], one level per map.
+
+    Returns:
+        (index [r] into the m*mh rows, rows float32 [r, mw]); every row left out
+        lies wholly at or below its map's level.
+    """
+    height = row_bound.shape[1]
+    idx = (~(row_bound <= level.to(torch.float64)[:, None])).view(-1).nonzero().squeeze(1)
+    return idx, up.view(-1, up.shape[1] // height).index_select(0, idx)
+
+
+def _to_float32(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """float64 -> float32 rounded outward (up: the nearest float32 >= x; else <= x); NaN stays NaN."""
+    f = x.to(torch.float32)
+    back = f.to(torch.float64)
+    if up:
+        return torch.where(back < x, torch.nextafter(f, torch.full_like(f, np.inf)), f)
+    return torch.where(back > x, torch.nextafter(f, torch.full_like(f, -np.inf)), f)
+
+
+class _RisingFloorSketch:
+    """Pass 1 of :func:`dissect`: a :class:`QuantileSketch` whose floor rises as images stream in.
+
+    The number of images, hence of values n, is known in advance, so the
+    threshold's lower order statistic is the k-th largest value with
+    ``k = n - lo_rank``. The k-th largest value seen so far is at most that, so
+    the floor may rise to just below the sketch's bucket holding it
+    (:meth:`QuantileSketch.raise_floor`); values at or below the floor are only
+    counted. Maps whose :class:`_MapBound` is at or below the floor are not even
+    upsampled. The bracket, and so the thresholds, are those of a plain sketch
+    (which ``skip=False`` builds instead, upsampling every map).
+    """
+
+    def __init__(self, units: int, native: tuple[int, int], mask_size: tuple[int, int], quantile: float,
+                 n_images: int, device: torch.device, skip: bool | None = None) -> None:
+        self.skip = _SKIP_MAPS if skip is None else skip
+        floor = np.full(units, -np.inf, np.float32) if self.skip else None
+        self.sketch = QuantileSketch(units, floor=floor, device=device)
+        self.mask_size = mask_size
+        n = n_images * mask_size[0] * mask_size[1]
+        self.k = n - hazen_ranks(n, quantile)[0]
+        self.next_raise = self.k
+        self.bound = _MapBound(native, mask_size, device)
+        self.upsampler = _MapUpsampler(mask_size)
+
+    def add(self, a: torch.Tensor, peaks: torch.Tensor) -> None:
+        """Add a batch of native maps [B, U, h, w] (``peaks``: their spatial max [B, U])."""
+        if not self.skip or self.sketch.n < self.k:
+            for _, up in _chunks(a, self.mask_size):
+                self.sketch.add_batch(up)
+            self._raise()
+            return
+        assert self.sketch.floor is not None
+        pixels = self.mask_size[0] * self.mask_size[1]
+        lower, upper = self.bound.both(a, peaks)
+        assert lower is not None
+        floor = self.sketch.floor.to(a.device, torch.float64)
+        bi, ui = (~(upper <= floor[None, :])).nonzero(as_tuple=True)
+        lo, hi = _to_float32(lower.amin(0), up=False), _to_float32(upper.amax(0), up=True)
+        total = a.shape[0] * pixels
+        for _, u, native, up in self.upsampler.rows(a, bi, ui):
+            idx, rows = _rows_above(up, self.bound.rows(native), self.sketch.floor.index_select(0, u))
+            self.sketch.add_rows(rows, u.index_select(0, idx // self.mask_size[0]), total=total, lower=lo, upper=hi)
+            total = 0
+        if total:
+            self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi)
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.skip and self.sketch.n >= self.next_raise:
+            self.sketch.raise_floor(self.sketch.n - self.k)
+            self.next_raise = self.sketch.n + self.sketch.n // 2
 
 
 def _float32_below(values: np.ndarray) -> np.ndarray:
@@ -371,10 +606,19 @@ def _float32_below(values: np.ndarray) -> np.ndarray:
 
 
 class _LayerCounter:
-    """Counts one layer, finishing unresolved thresholds on the way (see module docstring)."""
+    """Counts one layer, finishing unresolved thresholds on the way (see module docstring).
+
+    Pixels are looked at only where they may exceed ``cand`` (float32, at or below
+    the threshold or its bracket). With ``skip`` (the default), :meth:`add_batch`
+    upsamples only the (image, unit) maps whose :class:`_MapBound` exceeds
+    ``cand``, and compares only their rows whose row bound does; the rest cannot
+    hold such a pixel, so the counts are those of upsampling and comparing
+    everything, which ``skip=False`` does.
+    """
 
     def __init__(self, units: int, num_concepts: int, top_k: int, device: torch.device,
-                 thresholds: np.ndarray | None = None, bracket: QuantileBracket | None = None) -> None:
+                 thresholds: np.ndarray | None = None, bracket: QuantileBracket | None = None,
+                 skip: bool | None = None) -> None:
         self.counts = ConceptCounts(units, num_concepts, top_k=top_k, device=device)
         self.bracket = bracket
         self.thresholds = thresholds
@@ -395,26 +639,63 @@ class _LayerCounter:
             self.collect_lo, self.collect_hi = (torch.as_tensor(v.astype(np.int64), device=device)
                                                 for v in self.refiner.collect_ranges())
         self.cand = torch.as_tensor(cand, device=device)
+        self.skip = _SKIP_MAPS if skip is None else skip
+        self.bound: _MapBound | None = None
+        self.upsampler: _MapUpsampler | None = None
+        self.cand64 = self.cand.to(torch.float64)
 
     def add(self, offset: int, up: torch.Tensor, labels: PixelLabels) -> None:
+        """Count upsampled maps [b, U, P] that start at batch position ``offset``."""
         bi, ui, pi = (up > self.cand[None, :, None]).nonzero(as_tuple=True)
-        if self.sure is None:
-            self.counts.add_pixels(bi + offset, ui, pi, labels)
+        self._add_on(bi + offset, ui, pi, up[bi, ui, pi] if self.sure is not None else None, labels)
+
+    def add_batch(self, a: torch.Tensor, labels: PixelLabels, mask_size: tuple[int, int],
+                  peaks: torch.Tensor | None = None) -> None:
+        """Count a batch of native maps [B, U, h, w], upsampling only the maps that can hold
+        a pixel above ``cand`` (see :class:`_MapBound`)."""
+        if not self.skip:
+            for offset, up in _chunks(a, mask_size):
+                self.add(offset, up, labels)
             return
-        vals = up[bi, ui, pi]
-        bi = bi + offset
-        sure = vals > self.sure[ui]
-        self.counts.add_pixels(bi[sure], ui[sure], pi[sure], labels)
-        amb = ~sure
-        if bool(amb.any()):
-            ua, keys = ui[amb], float_keys(vals[amb]).to(torch.int64)
-            rows = labels.rows(bi[amb], pi[amb])
-            lo, hi = self.collect_lo[:, ua], self.collect_hi[:, ua]
-            inside = ((keys >= lo) & (keys <= hi)).any(0)
-            assert self.refiner is not None
-            self.refiner.collected_units.append(ua[inside].to(torch.int32).cpu().numpy())
-            self.refiner.collected_keys.append(keys[inside].to(torch.int32).cpu().numpy())
-            self.pending.append((ua.cpu().numpy(), keys.cpu().numpy(), rows.cpu().numpy()))
+        if self.bound is None:
+            self.bound = _MapBound(a.shape[-2:], mask_size, a.device)
+            self.upsampler = _MapUpsampler(mask_size)
+        assert self.upsampler is not None
+        bi, ui = (~(self.bound(a, peaks) <= self.cand64[None, :])).nonzero(as_tuple=True)
+        height = mask_size[0]
+        for b, u, native, up in self.upsampler.rows(a, bi, ui):
+            level = self.cand.index_select(0, u)
+            idx, rows = _rows_above(up, self.bound.rows(native), level)
+            width = rows.shape[1]
+            flat = (rows > level.index_select(0, idx // height)[:, None]).view(-1).nonzero().squeeze(1)
+            row = idx.index_select(0, flat // width)
+            mi, pi = row // height, (row % height) * width + flat % width
+            vals = rows.view(-1).index_select(0, flat) if self.sure is not None else None
+            self._add_on(b.index_select(0, mi), u.index_select(0, mi), pi, vals, labels)
+
+    def _add_on(self, bi: torch.Tensor, ui: torch.Tensor, pi: torch.Tensor, vals: torch.Tensor | None,
+                labels: PixelLabels) -> None:
+        """Count pixels above ``cand`` given as (image, unit, pixel) and, while thresholds are
+        unresolved, their values."""
+        if self.sure is None:
+            self.counts.add_pixels(bi, ui, pi, labels)
+            return
+        assert vals is not None
+        amb = vals <= self.sure.index_select(0, ui)
+        if not bool(amb.any()):
+            self.counts.add_pixels(bi, ui, pi, labels)
+            return
+        sure = (~amb).nonzero().squeeze(1)
+        self.counts.add_pixels(bi.index_select(0, sure), ui.index_select(0, sure), pi.index_select(0, sure), labels)
+        amb = amb.nonzero().squeeze(1)
+        ua, keys = ui.index_select(0, amb), float_keys(vals.index_select(0, amb)).to(torch.int64)
+        rows = labels.rows(bi.index_select(0, amb), pi.index_select(0, amb))
+        lo, hi = self.collect_lo[:, ua], self.collect_hi[:, ua]
+        inside = ((keys >= lo) & (keys <= hi)).any(0)
+        assert self.refiner is not None
+        self.refiner.collected_units.append(ua[inside].to(torch.int32).cpu().numpy())
+        self.refiner.collected_keys.append(keys[inside].to(torch.int32).cpu().numpy())
+        self.pending.append((ua.cpu().numpy(), keys.cpu().numpy(), rows.cpu().numpy()))
 
     def finish(self) -> tuple[np.ndarray, ConceptCounts]:
         if self.thresholds is not None:
@@ -450,7 +731,7 @@ class _Cache:
                 self.offsets[layer] = []
             f = self.files[layer]
             self.offsets[layer].append(f.tell())
-            f.write(a.detach().to("cpu").contiguous().numpy().tobytes())
+            f.write(memoryview(a.detach().to("cpu").contiguous().numpy()).cast("B"))
         k = len(self.batches)
         maps = prepared.label_maps.to("cpu")
         dtype = np.int16 if (maps.numel() == 0 or int(maps.max()) < 32767) else np.int32
@@ -546,7 +827,8 @@ def dissect(
         should_stop: checked before every batch; True raises :class:`Cancelled`.
         cache_dir: where to put the scratch activation files (a temporary
             directory inside it, removed afterwards; default: the system's).
-        top_k_images: top-activating images kept per unit.
+        top_k_images: top-activating images kept per unit, with the unit's
+            native maps on them (:attr:`LayerResult.top_maps`, U x k maps).
         segmenter: a :class:`~dissect_core.segmenter.Segmenter` that labels the
             images (its concepts replace the dataset's).
         max_collect: values a threshold-refinement pass may hold in memory.
@@ -566,7 +848,7 @@ def dissect(
     root = Path(tempfile.mkdtemp(prefix="dissect-", dir=cache_dir))
     cache = _Cache(root)
     try:
-        sketches: dict[str, QuantileSketch] = {}
+        sketches: dict[str, _RisingFloorSketch] = {}
         counters: dict[str, _LayerCounter] = {}
         top: dict[str, Any] = {}
 
@@ -574,13 +856,14 @@ def dissect(
             cache.write(prepared)
             assert src.mask_size is not None
             for layer, a in prepared.acts.items():
-                for _, up in _chunks(a, src.mask_size):
-                    if layer not in sketches:
-                        sketches[layer] = QuantileSketch(a.shape[1], device=src.device)
-                        top[layer] = TopActivations(a.shape[1], top_k_images) if top_k_images else None
-                    sketches[layer].add_batch(up)
+                if layer not in sketches:
+                    sketches[layer] = _RisingFloorSketch(a.shape[1], a.shape[-2:], src.mask_size, quantile,
+                                                         len(src.indices), src.device)
+                    top[layer] = TopActivations(a.shape[1], top_k_images) if top_k_images else None
+                peaks = a.amax(dim=(2, 3))
+                sketches[layer].add(a, peaks)
                 if top[layer] is not None:
-                    top[layer].add(a.amax(dim=(2, 3)), prepared.indices.to(src.device))
+                    top[layer].add(peaks, prepared.indices.to(src.device), a)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dissect-sketch") as pool:
             pending: deque[Future[None]] = deque()
@@ -594,9 +877,9 @@ def dissect(
             finally:
                 for future in pending:
                     future.cancel()
-        if not all(sketch.finite for sketch in sketches.values()):
+        if not all(s.sketch.finite for s in sketches.values()):
             raise DissectError("the network produced non-finite activations (inf or NaN) at a requested layer")
-        brackets = {layer: sketch.bracket(quantile) for layer, sketch in sketches.items()}
+        brackets = {layer: s.sketch.bracket(quantile) for layer, s in sketches.items()}
         sketches.clear()
         while True:
             crowded = {layer: QuantileRefiner(b, max_values=max_collect) for layer, b in brackets.items()
@@ -618,8 +901,7 @@ def dissect(
             for layer, a in prepared.acts.items():
                 counter = counters[layer]
                 counter.counts.add_area(labels)
-                for offset, up in _chunks(a, src.mask_size):
-                    counter.add(offset, up, labels)
+                counter.add_batch(a, labels, src.mask_size)
         results = {}
         for layer in src.layers:
             thresholds, counts = counters[layer].finish()
@@ -749,7 +1031,7 @@ def count_pass(
 
     Args:
         thresholds: layer -> float [U] thresholds (a pixel is on when a_u > t_u).
-        top_k_images: top images per unit to keep (merged across shards).
+        top_k_images: top images per unit to keep, with their maps (merged across shards).
         others: as for :func:`quantile_pass` (phase ``"count"``).
 
     Returns:
@@ -769,10 +1051,10 @@ def count_pass(
                                                 thresholds=t)
             counter = counters[layer]
             counter.counts.add_area(labels)
+            peaks = a.amax(dim=(2, 3))
             if counter.counts.top is not None:
-                counter.counts.top.add(a.amax(dim=(2, 3)), prepared.indices.to(src.device))
-            for offset, up in _chunks(a, src.mask_size):
-                counter.add(offset, up, labels)
+                counter.counts.top.add(peaks, prepared.indices.to(src.device), a)
+            counter.add_batch(a, labels, src.mask_size, peaks)
     return {layer: ConceptCounts.from_state_dict(c.counts.state_dict()) for layer, c in counters.items()}
 
 
@@ -802,9 +1084,12 @@ def finalize(
     iou = counts.iou()[:, 1:]
     top_images = np.zeros((counts.units, 0), np.int64)
     top_values = np.zeros((counts.units, 0), np.float32)
+    top_maps = None
     if counts.top is not None:
         top_images = counts.top.indices.cpu().numpy()
         top_values = counts.top.values.cpu().numpy()
+        if counts.top.maps is not None:
+            top_maps = counts.top.maps.cpu().numpy()
     return LayerResult(
         layer=layer,
         quantile=float(quantile),
@@ -818,4 +1103,5 @@ def finalize(
         top_values=top_values,
         n_images=counts.n_images,
         n_pixels=counts.n_pixels,
+        top_maps=top_maps,
     )

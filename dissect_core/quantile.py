@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 _ABS_MASK = 0x7FFFFFFF
+_SPARSE_BELOW = 1 / 8
 _INF_KEY = 0x7F800000
 
 
@@ -79,6 +80,13 @@ def keys_to_float(keys: np.ndarray) -> np.ndarray:
     mag = np.minimum(np.abs(k), _INF_KEY)
     bits = np.where(k < 0, mag | 0x80000000, mag).astype(np.uint32)
     return bits.view(np.float32)
+
+
+def _keys_to_float32(keys: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`float_keys` for int keys in the int32 range, in torch."""
+    k = keys.to(torch.int64)
+    bits = torch.where(k < 0, (-k) | -0x80000000, k).to(torch.int32)
+    return bits.view(torch.float32)
 
 
 def hazen_ranks(n: int, q: float) -> tuple[int, int, float]:
@@ -157,7 +165,9 @@ class QuantileSketch:
             lowest bucket per unit), not histogrammed. When the quantile of
             interest lies well above the floor this skips most of the work; if it
             does not, the bracket covers the floor bucket and refinement still
-            finds the exact value. Sketches merge only with equal floors.
+            finds the exact value. Sketches merge only with equal floors. A
+            floor of -inf counts nothing; :meth:`raise_floor` raises floors as
+            data comes in, and :meth:`add_rows` skips whole rows below them.
         device: where the histograms live (default: the device of the first data).
     """
 
@@ -258,12 +268,10 @@ class QuantileSketch:
         self._init(x.device)
         x = x.to(device=self.device, dtype=torch.float32).contiguous()
         assert self.key_min is not None and self.key_max is not None and self.zeros is not None
-        if self.floor is not None:
+        if self.floor is not None and not bool(torch.isneginf(self.floor).all()):
             self._extremes(float_keys(x.amin(dim=(0, 2))), float_keys(x.amax(dim=(0, 2))))
-            a_i, u_i, p_i = (x > self.floor[None, :, None]).nonzero(as_tuple=True)
-            assert self.floor_count is not None
-            self.floor_count += x.shape[0] * x.shape[2] - torch.bincount(u_i, minlength=self.units)
-            self._add_pairs(u_i, x[a_i, u_i, p_i])
+            units = torch.arange(self.units, device=self.device).repeat(x.shape[0])
+            self._add_floored(x.reshape(-1, x.shape[2]), units)
             self.n += x.shape[0] * x.shape[2]
             return
         bits = x.view(torch.int32)
@@ -304,6 +312,156 @@ class QuantileSketch:
             neg["counts"] += hist[:, :w].flip(1)
         self.n += x.shape[0] * x.shape[2]
 
+    def add_rows(
+        self,
+        rows: torch.Tensor,
+        units: torch.Tensor,
+        *,
+        total: int,
+        lower: torch.Tensor,
+        upper: torch.Tensor,
+    ) -> None:
+        """Add values of which only those above the floor are given (a sketch with a floor).
+
+        For feature maps of which most lie wholly at or below the floor: the
+        caller passes the maps (or map rows) that may rise above it, and the rest
+        are only counted.
+
+        Args:
+            rows: float tensor [M, P] of values (e.g. upsampled maps, or rows of them).
+            units: int64 tensor [M], the unit of each row.
+            total: values added per unit by this call, given or not; every value
+                not in ``rows`` must lie at or below its unit's floor.
+            lower: float32 [U], at most every value added (given or not).
+            upper: float32 [U], at least every value added (given or not).
+        """
+        if self.floor is None:
+            raise ValueError("add_rows needs a sketch with a floor")
+        if rows.dim() != 2 or units.shape != rows.shape[:1]:
+            raise ValueError(f"rows must be [M, P] with units [M], got {tuple(rows.shape)} and {tuple(units.shape)}")
+        self._init(rows.device if rows.numel() else lower.device)
+        assert self.floor_count is not None and self.floor is not None
+        self._extremes(float_keys(lower.to(self.device)), float_keys(upper.to(self.device)))
+        rows = rows.to(device=self.device, dtype=torch.float32).contiguous()
+        units = units.to(self.device)
+        self.floor_count += total - torch.bincount(units, minlength=self.units) * rows.shape[1]
+        if rows.numel():
+            self._add_floored(rows, units)
+        self.n += int(total)
+
+    def _add_floored(self, rows: torch.Tensor, units: torch.Tensor) -> None:
+        """Histogram rows of values [M, P] (float32, contiguous) of units [M] against the floor:
+        values at or below it go to the floor count. A sparse path when few values lie above
+        the floor, else one dense ``bincount`` over the value-ordered layout of :meth:`_ordered`."""
+        assert self.floor is not None and self.floor_count is not None and self.zeros is not None
+        p = rows.shape[1]
+        floor = self.floor.index_select(0, units)[:, None]
+        above = rows > floor
+        if int(torch.count_nonzero(above)) <= rows.numel() * _SPARSE_BELOW:
+            flat = above.view(-1).nonzero().squeeze(1)
+            del above
+            picked = units.index_select(0, flat // p)
+            self.floor_count += torch.bincount(units, minlength=self.units) * p - torch.bincount(
+                picked, minlength=self.units)
+            self._add_pairs(picked, rows.view(-1).index_select(0, flat))
+            return
+        w, sh = self.max_buckets, self.shift
+        width = 2 * w + 2
+        neg_top = torch.full((self.units,), -1, dtype=torch.int64, device=self.device)
+        pos_top = torch.full((self.units,), -1, dtype=torch.int64, device=self.device)
+        row_max = rows.amax(1)
+        top = torch.where((row_max > floor[:, 0]) & (row_max > 0), float_keys(row_max).to(torch.int64) >> sh, -1)
+        pos_top.scatter_reduce_(0, units, top, reduce="amax")
+        maybe_neg = (floor[:, 0] < 0) & (rows.amin(1) < 0)
+        if bool(maybe_neg.any()):
+            low = torch.where(above[maybe_neg], rows[maybe_neg], torch.inf).amin(1)
+            low_top = torch.where(low < 0, (-float_keys(low).to(torch.int64)) >> sh, -1)
+            neg_top.scatter_reduce_(0, units[maybe_neg], low_top, reduce="amax")
+        for sign, sign_top in (("pos", pos_top), ("neg", neg_top)):
+            if bool((sign_top >= 0).any()) or sign in self.stores:
+                self._raise_max(sign, sign_top)
+        bits = rows.view(torch.int32)
+        idx = bits & _ABS_MASK
+        zero = idx == 0
+        idx >>= sh
+        if "neg" in self.stores:
+            neg_col = idx - self.stores["neg"]["offset"].to(torch.int32)[units][:, None]
+            neg_col.clamp_(min=0).neg_().add_(w)
+        if "pos" in self.stores:
+            idx -= self.stores["pos"]["offset"].to(torch.int32)[units][:, None]
+            idx.clamp_(min=0).add_(w + 2)
+        if "neg" in self.stores:
+            torch.where(bits < 0, neg_col, idx, out=idx)
+            del neg_col
+        idx.masked_fill_(zero, w + 1)
+        del zero
+        idx.masked_fill_(~above, 0)
+        del above
+        idx += (units.to(torch.int32) * width)[:, None]
+        hist = torch.bincount(idx.view(-1), minlength=self.units * width).view(self.units, width)
+        del idx
+        self.floor_count += hist[:, 0]
+        if "neg" in self.stores:
+            self.stores["neg"]["counts"] += hist[:, 1:w + 1].flip(1)
+        self.zeros += hist[:, w + 1]
+        if "pos" in self.stores:
+            self.stores["pos"]["counts"] += hist[:, w + 2:]
+
+    def raise_floor(self, rank: int) -> None:
+        """Raise each unit's floor to just below the bucket that holds the value of 0-based
+        ascending rank ``rank`` among the values added so far, folding the buckets below
+        into the floor count (never lowers a floor; a sketch with a floor).
+
+        A value of that rank is at most any later value of a rank at least as far from
+        the top (``n - rank`` values from it), so raising the floor this way while data
+        streams in keeps such order statistics above the floor.
+
+        Args:
+            rank: 0-based rank in [0, n).
+        """
+        if self.floor is None:
+            raise ValueError("raise_floor needs a sketch with a floor")
+        if self.zeros is None or not 0 <= rank < self.n:
+            return
+        assert self.floor_count is not None and self.key_min is not None
+        w, s, dev = self.max_buckets, self.shift, self.zeros.device
+        floor_key = float_keys(self.floor).to(torch.int64)
+        neg = self.stores.get("neg")
+        pos = self.stores.get("pos")
+        below_pos = self.floor_count + self.zeros + (neg["counts"].sum(1) if neg is not None else 0)
+        if pos is not None and bool((below_pos <= rank).all()):
+            csum = torch.cumsum(pos["counts"], dim=1)
+            i = torch.searchsorted(csum, (rank - below_pos)[:, None], right=True)[:, 0].clamp(max=w - 1)
+            col = i + (w + 2)
+            key_lo = torch.where(i > 0, (pos["offset"] + i) << s, torch.ones_like(i)).clamp(min=1)
+            folded = below_pos + torch.where(i > 0, torch.gather(csum, 1, (i - 1).clamp(min=0)[:, None])[:, 0], 0)
+        else:
+            counts, _, _ = self._ordered()
+            csum = torch.cumsum(counts, dim=1)
+            target = torch.full((self.units, 1), int(rank), dtype=torch.int64, device=dev)
+            col = torch.searchsorted(csum, target, right=True)[:, 0].clamp(max=csum.shape[1] - 1)
+            m = (w - col).clamp(0, w - 1)
+            neg_offset = neg["offset"] if neg is not None else torch.zeros_like(col)
+            neg_lo = -(((neg_offset + m + 1) << s) - 1)
+            i = (col - (w + 2)).clamp(min=0)
+            pos_offset = pos["offset"] if pos is not None else torch.zeros_like(col)
+            pos_lo = torch.where(i > 0, (pos_offset + i) << s, torch.ones_like(i)).clamp(min=1)
+            key_lo = torch.where(col <= w, neg_lo, torch.where(col == w + 1, torch.zeros_like(col), pos_lo))
+            folded = torch.gather(csum, 1, (col - 1).clamp(min=0)[:, None])[:, 0]
+        key_lo = torch.maximum(torch.maximum(key_lo, self.key_min), floor_key + 1)
+        raise_it = (col > 0) & (key_lo - 1 > floor_key)
+        if not bool(raise_it.any()):
+            return
+        col = torch.where(raise_it, col, torch.zeros_like(col))
+        cols = torch.arange(w, device=dev)[None, :]
+        self.floor_count = torch.where(raise_it, folded, self.floor_count)
+        if neg is not None:
+            neg["counts"].masked_fill_(cols > (w - col)[:, None], 0)
+        self.zeros = self.zeros.masked_fill(col > w + 1, 0)
+        if pos is not None:
+            pos["counts"].masked_fill_(cols < (col - w - 2)[:, None], 0)
+        self.floor = torch.where(raise_it, _keys_to_float32(key_lo - 1), self.floor)
+
     def _extremes(self, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
         assert self.key_min is not None and self.key_max is not None
         self.key_min = torch.minimum(self.key_min, kmin.to(torch.int64))
@@ -313,21 +471,30 @@ class QuantileSketch:
         """Histogram values given with their units (int64 [M], float32 [M])."""
         assert self.zeros is not None
         key = float_keys(values)
-        zero = key == 0
-        self.zeros += torch.bincount(units[zero], minlength=self.units)
+        positive = key > 0
+        if bool(positive.all()):
+            parts = [("pos", units, key)]
+        else:
+            zero = key == 0
+            self.zeros += torch.bincount(units[zero], minlength=self.units)
+            negative = ~(positive | zero)
+            parts = [("pos", units[positive], key[positive]), ("neg", units[negative], -key[negative])]
         w = self.max_buckets
-        for sign, mask, mag in (("pos", key > 0, key), ("neg", key < 0, -key)):
-            if not bool(mask.any()) and sign not in self.stores:
+        for sign, uu, mag in parts:
+            if uu.numel() == 0 and sign not in self.stores:
                 continue
-            uu = units[mask]
-            bucket = (mag[mask] >> self.shift).to(torch.int64)
+            bucket = (mag >> self.shift).to(torch.int64)
             top = torch.full((self.units,), -1, dtype=torch.int64, device=self.device)
             top.scatter_reduce_(0, uu, bucket, reduce="amax")
             self._raise_max(sign, top)
             store = self.stores[sign]
             col = (bucket - store["offset"][uu]).clamp(min=0)
             store["counts"] = store["counts"].contiguous()
-            store["counts"].view(-1).add_(torch.bincount(uu * w + col, minlength=self.units * w))
+            flat = uu * w + col
+            if flat.numel() * 8 < self.units * w:
+                store["counts"].view(-1).index_add_(0, flat, torch.ones_like(flat))
+            else:
+                store["counts"].view(-1).add_(torch.bincount(flat, minlength=self.units * w))
 
     def merge(self, other: QuantileSketch) -> QuantileSketch:
         """Add another sketch's data into this one (in place).

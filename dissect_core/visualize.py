@@ -4,12 +4,18 @@ As in the paper's Figure 1b-c: each of a unit's top images, with the activation
 upsampled to the image (the same zero-padded bilinear rule the dissection uses),
 the region where it exceeds t_u kept at full brightness and outlined, and the rest
 dimmed; the images side by side in one strip.
+
+A dissection keeps each unit's feature maps on its top images
+(:attr:`~dissect_core.dissect.LayerResult.top_maps`); when a result has them, the
+pictures only load those images. Otherwise the images go through the network once
+more to get the maps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,6 +137,14 @@ def _unit_activations(
     return images, acts
 
 
+def _kept_maps(result: LayerResult, unit: int, n: int) -> list[np.ndarray] | None:
+    """The unit's maps on its first n top images, when the result kept them."""
+    maps = result.top_maps
+    if maps is None or maps.ndim != 4 or maps.shape[0] != result.units or maps.shape[1] < n:
+        return None
+    return [maps[unit, j] for j in range(n)]
+
+
 def top_images_strip(
     model: LoadedModel,
     dataset: ConceptDataset,
@@ -144,7 +158,7 @@ def top_images_strip(
     """A unit's top-activating images from a dissection, highlighted.
 
     Args:
-        model: the dissected network.
+        model: the dissected network (run only when ``result`` keeps no top maps).
         dataset: the dissected dataset.
         result: the layer's :class:`LayerResult`.
         unit: the unit.
@@ -158,6 +172,9 @@ def top_images_strip(
     indices = [int(i) for i in result.top_images[unit][: k or result.top_images.shape[1]]]
     if not indices:
         raise ValueError(f"the result keeps no top images for unit {unit}")
+    kept = _kept_maps(result, unit, len(indices))
+    if kept is not None:
+        return unit_strip([dataset[i].image for i in indices], kept, float(result.thresholds[unit]), scale=scale)
     images, acts = _unit_activations(model, dataset, result.layer, indices, [unit], device)
     return unit_strip([images[i] for i in indices], [acts[i][0] for i in indices],
                       float(result.thresholds[unit]), scale=scale)
@@ -178,14 +195,15 @@ def save_unit_strips(
 ) -> list[Path]:
     """Write one PNG strip per unit, ``out_dir/unit_NNNN.png``.
 
-    The top images of ``units_per_pass`` units at a time go through the network
-    together, once each.
+    With the result's top maps, only the top images are loaded (each once per
+    group of ``units_per_pass`` units); without them the group's top images go
+    through the network together, once each.
 
     Args:
         model, dataset, result, device, scale: as for :func:`top_images_strip`.
         out_dir: directory (created if needed).
         units: which units (default: all).
-        units_per_pass: units rendered per batch of forward passes.
+        units_per_pass: units rendered per group (per batch of forward passes).
         progress: ``progress("images", units_done, units_total)`` after each group.
         should_stop: checked before each group; True raises :class:`Cancelled`.
 
@@ -201,14 +219,22 @@ def save_unit_strips(
             raise Cancelled("stopped while drawing unit images")
         group = chosen[start:start + units_per_pass]
         wanted = [int(i) for u in group for i in result.top_images[u]]
-        images, acts = _unit_activations(model, dataset, result.layer, wanted, group, device)
+        kept = {u: _kept_maps(result, u, len(result.top_images[u])) for u in group}
+        if all(maps is not None for maps in kept.values()):
+            images = {i: dataset[i].image for i in dict.fromkeys(wanted)}
+            acts: dict[int, Any] = {}
+        else:
+            kept = {}
+            images, acts = _unit_activations(model, dataset, result.layer, wanted, group, device)
         for g, u in enumerate(group):
             indices = [int(i) for i in result.top_images[u]]
             if not indices:
                 continue
+            maps = kept.get(u)
+            activations = maps if maps is not None else [acts[i][g] for i in indices]
             path = out / f"unit_{u:04d}.png"
-            unit_strip([images[i] for i in indices], [acts[i][g] for i in indices],
-                       float(result.thresholds[u]), scale=scale).save(path)
+            unit_strip([images[i] for i in indices], activations, float(result.thresholds[u]),
+                       scale=scale).save(path)
             paths.append(path)
         if progress is not None:
             progress("images", start + len(group), len(chosen))

@@ -1,0 +1,332 @@
+"""Exact shortcuts of the engine: skipped upsampling, and the top maps kept for pictures."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dissect_core.concepts import Concept, ConceptDataset, Sample
+from dissect_core.counts import ConceptCounts, TopActivations
+from dissect_core.dissect import (
+    count_pass,
+    dissect,
+    finalize,
+    quantile_pass,
+    refine_pass,
+    resolve_thresholds,
+)
+from dissect_core.models import LoadedModel
+from dissect_core.upsample import upsample_numpy
+from dissect_core.visualize import save_unit_strips, top_images_strip
+
+engine = importlib.import_module("dissect_core.dissect")  # the module (the package exports the function)
+
+
+class Blocks(ConceptDataset):
+    """16x16 images of random rectangles; label maps of random concepts at 8x8.
+
+    Blue is drawn on about half of the images only (unit ``flag`` below).
+    """
+
+    name = "blocks"
+    image_size = (16, 16)
+    mask_size = (8, 8)
+    concepts: ClassVar[list[Concept]] = [Concept(i, f"c{i}", "object") for i in range(1, 5)]
+    categories: ClassVar[list[str]] = ["object"]
+
+    def __init__(self, n: int = 30, seed: int = 3) -> None:
+        rng = np.random.default_rng(seed)
+        self.images = np.zeros((n, 16, 16, 3), dtype=np.uint8)
+        for i in range(n):
+            for c in range(3):
+                if c == 2 and rng.random() < 0.5:
+                    continue
+                for _ in range(rng.integers(1, 3)):
+                    y0, x0 = rng.integers(0, 14, size=2)
+                    y1, x1 = y0 + rng.integers(1, 8), x0 + rng.integers(1, 8)
+                    self.images[i, y0:y1, x0:x1, c] = 255
+        self.maps = rng.integers(0, 5, size=(n, 1, 8, 8)).astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Sample:
+        return Sample(self.images[index], self.maps[index], np.zeros(0, np.int32), -1)
+
+
+def _units(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 16, 16] in [0, 1] -> [B, 4, 8, 8]: red (>= 0), a negative unit, a 0/1 flag map, red - green."""
+    p = nn.functional.avg_pool2d(x, 2)
+    flag = (p[:, 2:3].amax(dim=(2, 3), keepdim=True) > 0).to(x.dtype).expand_as(p[:, :1])
+    return torch.cat([p[:, :1], -p[:, 1:2] - 0.5, flag, p[:, :1] - p[:, 1:2]], dim=1)
+
+
+class Units(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _units(x)
+
+
+class Net(nn.Module):
+    """``units`` (4 x 8 x 8, the mask size: no upsampling) and ``coarse`` (4 x 4 x 4, upsampled 2x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.units = Units()
+        self.coarse = nn.AvgPool2d(2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.coarse(self.units(x)).mean(dim=(2, 3)))
+
+
+def net() -> LoadedModel:
+    return LoadedModel(Net().eval(), "test:blocks", 2, (16, 16), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "builtin")
+
+
+def native(ds: Blocks, layer: str) -> np.ndarray:
+    x = torch.from_numpy(ds.images.transpose(0, 3, 1, 2).astype(np.float64) / 255.0)
+    a = _units(x)
+    return (a if layer == "units" else nn.functional.avg_pool2d(a, 2)).numpy()
+
+
+def reference(ds: Blocks, layer: str, q: float) -> dict[str, np.ndarray]:
+    """Thresholds and counts in float64 numpy (exact here: every value is a multiple of 1/64)."""
+    up = upsample_numpy(native(ds, layer), ds.mask_size)
+    t = np.quantile(up.transpose(1, 0, 2, 3).reshape(up.shape[1], -1), q, axis=1, method="hazen")
+    on = up > t[None, :, None, None]
+    present = np.stack([ds.maps[:, 0] == c for c in range(1, 5)], axis=1)
+    inter = np.einsum("buyx,bcyx->uc", on.astype(np.int64), present.astype(np.int64))
+    return {"t": t, "inter": inter, "act": on.sum(axis=(0, 2, 3))}
+
+
+def _count_maps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    seen: list[int] = []
+    real = engine._upsample_maps
+
+    def spy(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        seen.append(maps.shape[0])
+        return real(maps, size)
+
+    monkeypatch.setattr(engine, "_upsample_maps", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "native_size,size",
+    [((8, 8), (32, 32)), ((3, 3), (7, 11)), ((4, 4), (8, 8)), ((7, 7), (56, 56)), ((13, 13), (56, 56)),
+     ((6, 9), (50, 37)), ((5, 5), (5, 5))],
+)
+def test_upsampling_a_subset_gives_the_same_values(native_size: tuple[int, int], size: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(9, 40, *native_size, generator=gen).relu_() * 7
+    full = torch.cat([up for _, up in engine._chunks(a, size)])
+    for n in (1, 2, 3, 17, 63, 64, 65, 200):
+        pick = torch.randperm(9 * 40, generator=gen)[:n]
+        b, u = pick // 40, pick % 40
+        assert torch.equal(engine._upsample_maps(a[b, u], size), full[b, u])
+
+
+@pytest.mark.parametrize("native_size,size", [((4, 4), (8, 8)), ((3, 5), (10, 7)), ((6, 4), (13, 11)), ((4, 4), (4, 4))])
+def test_map_bound_is_an_upper_bound(native_size: tuple[int, int], size: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(50, 6, *native_size, generator=gen) * 3
+    a[:, 0] = a[:, 0].relu()
+    a[:, 1] = -a[:, 1].abs()
+    a[:, 2] = 1.0 / 3.0
+    a[:, 3] *= 1e-30
+    bounds = engine._MapBound(native_size, size, torch.device("cpu"))
+    lower, upper = bounds.both(a)
+    up = torch.cat([up for _, up in engine._chunks(a, size)])
+    assert (up.amax(dim=2).to(torch.float64) <= upper).all()
+    assert (up.amin(dim=2).to(torch.float64) >= lower).all()
+    assert (upper >= 0).all()
+    rows = bounds.rows(a.reshape(-1, *native_size))
+    assert rows.shape == (50 * 6, size[0])
+    assert (up.view(-1, size[0], size[1]).amax(dim=2).to(torch.float64) <= rows).all()
+    assert (rows.view(50, 6, -1).amax(dim=2) <= upper * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize("sparse_below", [1 / 8, 1.0, -1.0])
+@pytest.mark.parametrize("layer", ["coarse", "units"])
+@pytest.mark.parametrize("q", [0.99, 0.8, 0.6])
+def test_skipping_counts_as_upsampling_everything(
+    layer: str, q: float, sparse_below: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(importlib.import_module("dissect_core.quantile"), "_SPARSE_BELOW", sparse_below)
+    model, ds = net(), Blocks()
+    ref = reference(ds, layer, q)
+    assert ref["t"][1] < 0
+    monkeypatch.setattr(engine, "_SKIP_MAPS", False)
+    full = dissect(model, ds, [layer], quantile=q, batch_size=7, device="cpu")[layer]
+    monkeypatch.setattr(engine, "_SKIP_MAPS", True)
+    skipped = dissect(model, ds, [layer], quantile=q, batch_size=7, device="cpu")[layer]
+    for res in (full, skipped):
+        np.testing.assert_array_equal(res.thresholds, ref["t"])
+        np.testing.assert_array_equal(res.intersection, ref["inter"])
+        np.testing.assert_array_equal(res.act_area, ref["act"])
+    np.testing.assert_array_equal(skipped.iou, full.iou)
+    np.testing.assert_array_equal(skipped.concept_area, full.concept_area)
+
+
+def test_maps_whose_max_is_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit 2 is 1.0 on the flagged images and 0 elsewhere; its threshold is exactly 1.0 here
+    (and units 0 and 3 have t = 0 on ``units``, where all-zero maps are skipped)."""
+    model, ds = net(), Blocks()
+    peaks = native(ds, "units").max(axis=(2, 3))
+    assert (peaks[:, 2] == 1.0).sum() >= 10
+    maps = _count_maps(monkeypatch)
+    for layer, q in (("units", 0.6), ("coarse", 0.8)):
+        ref = reference(ds, layer, q)
+        assert ref["t"][2] == 1.0 and ref["t"][1] < 0
+        thresholds = {layer: ref["t"]}
+        upsampled = []
+        for skip in (False, True):
+            monkeypatch.setattr(engine, "_SKIP_MAPS", skip)
+            maps.clear()
+            counts = count_pass(model, ds, [layer], thresholds, batch_size=4, device="cpu")[layer]
+            upsampled.append(sum(maps))
+            result = dissect(model, ds, [layer], quantile=q, batch_size=4, device="cpu")[layer]
+            np.testing.assert_array_equal(result.thresholds, ref["t"])
+            for inter, act in ((counts.intersection.numpy()[:, 1:], counts.act_area.numpy()),
+                               (result.intersection, result.act_area)):
+                np.testing.assert_array_equal(inter, ref["inter"])
+                np.testing.assert_array_equal(act, ref["act"])
+        assert ref["act"][2] == 0
+        assert upsampled[1] < upsampled[0]
+
+
+def test_a_counter_falls_back_when_the_subset_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were a subset upsampled differently from the whole batch, the first batch's check notices."""
+    model, ds = net(), Blocks()
+    ref = reference(ds, "coarse", 0.8)
+    real = engine._upsample_maps
+    calls: list[int] = []
+
+    def wrong_unless_whole_batch(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        calls.append(maps.shape[0])
+        up = real(maps, size)
+        return up if maps.shape[0] == 10 * 4 else up + 10
+
+    monkeypatch.setattr(engine, "_upsample_maps", wrong_unless_whole_batch)
+    monkeypatch.setattr(engine._MapUpsampler, "_verdicts", {})
+    counts = count_pass(model, ds, ["coarse"], {"coarse": ref["t"]}, batch_size=10, device="cpu")["coarse"]
+    assert calls.count(10 * 4) == 3 and len(calls) == 4
+    np.testing.assert_array_equal(counts.intersection.numpy()[:, 1:], ref["inter"])
+    np.testing.assert_array_equal(counts.act_area.numpy(), ref["act"])
+
+
+def test_top_maps_are_the_native_maps_of_the_top_images() -> None:
+    model, ds = net(), Blocks()
+    for layer in ("units", "coarse"):
+        result = dissect(model, ds, [layer], quantile=0.9, batch_size=4, device="cpu", top_k_images=3)[layer]
+        assert result.top_maps is not None and result.top_maps.dtype == np.float32
+        a = native(ds, layer).astype(np.float32)
+        assert result.top_maps.shape == (4, 3, *a.shape[2:])
+        expected = np.stack([a[result.top_images[u], u] for u in range(4)])
+        np.testing.assert_array_equal(result.top_maps, expected)
+        np.testing.assert_array_equal(result.top_maps.max(axis=(2, 3)), result.top_values)
+
+
+def test_top_maps_merge_across_shards_like_a_single_run() -> None:
+    model, ds = net(), Blocks(n=23)
+    layers = ["coarse", "units"]
+    single = dissect(model, ds, layers, quantile=0.95, batch_size=4, device="cpu", top_k_images=4)
+    shards = [list(range(9)), list(range(9, 15)), list(range(15, 23))]
+
+    def merged(parts: list[dict]) -> dict:
+        total = parts[0]
+        for part in parts[1:]:
+            for layer in total:
+                total[layer].merge(part[layer])
+        return total
+
+    sketches = merged([quantile_pass(model, ds, layers, indices=s, batch_size=4, device="cpu") for s in shards])
+    thresholds = resolve_thresholds(sketches, 0.95, lambda brackets: merged(
+        [refine_pass(model, ds, list(brackets), brackets, indices=s, batch_size=3, device="cpu") for s in shards]))
+    parts = [count_pass(model, ds, layers, thresholds, indices=s, batch_size=5, device="cpu", top_k_images=4)
+             for s in shards]
+    parts = [{k: ConceptCounts.from_state_dict(v.state_dict()) for k, v in p.items()} for p in parts]
+    counts = merged([{k: ConceptCounts(v.units, v.num_concepts) for k, v in parts[0].items()}, *parts])
+    for layer in layers:
+        res = finalize(layer, thresholds[layer], counts[layer], ds.concepts, quantile=0.95)
+        np.testing.assert_array_equal(res.top_images, single[layer].top_images)
+        np.testing.assert_array_equal(res.top_values, single[layer].top_values)
+        assert res.top_maps is not None
+        np.testing.assert_array_equal(res.top_maps, single[layer].top_maps)
+        np.testing.assert_array_equal(res.intersection, single[layer].intersection)
+
+
+def test_top_activations_keep_maps_consistent_with_ties() -> None:
+    maps = torch.arange(4 * 2 * 2 * 2, dtype=torch.float32).view(4, 2, 2, 2)
+    peaks = torch.tensor([[1.0, 5.0], [3.0, 5.0], [3.0, 1.0], [2.0, 0.0]])
+    top = TopActivations(2, 2)
+    top.add(peaks[:2], torch.tensor([10, 11]), maps[:2])
+    other = TopActivations(2, 2)
+    other.add(peaks[2:], torch.tensor([7, 8]), maps[2:])
+    top.merge(other)
+    assert top.indices.tolist() == [[7, 11], [10, 11]]
+    assert top.maps is not None
+    torch.testing.assert_close(top.maps[0], torch.stack([maps[2, 0], maps[1, 0]]))
+    torch.testing.assert_close(top.maps[1], torch.stack([maps[0, 1], maps[1, 1]]))
+    again = TopActivations.from_state_dict(top.state_dict())
+    assert again.maps is not None and torch.equal(again.maps, top.maps)
+    without = TopActivations(2, 2)
+    without.add(peaks[:2], torch.tensor([10, 11]))
+    assert without.maps is None
+    assert without.merge(other).maps is None and without.indices.tolist() == top.indices.tolist()
+    fresh = TopActivations(2, 2).merge(other)
+    assert fresh.maps is not None and torch.equal(fresh.maps, other.maps)
+
+
+def test_pictures_from_top_maps_need_no_forward_pass(tmp_path: Path) -> None:
+    model, ds = net(), Blocks()
+    result = dissect(model, ds, ["coarse"], quantile=0.9, device="cpu", top_k_images=3)["coarse"]
+    assert result.top_maps is not None
+    calls: list[int] = []
+    handle = model.module.register_forward_pre_hook(lambda m, i: calls.append(1))
+    try:
+        picture = top_images_strip(model, ds, result, 0, scale=2)
+        paths = save_unit_strips(model, ds, result, tmp_path / "maps", units=[0, 2, 3], units_per_pass=2)
+    finally:
+        handle.remove()
+    assert calls == []
+    bare = dataclasses.replace(result, top_maps=None)
+    np.testing.assert_array_equal(np.asarray(picture), np.asarray(top_images_strip(model, ds, bare, 0, scale=2)))
+    again = save_unit_strips(model, ds, bare, tmp_path / "forward", units=[0, 2, 3], units_per_pass=2)
+    assert [p.name for p in paths] == [p.name for p in again] == ["unit_0000.png", "unit_0002.png", "unit_0003.png"]
+    for a, b in zip(paths, again):
+        np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+
+class Ragged(Blocks):
+    """Like :class:`Blocks`, but images carry 0, 1 or 2 label maps and 0-2 whole-image labels."""
+
+    def __getitem__(self, index: int) -> Sample:
+        k = index % 3
+        maps = np.concatenate([self.maps[index]] * 2)[:k] if index % 5 else np.zeros((0, 8, 8), np.int32)
+        maps = maps.copy()
+        if maps.shape[0] == 2:
+            maps[1] = (maps[1] + 1) % 5
+        labels = np.array([1, 3][: index % 3], np.int32)
+        return Sample(self.images[index], maps, labels, -1)
+
+
+def test_grouped_count_pass_equals_batch_by_batch() -> None:
+    """Ragged label maps (0-2 per image, whole-image labels) count the same from the cache."""
+    model, ds = net(), Ragged(n=41)
+    for layer in ("coarse", "units"):
+        result = dissect(model, ds, [layer], quantile=0.9, batch_size=2, device="cpu")[layer]
+        fresh = count_pass(model, ds, [layer], {layer: result.thresholds}, batch_size=3, device="cpu")[layer]
+        np.testing.assert_array_equal(result.intersection, fresh.intersection.numpy()[:, 1:])
+        np.testing.assert_array_equal(result.act_area, fresh.act_area.numpy())
+        np.testing.assert_array_equal(result.concept_area, fresh.concept_area.numpy()[1:])
+        assert result.n_images == 41 and result.concept_area.sum() > 0

@@ -1,0 +1,95 @@
+"""A sketch whose floor rises while data streams in: same bracket as a plain sketch, exact quantiles."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import dissect_core.quantile as quantile_module
+from dissect_core.quantile import QuantileRefiner, QuantileSketch, hazen_ranks
+
+
+def data(rng: np.random.Generator, units: int, n: int, signed: bool) -> np.ndarray:
+    """Post-ReLU units with many exact zeros and a constant unit; when ``signed``, a signed
+    unit and an all-negative one (whose floors go below 0)."""
+    x = rng.exponential(size=(units, n)) * rng.uniform(0.01, 100, size=(units, 1))
+    x = np.where(rng.random((units, n)) < 0.6, 0.0, x)
+    if signed:
+        x[1] = rng.normal(size=n) * 3
+        x[2] = -rng.exponential(size=n) - 0.25
+    x[3] = 1.5
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("path", ["auto", "sparse", "dense"])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("q", [0.99, 0.9, 0.5, 0.999, 1.0, 0.0])
+def test_rising_floor_keeps_the_bracket_of_a_plain_sketch(
+    q: float, signed: bool, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if path != "auto":
+        monkeypatch.setattr(quantile_module, "_SPARSE_BELOW", 1.0 if path == "sparse" else -1.0)
+    rng = np.random.default_rng(11)
+    x = data(rng, 5, 30000, signed)
+    n = x.shape[1]
+    k = n - hazen_ranks(n, q)[0]
+    buckets = 512 if signed else 4096
+    plain = QuantileSketch(5, max_buckets=buckets)
+    rising = QuantileSketch(5, max_buckets=buckets, floor=np.full(5, -np.inf, np.float32))
+    floors = []
+    for part in np.array_split(x, 12, axis=1):
+        t = torch.from_numpy(part)
+        plain.add(t)
+        rising.add_rows(t, torch.arange(5), total=part.shape[1], lower=t.amin(1), upper=t.amax(1))
+        if rising.n >= k:
+            rising.raise_floor(rising.n - k)
+        floors.append(rising.floor.clone())
+    assert all(bool((b >= a).all()) for a, b in itertools.pairwise(floors))
+    state = rising.state_dict()
+    counted = state["floor_count"] + state["zeros"] + state.get("pos_counts", np.zeros((5, 1))).sum(1)
+    counted = counted + state.get("neg_counts", np.zeros((5, 1))).sum(1)
+    np.testing.assert_array_equal(counted, np.full(5, n))
+    if q >= 0.9:
+        assert (state["floor_count"][[0, 1, 2, 4]] > 0).all() and state["floor_count"][3] == 0
+    if not signed and q >= 0.9:
+        assert bool((rising.floor[[0, 1, 2, 4]] > 0).all())
+    a, b = plain.bracket(q), rising.bracket(q)
+    for name in ("key_lo", "key_hi", "below", "inside"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    while not b.done:
+        refiner = QuantileRefiner(b)
+        refiner.add(torch.from_numpy(x))
+        b = refiner.bracket()
+    expected = np.quantile(x.astype(np.float64), q, axis=1, method="hazen")
+    np.testing.assert_array_equal(b.values(), expected)
+
+
+def test_rows_left_out_are_counted_at_the_floor() -> None:
+    sketch = QuantileSketch(2, floor=np.array([1.0, 0.0], np.float32))
+    rows = torch.tensor([[0.5, 2.0, 3.0], [-1.0, 0.0, 4.0]])
+    sketch.add_rows(rows, torch.tensor([0, 1]), total=9, lower=torch.tensor([0.0, -1.0]),
+                    upper=torch.tensor([3.0, 4.0]))
+    assert sketch.n == 9
+    assert sketch.floor_count.tolist() == [7, 8]
+    assert sketch.key_max.tolist()[1] == torch.tensor(4.0).view(torch.int32).item()
+    with pytest.raises(ValueError, match="floor"):
+        QuantileSketch(2).add_rows(rows, torch.tensor([0, 1]), total=3, lower=rows.amin(1), upper=rows.amax(1))
+    with pytest.raises(ValueError, match="floor"):
+        QuantileSketch(2).raise_floor(0)
+
+
+def test_rising_floor_survives_state_dict_and_detects_nonfinite() -> None:
+    sketch = QuantileSketch(1, floor=np.full(1, -np.inf, np.float32))
+    rows = torch.arange(100, dtype=torch.float32)[None]
+    sketch.add_rows(rows, torch.tensor([0]), total=100, lower=rows.amin(1), upper=rows.amax(1))
+    sketch.raise_floor(90)
+    assert 0 < float(sketch.floor[0]) <= 90.0
+    again = QuantileSketch.from_state_dict(sketch.state_dict())
+    np.testing.assert_array_equal(again.bracket(0.95).key_lo, sketch.bracket(0.95).key_lo)
+    assert sketch.finite
+    sketch.add_rows(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), total=4,
+                    lower=torch.tensor([0.0]), upper=torch.tensor([float("nan")]))
+    assert not sketch.finite
