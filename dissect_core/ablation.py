@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .concepts import ConceptDataset, collate_samples
-from .dissect import preprocess_images
+from .dissect import _resolve_device, preprocess_images
 from .errors import Cancelled, DatasetError, DissectError, LayerError
 from .models import LoadedModel
 from .nethook import get_module, trace
@@ -74,15 +74,6 @@ ProgressFn = Callable[[str, int, int], None]
 
 _MEMORY_BUDGET = 2 << 30
 _CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 256 << 20}
-
-
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DissectError("device cuda requested but CUDA is not available")
-    return dev
 
 
 def _check_stop(should_stop: Callable[[], bool] | None) -> None:

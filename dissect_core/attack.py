@@ -360,7 +360,7 @@ def attack_unit_changes(
     """
     from torch.utils.data import DataLoader, Dataset
 
-    from .ablation import _resolve_device
+    from .dissect import _resolve_device
 
     if isinstance(model.module, torch.jit.ScriptModule):
         raise DissectError("the attack analysis records layers with hooks, which TorchScript models do not run")
