@@ -18,8 +18,7 @@ standard normal (2.576 for 99%), s the sample standard deviation (ddof 1).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ablation import UnitImportance
+from .ablation import UnitImportance, _evaluating
 from .concepts import ConceptDataset, collate_samples
 from .errors import Cancelled, DatasetError, DissectError
 from .models import LoadedModel
@@ -48,16 +47,6 @@ __all__ = [
 GROUPS: tuple[str, ...] = ("source", "target", "other")
 
 ProgressFn = Callable[[str, int, int], None]
-
-
-@contextlib.contextmanager
-def _evaluating(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _normalizer(
