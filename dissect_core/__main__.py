@@ -42,10 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--meta", type=Path, default=None,
                        help="JSON with input_size, mean, std, num_classes (default: WEIGHTS.json or "
                             "classifier.json next to the weights)")
+        p.add_argument("--latent-dim", type=int, default=None,
+                       help="the model is a generator with latents of this size (builtin:dcgan, torchscript)")
 
     d = sub.add_parser("dissect", help="dissect layers and write CSVs")
     model_args(d, weights_required=True)
-    d.add_argument("--dataset", required=True, help="broden:DIR, imagefolder:DIR, synthetic:DIR or synthetic:N[:SEED]")
+    d.add_argument("--dataset", default=None,
+                   help="broden:DIR, imagefolder:DIR, synthetic:DIR or synthetic:N[:SEED] (not with --generated)")
+    d.add_argument("--generated", type=int, default=None,
+                   help="dissect a generator (--latent-dim) on N generated images labelled by colour names")
+    d.add_argument("--seed", type=int, default=0, help="latent seed of --generated")
     d.add_argument("--layer", action="append", required=True, dest="layers", help="dotted layer name (repeatable)")
     d.add_argument("--quantile", type=float, default=0.99)
     d.add_argument("--batch-size", type=int, default=32)
@@ -125,6 +131,10 @@ def read_meta(meta: Path | None, weights: Path | None) -> dict[str, Any]:
 def _load(args: argparse.Namespace) -> Any:
     from .models import load_model
 
+    if args.latent_dim is not None:
+        from .generators import load_generator
+
+        return load_generator(args.model, args.weights, latent_dim=args.latent_dim)
     meta = read_meta(args.meta, args.weights)
     input_size = args.input_size if args.input_size is not None else meta.get("input_size")
     return load_model(
@@ -195,9 +205,19 @@ def _cmd_dissect(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.quantile <= 1.0:
         raise DissectError(f"--quantile must lie in [0, 1], got {args.quantile}")
+    if (args.dataset is None) == (args.generated is None):
+        raise DissectError("give either --dataset or --generated N (with --latent-dim)")
+    if args.generated is not None and args.latent_dim is None:
+        raise DissectError("--generated needs --latent-dim (the model is a generator)")
     model = _load(args)
-    dataset = open_dataset(args.dataset, split=args.split, max_images=args.max_images, colors=args.colors,
-                           parts=args.parts)
+    if args.generated is not None:
+        from .generators import GeneratedDataset
+
+        dataset: Any = GeneratedDataset(model, "colors", args.generated, seed=args.seed,
+                                        batch_size=args.batch_size, device=args.device)
+    else:
+        dataset = open_dataset(args.dataset, split=args.split, max_images=args.max_images, colors=args.colors,
+                               parts=args.parts)
     bars = _Bars(not args.no_progress)
     try:
         results = dissect(model, dataset, args.layers, quantile=args.quantile, batch_size=args.batch_size,

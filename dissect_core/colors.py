@@ -222,4 +222,5 @@ class WithColorConcepts(ConceptDataset):
             label_maps=np.concatenate([maps, colors[None].astype(np.int32)], axis=0),
             image_labels=sample.image_labels,
             class_label=sample.class_label,
+            latent=sample.latent,
         )

@@ -10,13 +10,13 @@ one per mask file in Broden).
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["Concept", "Sample", "Batch", "ConceptDataset", "collate_samples"]
+__all__ = ["Batch", "Concept", "ConceptDataset", "Sample", "collate_samples"]
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,15 @@ class Sample:
         image_labels: int32 array [J] of whole-image concept numbers; such a
             concept covers every pixel of the image.
         class_label: index into dataset.classes (scene class), -1 if unknown.
+        latent: float32 array [Z], the latent a generator made the image from
+            (generated datasets only; None otherwise).
     """
 
     image: np.ndarray
     label_maps: np.ndarray
     image_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     class_label: int = -1
+    latent: np.ndarray | None = None
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Batch:
         image_labels: int32 tensor [B, J] (padded with 0).
         class_labels: int64 tensor [B].
         indices: int64 tensor [B], dataset indices of the samples.
+        latents: float32 tensor [B, Z], the samples' latents (generated
+            datasets), or None when the samples carry none.
     """
 
     images: torch.Tensor
@@ -70,11 +75,13 @@ class Batch:
     image_labels: torch.Tensor
     class_labels: torch.Tensor
     indices: torch.Tensor
+    latents: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
             *(t.to(device, non_blocking=non_blocking) for t in
-              (self.images, self.label_maps, self.image_labels, self.class_labels, self.indices))
+              (self.images, self.label_maps, self.image_labels, self.class_labels, self.indices)),
+            latents=None if self.latents is None else self.latents.to(device, non_blocking=non_blocking),
         )
 
 
@@ -92,7 +99,7 @@ class ConceptDataset(abc.ABC):
     mask_size: tuple[int, int]
     concepts: list[Concept]
     categories: list[str]
-    classes: list[str] = []
+    classes: list[str] = []  # noqa: RUF012 (subclasses assign their own list)
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -106,7 +113,11 @@ class ConceptDataset(abc.ABC):
 
 
 def collate_samples(samples: Sequence[tuple[int, Sample]]) -> Batch:
-    """Collate ``(index, sample)`` pairs into a :class:`Batch` (pads K and J with 0)."""
+    """Collate ``(index, sample)`` pairs into a :class:`Batch` (pads K and J with 0).
+
+    ``latents`` is stacked when the first sample carries a latent (then every
+    sample must), else None.
+    """
     if not samples:
         raise ValueError("cannot collate an empty batch")
     first = samples[0][1]
@@ -127,10 +138,16 @@ def collate_samples(samples: Sequence[tuple[int, Sample]]) -> Batch:
             maps[i, : s.label_maps.shape[0]] = torch.from_numpy(np.asarray(s.label_maps, np.int32))
         if len(s.image_labels):
             labels[i, : len(s.image_labels)] = torch.from_numpy(np.asarray(s.image_labels, np.int32))
+    latents = None
+    if first.latent is not None:
+        if any(s.latent is None for _, s in samples):
+            raise ValueError("some samples of the batch carry a latent and some do not")
+        latents = torch.from_numpy(np.stack([np.asarray(s.latent, np.float32) for _, s in samples]))
     return Batch(
         images=images,
         label_maps=maps,
         image_labels=labels,
         class_labels=torch.tensor([s.class_label for _, s in samples], dtype=torch.int64),
         indices=torch.tensor([i for i, _ in samples], dtype=torch.int64),
+        latents=latents,
     )

@@ -326,7 +326,11 @@ def _forward_batches(
     should_stop: Callable[[], bool] | None,
     phase: str = "forward",
 ) -> Iterator[_Prepared]:
-    """Run the network once per batch and yield every requested layer's activations."""
+    """Run the network once per batch and yield every requested layer's activations.
+
+    A generator (``model.kind == "generator"``) is fed the batch's latents instead
+    of its preprocessed images; the images are the ones it generated from them.
+    """
     loader = DataLoader(
         _Indexed(src.dataset, src.indices),
         batch_size=src.batch_size,
@@ -336,6 +340,7 @@ def _forward_batches(
         pin_memory=src.device.type == "cuda",
     )
     module = src.model.module.to(src.device)
+    generator = src.model.kind == "generator"
     total = len(src.indices)
     done = 0
     if progress:
@@ -343,7 +348,12 @@ def _forward_batches(
     for batch in loader:
         _check_stop(should_stop)
         batch = batch.to(src.device, non_blocking=True)
-        x = preprocess_images(batch.images, src.model.input_size, src.model.mean, src.model.std)
+        if generator:
+            if batch.latents is None:
+                raise DatasetError("a generator is dissected on a generated dataset: the samples carry no latents")
+            x = src.model.latent_input(batch.latents)
+        else:
+            x = preprocess_images(batch.images, src.model.input_size, src.model.mean, src.model.std)
         with torch.no_grad(), trace(module, src.layers, stop_after_last=True) as tr:
             tr(x)
             acts = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DissectError", "ModelLoadError", "DatasetError", "LayerError", "Cancelled"]
+__all__ = ["Cancelled", "DatasetError", "DissectError", "LayerError", "ModelLoadError"]
 
 
 class DissectError(Exception):

@@ -1,9 +1,11 @@
-"""Loading classifiers safely, and listing their layers.
+"""Loading classifiers and generators safely, and listing their layers.
 
 Architectures are named by spec: ``torchvision:NAME`` (any torchvision
 classification builder, built with ``weights=None``), ``builtin:NAME``
 (:data:`dissect_core.archs.ARCHS`) or ``torchscript`` (the weights file is a
-TorchScript archive). Weights are read only as ``.safetensors`` or through
+TorchScript archive). Generators (latent vector in, image out) are loaded by
+:func:`dissect_core.generators.load_generator` into the same :class:`LoadedModel`,
+with ``kind="generator"``. Weights are read only as ``.safetensors`` or through
 ``torch.load(weights_only=True)``: a pickle that would run code is refused, never
 executed.
 """
@@ -40,7 +42,7 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "generator", "netG", "g_ema")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -56,7 +58,14 @@ class LoadedModel:
         input_size: (H, W) the network expects.
         mean: per-channel normalisation mean (RGB, for images scaled to [0, 1]).
         std: per-channel normalisation std.
-        kind: ``"torchvision"``, ``"builtin"`` or ``"torchscript"``.
+        kind: ``"torchvision"``, ``"builtin"``, ``"torchscript"`` or ``"generator"``
+            (a generator of any spec: it takes latents, not images).
+        classes: class names, if known.
+        latent_dim: a generator's latent size Z (None for classifiers).
+        output_range: the (low, high) values a generator's output pixels span;
+            low maps to 0 and high to 255.
+        latent_shape: the shape of one latent as the generator takes it
+            (``(Z,)`` or ``(Z, 1, 1)``); None means ``(latent_dim,)``.
     """
 
     module: nn.Module
@@ -67,6 +76,20 @@ class LoadedModel:
     std: tuple[float, float, float] = IMAGENET_STD
     kind: str = "torchvision"
     classes: list[str] = field(default_factory=list)
+    latent_dim: int | None = None
+    output_range: tuple[float, float] = (-1.0, 1.0)
+    latent_shape: tuple[int, ...] | None = None
+
+    @property
+    def is_generator(self) -> bool:
+        """Whether the network maps latents to images."""
+        return self.kind == "generator"
+
+    def latent_input(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [B, Z] shaped as the generator takes them ([B, *latent_shape])."""
+        if self.latent_shape is None or tuple(z.shape[1:]) == tuple(self.latent_shape):
+            return z
+        return z.reshape(z.shape[0], *self.latent_shape)
 
 
 @dataclass(frozen=True)
@@ -373,11 +396,13 @@ def load_model(
 def list_layers(model: LoadedModel | nn.Module, input_size: int | Sequence[int] | None = None) -> list[LayerInfo]:
     """The layers whose output is a 4-D feature map, in execution order.
 
-    Runs one forward pass of a zero image with a hook on every module.
+    Runs one forward pass of a zero image (a generator: a zero latent) with a hook
+    on every module.
 
     Args:
         model: a :class:`LoadedModel` or a bare module.
-        input_size: (H, W) to probe with (default: the model's input size, or 224).
+        input_size: (H, W) to probe with (default: the model's input size, or 224;
+            ignored for generators, whose input is a latent).
 
     Returns:
         one :class:`LayerInfo` per module whose output is a [1, C, h, w] tensor
@@ -390,6 +415,8 @@ def list_layers(model: LoadedModel | nn.Module, input_size: int | Sequence[int] 
     default = model.input_size if isinstance(model, LoadedModel) else (224, 224)
     h, w = _size2(input_size, default)
     x = torch.zeros(1, 3, h, w)
+    if isinstance(model, LoadedModel) and model.latent_dim is not None:
+        x = torch.zeros(1, *(model.latent_shape or (model.latent_dim,)))
     names = module_names(module)
     if isinstance(module, torch.jit.ScriptModule):
         return _list_script_layers(module, names, x)
@@ -417,7 +444,8 @@ def list_layers(model: LoadedModel | nn.Module, input_size: int | Sequence[int] 
             module(x)
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(
-            f"the model does not run on a 1x3x{h}x{w} input: {str(exc).splitlines()[0][:300]}"
+            f"the model does not run on a {'x'.join(str(v) for v in x.shape)} input: "
+            f"{str(exc).splitlines()[0][:300]}"
         ) from None
     finally:
         for handle in handles:

@@ -181,4 +181,5 @@ class WithPartConcepts(ConceptDataset):
             label_maps=np.concatenate([maps, *extra], axis=0),
             image_labels=sample.image_labels,
             class_label=sample.class_label,
+            latent=sample.latent,
         )

@@ -115,4 +115,4 @@ class SegmentedDataset(ConceptDataset):
         sample = self.images[index]
         image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1)[None]
         labels = self.segmenter.segment(image)[0].cpu().numpy().astype(np.int32)
-        return Sample(image=sample.image, label_maps=labels, class_label=sample.class_label)
+        return Sample(image=sample.image, label_maps=labels, class_label=sample.class_label, latent=sample.latent)
