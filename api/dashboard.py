@@ -20,6 +20,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from api import selectors, services
+from api.dashboard_generators import describe_sources, dissected_layers, generator_context
 from api.dashboard_roles import ablation_context, unit_classifier_context
 from api.errors import ApplicationError
 from api.models import Dataset, Job, NetworkModel
@@ -99,8 +100,9 @@ def _job_rows(request):
     status = request.GET.get("status", "")
     if status != "active" and status not in Job.Status.values:
         status = ""
-    jobs = selectors.dashboard_job_list(user=request.user, status=status)[:JOBS_SHOWN]
-    return status, [_decorate_job(job) for job in jobs]
+    jobs = [_decorate_job(job) for job in selectors.dashboard_job_list(user=request.user, status=status)[:JOBS_SHOWN]]
+    describe_sources(user=request.user, jobs=jobs)
+    return status, jobs
 
 
 def _jobs_context(request) -> dict:
@@ -126,6 +128,7 @@ def jobs_live_fragment(request):
 @login_required
 def job_page(request, pk: int):
     job = _decorate_job(get_object_or_404(selectors.job_list(user=request.user), pk=pk))
+    describe_sources(user=request.user, jobs=[job])
     layers = []
     if job.status == Job.Status.SUCCEEDED:
         for row in job.layer_results.all():
@@ -158,6 +161,7 @@ def job_page(request, pk: int):
         "attack": job.summary if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.ATTACK else None,
         "unit_classifier": unit_classifier_context(job.summary)
         if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.UNIT_CLASSIFIER else None,
+        "generator": generator_context(job, user=request.user),
         "can_cancel": job.owner_id == request.user.pk and not job.is_final,
     })
 
@@ -180,9 +184,15 @@ def job_rerun(request, pk: int):
     """A new job with the same type, model, dataset and parameters."""
     job = get_object_or_404(selectors.job_list(user=request.user), pk=pk)
     model = get_object_or_404(selectors.model_list(user=request.user), pk=job.model_id)
-    dataset = get_object_or_404(selectors.dataset_list(user=request.user), pk=job.dataset_id)
+    dataset = None
+    if job.dataset_id is not None:
+        dataset = get_object_or_404(selectors.dataset_list(user=request.user), pk=job.dataset_id)
+    params = dict(job.params)
+    if job.type in (Job.Type.GENERATOR_REMOVE, Job.Type.GENERATOR_INSERT):
+        # The concept source is the dissection's: the service derives it and takes no "concepts" param.
+        params.pop("concepts", None)
     try:
-        new = services.job_create(owner=request.user, type=job.type, model=model, dataset=dataset, params=job.params)
+        new = services.job_create(owner=request.user, type=job.type, model=model, dataset=dataset, params=params)
     except ApplicationError as exc:
         messages.error(request, exc.message)
         return redirect("dashboard-job", pk=job.pk)
@@ -190,32 +200,136 @@ def job_rerun(request, pk: int):
     return redirect("dashboard-job", pk=new.pk)
 
 
+JOB_TYPES = [
+    (Job.Type.DISSECT, "dissect: label every unit with the concept it detects (Figure 1)"),
+    (Job.Type.ABLATE, "ablate: the units each class depends on (classifiers, Figure 2)"),
+    (Job.Type.ATTACK, "attack: unit changes under adversarial attack (classifiers, Figure 5)"),
+    (Job.Type.UNIT_CLASSIFIER, "unit classifier: one unit as a concept detector (classifiers, Figure 1f)"),
+    (Job.Type.GENERATOR_REMOVE, "remove: switch off a concept's units (generators, Figure 4a-b)"),
+    (Job.Type.GENERATOR_INSERT, "insert: where units can add a concept (generators, Figure 4d)"),
+]
+# The form fields that make each job type's params, for classifiers (and segmenters) and for
+# generators; the page shows only these (the rest stay hidden and are ignored).
+JOB_FIELDS = {
+    Job.Type.DISSECT: {"classifier": ["layers", "quantile", "max_images"],
+                       "generator": ["layers", "quantile", "samples", "seed", "concepts"]},
+    Job.Type.ABLATE: {"classifier": ["layer", "ks", "max_images"]},
+    Job.Type.ATTACK: {"classifier": ["layer", "eps", "iterations", "max_images", "seed"]},
+    Job.Type.UNIT_CLASSIFIER: {"classifier": ["layer", "unit", "concept", "max_images"]},
+    Job.Type.GENERATOR_REMOVE: {"generator": ["layer", "concept", "ks", "samples", "seed", "sample_images",
+                                              "dissection"]},
+    Job.Type.GENERATOR_INSERT: {"generator": ["layer", "concept", "k", "insert_quantile", "samples", "seed",
+                                              "stride", "size", "dissection"]},
+}
+PARAM_KEYS = {"insert_quantile": "quantile"}
+
+
+def _job_fields(type_: str, kind: str) -> list[str]:
+    """The param fields of a job type on a model kind (a type meant for the other kind keeps its own
+    fields, so that the service can say why it does not apply)."""
+    spec = JOB_FIELDS.get(type_, {})
+    key = "generator" if kind == NetworkModel.Kind.GENERATOR else "classifier"
+    return spec.get(key) or next(iter(spec.values()), [])
+
+
+def _numbers(text: str) -> list[int] | None:
+    items = [item for item in re.split(r"[,\s]+", text or "") if item]
+    if not items:
+        return None
+    try:
+        return [int(item) for item in items]
+    except ValueError:
+        raise forms.ValidationError("Whole numbers separated by commas or spaces.") from None
+
+
 class JobForm(forms.Form):
+    type = forms.ChoiceField(choices=JOB_TYPES, initial=Job.Type.DISSECT, required=False, label="Job type")
     model = forms.ModelChoiceField(queryset=NetworkModel.objects.none())
-    dataset = forms.ModelChoiceField(queryset=Dataset.objects.none())
+    dataset = forms.ModelChoiceField(
+        queryset=Dataset.objects.none(), required=False,
+        help_text="Classifier jobs run on a dataset; generator jobs generate their own images.",
+    )
     layers = forms.CharField(
         required=False, max_length=5000,
-        help_text="Layer names separated by commas or spaces. Empty: the model's last convolution.",
+        help_text="Layer names separated by commas or spaces. Empty: the model's last convolution "
+                  "(generators: give at least one).",
+    )
+    layer = forms.CharField(
+        required=False, max_length=200, help_text="One layer of the model.",
+        widget=forms.TextInput(attrs={"list": "layer-names", "autocomplete": "off"}),
+    )
+    concept = forms.CharField(
+        required=False, max_length=200, widget=forms.TextInput(attrs={"list": "concept-names", "autocomplete": "off"}),
+        help_text="A concept name: for removal and insertion one of the layer's dissection (e.g. a colour).",
     )
     quantile = forms.FloatField(
-        initial=0.99, min_value=0.0, max_value=1.0,
+        required=False, initial=0.99, min_value=0.0, max_value=1.0,
         help_text="A unit is on where its activation exceeds this quantile of its activations (paper: 0.99).",
     )
     max_images = forms.IntegerField(required=False, min_value=1, help_text="Optional: use only the first N images.")
+    samples = forms.IntegerField(
+        required=False, min_value=1,
+        help_text="Images to generate. Default: 1000 for a dissection, 200 for removal, 32 for insertion.",
+    )
+    seed = forms.IntegerField(required=False, min_value=0, help_text="Seed of the latents (or of the attack).")
+    concepts = forms.ChoiceField(
+        required=False, label="Concepts from",
+        help_text="What labels the generated pixels: colours, or a registered segmenter model.",
+    )
+    ks = forms.CharField(
+        required=False, max_length=1000, label="k values",
+        help_text="Numbers of units to remove, e.g. 1, 2, 4, 8, 12, 16, 20. Empty: the default steps.",
+    )
+    k = forms.IntegerField(required=False, min_value=1, label="k (units)", help_text="How many of the concept's best units to set (default 20).")
+    insert_quantile = forms.FloatField(
+        required=False, min_value=0.0, max_value=1.0, label="Insertion quantile",
+        help_text="Each unit is set to this quantile of its activations (default 0.995).",
+    )
+    stride = forms.IntegerField(required=False, min_value=1, help_text="Test every stride-th feature-map position (default 1).")
+    size = forms.IntegerField(required=False, min_value=1, help_text="Side of the square of positions set (default 1).")
+    sample_images = forms.IntegerField(
+        required=False, min_value=0, max_value=64, label="Sample images",
+        help_text="How many before/after samples to draw (default 8).",
+    )
+    dissection = forms.IntegerField(
+        required=False, min_value=1, label="Dissection job",
+        help_text="Which dissection ranks the units (default: the layer's latest).",
+    )
+    unit = forms.IntegerField(required=False, min_value=0, help_text="The unit number.")
+    eps = forms.FloatField(required=False, min_value=0.0, max_value=1.0, help_text="L-inf budget in pixel scale (default 8/255).")
+    iterations = forms.IntegerField(required=False, min_value=1, max_value=1000, help_text="PGD steps (default 20).")
 
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["model"].queryset = selectors.model_list(user=user)
+        models = selectors.model_list(user=user)
+        self.fields["model"].queryset = models
         self.fields["dataset"].queryset = selectors.dataset_list(user=user)
+        segmenters = models.filter(kind=NetworkModel.Kind.SEGMENTER).values_list("pk", "name")
+        self.fields["concepts"].choices = [("colors", "colours (computed from the pixels)")] + [
+            (str(pk), f"segmenter {name}") for pk, name in segmenters
+        ]
+
+    def clean_type(self):
+        return self.cleaned_data["type"] or Job.Type.DISSECT
+
+    def clean_ks(self):
+        return _numbers(self.cleaned_data["ks"])
 
     def params(self) -> dict:
+        """The params of the chosen type, from its fields only (empty fields: the service's defaults)."""
         data = self.cleaned_data
-        params: dict = {"quantile": data["quantile"]}
-        layers = [name for name in re.split(r"[,\s]+", data["layers"] or "") if name]
-        if layers:
-            params["layers"] = layers
-        if data.get("max_images"):
-            params["max_images"] = data["max_images"]
+        params: dict = {}
+        for name in _job_fields(data["type"], data["model"].kind):
+            value = data.get(name)
+            if value is None or value == "" or value == []:
+                continue
+            if name == "layers":
+                value = [item for item in re.split(r"[,\s]+", value) if item]
+            elif name == "concepts":
+                value = "colors" if value == "colors" else int(value)
+            elif isinstance(value, str):
+                value = value.strip()
+            params[PARAM_KEYS.get(name, name)] = value
         return params
 
 
@@ -227,16 +341,34 @@ def _add_service_error(form: forms.Form, exc: ApplicationError) -> None:
         form.add_error(None, f"{key}: {value}")
 
 
+def _job_form_spec(form: JobForm, user) -> dict:
+    """What the form's script needs: each model's kind, layers and dissected concepts, and the fields of each type."""
+    models = {}
+    for m in form.fields["model"].queryset.select_related(None).only("id", "kind", "layers"):
+        entry = {"kind": m.kind, "layers": [{"name": e["name"], "type": e.get("type", ""), "units": e.get("units")}
+                                            for e in m.layers or []]}
+        if m.kind == NetworkModel.Kind.GENERATOR:
+            entry["dissected"] = {layer["name"]: [c["name"] for c in layer["concepts"]]
+                                  for layer in dissected_layers(model=m, user=user)}
+        models[str(m.pk)] = entry
+    return {
+        "models": models,
+        "types": {t: JOB_FIELDS[t] for t, _ in JOB_TYPES},
+        "fields": sorted({f for spec in JOB_FIELDS.values() for names in spec.values() for f in names}),
+    }
+
+
 @login_required
 def job_new(request):
     user = request.user
     if request.method == "POST":
         form = JobForm(request.POST, user=user)
         if form.is_valid():
+            data = form.cleaned_data
             try:
                 job = services.job_create(
-                    owner=user, type=Job.Type.DISSECT, model=form.cleaned_data["model"],
-                    dataset=form.cleaned_data["dataset"], params=form.params(),
+                    owner=user, type=data["type"], model=data["model"], dataset=data["dataset"],
+                    params=form.params(),
                 )
             except ApplicationError as exc:
                 _add_service_error(form, exc)
@@ -247,12 +379,13 @@ def job_new(request):
         initial = {}
         if request.GET.get("model", "").isdigit():
             initial["model"] = int(request.GET["model"])
+        if request.GET.get("type") in Job.Type.values:
+            initial["type"] = request.GET["type"]
+        for name in ("layer", "concept"):
+            if request.GET.get(name):
+                initial[name] = request.GET[name]
         form = JobForm(initial=initial, user=user)
-    layer_choices = {
-        str(m.pk): [{"name": e["name"], "type": e.get("type", ""), "units": e.get("units")} for e in m.layers]
-        for m in form.fields["model"].queryset.select_related(None).only("id", "layers")
-    }
-    return render(request, "dashboard/job_new.html", {"form": form, "layer_choices": layer_choices})
+    return render(request, "dashboard/job_new.html", {"form": form, "spec": _job_form_spec(form, user)})
 
 
 # Models and datasets
@@ -260,8 +393,9 @@ def job_new(request):
 
 @login_required
 def models_page(request):
-    rows = list(selectors.model_list(user=request.user).defer("classes", "mean", "std"))
+    rows = list(selectors.model_list(user=request.user).defer("mean", "std"))
     for model in rows:
+        model.is_generator = model.kind == NetworkModel.Kind.GENERATOR
         model.layer_count = len(model.layers or [])
         model.unit_count = sum(entry.get("units") or 0 for entry in model.layers or [] if entry.get("type") == "Conv2d")
     return render(request, "dashboard/models.html", {"models": rows})
@@ -375,12 +509,22 @@ def model_page(request, pk: int):
     for entry in model.layers or []:
         result = latest.get(entry["name"])
         layers.append({**entry, "result": result})
+    jobs = list(selectors.dashboard_model_jobs(model=model, user=user)[:20])
+    describe_sources(user=user, jobs=jobs)
+    labels = []
+    if model.kind == NetworkModel.Kind.SEGMENTER:
+        categories = model.categories or []
+        labels = [{"index": i, "name": name, "category": categories[i] if i < len(categories) else "",
+                   "colour": category_colour(categories[i]) if i < len(categories) else "#9ca3af"}
+                  for i, name in enumerate(model.classes or [])]
     return render(request, "dashboard/model.html", {
         "model": model,
+        "is_generator": model.kind == NetworkModel.Kind.GENERATOR,
+        "labels": labels,
         "layers": layers,
         "sections": sections,
         "network_chart": _layers_chart([(r.layer, counts[(r.job_id, r.layer)]) for r in dissected]) if dissected else None,
-        "jobs": selectors.dashboard_model_jobs(model=model, user=user)[:20],
+        "jobs": jobs,
         "min_iou": selectors.DETECTOR_MIN_IOU,
         "is_owner": model.owner_id == user.pk,
     })
@@ -532,6 +676,7 @@ def layer_units_page(request, pk: int, layer: str):
     result = job.layer_results.filter(layer=layer).first() if job.status == Job.Status.SUCCEEDED else None
     if result is None:
         raise Http404(f"job {job.pk} has no results for layer {layer}")
+    describe_sources(user=user, jobs=[job])
     concept = request.GET.get("concept", "").strip()
     category = request.GET.get("category", "").strip()
     min_iou = _float_param(request, "min_iou")
@@ -580,6 +725,7 @@ def unit_page(request, pk: int):
         "scores": scores,
         "neighbours": selectors.dashboard_unit_neighbours(user=user, unit=unit),
         "detector_iou": selectors.DETECTOR_MIN_IOU,
+        "generated": unit.model.kind == NetworkModel.Kind.GENERATOR,
     })
 
 

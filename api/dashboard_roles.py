@@ -66,7 +66,7 @@ def ablation_context(job: Job, chosen: str | None) -> dict:
         rows = by_class[chosen]
         context["curve"] = curve_chart(
             ks,
-            [{"name": f"remove the k most important", "colour": "#b91c1c",
+            [{"name": "remove the k most important", "colour": "#b91c1c",
               "values": [rows[k].removed_top for k in ks]},
              {"name": "remove all but the k most important", "colour": "#1d4ed8",
               "values": [rows[k].kept_top for k in ks]}],
