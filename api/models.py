@@ -6,6 +6,10 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+# A unit whose label has at least this IoU is a detector of that concept (the paper's 0.04):
+# GET /api/concepts/ counts them by default, from ConceptStat.
+DETECTOR_MIN_IOU = 0.04
+
 
 class NetworkModel(models.Model):
     """A registered network (classifier or generator) and where its weights lie."""
@@ -212,6 +216,37 @@ class UnitConcept(models.Model):
         ordering = ["unit_id", "rank"]
         constraints = [models.UniqueConstraint(fields=["unit", "concept"], name="unitconcept_unit_concept")]
         indexes = [models.Index(fields=["concept", "-iou"])]
+
+
+class ConceptStat(models.Model):
+    """Detectors of one concept in one model, over the succeeded jobs of one owner: a summary of
+    nd_unit (units with iou >= DETECTOR_MIN_IOU) that GET /api/concepts/ sums instead of the units.
+
+    Rewritten per model by services.concept_stats_refresh (job_succeed calls it); data loaded
+    around the services needs ``manage.py concept_stats_rebuild``.
+    """
+
+    concept = models.ForeignKey(Concept, on_delete=models.CASCADE, related_name="stats", db_index=False)
+    model = models.ForeignKey(NetworkModel, on_delete=models.CASCADE, related_name="concept_stats")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="concept_stats")
+    units = models.PositiveIntegerField()
+    best_iou = models.FloatField()
+
+    class Meta:
+        db_table = "nd_concept_stat"
+        ordering = ["concept_id", "model_id", "owner_id"]
+        # The unique index covers the read: GET /api/concepts/ walks it in concept order, index
+        # only (once vacuumed), filters on owner and model there, and groups without a sort.
+        # The FK indexes serve the per-model refresh (model) and a user's deletion (owner).
+        constraints = [
+            models.UniqueConstraint(
+                fields=["concept", "model", "owner"], include=["units", "best_iou"],
+                name="conceptstat_concept_model_owner",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.concept_id} in model {self.model_id} (owner {self.owner_id}): {self.units}"
 
 
 class LayerResult(models.Model):

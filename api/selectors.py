@@ -6,10 +6,11 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, Max, Q, QuerySet
+from django.db.models import Count, Max, Q, QuerySet, Sum
 from django.utils import timezone
 
 from api.models import (
+    DETECTOR_MIN_IOU,
     Concept,
     Dataset,
     Job,
@@ -74,13 +75,36 @@ def unit_top_concepts(*, unit_ids: list[int]) -> dict[int, list[dict]]:
     return found
 
 
-def concept_list(*, user, min_iou: float = 0.04) -> QuerySet[Concept]:
+def concept_list(*, user, min_iou: float = DETECTOR_MIN_IOU) -> QuerySet[Concept]:
     """Concepts that label at least one visible unit with IoU >= min_iou, with unit and model counts.
 
-    The unit conditions filter the join before grouping (one inner join, one pass over the
-    matching units), rather than as aggregate ``filter=`` clauses over an outer join of every
-    unit: about 10x faster over millions of units.
+    At the detector threshold (the default) the counts are sums of the per-model summary rows
+    (:class:`api.models.ConceptStat`, one per concept, model and job owner; visible when the
+    user owns them or the model is public: the units the live query counts). The public models
+    are a hashed subquery rather than a join, so the rows are read in the order of their
+    covering unique index and grouped without sorting them. Any other
+    ``min_iou`` counts the units themselves: the unit conditions filter the join before grouping
+    (one inner join, one pass over the matching units), about 10x faster over millions of units
+    than aggregate ``filter=`` clauses over an outer join of every unit, but still seconds at
+    model-zoo scale.
     """
+    if min_iou == DETECTOR_MIN_IOU:
+        return (
+            Concept.objects.filter(
+                Q(stats__owner=user) | Q(stats__model__in=NetworkModel.objects.filter(public=True).values("pk"))
+            )
+            .annotate(
+                units=Sum("stats__units"),
+                models=Count("stats__model", distinct=True),
+                best_iou=Max("stats__best_iou"),
+            )
+            .order_by("-units", "name", "id")
+        )
+    return concept_list_live(user=user, min_iou=min_iou)
+
+
+def concept_list_live(*, user, min_iou: float = DETECTOR_MIN_IOU) -> QuerySet[Concept]:
+    """:func:`concept_list` counted from the units themselves, at any ``min_iou``."""
     return (
         Concept.objects.filter(
             Q(labelled_units__job__owner=user) | Q(labelled_units__model__public=True),
@@ -92,7 +116,7 @@ def concept_list(*, user, min_iou: float = 0.04) -> QuerySet[Concept]:
             models=Count("labelled_units__model", distinct=True),
             best_iou=Max("labelled_units__iou"),
         )
-        .order_by("-units", "name")
+        .order_by("-units", "name", "id")
     )
 
 
@@ -265,9 +289,8 @@ def unit_image_path(*, unit: Unit):
 
 
 # Dashboard reads (api/dashboard.py). Each takes the requesting user, or rows already checked
-# against them, and returns rows ordered for one page.
-
-DETECTOR_MIN_IOU = 0.04
+# against them, and returns rows ordered for one page. DETECTOR_MIN_IOU (imported above from
+# api.models) is the dashboard's detector threshold too.
 
 DASHBOARD_UNIT_ORDERINGS = {
     "-iou": ("-iou", "id"),

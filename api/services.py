@@ -13,11 +13,14 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Count, Max
 from django.utils import timezone
 
 from api.errors import ApplicationError
 from api.models import (
+    DETECTOR_MIN_IOU,
     Concept,
+    ConceptStat,
     Dataset,
     Job,
     LayerResult,
@@ -448,6 +451,8 @@ def job_succeed(*, job_id: int, results_path: str = "") -> Job | None:
     job.finished = timezone.now()
     job.results_path = results_path
     job.save(update_fields=["status", "progress", "phase", "eta_seconds", "finished", "results_path"])
+    if Unit.objects.filter(job=job).exists():
+        concept_stats_refresh(model_id=job.model_id)
     return job
 
 
@@ -464,6 +469,40 @@ def job_fail(*, job_id: int, message: str) -> Job | None:
     job.save(update_fields=["status", "error", "phase", "finished"])
     _drop_results(job)
     return job
+
+
+@transaction.atomic
+def concept_stats_refresh(*, model_id: int) -> int:
+    """Recompute one model's ConceptStat rows from its units: per label and job owner, the units of
+    succeeded jobs with iou >= DETECTOR_MIN_IOU, and their best IoU.
+
+    The model row is locked first (FOR NO KEY UPDATE: jobs and units referencing it can still
+    be written), so two jobs of the same model finishing together rewrite its rows one after the
+    other; the second sees the first's status once it has the lock.
+
+    Returns:
+        the number of rows written (0 when the model no longer exists).
+    """
+    locked = list(NetworkModel.objects.select_for_update(no_key=True).filter(pk=model_id).values_list("pk", flat=True))
+    if not locked:
+        return 0
+    ConceptStat.objects.filter(model_id=model_id).delete()
+    rows = (
+        Unit.objects.filter(
+            model_id=model_id, job__status=Job.Status.SUCCEEDED, label__isnull=False, iou__gte=DETECTOR_MIN_IOU
+        )
+        .order_by()
+        .values_list("label_id", "job__owner_id")
+        .annotate(units=Count("id"), best_iou=Max("iou"))
+    )
+    created = ConceptStat.objects.bulk_create(
+        [
+            ConceptStat(concept_id=label, model_id=model_id, owner_id=owner, units=units, best_iou=best)
+            for label, owner, units, best in rows
+        ],
+        batch_size=5000,
+    )
+    return len(created)
 
 
 def concepts_ensure(*, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Concept]:

@@ -8,7 +8,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.pagination import CursorPagination
+from rest_framework.pagination import CursorPagination, LimitOffsetPagination
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
@@ -211,19 +211,35 @@ class UnitViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return FileResponse(open(path, "rb"), content_type="image/png")
 
 
+class ConceptPagination(LimitOffsetPagination):
+    """Counts the page query's own rows: ordering concepts by their unit counts aggregates every
+    visible concept anyway (one row per concept), so one aggregate serves the count and the
+    page, rather than a second aggregate for COUNT(*)."""
+
+    def get_count(self, queryset) -> int:
+        return len(queryset)
+
+
 class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     serializer_class = ConceptSerializer
     filterset_class = ConceptFilter
+    pagination_class = ConceptPagination
     ordering_fields = ["units", "models", "name"]
 
     @extend_schema(
-        parameters=[OpenApiParameter("min_iou", float, description="count units with IoU >= this (default 0.04)")]
+        description=(
+            "Concepts that label at least one visible unit of a succeeded job, with the number of such "
+            "units, of models, and the best IoU. At the default min_iou (0.04, the detector threshold) the "
+            "counts are sums of per-model summary rows refreshed when a job succeeds; any other min_iou "
+            "counts the units themselves, several times slower (seconds over millions of units)."
+        ),
+        parameters=[OpenApiParameter("min_iou", float, description="count units with IoU >= this (default 0.04)")],
     )
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
 
     def get_queryset(self):
-        raw = self.request.query_params.get("min_iou", "0.04")
+        raw = self.request.query_params.get("min_iou", str(selectors.DETECTOR_MIN_IOU))
         try:
             min_iou = float(raw)
         except ValueError:

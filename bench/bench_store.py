@@ -26,8 +26,11 @@ name, so ?concept= of those names spans two categories.
 
 Fill: the unit tables' indexes and constraints are dropped, the rows generated with
 numpy and sent as COPY BINARY, the indexes rebuilt, then VACUUM ANALYZE and CHECKPOINT;
-each step is timed. Latencies are wall-clock times of ``APIClient.get`` including JSON
-decoding; the first request for each frequent concept is reported apart (cold cache).
+each step is timed. The units bypass the services, so the per-model concept summary rows
+that ``/api/concepts/`` reads are then rebuilt (``manage.py concept_stats_rebuild``, timed),
+and its first page is checked against the same page counted over the units. Latencies are
+wall-clock times of ``APIClient.get`` including JSON decoding; the first request for each
+frequent concept is reported apart (cold cache).
 """
 
 from __future__ import annotations
@@ -380,6 +383,17 @@ def fill(args, timings: dict) -> dict:
     return {"user": bench.pk}
 
 
+def rebuild_concept_stats(timings: dict) -> None:
+    """The summary rows of /api/concepts/, which units loaded around the services lack."""
+    from django.core.management import call_command
+
+    t0 = time.perf_counter()
+    out = io.StringIO()
+    call_command("concept_stats_rebuild", stdout=out)
+    timings["rebuild concept stats"] = time.perf_counter() - t0
+    log(out.getvalue().strip())
+
+
 # ---------------------------------------------------------------- measurements
 
 
@@ -410,7 +424,7 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
     from rest_framework.authtoken.models import Token
     from rest_framework.test import APIClient
 
-    from api import services
+    from api import selectors, services
     from api.models import Concept, Dataset, Job, NetworkModel, Unit, UnitConcept
 
     rng = np.random.default_rng(args.seed + 1)
@@ -467,8 +481,22 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
     paths = [f"/api/models/{m}/layers/" for m in picks]
     rows.append(("GET /api/models/{id}/layers/", measure_get(client, paths), ""))
     k = max(3, min(10, n // 10))
-    rows.append(("GET /api/concepts/", measure_get(client, ["/api/concepts/"] * k), ""))
-    rows.append(("GET /api/concepts/?category=object&min_iou=0.1",
+    fields = ("id", "name", "category", "units", "models", "best_iou")
+    t0 = time.perf_counter()
+    live = [tuple(r[f] for f in fields)
+            for r in selectors.concept_list_live(user=user, min_iou=0.04).values(*fields)[:50]]
+    live_seconds = time.perf_counter() - t0
+
+    def check_concepts(path, body):
+        if [tuple(r[f] for f in fields) for r in body["results"]] != live:
+            raise SystemExit(f"{path}: the summary rows disagree with the count over the units")
+
+    rows.append(("GET /api/concepts/ (summary rows)", measure_get(client, ["/api/concepts/"] * k, check=check_concepts),
+                 ""))
+    rows.append(("  its first page counted over the units instead (selector only, no count query)", [live_seconds], ""))
+    paths = [f"/api/concepts/?category={['object', 'part', 'scene'][i % 3]}" for i in range(k)]
+    rows.append(("GET /api/concepts/?category=C (summary rows)", measure_get(client, paths), ""))
+    rows.append(("GET /api/concepts/?category=object&min_iou=0.1 (counts the units)",
                  measure_get(client, ["/api/concepts/?category=object&min_iou=0.1"] * k), ""))
 
     # Bulk write: one 512-unit layer with the full unit x concept matrix, as a worker stores it.
@@ -566,6 +594,7 @@ def main() -> int:
             t0 = time.perf_counter()
             fill(args, timings)
             timings["fill: total"] = time.perf_counter() - t0
+            rebuild_concept_stats(timings)
         measure(args, rows)
     finally:
         from django.apps import apps

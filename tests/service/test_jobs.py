@@ -39,6 +39,8 @@ def test_dissection_job_end_to_end(api, other_api, celery_worker_process, scenes
     assert len(units) == layer["units"]
     assert all(0.0 <= u["iou"] <= 1.0 for u in units)
     assert [u["iou"] for u in units] == sorted((u["iou"] for u in units), reverse=True)
+    concepts = api.get("/api/concepts/?limit=1000").json()["results"]
+    assert sum(c["units"] for c in concepts) == sum(1 for u in units if u["label"] and u["iou"] >= 0.04)
 
     matrix = api.get(f"/api/jobs/{job['id']}/matrix/?layer={layer['name']}")
     lines = b"".join(matrix.streaming_content).decode().strip().splitlines()

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture()
 def alice_rows(user):
+    from api import services
     from api.models import Concept, Dataset, Job, NetworkModel, Unit
 
     model = NetworkModel.objects.create(owner=user, name="private-m", arch="builtin:scenecnn", weights_path="/x")
@@ -20,6 +21,7 @@ def alice_rows(user):
     job = Job.objects.create(owner=user, type="dissect", model=model, dataset=dataset, status="succeeded")
     concept = Concept.objects.create(name="tree", category="object")
     unit = Unit.objects.create(job=job, model=model, layer="conv5", unit=3, label=concept, iou=0.2, threshold=1.0)
+    services.concept_stats_refresh(model_id=model.pk)
     return {"model": model, "dataset": dataset, "job": job, "unit": unit}
 
 

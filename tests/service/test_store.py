@@ -123,10 +123,12 @@ def test_a_job_no_longer_running_gets_no_rows(running_job):
 
 @pytest.fixture()
 def stored(running_job):
+    from api import services
+
     iou, thresholds, top_images = _layer(units=30)
     _store(running_job, iou, thresholds, top_images)
-    running_job.status = "succeeded"
-    running_job.save()
+    services.job_succeed(job_id=running_job.pk)
+    running_job.refresh_from_db()
     return running_job, iou
 
 

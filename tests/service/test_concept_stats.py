@@ -1,0 +1,285 @@
+"""GET /api/concepts/ at the detector threshold reads per-model summary rows (nd_concept_stat):
+the same answer as counting the units, kept current by job_succeed and by the rebuild command."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from django.core.management import call_command
+
+pytestmark = pytest.mark.django_db
+
+FIELDS = ("id", "name", "category", "units", "models", "best_iou")
+CONCEPTS = [("tree", "object"), ("sky", "object"), ("tree", "part"), ("wood", "material"), ("leg", "part")]
+
+
+def _rows(queryset) -> list[tuple]:
+    return [tuple(row[f] for f in FIELDS) for row in queryset.values(*FIELDS)]
+
+
+def _stat_rows() -> list[tuple]:
+    from api.models import ConceptStat
+
+    return sorted(ConceptStat.objects.values_list("concept_id", "model_id", "owner_id", "units", "best_iou"))
+
+
+@pytest.fixture()
+def carol(django_user_model):
+    return django_user_model.objects.create_user(username="carol", password="pw-carol")
+
+
+@pytest.fixture()
+def zoo(user, other_user):
+    """Two owners, public and private models, several jobs each, units on both sides of 0.04,
+    a failed and a running job whose units must not count; written around the services."""
+    from api.models import Concept, Dataset, Job, NetworkModel, Unit
+
+    concepts = [Concept.objects.get_or_create(name=n, category=c)[0] for n, c in CONCEPTS]
+    dataset = Dataset.objects.create(owner=user, name="d", format="broden", path="/y", public=True)
+    models = {
+        name: NetworkModel.objects.create(owner=owner, name=name, arch="builtin:scenecnn", weights_path="/x",
+                                          public=public)
+        for name, owner, public in [("alice-private", user, False), ("alice-public", user, True),
+                                    ("bob-public", other_user, True), ("bob-private", other_user, False)]
+    }
+    jobs = [
+        ("alice-private", user, "succeeded"), ("alice-private", user, "failed"), ("alice-public", user, "succeeded"),
+        ("alice-public", user, "succeeded"), ("alice-public", other_user, "succeeded"),
+        ("alice-public", other_user, "running"), ("bob-public", other_user, "succeeded"),
+        ("bob-private", other_user, "succeeded"), ("bob-private", user, "cancelled"),
+    ]
+    rng = np.random.default_rng(7)
+    rows = []
+    for i, (model_name, owner, status) in enumerate(jobs):
+        model = models[model_name]
+        job = Job.objects.create(owner=owner, type="dissect", model=model, dataset=dataset, status=status)
+        for u in range(40):
+            label = concepts[int(rng.integers(0, len(concepts)))] if u % 9 else None
+            iou = [0.0399, 0.04, 0.0401, 0.01, 0.3][u % 5] if u < 10 else float(rng.uniform(0.0, 0.2))
+            rows.append(Unit(job=job, model=model, layer=f"layer{i % 2}", unit=u, label=label,
+                             label_name=label.name if label else "", iou=iou if label else 0.1,
+                             threshold=1.0))
+    Unit.objects.bulk_create(rows)
+    call_command("concept_stats_rebuild", stdout=io.StringIO())
+    return models
+
+
+def test_the_summary_rows_answer_what_the_units_answer(zoo, user, other_user, carol):
+    from api import selectors
+
+    for who in (user, other_user, carol):
+        stats = _rows(selectors.concept_list(user=who))
+        live = _rows(selectors.concept_list_live(user=who, min_iou=selectors.DETECTOR_MIN_IOU))
+        assert stats == live and stats, who
+        assert [r[3] for r in stats] == sorted((r[3] for r in stats), reverse=True)
+    # Carol owns nothing: she sees the public models' units, whoever ran the jobs.
+    assert sum(r[3] for r in _rows(selectors.concept_list(user=carol))) < sum(
+        r[3] for r in _rows(selectors.concept_list(user=user))
+    )
+
+
+def test_the_summary_counts_exactly_the_detectors_of_succeeded_jobs(zoo, user):
+    from api import selectors
+    from api.models import Unit
+
+    units = Unit.objects.filter(job__status="succeeded", label__isnull=False, iou__gte=0.04)
+    visible = units.filter(job__owner=user) | units.filter(model__public=True)
+    assert sum(r[3] for r in _rows(selectors.concept_list(user=user))) == visible.count()
+    assert Unit.objects.filter(job__status__in=["failed", "running", "cancelled"], iou__gte=0.04,
+                               label__isnull=False).exists()
+    assert Unit.objects.filter(iou=0.04, label__isnull=False, job__status="succeeded").exists()
+
+
+@pytest.mark.parametrize("query", ["", "category=object", "category=part", "name=TRE", "name=o&category=material",
+                                   "ordering=models", "ordering=-models", "ordering=name", "ordering=units",
+                                   "ordering=-name", "limit=2", "limit=2&offset=2"])
+def test_the_endpoint_gives_the_same_page_either_way(zoo, api, other_api, monkeypatch, query):
+    from api import selectors
+
+    def key(row):
+        field = query.split("ordering=")[1].lstrip("-") if "ordering=" in query else None
+        return (row[field] if field else 0, row["id"])
+
+    for client in (api, other_api):
+        stats = client.get(f"/api/concepts/?{query}").json()
+        with monkeypatch.context() as patched:
+            patched.setattr(selectors, "concept_list", selectors.concept_list_live)
+            live = client.get(f"/api/concepts/?{query}").json()
+        assert stats["count"] == live["count"] > 0
+        if "ordering=" in query:  # the ordering replaces ours, ties fall in any order
+            assert sorted(stats["results"], key=key) == sorted(live["results"], key=key)
+        else:
+            assert stats["results"] == live["results"]
+
+
+def test_one_aggregate_query_gives_the_count_and_the_page(zoo, api, user):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from api import selectors
+
+    with CaptureQueriesContext(connection) as queries:
+        page = api.get("/api/concepts/?limit=2&offset=1").json()
+    assert sum("nd_concept_stat" in q["sql"] for q in queries.captured_queries) == 1
+    everything = _rows(selectors.concept_list(user=user))
+    assert page["count"] == len(everything)
+    assert [tuple(c[f] for f in FIELDS) for c in page["results"]] == everything[1:3]
+    beyond = api.get("/api/concepts/?offset=1000").json()
+    assert beyond["count"] == len(everything) and beyond["results"] == []
+
+
+def test_other_thresholds_count_the_units(zoo, api, user):
+    from api import selectors
+
+    strict = api.get("/api/concepts/?min_iou=0.1&page_size=100").json()["results"]
+    expected = _rows(selectors.concept_list_live(user=user, min_iou=0.1))
+    assert [tuple(c[f] for f in FIELDS) for c in strict] == expected
+    assert api.get("/api/concepts/?min_iou=0.040").json() == api.get("/api/concepts/").json()
+
+
+def test_publishing_a_model_shows_its_rows_at_once(zoo, other_user):
+    from api import selectors
+
+    before = _rows(selectors.concept_list(user=other_user))
+    zoo["alice-private"].public = True
+    zoo["alice-private"].save()
+    after = _rows(selectors.concept_list(user=other_user))
+    assert after != before
+    assert after == _rows(selectors.concept_list_live(user=other_user, min_iou=0.04))
+
+
+def test_the_rebuild_gives_the_rows_the_refreshes_gave(zoo):
+    from api import services
+    from api.models import ConceptStat
+
+    rows = _stat_rows()
+    for model in zoo.values():
+        services.concept_stats_refresh(model_id=model.pk)
+        services.concept_stats_refresh(model_id=model.pk)
+    assert _stat_rows() == rows
+    ConceptStat.objects.all().delete()
+    out = io.StringIO()
+    call_command("concept_stats_rebuild", stdout=out)
+    assert _stat_rows() == rows
+    assert f"{len(rows)} rows for {len(zoo)} models" in out.getvalue()
+    assert services.concept_stats_refresh(model_id=10**9) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_refreshes_of_one_model_at_once_take_turns(zoo):
+    import threading
+
+    from django.db import connection, transaction
+
+    from api import services
+
+    rows = _stat_rows()
+    model_id = zoo["alice-public"].pk
+    held, release, second_done = threading.Event(), threading.Event(), threading.Event()
+    errors: list[Exception] = []
+
+    def first():
+        try:
+            with transaction.atomic():
+                services.concept_stats_refresh(model_id=model_id)
+                held.set()
+                release.wait(30)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    def second():
+        try:
+            services.concept_stats_refresh(model_id=model_id)
+            second_done.set()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert held.wait(30)
+    threads[1].start()
+    assert not second_done.wait(1.0)  # waits for the model row the first one holds
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and second_done.is_set()
+    assert _stat_rows() == rows
+
+
+def test_deleting_a_model_deletes_its_rows(zoo, user):
+    from api import selectors
+    from api.models import ConceptStat
+
+    zoo["alice-public"].delete()
+    assert not ConceptStat.objects.filter(model_id=zoo["alice-public"].pk).exists()
+    assert _rows(selectors.concept_list(user=user)) == _rows(selectors.concept_list_live(user=user, min_iou=0.04))
+
+
+# Through the services, as a worker writes and finishes a job.
+
+
+@pytest.fixture()
+def model(user, settings, tmp_path):
+    from api.models import NetworkModel
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    return NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x", public=True)
+
+
+def _run(owner, model, seed: int, *, finish: str = "succeed"):
+    from api import services
+    from api.models import Dataset, Job
+
+    dataset = Dataset.objects.create(owner=owner, name="d", format="broden", path="/y")
+    job = Job.objects.create(owner=owner, type="dissect", model=model, dataset=dataset, status="running")
+    rng = np.random.default_rng(seed)
+    iou = rng.uniform(0.0, 0.08, size=(30, len(CONCEPTS)))
+    iou[0] = 0.0
+    for layer in ("conv4", "conv5"):
+        services.layer_result_store(job=job, layer=layer, thresholds=np.ones(30), iou=iou, concepts=CONCEPTS,
+                                    summary={})
+    if finish == "succeed":
+        services.job_succeed(job_id=job.pk)
+    else:
+        services.job_fail(job_id=job.pk, message="boom")
+    return job
+
+
+def test_job_succeed_refreshes_its_models_rows(model, user, other_user):
+    from api import selectors
+    from api.models import ConceptStat, Unit
+
+    first = _run(user, model, 1)
+    assert ConceptStat.objects.filter(model=model, owner=user).exists()
+    detectors = Unit.objects.filter(job=first, iou__gte=0.04, label__isnull=False).count()
+    assert sum(ConceptStat.objects.values_list("units", flat=True)) == detectors > 0
+    _run(other_user, model, 2)
+    assert set(ConceptStat.objects.values_list("owner_id", flat=True)) == {user.pk, other_user.pk}
+    rows = _stat_rows()
+    _run(user, model, 3, finish="fail")
+    assert _stat_rows() == rows
+    for who in (user, other_user):
+        assert _rows(selectors.concept_list(user=who)) == _rows(selectors.concept_list_live(user=who, min_iou=0.04))
+    call_command("concept_stats_rebuild", stdout=io.StringIO())
+    assert _stat_rows() == rows
+
+
+def test_a_job_without_units_leaves_the_rows_alone(model, user):
+    from api import services
+    from api.models import ConceptStat, Dataset, Job
+
+    _run(user, model, 1)
+    rows = _stat_rows()
+    ConceptStat.objects.update(units=999)
+    dataset = Dataset.objects.first()
+    job = Job.objects.create(owner=user, type="ablate", model=model, dataset=dataset, status="running")
+    services.job_succeed(job_id=job.pk)
+    assert {r[3] for r in _stat_rows()} == {999}
+    services.concept_stats_refresh(model_id=model.pk)
+    assert _stat_rows() == rows
