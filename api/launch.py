@@ -49,6 +49,12 @@ class ServiceProcesses:
                  "--loglevel", "INFO", "--hostname", f"worker{i + 1}@%h"],
                 f"worker{i + 1}",
             )
+        # The painting endpoint's worker: only the "interactive" queue, so long jobs never block it.
+        self._spawn(
+            [str(bindir / "celery"), "-A", "config", "worker", "-Q", "interactive", "--concurrency", "1",
+             "--pool", "prefork", "--loglevel", "INFO", "--hostname", "painter@%h"],
+            "painter",
+        )
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
         """Wait until /api/health/ answers 200 (database, broker and a live worker)."""

@@ -12,11 +12,17 @@ DETECTOR_MIN_IOU = 0.04
 
 
 class NetworkModel(models.Model):
-    """A registered network (classifier or generator) and where its weights lie."""
+    """A registered network (classifier, generator or segmenter) and where its weights lie.
+
+    Generators take a latent of ``latent_dim`` numbers and produce images in ``output_range``.
+    Segmenters map images to per-pixel scores over ``classes`` (index 0 = background), one
+    category per class in ``categories``; they serve as concept sources for generated images.
+    """
 
     class Kind(models.TextChoices):
         CLASSIFIER = "classifier"
         GENERATOR = "generator"
+        SEGMENTER = "segmenter"
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="network_models")
     name = models.CharField(max_length=200)
@@ -28,6 +34,9 @@ class NetworkModel(models.Model):
     std = models.JSONField(default=list)
     weights_path = models.CharField(max_length=1000)
     classes = models.JSONField(default=list, blank=True)
+    categories = models.JSONField(default=list, blank=True)
+    latent_dim = models.PositiveIntegerField(null=True, blank=True)
+    output_range = models.JSONField(default=list, blank=True)
     layers = models.JSONField(default=list, blank=True)
     public = models.BooleanField(default=False)
     created = models.DateTimeField(auto_now_add=True)
@@ -98,6 +107,8 @@ class Job(models.Model):
         ABLATE = "ablate"
         ATTACK = "attack"
         UNIT_CLASSIFIER = "unit_classifier"
+        GENERATOR_REMOVE = "generator_remove"
+        GENERATOR_INSERT = "generator_insert"
 
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -111,7 +122,8 @@ class Job(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
     type = models.CharField(max_length=40, choices=Type.choices)
     model = models.ForeignKey(NetworkModel, on_delete=models.CASCADE, related_name="jobs")
-    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="jobs")
+    # None for generator jobs: their images are generated and segmented (params.concepts).
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="jobs", null=True, blank=True)
     params = models.JSONField(default=dict)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
     phase = models.CharField(max_length=40, blank=True, default="")

@@ -33,7 +33,11 @@ def dataset_list(*, user) -> QuerySet[Dataset]:
 
 def job_list(*, user) -> QuerySet[Job]:
     return (
-        Job.objects.filter(Q(owner=user) | Q(model__public=True, dataset__public=True))
+        Job.objects.filter(
+            Q(owner=user)
+            | Q(model__public=True, dataset__public=True)
+            | Q(model__public=True, dataset__isnull=True)  # generator jobs have no dataset
+        )
         .select_related("owner", "model", "dataset")
         .order_by("-created", "-id")
     )
@@ -417,3 +421,16 @@ def dashboard_job_list(*, user, status: str = "") -> QuerySet[Job]:
     if status:
         return jobs.filter(status=status)
     return jobs
+
+
+def job_image_path(*, job: Job, name: str):
+    """The PNG file a succeeded generator job lists in ``summary["images"]``."""
+    from pathlib import Path
+
+    from django.http import Http404
+
+    names = set((job.summary or {}).get("images", {}).values()) if job.status == Job.Status.SUCCEEDED else set()
+    path = Path(job.results_path) / f"{name}.png"
+    if name not in names or not job.results_path or not path.is_file():
+        raise Http404(f"job {job.pk} has no image {name!r}")
+    return path

@@ -34,7 +34,7 @@ class NetworkModelSerializer(serializers.ModelSerializer):
         model = NetworkModel
         fields = [
             "id", "name", "arch", "kind", "num_classes", "input_size", "mean", "std",
-            "classes", "layers", "public", "owner", "created",
+            "classes", "categories", "latent_dim", "output_range", "layers", "public", "owner", "created",
         ]
         read_only_fields = fields
 
@@ -49,7 +49,22 @@ class NetworkModelCreateSerializer(serializers.Serializer):
     std = serializers.ListField(
         child=serializers.FloatField(min_value=1e-6), min_length=3, max_length=3, required=False
     )
-    classes = serializers.ListField(child=serializers.CharField(max_length=200), required=False, max_length=100_000)
+    classes = serializers.ListField(
+        child=serializers.CharField(max_length=200), required=False, max_length=100_000,
+        help_text="class names; for a segmenter its per-pixel labels, index 0 the background",
+    )
+    categories = serializers.ListField(
+        child=serializers.CharField(max_length=100), required=False, max_length=100_000,
+        help_text="segmenters: the concept category of every label (or one for all; default object)",
+    )
+    latent_dim = serializers.IntegerField(
+        required=False, min_value=1, max_value=100_000,
+        help_text="generators: latent size (inferred from built-in weights; required for TorchScript)",
+    )
+    output_range = serializers.ListField(
+        child=serializers.FloatField(), min_length=2, max_length=2, required=False,
+        help_text="generators: the value range of the output images (default [-1, 1])",
+    )
     weights = serializers.FileField(required=False)
     weights_path = serializers.CharField(required=False, max_length=1000)
     public = serializers.BooleanField(default=False)
@@ -85,7 +100,7 @@ class DatasetCreateSerializer(serializers.Serializer):
 class JobSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     model_name = serializers.CharField(source="model.name", read_only=True)
-    dataset_name = serializers.CharField(source="dataset.name", read_only=True)
+    dataset_name = serializers.CharField(source="dataset.name", read_only=True, default=None)
 
     class Meta:
         model = Job
@@ -100,7 +115,10 @@ class JobSerializer(serializers.ModelSerializer):
 class JobCreateSerializer(serializers.Serializer):
     type = serializers.ChoiceField(choices=Job.Type.choices)
     model = serializers.IntegerField(min_value=1)
-    dataset = serializers.IntegerField(min_value=1)
+    dataset = serializers.IntegerField(
+        min_value=1, required=False, allow_null=True,
+        help_text="required for classifier jobs; generator jobs generate their images (leave it out)",
+    )
     params = serializers.DictField(required=False, default=dict)
 
 
@@ -213,3 +231,37 @@ class ImportantUnitsSerializer(serializers.Serializer):
     layer = serializers.CharField()
     class_name = serializers.CharField()
     units = ImportantUnitSerializer(many=True)
+
+
+class PaintSerializer(serializers.Serializer):
+    layer = serializers.CharField(max_length=200, help_text="the generator layer whose units are edited")
+    concept = serializers.CharField(max_length=200, help_text="a concept of the layer's dissection, e.g. tree")
+    mode = serializers.ChoiceField(choices=["add", "erase"], default="add")
+    seed = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0)
+    index = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0,
+                                     help_text="which sample of the seed's latents")
+    mask = serializers.ListField(
+        child=serializers.ListField(child=serializers.IntegerField(min_value=0, max_value=1), max_length=1024),
+        min_length=1, max_length=1024,
+        help_text="rows of 0/1 at any resolution (resized to the layer's feature map): where to edit",
+    )
+    k = serializers.IntegerField(min_value=1, default=20, help_text="how many of the concept's top units")
+    quantile = serializers.FloatField(min_value=0.5, max_value=0.99999, default=0.995,
+                                      help_text="inserted value: each unit's activation quantile")
+    dissection = serializers.IntegerField(min_value=1, required=False, help_text="default: the latest")
+
+    def validate_mask(self, rows: list[list[int]]) -> list[list[int]]:
+        width = len(rows[0])
+        if width == 0 or any(len(row) != width for row in rows):
+            raise serializers.ValidationError("mask must be a rectangle: rows of equal, non-zero length")
+        if not any(any(row) for row in rows):
+            raise serializers.ValidationError("mask selects no position (all zeros)")
+        return rows
+
+
+class PaintResultSerializer(serializers.Serializer):
+    before = serializers.CharField(help_text="PNG, base64")
+    after = serializers.CharField(help_text="PNG, base64")
+    units = serializers.ListField(child=serializers.IntegerField())
+    milliseconds = serializers.FloatField(help_text="time the worker spent")
+    dissection = serializers.IntegerField()

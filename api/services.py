@@ -63,6 +63,31 @@ def _run_probe(args: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
+def _check_kind_fields(kind, arch, classes, categories, latent_dim, output_range) -> list[str]:
+    """Check the fields that only some kinds of model take; returns the segmenter's categories."""
+    if kind != NetworkModel.Kind.GENERATOR and (latent_dim is not None or output_range):
+        raise ApplicationError("latent_dim and output_range are for generators (kind=generator)")
+    if kind == NetworkModel.Kind.GENERATOR:
+        if arch == "torchscript" and latent_dim is None:
+            raise ApplicationError("a TorchScript generator needs latent_dim")
+        if output_range is not None and (len(output_range) != 2 or not output_range[0] < output_range[1]):
+            raise ApplicationError("output_range must be [low, high] with low < high")
+    if kind != NetworkModel.Kind.SEGMENTER:
+        if categories:
+            raise ApplicationError("categories are for segmenters (kind=segmenter)")
+        return []
+    if not classes or len(classes) < 2:
+        raise ApplicationError("a segmenter needs classes: its label names, index 0 the background, then 1+ concepts")
+    if len(set(classes)) != len(classes):
+        raise ApplicationError("a segmenter's classes must be distinct names")
+    cats = list(categories or ["object"])
+    if len(cats) == 1:
+        cats = ["-"] + cats * (len(classes) - 1)
+    if len(cats) != len(classes):
+        raise ApplicationError(f"give one category for all classes or one per class ({len(classes)}), not {len(cats)}")
+    return cats
+
+
 @transaction.atomic
 def model_register(
     *,
@@ -78,10 +103,20 @@ def model_register(
     weights_path: str | None = None,
     public: bool = False,
     classes: list[str] | None = None,
+    categories: list[str] | None = None,
+    latent_dim: int | None = None,
+    output_range: list[float] | None = None,
 ) -> NetworkModel:
-    """Register a network after checking, in a subprocess, that its weights load into ``arch``."""
+    """Register a network after checking, in a subprocess, that its weights load into ``arch``.
+
+    Generators (``kind="generator"``) take ``latent_dim`` (inferred from built-in weights when
+    omitted, required for TorchScript) and produce images in ``output_range`` (default [-1, 1]).
+    Segmenters (``kind="segmenter"``) need ``classes``: their per-pixel labels, index 0 the
+    background, and optionally ``categories`` (one per class, or one for all; default object).
+    """
     if (weights_file is None) == (not weights_path):
         raise ApplicationError("give exactly one of weights (an uploaded file) or weights_path")
+    categories = _check_kind_fields(kind, arch, classes, categories, latent_dim, output_range)
     folder = None
     try:
         if weights_file is not None:
@@ -104,6 +139,13 @@ def model_register(
             args += ["--mean", *map(str, mean)]
         if std:
             args += ["--std", *map(str, std)]
+        args += ["--kind", kind]
+        if kind == NetworkModel.Kind.GENERATOR:
+            if latent_dim is not None:
+                args += ["--latent-dim", str(latent_dim)]
+            args += ["--output-range", *map(str, output_range or [-1.0, 1.0])]
+        if kind == NetworkModel.Kind.SEGMENTER:
+            args += ["--num-classes", str(len(classes))] if num_classes is None else []
         found = _run_probe(args)
         if not found.get("ok"):
             raise ApplicationError(f"weights do not load: {found.get('message')}", extra=found.get("details") or {})
@@ -118,6 +160,9 @@ def model_register(
             std=list(std or [0.229, 0.224, 0.225]),
             weights_path=str(path),
             classes=list(classes or []),
+            categories=categories,
+            latent_dim=found.get("latent_dim") if kind == NetworkModel.Kind.GENERATOR else None,
+            output_range=list(output_range or [-1.0, 1.0]) if kind == NetworkModel.Kind.GENERATOR else [],
             layers=found["layers"],
             public=public,
         )
@@ -339,14 +384,40 @@ def _validate_unit_classifier_params(model: NetworkModel, params: dict[str, Any]
     return out
 
 
+GENERATOR_JOBS = (Job.Type.DISSECT, Job.Type.GENERATOR_REMOVE, Job.Type.GENERATOR_INSERT)
+
+
 @transaction.atomic
-def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset, params: dict[str, Any]) -> Job:
-    """Create a job and enqueue it once the transaction commits."""
+def job_create(
+    *, owner, type: str, model: NetworkModel, dataset: Dataset | None, params: dict[str, Any]
+) -> Job:
+    """Create a job and enqueue it once the transaction commits.
+
+    Classifier (and segmenter) jobs run on a dataset. Generator jobs have none: they
+    generate their images from seeded latents and label them with ``params.concepts``.
+    """
     if type not in Job.Type.values:
         raise ApplicationError(f"job type {type!r} is not available; available: {', '.join(Job.Type.values)}")
     if not isinstance(params, dict):
         raise ApplicationError("params must be a JSON object")
-    if type == Job.Type.ABLATE:
+    if model.kind == NetworkModel.Kind.GENERATOR:
+        if type not in GENERATOR_JOBS:
+            raise ApplicationError(
+                f"model {model.name} is a generator; its job types are {', '.join(GENERATOR_JOBS)}"
+            )
+        if dataset is not None:
+            raise ApplicationError(
+                "generator jobs take no dataset: they generate their images and label them with params.concepts"
+            )
+    elif type in (Job.Type.GENERATOR_REMOVE, Job.Type.GENERATOR_INSERT):
+        raise ApplicationError(f"{type} needs a generator; model {model.name} is a {model.kind}")
+    elif dataset is None:
+        raise ApplicationError(f"{type} jobs on a {model.kind} need a dataset")
+    if model.kind == NetworkModel.Kind.GENERATOR:
+        from api.generator_params import validate_generator_params
+
+        clean = validate_generator_params(owner=owner, type=type, model=model, params=params)
+    elif type == Job.Type.ABLATE:
         clean = _validate_ablate_params(model, dataset, params)
     elif type == Job.Type.ATTACK:
         clean = _validate_attack_params(owner, model, dataset, params)
@@ -934,3 +1005,49 @@ def token_get_or_create(*, user) -> str:
 
     token, _ = Token.objects.get_or_create(user=user)
     return token.key
+
+
+def generator_paint(
+    *, user, model: NetworkModel, layer: str, concept: str, seed: int, index: int, mode: str,
+    mask: list[list[int]], k: int = 20, quantile: float = 0.995, dissection: int | None = None,
+) -> dict[str, Any]:
+    """Add or erase a concept inside a mask of one generated image, on a worker (queue "interactive").
+
+    Units: the ``k`` units of ``layer`` with the highest IoU for ``concept`` in a succeeded
+    dissection (default: the latest). Returns {"before", "after" (PNG bytes), "units",
+    "milliseconds" (worker time), "dissection"}.
+    """
+    import base64
+
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from api.generator_params import _concept, _dissection
+    from workers.tasks import paint
+
+    if model.kind != NetworkModel.Kind.GENERATOR:
+        raise ApplicationError(f"model {model.name} is a {model.kind}; painting needs a generator")
+    layers = {entry["name"]: entry for entry in model.layers}
+    if layer not in layers:
+        raise ApplicationError(f"unknown layer {layer!r} for model {model.name}", extra={"valid": list(layers)})
+    if not 1 <= k <= layers[layer]["units"]:
+        raise ApplicationError(f"k must be in 1..{layers[layer]['units']} (units of {layer})")
+    job = _dissection(user, model, layer, dissection)
+    _concept(job, layer, concept)
+    result = paint.apply_async(kwargs=dict(
+        model_id=model.pk, layer=layer, concept=concept, dissection=job.pk, k=k, quantile=quantile,
+        seed=seed, index=index, mode=mode, mask=mask,
+    ))
+    try:
+        out = result.get(timeout=settings.PAINT_TIMEOUT_SECONDS, propagate=True, disable_sync_subtasks=False)
+    except CeleryTimeout:
+        result.revoke()
+        raise ApplicationError(
+            f"no worker answered within {settings.PAINT_TIMEOUT_SECONDS:.0f} s (painting runs on a worker that "
+            "consumes the 'interactive' queue; make serve starts one)", status=503,
+        ) from None
+    finally:
+        result.forget()
+    if "error" in out:
+        raise ApplicationError(out["error"])
+    return {"before": base64.b64decode(out["before"]), "after": base64.b64decode(out["after"]),
+            "units": out["units"], "milliseconds": out["milliseconds"], "dissection": job.pk}

@@ -29,6 +29,8 @@ from api.serializers import (
     LayerResultSerializer,
     NetworkModelCreateSerializer,
     NetworkModelSerializer,
+    PaintResultSerializer,
+    PaintSerializer,
     UnitDetailSerializer,
     UnitSerializer,
 )
@@ -72,6 +74,36 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
         rows = selectors.layer_summaries(model=model, user=request.user)
         return Response(LayerResultSerializer(rows, many=True).data)
 
+
+    @extend_schema(
+        request=PaintSerializer,
+        parameters=[OpenApiParameter("as", str, enum=["png", "json"],
+                                     description="png (default): the edited image; json: both images, base64")],
+        responses={(200, "image/png"): OpenApiTypes.BINARY, (200, "application/json"): PaintResultSerializer,
+                   503: OpenApiResponse(description="no worker answered in time")},
+    )
+    @action(detail=True, methods=["post"])
+    def paint(self, request, pk=None):
+        """Add or erase a concept inside a mask of one generated image (the paper's Figure 6)."""
+        import base64
+
+        from django.http import HttpResponse
+
+        model = self.get_object()
+        data = PaintSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        kind = request.query_params.get("as", "png")
+        if kind not in ("png", "json"):
+            raise ApplicationError("as must be png or json")
+        out = services.generator_paint(user=request.user, model=model, **data.validated_data)
+        if kind == "png":
+            response = HttpResponse(out["after"], content_type="image/png")
+            response["X-Units"] = ",".join(map(str, out["units"]))
+            response["X-Worker-Milliseconds"] = str(out["milliseconds"])
+            return response
+        payload = {**out, "before": base64.b64encode(out["before"]).decode(),
+                   "after": base64.b64encode(out["after"]).decode()}
+        return Response(PaintResultSerializer(payload).data)
 
     @extend_schema(
         parameters=[
@@ -135,7 +167,9 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         data.is_valid(raise_exception=True)
         values = data.validated_data
         model = get_object_or_404(selectors.model_list(user=request.user), pk=values["model"])
-        dataset = get_object_or_404(selectors.dataset_list(user=request.user), pk=values["dataset"])
+        dataset = None
+        if values.get("dataset") is not None:
+            dataset = get_object_or_404(selectors.dataset_list(user=request.user), pk=values["dataset"])
         job = services.job_create(
             owner=request.user, type=values["type"], model=model, dataset=dataset, params=values["params"]
         )
@@ -171,6 +205,13 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         response["Content-Disposition"] = f'attachment; filename="job{job.pk}-{layer}.csv"'
         return response
 
+
+    @extend_schema(responses={(200, "image/png"): OpenApiTypes.BINARY, 404: OpenApiResponse(description="no image")})
+    @action(detail=True, methods=["get"], url_path=r"images/(?P<name>[a-z0-9-]+)")
+    def images(self, request, pk=None, name=None):
+        """A picture a generator job made (its summary's ``images`` names them): before/after sample grids."""
+        job = self.get_object()
+        return FileResponse(open(selectors.job_image_path(job=job, name=name), "rb"), content_type="image/png")
 
     @extend_schema(responses={200: AblationSerializer, 409: OpenApiResponse(description="not a succeeded ablate job")})
     @action(detail=True, methods=["get"])

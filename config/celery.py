@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -27,13 +28,23 @@ def _configure(app: Celery) -> None:
             "store_processed": False,
             "control_folder": str(folder / "control"),
         }
+    if broker.startswith("filesystem://"):
+        results = f"file://{settings.CELERY_BROKER_FOLDER / 'results'}"
+        (settings.CELERY_BROKER_FOLDER / "results").mkdir(parents=True, exist_ok=True)
+    else:
+        results = broker
     app.conf.update(
         broker_url=broker,
+        # Only the interactive painting task keeps a result (the web process waits for it);
+        # job state lives in Postgres and every other task ignores its result.
+        result_backend=results,
+        result_expires=600,
+        task_queues=[Queue("celery"), Queue("interactive")],
+        task_routes={"workers.paint": {"queue": "interactive"}},
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         accept_content=["json"],
-        result_backend=None,
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,

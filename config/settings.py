@@ -147,6 +147,8 @@ WORKER_ALIVE_SECONDS = float(os.environ.get("WORKER_ALIVE_SECONDS", 20.0))
 WORKER_DEVICE = os.environ.get("WORKER_DEVICE", "auto")
 JOB_SHARD_SIZE = int(os.environ.get("JOB_SHARD_SIZE", 2000))
 DISSECT_BATCH_SIZE = int(os.environ.get("DISSECT_BATCH_SIZE", 32))
+# How long POST /api/models/{id}/paint/ waits for a worker on the "interactive" queue.
+PAINT_TIMEOUT_SECONDS = float(os.environ.get("PAINT_TIMEOUT_SECONDS", 30))
 UNIT_TOP_CONCEPTS = int(os.environ.get("UNIT_TOP_CONCEPTS", 5))
 
 LOGGING = {

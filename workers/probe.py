@@ -18,6 +18,8 @@ from dissect_core.broden import MAX_IMAGE_PIXELS
 def probe_model(args: argparse.Namespace) -> dict:
     from dissect_core.models import list_layers, load_model
 
+    if args.kind == "generator":
+        return probe_generator(args)
     loaded = load_model(
         args.arch,
         Path(args.weights),
@@ -26,11 +28,45 @@ def probe_model(args: argparse.Namespace) -> dict:
         mean=args.mean,
         std=args.std,
     )
-    layers = [
-        {"name": info.name, "type": info.type, "units": info.units, "height": info.height, "width": info.width}
-        for info in list_layers(loaded)
-    ]
+    layers = _layer_rows(list_layers(loaded))
+    if args.kind == "segmenter":
+        problem = _segmenter_problem(loaded, args.num_classes)
+        if problem:
+            return {"ok": False, "message": problem, "details": {}}
     return {"ok": True, "num_classes": loaded.num_classes, "layers": layers}
+
+
+def _layer_rows(infos) -> list[dict]:
+    return [
+        {"name": info.name, "type": info.type, "units": info.units, "height": info.height, "width": info.width}
+        for info in infos
+    ]
+
+
+def probe_generator(args: argparse.Namespace) -> dict:
+    from dissect_core.generators import load_generator
+
+    from dissect_core.models import list_layers
+
+    loaded = load_generator(args.arch, Path(args.weights), latent_dim=args.latent_dim,
+                            output_range=tuple(args.output_range))
+    return {"ok": True, "num_classes": None, "latent_dim": loaded.latent_dim,
+            "layers": _layer_rows(list_layers(loaded))}
+
+
+def _segmenter_problem(loaded, labels: int | None) -> str:
+    """Why a segmenter's output does not fit its labels ("" when it does)."""
+    import torch
+
+    h, w = loaded.input_size
+    with torch.no_grad():
+        out = loaded.module(torch.zeros(1, 3, h, w))
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        return f"a segmenter must output per-pixel scores [B, classes, h, w]; this one outputs {shape}"
+    if labels is not None and out.shape[1] != labels:
+        return f"the segmenter outputs {out.shape[1]} classes per pixel but {labels} labels were given"
+    return ""
 
 
 def probe_dataset(args: argparse.Namespace) -> dict:
@@ -95,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--input-size", type=int, default=None)
     m.add_argument("--mean", type=float, nargs=3, default=None)
     m.add_argument("--std", type=float, nargs=3, default=None)
+    m.add_argument("--kind", choices=["classifier", "generator", "segmenter"], default="classifier")
+    m.add_argument("--latent-dim", type=int, default=None)
+    m.add_argument("--output-range", type=float, nargs=2, default=[-1.0, 1.0])
     d = sub.add_parser("dataset")
     d.add_argument("--spec", required=True)
     d.add_argument("--colors", action="store_true")

@@ -95,16 +95,16 @@ class JobInputs:
 
     def __init__(self, job: Job) -> None:
         from dissect_core.datasets import open_dataset
-        from dissect_core.models import load_model
+        from workers.generators import generated_dataset, load_network
 
-        row = job.model
-        self.model = load_model(
-            row.arch, Path(row.weights_path), row.num_classes,
-            input_size=row.input_size, mean=row.mean or None, std=row.std or None,
-        )
-        self.dataset = open_dataset(
-            job.dataset.spec, max_images=job.params.get("max_images"), colors=job.dataset.concepts_source == "colors"
-        )
+        self.model = load_network(job.model)
+        if job.dataset is None:  # a generator: seeded samples labelled by the concept source
+            self.dataset = generated_dataset(self.model, job.params, batch_size=job.params.get("batch_size", 32))
+        else:
+            self.dataset = open_dataset(
+                job.dataset.spec, max_images=job.params.get("max_images"),
+                colors=job.dataset.concepts_source == "colors",
+            )
         self.layers = job.params["layers"]
         self.quantile = job.params.get("quantile", 0.99)
         self.batch_size = job.params.get("batch_size", settings.DISSECT_BATCH_SIZE)

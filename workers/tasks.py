@@ -10,6 +10,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from api import services
+from config.celery import app
 from workers.celery_setup import TRANSIENT_ERRORS, job_task
 
 logger = logging.getLogger(__name__)
@@ -42,9 +43,12 @@ def run_job(*, job_id: int) -> None:
 
     job = services.job_start(job_id=job_id, worker=run_job.request.hostname or "worker")
     if job is not None:
-        body = {"ablate": run_ablation, "attack": run_attack, "unit_classifier": run_unit_classifier}.get(
-            job.type, run_dissection
-        )
+        from workers.generators import run_generator_insert, run_generator_remove
+
+        body = {
+            "ablate": run_ablation, "attack": run_attack, "unit_classifier": run_unit_classifier,
+            "generator_remove": run_generator_remove, "generator_insert": run_generator_insert,
+        }.get(job.type, run_dissection)
         _guarded(job_id, lambda: body(job))
 
 
@@ -72,3 +76,23 @@ def run_shard(*, job_id: int, stage: str, index: int) -> None:
                 shards.advance(job, reporter)
 
     _guarded(job_id, work)
+
+
+@app.task(name="workers.paint", ignore_result=False, acks_late=False, soft_time_limit=60, time_limit=90)
+def paint(**kwargs) -> dict:
+    """Edit one generated image (the painting endpoint waits for this): PNGs as base64 text."""
+    import base64
+
+    from dissect_core.errors import DissectError
+    from workers.generators import paint_png
+
+    try:
+        out = paint_png(**kwargs)
+    except DissectError as exc:
+        return {"error": exc.message}
+    return {
+        "units": out["units"],
+        "milliseconds": out["milliseconds"],
+        "before": base64.b64encode(out["before"]).decode("ascii"),
+        "after": base64.b64encode(out["after"]).decode("ascii"),
+    }

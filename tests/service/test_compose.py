@@ -56,6 +56,18 @@ def test_worker_runs_our_celery_app_with_a_gpu():
     assert devices[0]["driver"] == "nvidia"
 
 
+def test_painter_consumes_the_queue_the_paint_task_is_routed_to():
+    from config.celery import app
+
+    painter = _compose()["services"]["painter"]
+    command = painter["command"]
+    assert command[:4] == ["celery", "-A", "config", "worker"]
+    queue = command[command.index("-Q") + 1]
+    assert app.conf.task_routes["workers.paint"]["queue"] == queue
+    assert queue in {q.name for q in app.conf.task_queues}
+    assert set(painter["environment"]) <= _env_names_read_by_code()
+
+
 def test_database_and_broker_urls_point_at_the_compose_services():
     services = _compose()["services"]
     env = services["api"]["environment"]

@@ -29,12 +29,14 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
         parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 1)))
         parser.add_argument("--no-serve", action="store_true", help="exit after the summary")
+        parser.add_argument("--no-generator", action="store_true",
+                            help="skip the generator half (GAN and segmenter training, removal and insertion jobs)")
 
-    def handle(self, *args, port: int, workers: int, no_serve: bool, **options):
+    def handle(self, *args, port: int, workers: int, no_serve: bool, no_generator: bool = False, **options):
         call_command("migrate", interactive=False, verbosity=0)
         token = self._demo_user()
         demo_dir = settings.DATA_ROOTS[0] / "demo"
-        self._make_demo(demo_dir)
+        self._make_demo(demo_dir, generator=not no_generator)
         procs = ServiceProcesses(port=port, workers=workers, log_dir=settings.VAR_DIR / "logs")
         procs.start()
         try:
@@ -43,6 +45,8 @@ class Command(BaseCommand):
             client = _Client(base, token)
             job = self._run_job(client, demo_dir)
             self._summary(client, job)
+            if not no_generator:
+                self._generator_demo(client, demo_dir)
             self.stdout.write(f"dashboard: {base}/  (user demo, password demo)")
             self.stdout.write(f"API token: {token}")
             if no_serve:
@@ -64,9 +68,13 @@ class Command(BaseCommand):
         self.stdout.write(f"demo user: demo / demo, API token {token}")
         return token
 
-    def _make_demo(self, demo_dir: Path) -> None:
-        self.stdout.write(f"demo data and classifier in {demo_dir} (made once, then reused)")
-        done = subprocess.run([sys.executable, "-m", "dissect_core", "make-demo", "--out", str(demo_dir)])
+    def _make_demo(self, demo_dir: Path, *, generator: bool) -> None:
+        what = "classifier, GAN and segmenter" if generator else "classifier"
+        self.stdout.write(f"demo data, {what} in {demo_dir} (made once, then reused)")
+        args = [sys.executable, "-m", "dissect_core", "make-demo", "--out", str(demo_dir)]
+        if not generator:
+            args.append("--no-generator")
+        done = subprocess.run(args)
         if done.returncode != 0:
             raise CommandError("making the demo data or training the demo classifier failed (see above)")
 
@@ -95,6 +103,9 @@ class Command(BaseCommand):
             "/api/jobs/", {"type": "dissect", "model": model["id"], "dataset": dataset["id"], "params": {"layers": layers}}
         )
         self.stdout.write(f"job {job['id']} submitted: dissect {', '.join(layers)} of {model['name']} on {dataset['name']} ({dataset['image_count']} images)")
+        return self._wait(client, job)
+
+    def _wait(self, client: "_Client", job: dict) -> dict:
         while job["status"] in ("queued", "running"):
             time.sleep(1.0)
             job = client.get(f"/api/jobs/{job['id']}/")
@@ -106,6 +117,50 @@ class Command(BaseCommand):
         if job["status"] != "succeeded":
             raise CommandError(f"job {job['id']} ended {job['status']}: {job['error']}")
         return job
+
+    def _generator_demo(self, client: "_Client", demo_dir: Path) -> None:
+        """Figures 3-4 on the demo GAN: dissect a layer, remove and insert a concept's units."""
+        gen_meta = json.loads((demo_dir / "generator.json").read_text())
+        seg_meta = json.loads((demo_dir / "segmenter.json").read_text())
+        segmenter = client.find("models", "demo-segnet") or client.post("/api/models/", {
+            "name": "demo-segnet", "arch": seg_meta["arch"], "kind": "segmenter", "classes": seg_meta["labels"],
+            "categories": seg_meta["categories"], "input_size": seg_meta["input_size"][0],
+            "mean": seg_meta["mean"], "std": seg_meta["std"], "public": True,
+            "weights_path": str(demo_dir / "segmenter.safetensors"),
+        })
+        generator = client.find("models", "demo-dcgan") or client.post("/api/models/", {
+            "name": "demo-dcgan", "arch": gen_meta["arch"], "kind": "generator", "latent_dim": gen_meta["latent_dim"],
+            "output_range": gen_meta["output_range"], "public": True,
+            "weights_path": str(demo_dir / "generator.safetensors"),
+        })
+        layer = gen_meta.get("layer", "layer3")
+        job = client.post("/api/jobs/", {"type": "dissect", "model": generator["id"], "params": {
+            "layers": [layer], "samples": 1000, "concepts": segmenter["id"]}})
+        self.stdout.write(f"job {job['id']} submitted: dissect {layer} of {generator['name']} on 1000 generated "
+                          f"images labelled by {segmenter['name']}")
+        job = self._wait(client, job)
+        units = client.get(f"/api/units/?job={job['id']}&page_size=1000")["results"]
+        counts = Counter(u["label"] for u in units if u["iou"] >= 0.04 and u["label"])
+        self.stdout.write(f"job {job['id']} succeeded in {job_seconds(job):.1f} s: "
+                          + (", ".join(f"{c} x{n}" for c, n in counts.most_common(8)) or "no detectors"))
+        concept = "tree" if "tree" in counts else (counts.most_common(1)[0][0] if counts else None)
+        if concept is None:
+            return
+        remove = self._wait(client, client.post("/api/jobs/", {"type": "generator_remove", "model": generator["id"],
+                                                              "params": {"layer": layer, "concept": concept}}))
+        summary = remove["summary"]
+        self.stdout.write(f"removal (job {remove['id']}): {concept} covers {100 * summary['baseline']:.1f}% of the "
+                          f"pixels of {summary['samples']} samples")
+        for row in summary["curve"]:
+            self.stdout.write(f"  remove top {row['k']:>3} {concept} units: {100 * row['share']:5.1f}% "
+                              f"({100 * row['change']:+.1f}%)")
+        insert = self._wait(client, client.post("/api/jobs/", {"type": "generator_insert", "model": generator["id"],
+                                                              "params": {"layer": layer, "concept": concept}}))
+        best = insert["summary"]["best"]
+        self.stdout.write(f"insertion (job {insert['id']}): setting the top {len(insert['summary']['units'])} "
+                          f"{concept} units high adds {100 * insert['summary']['mean_added']:.2f}% {concept} "
+                          f"pixels on average; best position ({best['y']}, {best['x']}): "
+                          f"{100 * best['added']:.2f}%")
 
     def _summary(self, client: "_Client", job: dict) -> None:
         units = client.get(f"/api/units/?job={job['id']}&page_size=1000")["results"]
