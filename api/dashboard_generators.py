@@ -137,6 +137,8 @@ def removal_chart(rows: list[dict], baseline: float) -> dict:
     points = [(0, baseline)] + [(r["k"], r["share"]) for r in rows if r["share"] is not None]
     kmax = max((k for k, _ in points), default=1) or 1
     top, step = nice_top(max((v for _, v in points), default=0.0) * 1.08)
+    if top > 1.0:  # a share of pixels: the axis ends at 100%
+        top, step = 1.0, 0.25
 
     def x(k: float) -> float:
         return round(LEFT + PLOT_W * k / kmax, 1)
@@ -183,7 +185,7 @@ def _unit_rows(*, user, summary: dict, params: dict, values: list | None = None)
 
 
 def _images(job: Job, summary: dict) -> dict | None:
-    """The API addresses of the job's before/after sample grids (GET /api/jobs/{id}/images/{name}.png)."""
+    """The API addresses of the job's before/after sample grids (the API's job-images route)."""
     names = summary.get("images") or {}
     if not names.get("before") or not names.get("after"):
         return None
@@ -198,8 +200,16 @@ def removal_context(job: Job, *, user) -> dict:
     top = max([baseline] + [r["share"] for r in rows if r["share"] is not None])
     for row in rows:
         row["share_text"] = _percent(row["share"], top)
-        row["change_text"] = "–" if row["change"] is None else f"{100 * row['change']:+.1f}%"
-        row["removed_text"] = "–" if row["change"] is None else f"{-100 * row['change']:.1f}%"
+        change = row["change"]
+        row["change_text"] = "–" if change is None else f"{100 * change:+.1f}%".replace("-0.0%", "+0.0%")
+        if change is None:
+            row["effect"] = ""
+        elif round(100 * change, 1) < 0:
+            row["effect"] = f"{-100 * change:.1f}% of its pixels are gone"
+        elif round(100 * change, 1) > 0:
+            row["effect"] = f"{100 * change:.1f}% more of its pixels than before"
+        else:
+            row["effect"] = "no change"
     largest = max((r["k"] for r in rows), default=0)
     return {
         "concept": summary.get("concept") or params.get("concept", ""),
@@ -242,14 +252,19 @@ def insertion_map(summary: dict, params: dict) -> dict | None:
     positions = summary.get("positions") or {}
     stride = int(positions.get("stride") or params.get("stride") or 1)
     size = int(positions.get("size") or params.get("size") or 1)
+    # Feature-map coordinates of the map's rows and columns (tested every stride-th position).
+    ys = positions.get("rows") if len(positions.get("rows") or []) == rows else [r * stride for r in range(rows)]
+    xs = positions.get("cols") if len(positions.get("cols") or []) == cols else [c * stride for c in range(cols)]
     values = [v for row in grid for v in row if v is not None and math.isfinite(v)]
     top = max(values, default=0.0)
     best = summary.get("best") or {}
-    by, bx = best.get("y"), best.get("x")
-    if not (isinstance(by, int) and isinstance(bx, int) and 0 <= by < rows and 0 <= bx < cols) and values:
+    by = ys.index(best["y"]) if best.get("y") in ys else None
+    bx = xs.index(best["x"]) if best.get("x") in xs else None
+    if (by is None or bx is None or bx >= len(grid[by]) or grid[by][bx] is None) and values:
         by, bx = max(((r, c) for r in range(rows) for c in range(len(grid[r])) if grid[r][c] is not None),
                      key=lambda rc: (grid[rc[0]][rc[1]], -rc[0], -rc[1]))
-    cell = max(3, min(40, HEAT_SIDE // max(rows, cols)))
+        best = {}
+    cell = max(3, min(72, HEAT_SIDE // max(rows, cols)))
     left, top_pad = 34, 6
     parts = []
     for r, row in enumerate(grid):
@@ -260,12 +275,11 @@ def insertion_map(summary: dict, params: dict) -> dict | None:
             else:
                 colour, text = _heat_colour(v / top if top > 0 else 0.0), f"added {_percent(v, top)}"
             parts.append(f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{colour}">'
-                         f"<title>y {r * stride}, x {c * stride}: {text}</title></rect>")
+                         f"<title>y {ys[r]}, x {xs[c]}: {text}</title></rect>")
     best_cell = None
-    if by is not None:
+    if by is not None and bx is not None and top > 0:
         best_cell = {"x": left + bx * cell, "y": top_pad + by * cell, "size": cell, "row": by, "col": bx,
-                     "fy": by * stride, "fx": bx * stride,
-                     "added": _percent(best.get("added", grid[by][bx]), top)}
+                     "fy": ys[by], "fx": xs[bx], "added": _percent(best.get("added", grid[by][bx]), top)}
     width, height = left + cols * cell, top_pad + rows * cell
     legend_y = height + 30
     return {
@@ -274,11 +288,11 @@ def insertion_map(summary: dict, params: dict) -> dict | None:
         "bottom": height, "mid_y": top_pad + rows * cell / 2, "mid_x": left + cols * cell / 2,
         "width": max(width, left + 240) + 12, "height": legend_y + 34,
         "stride": stride, "size": size, "tested": len(values),
-        "feature": {"height": positions.get("height") or rows * stride, "width": positions.get("width") or cols * stride},
-        "max": _percent(top, top), "best": best_cell,
+        "feature": {"height": positions.get("height") or ys[-1] + 1, "width": positions.get("width") or xs[-1] + 1},
+        "max": _percent(top, top) if top > 0 else "0%", "best": best_cell,
         "legend": {"x": left, "y": legend_y, "w": 200, "stops": [
             {"offset": round(100 * i / (len(HEAT_STOPS) - 1)), "colour": c} for i, c in enumerate(HEAT_STOPS)]},
-        "last_y": (rows - 1) * stride, "last_x": (cols - 1) * stride,
+        "first_y": ys[0], "first_x": xs[0], "last_y": ys[-1], "last_x": xs[-1],
     }
 
 
@@ -286,12 +300,15 @@ def insertion_context(job: Job, *, user) -> dict:
     """Everything the job page shows for a succeeded generator_insert job."""
     summary, params = job.summary or {}, job.params or {}
     mean = summary.get("mean_added", summary.get("mean_fraction"))
+    grid = insertion_map(summary, params)
+    top = max((v for row in summary.get("map") or [] for v in row if v is not None and math.isfinite(v)), default=0.0)
     return {
         "concept": summary.get("concept") or params.get("concept", ""),
         "layer": summary.get("layer") or params.get("layer", ""),
         "samples": summary.get("samples") or summary.get("count") or params.get("samples"),
-        "map": insertion_map(summary, params),
-        "mean_added": _percent(mean, mean or 1.0) if mean is not None else "–",
+        "map": grid,
+        "mean_added": _percent(mean, top or 1.0) if mean is not None else "–",
+        "added_any": top > 0,
         "units": _unit_rows(user=user, summary=summary, params=params, values=summary.get("values")),
         "dissection": params.get("dissection"),
         "images": _images(job, summary),

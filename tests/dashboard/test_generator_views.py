@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from django.urls import reverse
 
 pytestmark = pytest.mark.django_db
 
@@ -83,7 +84,9 @@ def make_removal(owner, base, tmp_path, *, concept="red-c", ks=(1, 2, 4, 8), uni
     return job
 
 
-def make_insertion(owner, base, tmp_path, *, concept="red-c", rows=4, cols=4, k=4):
+def make_insertion(owner, base, tmp_path, *, concept="red-c", rows=4, cols=4, k=4, listed=True):
+    """An insertion job tested at every 2nd position (grid row r is feature row 2r); listed: the
+    summary lists those rows and columns, as the worker writes them."""
     from api.models import Job
 
     grid = [[round(0.4 * (r * cols + c) / (rows * cols), 4) for c in range(cols)] for r in range(rows)]
@@ -97,8 +100,10 @@ def make_insertion(owner, base, tmp_path, *, concept="red-c", rows=4, cols=4, k=
         results_path=str(folder),
         summary={"concept": concept, "layer": base["layer"], "units": list(range(k)),
                  "unit_iou": [0.2] * k, "values": [3.5 + i for i in range(k)], "map": grid,
-                 "positions": {"stride": 2, "size": 1, "height": rows * 2, "width": cols * 2},
-                 "mean_added": 0.07, "best": {"y": 2, "x": 3, "added": 0.5},
+                 "positions": {"stride": 2, "size": 1, "height": rows * 2, "width": cols * 2,
+                               **({"rows": [2 * r for r in range(rows)], "cols": [2 * c for c in range(cols)]}
+                                  if listed else {})},
+                 "mean_added": 0.07, "best": {"y": 4, "x": 6, "added": 0.5},
                  "images": {"before": "insert-before", "after": "insert-after"}},
     )
     _png(folder / "insert-before.png")
@@ -161,14 +166,14 @@ def test_removal_job_page_draws_the_curve_table_units_and_images(alice, user, tm
     table = re.search(r'<table class="data" id="removal-table">.*?</table>', page, flags=re.DOTALL).group(0)
     cells = re.findall(r'<td class="num[^"]*">([^<]+)</td>', table)
     assert cells[:3] == ["0", "20.0%", "baseline"] and cells[-3:] == ["8", "10.0%", "-50.0%"]
-    assert "<strong>50.0%</strong> of its pixels are gone" in page
+    assert "<strong>50.0% of its pixels are gone</strong>" in page
     linked = {u.unit: u.pk for u in base["units"]}
     ranked = job.summary["units"]
     for unit in ranked:
         assert f'<a href="/units/{linked[unit]}/">{unit}</a>' in page
     assert f'href="/jobs/{base["job"].pk}/"' in page
     for name in ("removal-before", "removal-after"):
-        src = re.search(rf'src="(/api/jobs/{job.pk}/images/{name}\.png/?)"', page).group(1)
+        src = re.search(rf'src="(/api/jobs/{job.pk}/images/{name}[./a-z]*)"', page).group(1)
         image = alice.get(src)
         assert image.status_code == 200 and image["Content-Type"] == "image/png"
     assert f'href="/models/{base["model"].pk}/paint/?layer=layer2&amp;concept=red-c"' in page
@@ -191,9 +196,10 @@ def test_removal_page_without_unit_rows_or_images_and_with_the_cores_field_names
     assert "over 10 generated samples" in page and page.count('<td class="num">–</td>') >= 2
 
 
-def test_insertion_job_page_draws_the_map_with_legend_and_best_position(alice, user, tmp_path):
+@pytest.mark.parametrize("listed", [True, False])
+def test_insertion_job_page_draws_the_map_with_legend_and_best_position(alice, user, tmp_path, listed):
     base = make_generator(user, tmp_path)
-    job = make_insertion(user, base, tmp_path)
+    job = make_insertion(user, base, tmp_path, listed=listed)
     page = alice.get(f"/jobs/{job.pk}/").content.decode()
     assert "Figure 4d" in page
     svg = re.search(r'<svg class="chart heatmap" id="insertion-map".*?</svg>', page, flags=re.DOTALL).group(0)
@@ -210,7 +216,7 @@ def test_insertion_job_page_draws_the_map_with_legend_and_best_position(alice, u
     assert "on average <strong>7.0%</strong>" in page and "most at y 4, x 6 (50.0%)" in page
     values = re.findall(r'<td class="num">(3\.500|4\.500|5\.500|6\.500)</td>', page)
     assert values == ["3.500", "4.500", "5.500", "6.500"]
-    assert f"/api/jobs/{job.pk}/images/insert-before.png" in page and f"/api/jobs/{job.pk}/images/insert-after.png" in page
+    assert f"/api/jobs/{job.pk}/images/insert-before" in page and f"/api/jobs/{job.pk}/images/insert-after" in page
     assert alice.get(re.search(r'src="(/api/jobs/\d+/images/insert-after[^"]*)"', page).group(1)).status_code == 200
 
 
@@ -275,7 +281,7 @@ def test_other_users_generator_pages_are_404(client, user, other_user, tmp_path)
     client.force_login(other_user)
     for url in (f"/jobs/{removal.pk}/", f"/models/{base['model'].pk}/paint/", f"/jobs/{base['job'].pk}/"):
         assert client.get(url).status_code == 404, url
-    assert client.get(f"/api/jobs/{removal.pk}/images/removal-before.png", follow=True).status_code == 404
+    assert client.get(reverse("job-images", kwargs={"pk": removal.pk, "name": "removal-before"})).status_code == 404
     public = make_generator(user, tmp_path / "public", name="shared", public=True)
     page = client.get(f"/models/{public['model'].pk}/paint/").content.decode()
     assert public["job"].pk in [layer["dissection"] for layer in json.loads(
@@ -353,7 +359,7 @@ def test_rerun_of_generator_jobs_without_a_dataset(alice, user, tmp_path, monkey
 def test_500_units_and_a_64x64_map_render_fast(alice, user, tmp_path):
     base = make_generator(user, tmp_path, units=500)
     removal = make_removal(user, base, tmp_path, ks=tuple(range(1, 501, 10)) + (500,))
-    insertion = make_insertion(user, base, tmp_path, rows=64, cols=64, k=500)
+    insertion = make_insertion(user, base, tmp_path, rows=64, cols=64, k=500, listed=False)
     timings = {}
     for url in (f"/jobs/{removal.pk}/", f"/jobs/{insertion.pk}/", f"/models/{base['model'].pk}/paint/", "/jobs/new/",
                 f"/models/{base['model'].pk}/"):
@@ -367,3 +373,26 @@ def test_500_units_and_a_64x64_map_render_fast(alice, user, tmp_path):
     assert page.count('href="/units/') == 500
     page = alice.get(f"/jobs/{insertion.pk}/").content.decode()
     assert page.count("<title>y ") == 64 * 64
+
+
+def test_degenerate_results_read_honestly(alice, user, tmp_path):
+    """A concept that covers every pixel and does not move, and an insertion that adds nothing
+    (what a randomly initialised generator gives): the axis stops at 100%, no change is "no change",
+    and no position is marked best."""
+    from api.models import Job
+
+    base = make_generator(user, tmp_path)
+    removal = make_removal(user, base, tmp_path)
+    removal.summary = {**removal.summary, "baseline": 1.0,
+                       "curve": [{"k": k, "share": 1.0, "change": 0.0} for k in (1, 2, 4, 8)]}
+    removal.save()
+    page = alice.get(f"/jobs/{removal.pk}/").content.decode()
+    assert ">100.0%</text>" in page and "125" not in page and "-0.0%" not in page
+    assert "<strong>no change</strong>" in page and page.count(">+0.0%</td>") == 4
+    insertion = make_insertion(user, base, tmp_path)
+    insertion.summary = {**insertion.summary, "map": [[0.0] * 4 for _ in range(4)], "mean_added": 0.0,
+                         "best": {"y": 0, "x": 0, "added": 0.0}}
+    insertion.save()
+    page = alice.get(f"/jobs/{insertion.pk}/").content.decode()
+    assert 'class="best"' not in page and "no position added any pixels of red-c" in page
+    assert Job.objects.filter(type="generator_insert").count() == 1

@@ -190,3 +190,161 @@ def test_dissect_watch_browse_and_search(live_server, celery_worker_process, use
         shot(page, name, full_page=False)
     expect(page.locator("pre.error")).to_contain_text("DissectError: the images folder is empty <b>not bold</b>")
     assert page.errors == [], page.errors
+
+
+@pytest.fixture()
+def generator_weights(data_root):
+    """A random DCGAN whose transposed convolutions are drawn with std 0.1: PyTorch's default init
+    makes every image flat grey (one colour concept, edits invisible); this gives colourful noise."""
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from dissect_core.gan import build_generator
+
+    path = data_root / "dcgan-random-z16-std01.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        net = build_generator("dcgan", latent_dim=16)
+        for module in net.modules():
+            if isinstance(module, nn.ConvTranspose2d):
+                nn.init.normal_(module.weight, 0.0, 0.1)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+def log_in(page, base: str) -> None:
+    page.goto(base + "/login/")
+    page.fill("#id_username", "alice")
+    page.fill("#id_password", "pw-alice")
+    submit(page, "form.form")
+
+
+def wait_succeeded(page) -> None:
+    """On a job page, which reloads itself when the job ends."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#job-status")).to_have_text(re.compile("succeeded|failed|cancelled"), timeout=180_000)
+    assert page.locator("#job-status").inner_text() == "succeeded", page.locator("pre.error").all_inner_texts()
+
+
+def paint_rows(page, rows: range, cols: range, cells: int) -> None:
+    """Drag across the painting grid, one stroke per row of cells."""
+    box = page.locator("#paint-grid").bounding_box()
+    size = box["width"] / cells
+    for y in rows:
+        cy = box["y"] + (y + 0.5) * size
+        page.mouse.move(box["x"] + (cols.start + 0.5) * size, cy)
+        page.mouse.down()
+        page.mouse.move(box["x"] + (cols.stop - 0.5) * size, cy, steps=6)
+        page.mouse.up()
+
+
+def test_generator_dissect_paint_remove_insert(live_server, celery_worker_process, user, api, generator_weights, page):
+    """Register a random DCGAN over the API; in the browser: dissect layer3 through the job form (no
+    dataset, colour concepts), paint a square of a concept on a sample and see the edit, see the
+    API's error, then run removal and insertion jobs from the form and look at their figures."""
+    from django.db import connections
+
+    try:
+        generator_flow(live_server.url, api, generator_weights, page)
+    finally:
+        connections.close_all()  # opened inside Playwright's greenlet, which pytest-django does not clean up
+
+
+def generator_flow(base, api, generator_weights, page) -> None:
+    from playwright.sync_api import expect
+
+    response = api.post("/api/models/", {"name": "dcgan <b>toy</b>", "arch": "builtin:dcgan", "kind": "generator",
+                                         "weights_path": str(generator_weights)}, format="json")
+    assert response.status_code == 201, response.json()
+    model = response.json()
+    layer3 = next(entry for entry in model["layers"] if entry["name"] == "layer3")
+    assert (layer3["height"], layer3["width"]) == (16, 16)
+
+    log_in(page, base)
+    page.goto(f"{base}/models/{model['id']}/")
+    expect(page.locator("#model-facts")).to_contain_text("generator · latent of 16 numbers")
+    page.goto(f"{base}/jobs/new/?model={model['id']}")
+    expect(page.locator("#field-dataset")).to_be_hidden()
+    expect(page.locator("#field-samples")).to_be_visible()
+    expect(page.locator("#field-max_images")).to_be_hidden()
+    page.check("#layer-options input[value='layer3']")
+    page.fill("#id_samples", "48")
+    page.select_option("#id_concepts", "colors")
+    shot(page, "20-generator-job-form")
+    submit(page, "#job-form")
+    expect(page).to_have_url(re.compile(r"/jobs/\d+/$"))
+    expect(page.locator("p.sub")).to_contain_text("on generated: 48 samples, concepts: colours")
+    wait_succeeded(page)
+    expect(page.locator("table.data tbody tr")).to_have_count(1)
+    shot(page, "21-generator-dissection")
+
+    page.get_by_role("link", name="Paint with these units").click()
+    expect(page).to_have_url(re.compile(rf"/models/{model['id']}/paint/\?layer=layer3"))
+    expect(page.locator("#paint-source")).to_be_visible(timeout=60_000)
+    expect(page.locator("#paint-wait")).to_be_hidden()
+    concept = page.locator("#paint-concept").input_value()
+    assert concept.endswith("-c"), concept
+    width = page.evaluate("document.getElementById('paint-source').naturalWidth")
+    assert width == 64 and page.locator("#paint-source").bounding_box()["width"] == 448
+    assert page.evaluate("getComputedStyle(document.getElementById('paint-source')).imageRendering") == "pixelated"
+    paint_rows(page, range(4, 10), range(5, 11), 16)
+    expect(page.locator("#paint-cells")).to_have_text("36 of 256 cells painted")
+    shot(page, "22-paint-mask", full_page=False)
+    page.click("#paint-run")
+    expect(page.locator("#paint-after")).to_be_visible(timeout=60_000)
+    expect(page.locator("#paint-timing")).to_contain_text(re.compile(r"The worker took \d+ ms"))
+    expect(page.locator("#paint-after-caption")).to_have_text(f"after: {concept} added in 36 cells")
+    before = page.get_attribute("#paint-before", "src")
+    after = page.get_attribute("#paint-after", "src")
+    assert before.startswith("data:image/png;base64,") and after != before
+    assert page.locator("#paint-error").is_hidden()
+    shot(page, "23-paint-after", full_page=False)
+    assert page.errors == [], page.errors
+
+    page.fill("#paint-k", "100000")
+    page.click("#paint-run")
+    expect(page.locator("#paint-error")).to_contain_text("k must be in 1..64")
+    expect(page.locator("#paint-after")).to_be_hidden()
+    shot(page, "24-paint-error", full_page=False)
+    assert len(page.errors) == 1 and "400" in page.errors[0], page.errors  # the browser logs the failed request
+    page.errors.clear()
+    page.fill("#paint-k", "8")
+    page.check("input[name=paint-mode][value=erase]")
+    page.click("#paint-run")
+    expect(page.locator("#paint-after-caption")).to_have_text(f"after: {concept} erased in 36 cells", timeout=60_000)
+    expect(page.locator("#paint-error")).to_be_hidden()
+
+    page.goto(f"{base}/jobs/new/?model={model['id']}&type=generator_remove")
+    expect(page.locator("#id_layer")).to_have_value("layer3")
+    expect(page.locator("#field-layers")).to_be_hidden()
+    page.fill("#id_concept", concept)
+    page.fill("#id_ks", "1, 4, 16")
+    page.fill("#id_samples", "16")
+    page.fill("#id_sample_images", "4")
+    submit(page, "#job-form")
+    wait_succeeded(page)
+    expect(page.locator("#removal-chart circle")).to_have_count(4)
+    expect(page.locator("#removal-table tbody tr")).to_have_count(4)
+    page.wait_for_function("() => [...document.querySelectorAll('img.samples')].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator(".units-ranked a[href^='/units/']").count() == 16
+    shot(page, "25-generator-removal")
+
+    page.goto(f"{base}/jobs/new/?model={model['id']}&type=generator_insert")
+    page.fill("#id_concept", concept)
+    page.fill("#id_k", "4")
+    page.fill("#id_samples", "4")
+    page.fill("#id_stride", "4")
+    submit(page, "#job-form")
+    wait_succeeded(page)
+    expect(page.locator("#insertion-map .cells rect")).to_have_count(16)
+    if page.locator("#insertion-map rect.best").count() == 0:  # a random generator may add nothing anywhere
+        expect(page.locator("#insertion")).to_contain_text(f"no position added any pixels of {concept}")
+    page.wait_for_function("() => [...document.querySelectorAll('img.samples')].every(i => i.complete && i.naturalWidth > 0)")
+    shot(page, "26-generator-insertion")
+
+    page.goto(base + "/")
+    expect(page.locator("#jobs tbody tr").first).to_contain_text("4 generated, colours")
+    shot(page, "27-jobs-with-generators", full_page=False)
+    assert page.errors == [], page.errors
