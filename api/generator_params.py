@@ -124,7 +124,9 @@ def _edit_common(owner, model: NetworkModel, params: dict[str, Any]) -> dict[str
 
 
 def _remove(owner, model: NetworkModel, params: dict[str, Any]) -> dict[str, Any]:
-    _check_known(params, {"layer", "concept", "dissection", "ks", "samples", "seed", "batch_size", "sample_images"})
+    # "concepts" comes from the dissection; accepted (and replaced) so that a job's own params re-run it.
+    _check_known(params, {"layer", "concept", "dissection", "ks", "samples", "seed", "batch_size", "sample_images",
+                          "concepts"})
     out = _edit_common(owner, model, params)
     units = next(e["units"] for e in model.layers if e["name"] == out["layer"])
     ks = params.get("ks", [k for k in DEFAULT_REMOVE_KS if k <= units])
@@ -140,7 +142,7 @@ def _remove(owner, model: NetworkModel, params: dict[str, Any]) -> dict[str, Any
 
 def _insert(owner, model: NetworkModel, params: dict[str, Any]) -> dict[str, Any]:
     _check_known(params, {"layer", "concept", "dissection", "k", "quantile", "samples", "seed", "batch_size",
-                          "stride", "size"})
+                          "stride", "size", "concepts"})
     out = _edit_common(owner, model, params)
     info = _layer(model, params)
     out["k"] = _int(params, "k", min(20, info["units"]), 1, info["units"])

@@ -113,6 +113,9 @@ def test_generator_dissect_remove_insert_paint(api, other_api, celery_worker_pro
         assert image.status_code == 200 and image["Content-Type"] == "image/png"
         png_size(b"".join(image.streaming_content))
     assert api.get(f"/api/jobs/{removed['id']}/images/nothing/").status_code == 404
+    rerun = submit(api, model["id"], "generator_remove", removed["params"])
+    assert rerun.status_code == 202, rerun.json()  # a job's own cleaned params are valid input
+    assert wait_final(api, rerun.json()["id"])["status"] == "succeeded"
     assert other_api.get(f"/api/jobs/{removed['id']}/images/removal-after/").status_code == 404
 
     insert = submit(api, model["id"], "generator_insert",
