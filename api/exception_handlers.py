@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from django.core.exceptions import PermissionDenied
+import errno
+
+from django.conf import settings
+from django.core.exceptions import (
+    PermissionDenied,
+    RequestDataTooBig,
+    SuspiciousOperation,
+)
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from rest_framework import exceptions
@@ -27,6 +34,13 @@ def _first_message(detail) -> str:
 def api_exception_handler(exc, context):
     if isinstance(exc, ApplicationError):
         return Response({"message": exc.message, "extra": exc.extra}, status=exc.status)
+    if isinstance(exc, RequestDataTooBig):
+        message = f"request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes (upload files as multipart)"
+        return Response({"message": message, "extra": {}}, status=413)
+    if isinstance(exc, SuspiciousOperation):
+        return Response({"message": str(exc) or "bad request", "extra": {}}, status=400)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Response({"message": f"the server's storage is full: {exc.strerror}", "extra": {}}, status=507)
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(as_serializer_error(exc))
     if isinstance(exc, Http404):

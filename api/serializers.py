@@ -100,7 +100,7 @@ class DatasetCreateSerializer(serializers.Serializer):
 class JobSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     model_name = serializers.CharField(source="model.name", read_only=True)
-    dataset_name = serializers.CharField(source="dataset.name", read_only=True, default=None)
+    dataset_name = serializers.CharField(source="dataset.name", read_only=True, default=None, allow_null=True)
 
     class Meta:
         model = Job

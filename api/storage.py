@@ -6,6 +6,7 @@ import shutil
 import tarfile
 import uuid
 import zipfile
+import zlib
 from pathlib import Path
 
 from django.conf import settings
@@ -16,6 +17,8 @@ MAX_ARCHIVE_MEMBERS = 200_000
 MAX_ARCHIVE_BYTES = 20 * 1024**3
 MAX_COMPRESSION_RATIO = 200
 DATASET_SUBFOLDERS = {"images", "masks"}
+# What a corrupt or truncated archive raises while it is read (its headers may look fine).
+BROKEN_ARCHIVE = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError)
 
 
 def path_in_data_roots(raw: str) -> Path:
@@ -80,14 +83,20 @@ def extract_archive(archive: Path, target: Path) -> Path:
                     raise ApplicationError(f"archive member {info.filename!r} is a symbolic link")
                 total += info.file_size
             _check_total(total, compressed)
-            zf.extractall(target)
+            try:
+                zf.extractall(target)
+            except BROKEN_ARCHIVE as exc:
+                raise ApplicationError(f"{archive.name} is not a valid zip archive: {exc}") from exc
     elif name.endswith((".tar", ".tar.gz", ".tgz")):
         try:
             tf = tarfile.open(archive)
         except tarfile.TarError as exc:
             raise ApplicationError(f"{archive.name} is not a valid tar archive: {exc}") from exc
         with tf:
-            members = tf.getmembers()
+            try:
+                members = tf.getmembers()
+            except BROKEN_ARCHIVE as exc:
+                raise ApplicationError(f"{archive.name} is not a valid tar archive: {exc}") from exc
             if len(members) > MAX_ARCHIVE_MEMBERS:
                 raise ApplicationError(f"archive holds more than {MAX_ARCHIVE_MEMBERS} members")
             for member in members:
@@ -96,7 +105,10 @@ def extract_archive(archive: Path, target: Path) -> Path:
                     raise ApplicationError(f"archive member {member.name!r} is a link or special file")
                 total += member.size
             _check_total(total, compressed)
-            tf.extractall(target, filter="data")
+            try:
+                tf.extractall(target, filter="data")
+            except BROKEN_ARCHIVE as exc:
+                raise ApplicationError(f"{archive.name} is not a valid tar archive: {exc}") from exc
     else:
         raise ApplicationError(f"{archive.name}: archives must be .zip, .tar or .tar.gz")
     entries = list(target.iterdir())

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from django.http import FileResponse, StreamingHttpResponse
-from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.pagination import CursorPagination, LimitOffsetPagination
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.generics import get_object_or_404
+from rest_framework.pagination import CursorPagination
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -17,6 +17,8 @@ from rest_framework.views import APIView
 from api import selectors, services
 from api.errors import ApplicationError
 from api.filters import ConceptFilter, JobFilter, UnitFilter
+from api.pagination import LimitOffsetPagination
+from api.parsers import JSONParser
 from api.serializers import (
     AblationSerializer,
     ConceptSerializer,
@@ -68,7 +70,7 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
         return Response(NetworkModelSerializer(model).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(responses={200: LayerResultSerializer(many=True)})
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=None)
     def layers(self, request, pk=None):
         model = self.get_object()
         rows = selectors.layer_summaries(model=model, user=request.user)
