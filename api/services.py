@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from api.storage import (
     save_upload,
 )
 
+logger = logging.getLogger(__name__)
 PROBE_TIMEOUT_SECONDS = int(os.environ.get("PROBE_TIMEOUT_SECONDS", 300))
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".zip")
@@ -431,9 +433,16 @@ def job_create(
 
 
 def _enqueue(job_id: int) -> None:
+    """Send a queued job to the workers. When the broker cannot take it (Redis restarting), the
+    job stays queued in Postgres and a worker's :func:`jobs_requeue_lost` sends it again."""
+    from kombu.exceptions import OperationalError as BrokerError
+
     from workers.tasks import run_job
 
-    run_job.apply_async(kwargs={"job_id": job_id})
+    try:
+        run_job.apply_async(kwargs={"job_id": job_id})
+    except BrokerError as exc:
+        logger.warning("job %s stays queued until the broker is back: %s", job_id, exc)
 
 
 @transaction.atomic
@@ -460,9 +469,30 @@ def _drop_results(job: Job) -> None:
     LayerResult.objects.filter(job=job).delete()
     ClassUnitImportance.objects.filter(job=job).delete()
     AblationCurve.objects.filter(job=job).delete()
-    media = Path(settings.MEDIA_ROOT)
-    for folder in (media / "results" / f"job-{job.pk}", media / "work" / f"job-{job.pk}"):
+    for folder in _job_folders(job.pk):
         transaction.on_commit(lambda f=folder: shutil.rmtree(f, ignore_errors=True))
+
+
+def _job_folders(job_id: int) -> list[Path]:
+    media = Path(settings.MEDIA_ROOT)
+    return [media / "results" / f"job-{job_id}", media / "work" / f"job-{job_id}"]
+
+
+def job_leftovers_remove(*, job_id: int) -> bool:
+    """Remove the files of a failed or cancelled job that its worker wrote after the job stopped.
+
+    A worker notices a cancel at its next batch, after ``_drop_results`` removed the job's
+    folders, and may write a file or two before that (a matrix, unit images, shard state).
+    The task calls this when it ends. Returns True when the job is failed or cancelled.
+    """
+    import shutil
+
+    status = Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
+    if status not in (Job.Status.FAILED, Job.Status.CANCELLED):
+        return False
+    for folder in _job_folders(job_id):
+        shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 @transaction.atomic
@@ -803,9 +833,41 @@ def jobs_recover_stale(*, older_than: timedelta, max_attempts: int) -> list[int]
                 job.status = Job.Status.QUEUED
                 job.phase = "requeued"
                 job.error = reason
-                job.save(update_fields=["status", "phase", "error"])
+                job.heartbeat = timezone.now()  # a queued job's heartbeat: when it was last enqueued
+                job.save(update_fields=["status", "phase", "error", "heartbeat"])
                 transaction.on_commit(lambda pk=job.pk: _enqueue(pk))
     return touched
+
+
+def jobs_requeue_lost(*, older_than: timedelta) -> list[int]:
+    """Enqueue again queued jobs whose message may be lost: the broker was down when they were
+    created, Redis lost its last writes in a crash, or a killed worker held the message (a
+    retry waiting for its countdown). A job runs once however many messages it has
+    (:func:`job_start`), so resending is safe; it is spaced out exponentially (the wait since the
+    last send must exceed ``older_than`` and the job's age at that send), so a job that is only
+    waiting behind a long queue gets a few extra messages, not one per sweep.
+
+    Returns:
+        the ids of the jobs enqueued again.
+    """
+    from django.db.models import Q
+
+    now = timezone.now()
+    cutoff = now - older_than
+    sent: list[int] = []
+    with transaction.atomic():
+        waiting = Job.objects.select_for_update(skip_locked=True).filter(
+            Q(heartbeat__lt=cutoff) | Q(heartbeat__isnull=True, created__lt=cutoff), status=Job.Status.QUEUED
+        )
+        for job in waiting:
+            last = job.heartbeat or job.created
+            if now - last < last - job.created:
+                continue
+            job.heartbeat = now
+            job.save(update_fields=["heartbeat"])
+            sent.append(job.pk)
+            transaction.on_commit(lambda pk=job.pk: _enqueue(pk))
+    return sent
 
 
 def shards_create(*, job: Job, stage: str, ranges: list[tuple[int, int]]) -> list[int]:

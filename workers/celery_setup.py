@@ -47,6 +47,7 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         from api.services import (
             jobs_recover_stale,
+            jobs_requeue_lost,
             shards_recover_stale,
             worker_heartbeat,
         )
@@ -61,6 +62,7 @@ class _Heartbeat(threading.Thread):
                     older_than=timedelta(seconds=settings.JOB_STALE_SECONDS), max_attempts=settings.JOB_MAX_ATTEMPTS
                 )
                 shards_recover_stale(older_than=timedelta(seconds=settings.JOB_STALE_SECONDS))
+                jobs_requeue_lost(older_than=timedelta(seconds=settings.JOB_STALE_SECONDS))
             except Exception:  # the database may be restarting; the next beat retries
                 connection.close()
             self.stopped.wait(settings.WORKER_HEARTBEAT_SECONDS)

@@ -33,6 +33,11 @@ def _guarded(job_id: int, work: Callable[[], None]) -> None:
     except Exception as exc:
         logger.exception("job %s crashed", job_id)
         services.job_fail(job_id=job_id, message=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
+    finally:
+        try:
+            services.job_leftovers_remove(job_id=job_id)
+        except TRANSIENT_ERRORS:
+            logger.warning("job %s: could not check for files left after a stop", job_id)
 
 
 @job_task
