@@ -64,7 +64,7 @@ def main() -> int:
     from dissect_core.models import load_model
     from dissect_core.nethook import trace
 
-    paths = make_demo(args.demo, progress=None)
+    paths = make_demo(args.demo, generator=False, segmenter=False, progress=None)
     config = json.loads(Path(paths.config).read_text())
     model = load_model(config["arch"], paths.weights, config["num_classes"], input_size=config["input_size"],
                        mean=config["mean"], std=config["std"], classes=config["classes"])

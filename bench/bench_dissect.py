@@ -37,7 +37,7 @@ def _setup(demo_dir: Path, n_needed: int) -> tuple[object, object, str]:
     except ImportError:
         make_demo = None
     if make_demo is not None:
-        paths = make_demo(demo_dir, n_images=max(3000, n_needed), progress=None)
+        paths = make_demo(demo_dir, n_images=max(3000, n_needed), generator=False, segmenter=False, progress=None)
         config = json.loads(Path(paths.config).read_text())
         from dissect_core.broden import BrodenDataset
 

@@ -67,10 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("layers", help="print the layers with feature-map outputs")
     model_args(ls, weights_required=False)
 
-    demo = sub.add_parser("make-demo", help="generate the synthetic demo dataset and train its classifier")
+    demo = sub.add_parser("make-demo", help="generate the synthetic demo dataset and train its classifier, "
+                                             "GAN and segmenter")
     demo.add_argument("--out", required=True, type=Path)
     demo.add_argument("--n-images", type=int, default=None)
-    demo.add_argument("--epochs", type=int, default=None)
+    demo.add_argument("--epochs", type=int, default=None, help="classifier training epochs")
+    demo.add_argument("--no-generator", action="store_true",
+                      help="skip the generator half (GAN and segmenter training)")
+    demo.add_argument("--no-segmenter", action="store_true", help="skip the segmenter training")
+    demo.add_argument("--gan-steps", type=int, default=None)
+    demo.add_argument("--segmenter-epochs", type=int, default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true")
 
@@ -253,8 +259,18 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
         kwargs["n_images"] = args.n_images
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
+    if args.gan_steps is not None:
+        kwargs["gan_steps"] = args.gan_steps
+    if args.segmenter_epochs is not None:
+        kwargs["segmenter_epochs"] = args.segmenter_epochs
+    kwargs["generator"] = not args.no_generator
+    kwargs["segmenter"] = not (args.no_generator or args.no_segmenter)
     paths = make_demo(args.out, **kwargs)
     print(f"demo ready: dataset broden:{paths.data}, weights {paths.weights}, description {paths.config}")
+    if kwargs["generator"]:
+        print(f"generator {paths.generator} ({paths.generator_config})")
+    if kwargs["segmenter"]:
+        print(f"segmenter {paths.segmenter} ({paths.segmenter_config})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The demo: a synthetic Broden dataset and a scene classifier trained on it.
+"""The demo: a synthetic Broden dataset, and a scene classifier, a GAN and a segmenter trained on it.
 
 :func:`make_demo` writes, under ``out_dir``::
 
@@ -6,11 +6,19 @@
     classifier.safetensors   the scenecnn state_dict
     classifier.json          arch "builtin:scenecnn", num_classes, classes,
                              input_size, mean, std, val_accuracy, ...
+    generator.safetensors    the DCGAN generator's state_dict (dissect_core.gan)
+    generator.json           arch "builtin:dcgan", latent_dim, output_range [-1, 1],
+                             output_size, layer, steps, train_seconds, ...
+    segmenter.safetensors    the segnet state_dict: per-pixel object classes
+    segmenter.json           arch "builtin:segnet", num_classes, labels, categories
+                             (one per label, index 0 "-"), mean, std, input_size,
+                             val_pixel_accuracy, val_miou, val_iou, ...
 
-Each step is skipped when its output exists (unless ``force``). The defaults
-(3,000 64x64 images, 10 epochs) take about a minute on two CPU cores and give a
-classifier well above chance (6 classes) whose ``conv5`` holds object-detector
-units.
+Each step is skipped when its output exists (unless ``force``). The classifier
+defaults (3,000 64x64 images, 10 epochs) take about a minute on two CPU cores and
+give a classifier well above chance (6 classes) whose ``conv5`` holds
+object-detector units. The generator half (``generator``, ``segmenter``) takes a
+few minutes more; callers that only need the classifier switch it off.
 """
 
 from __future__ import annotations
@@ -30,10 +38,25 @@ from .broden import BrodenDataset
 from .synthetic import generate
 from .train import train_classifier
 
-__all__ = ["DEMO_ARCH", "DEMO_LAYER", "DemoPaths", "make_demo"]
+__all__ = [
+    "DEMO_ARCH",
+    "DEMO_GAN_STEPS",
+    "DEMO_GENERATOR_ARCH",
+    "DEMO_GENERATOR_LAYER",
+    "DEMO_LAYER",
+    "DEMO_SEGMENTER_ARCH",
+    "DEMO_SEGMENTER_EPOCHS",
+    "DemoPaths",
+    "make_demo",
+]
 
 DEMO_ARCH = "builtin:scenecnn"
 DEMO_LAYER = "conv5"
+DEMO_GENERATOR_ARCH = "builtin:dcgan"
+DEMO_GENERATOR_LAYER = "layer3"
+DEMO_SEGMENTER_ARCH = "builtin:segnet"
+DEMO_GAN_STEPS = 1200
+DEMO_SEGMENTER_EPOCHS = 8
 
 
 @dataclass(frozen=True)
@@ -45,12 +68,20 @@ class DemoPaths:
         data: the Broden directory of synthetic scenes.
         weights: the classifier's safetensors file.
         config: the classifier's JSON description.
+        generator: the GAN generator's safetensors file.
+        generator_config: the generator's JSON description.
+        segmenter: the segmenter's safetensors file.
+        segmenter_config: the segmenter's JSON description.
     """
 
     root: Path
     data: Path
     weights: Path
     config: Path
+    generator: Path
+    generator_config: Path
+    segmenter: Path
+    segmenter_config: Path
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -68,17 +99,28 @@ def make_demo(
     n_images: int = 3000,
     seed: int = 0,
     epochs: int = 10,
+    generator: bool = True,
+    segmenter: bool = True,
+    gan_steps: int = DEMO_GAN_STEPS,
+    segmenter_epochs: int = DEMO_SEGMENTER_EPOCHS,
     force: bool = False,
     progress: Callable[[str], None] | None = print,
 ) -> DemoPaths:
-    """Generate the synthetic dataset and train the demo classifier, if missing.
+    """Generate the synthetic dataset and train the demo models, if missing.
 
     Args:
         out_dir: the demo directory (created if needed).
         n_images: synthetic scenes to generate (about 20% go to "val").
         seed: seeds the scenes and the training.
-        epochs: training epochs.
-        force: regenerate the data and retrain even if present.
+        epochs: classifier training epochs.
+        generator: train the GAN (:func:`dissect_core.gan.train_gan`) on the
+            "train" split, if missing.
+        segmenter: train the object segmenter
+            (:func:`dissect_core.gan.train_segmenter`), if missing.
+        gan_steps: GAN generator updates.
+        segmenter_epochs: segmenter training epochs.
+        force: regenerate the data and retrain even if present (only the
+            models switched on).
         progress: called with one line of text per step and epoch, or None.
 
     Returns:
@@ -88,7 +130,9 @@ def make_demo(
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     paths = DemoPaths(root=root, data=root / "data", weights=root / "classifier.safetensors",
-                      config=root / "classifier.json")
+                      config=root / "classifier.json", generator=root / "generator.safetensors",
+                      generator_config=root / "generator.json", segmenter=root / "segmenter.safetensors",
+                      segmenter_config=root / "segmenter.json")
 
     if force or not (paths.data / "index.csv").is_file():
         if paths.data.exists():
@@ -125,4 +169,70 @@ def make_demo(
         _write_atomic(paths.weights, lambda p: save_file(state, str(p)))
         _write_atomic(paths.config, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
         say(f"trained in {info['seconds']:.1f}s, validation accuracy {config['val_accuracy']:.3f}")
+
+    if generator and (force or not paths.generator.is_file() or not paths.generator_config.is_file()):
+        _make_generator(paths, seed=seed, steps=gan_steps, say=say)
+    if segmenter and (force or not paths.segmenter.is_file() or not paths.segmenter_config.is_file()):
+        _make_segmenter(paths, seed=seed, epochs=segmenter_epochs, say=say)
     return paths
+
+
+def _save_model(weights: Path, config_path: Path, module: torch.nn.Module, config: dict) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    _write_atomic(weights, lambda p: save_file(state, str(p)))
+    _write_atomic(config_path, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def _make_generator(paths: DemoPaths, *, seed: int, steps: int, say: Callable[[str], None]) -> None:
+    from .gan import train_gan
+
+    train = BrodenDataset(paths.data, split="train")
+    say(f"training the {DEMO_GENERATOR_ARCH} GAN on {len(train)} images ({steps} steps)")
+    module, info = train_gan(train, arch=DEMO_GENERATOR_ARCH, steps=steps, seed=seed, progress=say)
+    config = {
+        "arch": DEMO_GENERATOR_ARCH,
+        "latent_dim": info["latent_dim"],
+        "output_range": [-1, 1],
+        "output_size": list(train.image_size),
+        "layer": DEMO_GENERATOR_LAYER,
+        "steps": info["steps"],
+        "batch_size": info["batch_size"],
+        "loss_d": info["loss_d"],
+        "loss_g": info["loss_g"],
+        "seed": seed,
+        "dataset": f"broden:{paths.data}",
+        "train_seconds": round(info["seconds"], 1),
+        "torch": torch.__version__,
+    }
+    _save_model(paths.generator, paths.generator_config, module, config)
+    say(f"trained the GAN in {info['seconds']:.1f}s")
+
+
+def _make_segmenter(paths: DemoPaths, *, seed: int, epochs: int, say: Callable[[str], None]) -> None:
+    from .gan import train_segmenter
+
+    train = BrodenDataset(paths.data, split="train")
+    val = BrodenDataset(paths.data, split="val")
+    say(f"training the {DEMO_SEGMENTER_ARCH} object segmenter on {len(train)} images ({len(val)} for validation)")
+    module, info = train_segmenter(train, val_dataset=val, category="object", epochs=epochs, seed=seed,
+                                   progress=say)
+    config = {
+        "arch": DEMO_SEGMENTER_ARCH,
+        "num_classes": info["num_classes"],
+        "labels": info["labels"],
+        "categories": info["categories"],
+        "mean": info["mean"],
+        "std": info["std"],
+        "input_size": info["input_size"],
+        "val_pixel_accuracy": info["val_pixel_accuracy"],
+        "val_miou": info["val_miou"],
+        "val_iou": info["val_iou"],
+        "epochs": epochs,
+        "seed": seed,
+        "dataset": f"broden:{paths.data}",
+        "train_seconds": round(info["seconds"], 1),
+        "torch": torch.__version__,
+    }
+    _save_model(paths.segmenter, paths.segmenter_config, module, config)
+    say(f"trained the segmenter in {info['seconds']:.1f}s, validation pixel accuracy "
+        f"{info['val_pixel_accuracy']:.3f}, mIoU {info['val_miou']:.3f}")

@@ -106,7 +106,8 @@ def test_errors_are_one_line_and_exit_2(workdir: Path, capsys: pytest.CaptureFix
 def test_make_synthetic_and_make_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["make-synthetic", "--out", str(tmp_path / "syn"), "--n", "6", "--seed", "2", "--image-size", "32"]) == 0
     assert (tmp_path / "syn" / "index.csv").is_file()
-    assert main(["make-demo", "--out", str(tmp_path / "demo"), "--n-images", "40", "--epochs", "1"]) == 0
+    assert main(["make-demo", "--out", str(tmp_path / "demo"), "--n-images", "40", "--epochs", "1",
+                 "--no-generator"]) == 0
     config = json.loads((tmp_path / "demo" / "classifier.json").read_text())
     assert config["arch"] == "builtin:scenecnn" and (tmp_path / "demo" / "classifier.safetensors").is_file()
     assert "demo ready" in capsys.readouterr().out

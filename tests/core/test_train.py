@@ -69,7 +69,8 @@ def test_training_needs_classes() -> None:
 
 def test_make_demo_writes_and_reuses(tmp_path: Path) -> None:
     lines: list[str] = []
-    paths = make_demo(tmp_path / "demo", n_images=40, epochs=1, progress=lines.append)
+    paths = make_demo(tmp_path / "demo", n_images=40, epochs=1, generator=False, segmenter=False,
+                      progress=lines.append)
     assert (paths.data / "index.csv").is_file()
     config = json.loads(paths.config.read_text())
     assert config["arch"] == "builtin:scenecnn" and config["num_classes"] == 6
@@ -79,5 +80,6 @@ def test_make_demo_writes_and_reuses(tmp_path: Path) -> None:
     model.load_state_dict(load_file(str(paths.weights)))
     stamp = paths.weights.stat().st_mtime_ns
     lines.clear()
-    make_demo(tmp_path / "demo", n_images=40, epochs=1, progress=lines.append)
+    make_demo(tmp_path / "demo", n_images=40, epochs=1, generator=False, segmenter=False,
+                      progress=lines.append)
     assert lines == [] and paths.weights.stat().st_mtime_ns == stamp
