@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 PORT ?= 8000
 WORKERS ?= 1
 
-.PHONY: install run serve test bench lint clean
+.PHONY: install run serve test bench campaign lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: install
 
 bench: install
 	$(BIN)/python bench/bench_dissect.py
+
+# Load, faults and hostile input against a live service on a private Postgres, Redis and media
+# tmpfs (needs root for the tmpfs and to run Postgres as its own user); ends with a table.
+# CAMPAIGN_ARGS=--quick for a ~3 minute smoke run.
+campaign: install
+	$(BIN)/python -m bench.campaign $(CAMPAIGN_ARGS)
 
 lint: install
 	$(BIN)/ruff check dissect_core api workers config tests
