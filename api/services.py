@@ -402,6 +402,8 @@ def job_create(
         raise ApplicationError(f"job type {type!r} is not available; available: {', '.join(Job.Type.values)}")
     if not isinstance(params, dict):
         raise ApplicationError("params must be a JSON object")
+    if _has_nul(params):
+        raise ApplicationError("params must not contain NUL characters (\\u0000)")
     if model.kind == NetworkModel.Kind.GENERATOR:
         if type not in GENERATOR_JOBS:
             raise ApplicationError(
@@ -430,6 +432,17 @@ def job_create(
     job = Job.objects.create(owner=owner, type=type, model=model, dataset=dataset, params=clean)
     transaction.on_commit(lambda: _enqueue(job.pk))
     return job
+
+
+def _has_nul(value) -> bool:
+    """Whether a JSON value holds a NUL character, which Postgres cannot store in jsonb."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _enqueue(job_id: int) -> None:

@@ -38,6 +38,14 @@ from api.serializers import (
 )
 
 
+def _text_param(request, name: str, default: str | None = None) -> str | None:
+    """A text query parameter; NUL characters (Postgres cannot compare them) are bad input."""
+    value = request.query_params.get(name, default)
+    if value is not None and "\x00" in value:
+        raise ApplicationError(f"{name} must not contain NUL characters")
+    return value
+
+
 class HealthView(APIView):
     permission_classes = [AllowAny]
     authentication_classes = []
@@ -118,7 +126,7 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
     def important_units(self, request, pk=None, class_name=None):
         """A class's most important units (removing each alone hurts the class most), from the latest ablate job."""
         model = self.get_object()
-        job = selectors.latest_ablation_job(model=model, user=request.user, layer=request.query_params.get("layer"))
+        job = selectors.latest_ablation_job(model=model, user=request.user, layer=_text_param(request, "layer"))
         if job is None:
             raise ApplicationError(f"model {model.name} has no succeeded ablate job", status=404)
         if class_name not in job.summary.get("classes", []):
@@ -196,7 +204,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def matrix(self, request, pk=None):
         """The full unit x concept IoU matrix of one layer of a succeeded job."""
         job = self.get_object()
-        layer = request.query_params.get("layer", "")
+        layer = _text_param(request, "layer", "")
         kind = request.query_params.get("as", "csv")
         if kind not in ("csv", "npz"):
             raise ApplicationError("as must be csv or npz")
