@@ -492,6 +492,9 @@ def _huge(h: Harness) -> None:
                                                          "params": {"top_k_images": 2**70}})),
         ("quantile 1e400", "/api/jobs/", '{"type": "dissect", "model": %d, "dataset": %d, "params": {"quantile": 1e400}}'
          % (model, dataset)),
+        ("NUL in a stored param", "/api/jobs/", json.dumps({"type": "ablate", "model": model, "dataset": dataset,
+                                                            "params": {"layer": "conv5.0", "train_split": "a\x00"}})),
+        ("NUL in a name", "/api/datasets/", json.dumps({"name": "d\x00", "format": "synthetic", "path": "/x"})),
         ("not JSON", "/api/jobs/", "{'type': dissect"),
         ("invalid UTF-8", "/api/jobs/", b'{"type": "\xff\xfe"}'),
     ]
@@ -508,6 +511,9 @@ def _huge(h: Harness) -> None:
         ("GET /api/models/?offset=2**63", "/api/models/?offset=9223372036854775808"),
         ("GET /api/concepts/?min_iou=nan", "/api/concepts/?min_iou=nan"),
         ("GET /api/units/?cursor=garbage", "/api/units/?cursor=garbage"),
+        ("GET /api/units/?layer=%00", "/api/units/?layer=%00"),
+        ("GET matrix ?layer=%00", f"/api/jobs/{h.fixtures.generator_job['id']}/matrix/?layer=%00"),
+        ("GET important-units ?layer=%00", f"/api/models/{model}/classes/street/important-units/?layer=%00"),
     ]
     read_answers = [(what, api.get(f"GET {path.split('?')[0]}", path)) for what, path in reads]
     five = [f"{w}: {_brief(r)}" for w, r in answers + read_answers if r is None or r.status_code >= 500]

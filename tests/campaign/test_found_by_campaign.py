@@ -130,3 +130,21 @@ def test_files_a_stopped_job_wrote_after_its_stop_are_removed(user, rows, settin
         assert services.job_leftovers_remove(job_id=job.pk) == (status in ("cancelled", "failed"))
     left = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert left == sorted(f"job-{jobs[s].pk}" for s in ("running", "succeeded"))
+
+
+def test_nul_characters_are_400_not_500(api, rows):
+    from api.models import Job
+
+    model, dataset = rows
+    dataset.classes = ["a", "b"]
+    dataset.save()
+    job = Job.objects.create(owner=model.owner, type="dissect", model=model, dataset=dataset, status="succeeded")
+    assert api.get(f"/api/jobs/{job.pk}/matrix/?layer=conv%00").status_code == 400
+    assert api.get(f"/api/models/{model.pk}/classes/a/important-units/?layer=conv%00").status_code == 400
+    for params in ({"layer": "conv5", "train_split": "tr\x00ain"}, {"layer": "conv5", "val_split": "\x00"}):
+        response = api.post("/api/jobs/", {"type": "ablate", "model": model.pk, "dataset": dataset.pk,
+                                           "params": params}, format="json")
+        assert "NUL" in _error(response, 400)
+    assert api.post("/api/datasets/", {"name": "d\x00", "format": "broden", "path": "/x"},
+                    format="json").status_code == 400
+    job.delete()
