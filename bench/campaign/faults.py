@@ -13,6 +13,7 @@ import io
 import time
 import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.campaign.clients import Recorder, latency_table
 from bench.campaign.harness import FINAL, Harness
@@ -232,6 +233,9 @@ def run_disk_full(h: Harness) -> None:
         return
     api = h.client("alice")
     model_upload, dataset_upload = _uploads(h)
+    uploads = Path(h.media.path) / "uploads"
+    before = {p for p in uploads.rglob("*") if p.is_file()}
+    left_files: set[Path] = set()
     wrote = h.media.fill()
     left = h.media.free_bytes()
     h.log(f"media tmpfs filled: {wrote / 2**20:.0f} MB of ballast, {left} bytes free")
@@ -248,6 +252,7 @@ def run_disk_full(h: Harness) -> None:
         for what, upload in (("models", model_upload), ("datasets", dataset_upload)):
             response = api.post(f"POST /api/{what}/", f"/api/{what}/", data=upload["data"], files=upload["files"])
             answers.append((what, response))
+        left_files = {p for p in uploads.rglob("*") if p.is_file()} - before
     finally:
         h.media.unfill()
     ok_jobs = all(j["status"] in FINAL for j in jobs) and len(ids) == 3
@@ -269,14 +274,16 @@ def run_disk_full(h: Harness) -> None:
             body = response.json()
         except ValueError:
             return f"{response.status_code} not JSON: {response.text[:60]!r}"
+        if response.status_code < 400:
+            return f"{response.status_code} (id {body.get('id')})"
         return f"{response.status_code} {body.get('message', body)!s:.70}"
 
-    good = all(r is not None and r.status_code == 507 and set(r.json()) == {"message", "extra"}
-               for _, r in answers)
+    good = not left_files and all(r is not None and r.status_code == 507 and set(r.json()) == {"message", "extra"}
+                                  for _, r in answers)
     h.add("disk full: uploads",
           "uploaded a weights file and a dataset archive to the full media filesystem",
           "507 with the error shape {message, extra} (no 500), nothing left under media/uploads",
-          "; ".join(f"{what}: {shape(r)}" for what, r in answers),
+          "; ".join(f"{what}: {shape(r)}" for what, r in answers) + f"; files left under uploads: {len(left_files)}",
           good)
     retry = api.post("POST /api/jobs/", "/api/jobs/", json=h.dissect_body("alice"))
     job = h.wait_final(api, [retry.json()["id"]], timeout=300)[0] if retry is not None and retry.status_code == 202 \

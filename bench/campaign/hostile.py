@@ -523,7 +523,7 @@ def _huge(h: Harness) -> None:
     h.add("hostile: huge and malformed JSON, huge numbers",
           "; ".join(w for w, _, _ in cases) + "; reads: " + "; ".join(w for w, _ in reads),
           "4xx with the error shape for each write, no 5xx anywhere, nothing stored",
-          "writes: " + "; ".join(f"{w}: {_brief(r)[:40]}" for w, r in answers[:3]) + "; reads "
+          "writes: " + "; ".join(f"{w}: {_brief(r)[:64]}" for w, r in answers[:3]) + "; reads "
           + ", ".join(str(r.status_code if r is not None else "none") for _, r in read_answers)
           + f"; {len(five)} 5xx" + (f" ({five[:3]})" if five else "")
           + (f"; not 4xx: {bad_posts[:2]}" if bad_posts else ""),
