@@ -31,7 +31,7 @@ bench: install
 
 # Load, faults and hostile input against a live service on a private Postgres, Redis and media
 # tmpfs (needs root for the tmpfs and to run Postgres as its own user); ends with a table.
-# CAMPAIGN_ARGS=--quick for a ~3 minute smoke run.
+# CAMPAIGN_ARGS=--quick for a ~3.5 minute smoke run.
 campaign: install
 	$(BIN)/python -m bench.campaign $(CAMPAIGN_ARGS)
 

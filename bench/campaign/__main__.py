@@ -18,7 +18,7 @@ from bench.campaign.table import latency_markdown, rows_table
 
 def parse(argv: list[str] | None = None) -> tuple[Options, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m bench.campaign", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a ~3 minute smoke run (short load and soak)")
+    parser.add_argument("--quick", action="store_true", help="a ~3.5 minute smoke run (short load and soak, fewer examples)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock, printed)")
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes (plus a painter)")
     parser.add_argument("--web-workers", type=int, default=4, help="gunicorn processes")
