@@ -116,6 +116,16 @@ def results_dir(job: Job) -> Path:
     return Path(settings.MEDIA_ROOT) / "results" / f"job-{job.pk}"
 
 
+def _edit_inputs(job: Job):
+    """(generator, concept source, concept number, ranked units, their IoUs) of a remove/insert job."""
+    params = job.params
+    model = load_network(job.model)
+    source = concept_source(params["concepts"])
+    number = concept_number(source, params["concept"])
+    units, ious = ranked_units(params["dissection"], params["layer"], params["concept"])
+    return model, source, number, units, ious
+
+
 def run_generator_remove(job: Job) -> None:
     """Zero the top-k units of a concept for each k; store the pixel-share curve and sample images."""
     from dissect_core.generators import removal_curve
@@ -123,10 +133,7 @@ def run_generator_remove(job: Job) -> None:
     params = job.params
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
         reporter.progress("loading", 0, params["samples"])
-        model = load_network(job.model)
-        source = concept_source(params["concepts"])
-        number = concept_number(source, params["concept"])
-        units, ious = ranked_units(params["dissection"], params["layer"], params["concept"])
+        model, source, number, units, ious = _edit_inputs(job)
         result = with_batch_backoff(
             lambda batch_size: removal_curve(
                 model, source, params["layer"], units, number, ks=params["ks"], count=params["samples"],
@@ -154,10 +161,7 @@ def run_generator_insert(job: Job) -> None:
     params = job.params
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
         reporter.progress("loading", 0, params["samples"])
-        model = load_network(job.model)
-        source = concept_source(params["concepts"])
-        number = concept_number(source, params["concept"])
-        units, ious = ranked_units(params["dissection"], params["layer"], params["concept"])
+        model, source, number, units, ious = _edit_inputs(job)
         chosen = units[: params["k"]]
         values = unit_quantiles(model, params["layer"], q=params["quantile"], seed=params["seed"] + 7919,
                                 units=chosen, device=pick_device())
