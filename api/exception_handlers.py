@@ -11,7 +11,8 @@ from django.core.exceptions import (
     SuspiciousOperation,
 )
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404
+from django.db import InterfaceError, OperationalError
+from django.http import Http404, HttpResponse, JsonResponse
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.serializers import as_serializer_error
@@ -31,7 +32,20 @@ def _first_message(detail) -> str:
     return str(detail)
 
 
+DATABASE_DOWN_MESSAGE = "the database is unavailable; retry in a few seconds"
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean the database cannot be reached (or dropped the connection), not a bad query."""
+    return isinstance(exc, (OperationalError, InterfaceError))
+
+
 def api_exception_handler(exc, context):
+    if database_unavailable(exc):
+        response = Response({"message": DATABASE_DOWN_MESSAGE, "extra": {}}, status=503)
+        response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return response
     if isinstance(exc, ApplicationError):
         return Response({"message": exc.message, "extra": exc.extra}, status=exc.status)
     if isinstance(exc, RequestDataTooBig):
@@ -56,3 +70,29 @@ def api_exception_handler(exc, context):
     else:
         response.data = {"message": _first_message(detail), "extra": {"fields": detail}}
     return response
+
+
+class DatabaseUnavailableMiddleware:
+    """503 instead of Django's HTML 500 page when the database is down, for every view.
+
+    DRF views already answer through :func:`api_exception_handler`; this catches the
+    rest (dashboard pages, and API requests that fail before a DRF view runs its
+    handler): JSON in the API's error shape under ``/api/``, a short text page elsewhere.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exc):
+        if not database_unavailable(exc):
+            return None
+        if request.path.startswith("/api/"):
+            response = JsonResponse({"message": DATABASE_DOWN_MESSAGE, "extra": {}}, status=503)
+        else:
+            response = HttpResponse(f"503 Service Unavailable: {DATABASE_DOWN_MESSAGE}.\n", status=503,
+                                    content_type="text/plain; charset=utf-8")
+        response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return response
