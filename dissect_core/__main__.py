@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-segmenter", action="store_true", help="skip the segmenter training")
     demo.add_argument("--gan-steps", type=int, default=None)
     demo.add_argument("--segmenter-epochs", type=int, default=None)
+    demo.add_argument("--threads", type=int, default=None,
+                      help="CPU threads for the GAN and segmenter training (default 2; 1 on a busy machine)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true")
 
@@ -263,6 +265,10 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
         kwargs["gan_steps"] = args.gan_steps
     if args.segmenter_epochs is not None:
         kwargs["segmenter_epochs"] = args.segmenter_epochs
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DissectError(f"--threads must be at least 1, got {args.threads}")
+        kwargs["threads"] = args.threads
     kwargs["generator"] = not args.no_generator
     kwargs["segmenter"] = not (args.no_generator or args.no_segmenter)
     paths = make_demo(args.out, **kwargs)

@@ -111,3 +111,5 @@ def test_make_synthetic_and_make_demo(tmp_path: Path, capsys: pytest.CaptureFixt
     config = json.loads((tmp_path / "demo" / "classifier.json").read_text())
     assert config["arch"] == "builtin:scenecnn" and (tmp_path / "demo" / "classifier.safetensors").is_file()
     assert "demo ready" in capsys.readouterr().out
+    assert main(["make-demo", "--out", str(tmp_path / "demo0"), "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err and not (tmp_path / "demo0").exists()

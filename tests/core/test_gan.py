@@ -145,9 +145,10 @@ def test_train_segmenter_holds_out_a_fraction() -> None:
 
 def test_make_demo_generator_half(tmp_path: Path) -> None:
     lines: list[str] = []
-    paths = make_demo(tmp_path / "demo", n_images=40, epochs=1, gan_steps=2, segmenter_epochs=1,
+    paths = make_demo(tmp_path / "demo", n_images=40, epochs=1, gan_steps=2, segmenter_epochs=1, threads=1,
                       progress=lines.append)
     gen_config = json.loads(paths.generator_config.read_text())
+    assert gen_config["threads"] == 1 and json.loads(paths.segmenter_config.read_text())["threads"] == 1
     assert gen_config["arch"] == "builtin:dcgan" and gen_config["output_range"] == [-1, 1]
     assert gen_config["output_size"] == [64, 64] and gen_config["steps"] == 2 and gen_config["layer"] in LAYERS
     gen = build_generator(gen_config["arch"], gen_config["latent_dim"])

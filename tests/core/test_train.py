@@ -13,7 +13,7 @@ from dissect_core.archs import ARCHS, build_arch, scenecnn, segnet
 from dissect_core.demo import make_demo
 from dissect_core.errors import DatasetError, ModelLoadError
 from dissect_core.synthetic import SyntheticScenes
-from dissect_core.train import train_classifier
+from dissect_core.train import load_class_arrays, normalize, train_classifier
 
 
 def test_scenecnn_layers_and_shapes() -> None:
@@ -58,6 +58,39 @@ def test_training_smoke_is_deterministic() -> None:
     again, _ = train_classifier(train, val_dataset=val, epochs=1, batch_size=16, lr=0.05, seed=1)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
+
+
+def _conv5_mean(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Mean conv5 activation with batch statistics, as in training (three epochs of toy
+    training leave BatchNorm's running statistics far from them)."""
+    seen: list[float] = []
+    handle = model.conv5.register_forward_hook(lambda m, i, o: seen.append(float(o.mean())))
+    model.train()
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+        model.eval()
+    return seen[0]
+
+
+def test_activation_l1_makes_the_layer_sparser() -> None:
+    train = SyntheticScenes(48, seed=0, image_size=(32, 32), split="train")
+    kwargs = dict(epochs=3, batch_size=16, lr=0.05, seed=1)
+    plain, info = train_classifier(train, **kwargs)
+    sparse, sparse_info = train_classifier(train, activation_l1=50.0, l1_layer="conv5", **kwargs)
+    assert info["activation_l1"] == 0.0 and info["l1_layer"] is None
+    assert sparse_info["activation_l1"] == 50.0 and sparse_info["l1_layer"] == "conv5"
+    images, _ = load_class_arrays(train)
+    x = normalize(images, info["mean"], info["std"])
+    assert _conv5_mean(sparse, x) < 0.5 * _conv5_mean(plain, x)
+    with pytest.raises(ValueError, match="l1_layer"):
+        train_classifier(train, activation_l1=1.0, **kwargs)
+    with pytest.raises(ValueError, match="l1_layer"):
+        train_classifier(train, activation_l1=1.0, l1_layer="conv9", **kwargs)
+    with pytest.raises(ValueError, match=">= 0"):
+        train_classifier(train, activation_l1=-1.0, l1_layer="conv5", **kwargs)
 
 
 def test_training_needs_classes() -> None:
