@@ -45,6 +45,7 @@ class Command(BaseCommand):
             client = _Client(base, token)
             job = self._run_job(client, demo_dir)
             self._summary(client, job)
+            self._ablation_demo(client, job, base)
             if not no_generator:
                 self._generator_demo(client, demo_dir)
             self.stdout.write(f"dashboard: {base}/  (user demo, password demo)")
@@ -98,7 +99,10 @@ class Command(BaseCommand):
             "/api/datasets/",
             {"name": "demo-scenes", "format": "synthetic", "path": str(demo_dir / "data"), "public": True},
         )
-        layers = [entry["name"] for entry in model["layers"] if entry["type"] == "Conv2d"][-2:]
+        # The blocks' outputs (Conv -> BatchNorm -> ReLU), rectified like VGG's conv5_3: conv4 and conv5.
+        layer = meta.get("layer", "conv5")
+        names = [entry["name"] for entry in model["layers"]]
+        layers = [name for name in ("conv4", layer) if name in names]
         job = client.post(
             "/api/jobs/", {"type": "dissect", "model": model["id"], "dataset": dataset["id"], "params": {"layers": layers}}
         )
@@ -117,6 +121,19 @@ class Command(BaseCommand):
         if job["status"] != "succeeded":
             raise CommandError(f"job {job['id']} ended {job['status']}: {job['error']}")
         return job
+
+    def _ablation_demo(self, client: "_Client", dissection: dict, base: str) -> None:
+        """Figure 2d on the demo classifier: remove each class's most important units, or all but those."""
+        layer = dissection["params"]["layers"][-1]
+        job = client.post("/api/jobs/", {"type": "ablate", "model": dissection["model"],
+                                         "dataset": dissection["dataset"], "params": {"layer": layer}})
+        self.stdout.write(f"job {job['id']} submitted: ablate {layer} (each unit alone on train, sets on val)")
+        job = self._wait(client, job)
+        s = job["summary"]["sets_k20"]
+        self.stdout.write(
+            f"job {job['id']} succeeded in {job_seconds(job):.1f} s: mean balanced accuracy over {s['classes']} "
+            f"classes {s['baseline']:.3f}; {s['k']} most important units removed {s['removed_top']:.3f}; all but "
+            f"those {s['k']} removed {s['kept_top']:.3f} (chance 0.5); curves at {base}/jobs/{job['id']}/")
 
     def _generator_demo(self, client: "_Client", demo_dir: Path) -> None:
         """Figures 3-4 on the demo GAN: dissect a layer, remove and insert a concept's units."""
