@@ -564,7 +564,10 @@ def job_succeed(*, job_id: int, results_path: str = "") -> Job | None:
     job.eta_seconds = 0.0
     job.finished = timezone.now()
     job.results_path = results_path
-    job.save(update_fields=["status", "progress", "phase", "eta_seconds", "finished", "results_path"])
+    # Progress reports are throttled and per stage, so the last one can be short ("192 / 614").
+    job.images_done = job.images_total
+    job.save(update_fields=["status", "progress", "phase", "eta_seconds", "finished", "results_path",
+                            "images_done"])
     if Unit.objects.filter(job=job).exists():
         concept_stats_refresh(model_id=job.model_id)
     return job
