@@ -232,8 +232,8 @@ def train_gan(
 
     At this size small batches and many steps learn fastest for the compute:
     the default 2,500 steps of 16 take about 4.3 minutes on two idle CPU
-    cores, 6 on one (measured 2026-11-30), and give scenes with a sky, a ground and recognisable object blobs
-    (trees, houses, boats, people, the sun). The weights depend on the seed,
+    cores, 6 on one (measured 2026-11-30), and give scenes with a sky, a
+    ground and recognisable object blobs (trees, houses, boats, people, the sun). The weights depend on the seed,
     the device and the thread count only.
 
     Args:

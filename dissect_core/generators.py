@@ -44,7 +44,6 @@ quantiles taken, but not edited. Output pixels map to uint8 by rounding
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import weakref
@@ -70,6 +69,7 @@ from .colors import (
 from .concepts import Concept, ConceptDataset, Sample
 from .dissect import ProgressFn, _resolve_device
 from .errors import Cancelled, DissectError, LayerError, ModelLoadError
+from .gan import _cpu_threads
 from .models import LoadedModel, _check_and_load, load_state_dict_file
 from .nethook import get_module, trace
 
@@ -1383,20 +1383,6 @@ def resize_mask(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch
     return F.interpolate(m.to(torch.float32)[None, None], size=tuple(size), mode="area")[0, 0]
 
 
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device, n: int | None) -> Iterator[None]:
-    """Run with ``n`` intra-op CPU threads (process-wide in torch), then restore the setting."""
-    if device.type != "cpu" or n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def paint_pair(
     gen: LoadedModel,
     layer: str,
@@ -1448,7 +1434,7 @@ def paint_pair(
         edit = insert_units_edit(unit_list, vals, m)
     else:
         edit = remove_units_edit(unit_list, m)
-    with torch.no_grad(), _evaluating(runner.module), _cpu_threads(dev, num_threads):
+    with torch.no_grad(), _evaluating(runner.module), _cpu_threads(num_threads if dev.type == "cpu" else None):
         z = sample_latents(z_dim, 1, seed=seed, start=index).to(dev)
         acts = runner.prefix(z)
         before = runner.images(z, acts, None)
