@@ -86,6 +86,7 @@ ProgressFn = Callable[[str, int, int], None]
 _CHUNK_ELEMENTS = 1 << 24
 _MIN_MAPS = 64
 _SKIP_MAPS = True
+_OVERLAP_SKETCH_ON_CPU = False
 
 
 @dataclass(frozen=True)
@@ -582,31 +583,48 @@ class _RisingFloorSketch:
 
     def add(self, a: torch.Tensor, peaks: torch.Tensor) -> None:
         """Add a batch of native maps [B, U, h, w] (``peaks``: their spatial max [B, U])."""
-        if not self.skip or self.sketch.n < self.k:
+        pixels = self.mask_size[0] * self.mask_size[1]
+        lower, upper = self.bound.both(a, peaks) if self.skip else (None, None)
+        if lower is not None and self.sketch.n == 0:
+            self._first_floor(lower, pixels)
+        if lower is None or upper is None or bool(torch.isneginf(self.sketch.floor).all()):
             for _, up in _chunks(a, self.mask_size):
                 self.sketch.add_batch(up)
             self._raise()
             return
         assert self.sketch.floor is not None
-        pixels = self.mask_size[0] * self.mask_size[1]
-        lower, upper = self.bound.both(a, peaks)
-        assert lower is not None
         floor = self.sketch.floor.to(a.device, torch.float64)
-        bi, ui = (~(upper <= floor[None, :])).nonzero(as_tuple=True)
+        # Maps wholly at or below the floor are only counted, all-zero maps above it (a floor
+        # below 0) are counted as zeros; the rest are upsampled and their rows above it added.
+        empty = (upper <= 0) & (lower >= 0)
+        bi, ui = (~(upper <= floor[None, :]) & ~empty).nonzero(as_tuple=True)
+        zeros = (empty & (floor[None, :] < 0)).sum(0) * pixels
         lo, hi = _to_float32(lower.amin(0), up=False), _to_float32(upper.amax(0), up=True)
         total = a.shape[0] * pixels
         for _, u, native, up in self.upsampler.rows(a, bi, ui):
             idx, rows = _rows_above(up, self.bound.rows(native), self.sketch.floor.index_select(0, u))
-            self.sketch.add_rows(rows, u.index_select(0, idx // self.mask_size[0]), total=total, lower=lo, upper=hi)
-            total = 0
+            self.sketch.add_rows(rows, u.index_select(0, idx // self.mask_size[0]), total=total, lower=lo, upper=hi,
+                                 zeros=zeros)
+            total, zeros = 0, None
         if total:
-            self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi)
+            self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi, zeros=zeros)
         self._raise()
+
+    def _first_floor(self, lower: torch.Tensor, pixels: int) -> None:
+        """Before any data: a floor just below 0 for each unit with at least k upsampled values
+        >= 0 in this first batch (maps without negative values), since its k-th largest value
+        is then >= 0. Only the exact zeros of such units are then counted rather than bucketed."""
+        assert self.sketch.floor is not None
+        enough = (lower >= 0).sum(0) * pixels >= self.k
+        below_zero = float(np.nextafter(np.float32(0), np.float32(-1)))
+        floor = torch.where(enough.to(self.sketch.floor.device), torch.full_like(self.sketch.floor, below_zero),
+                            self.sketch.floor)
+        self.sketch.floor = torch.maximum(self.sketch.floor, floor)
 
     def _raise(self) -> None:
         if self.skip and self.sketch.n >= self.next_raise:
             self.sketch.raise_floor(self.sketch.n - self.k)
-            self.next_raise = self.sketch.n + self.sketch.n // 2
+            self.next_raise = self.sketch.n + 1
 
 
 def _float32_below(values: np.ndarray) -> np.ndarray:
@@ -875,18 +893,24 @@ def dissect(
                 if top[layer] is not None:
                     top[layer].add(peaks, prepared.indices.to(src.device), a)
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dissect-sketch") as pool:
-            pending: deque[Future[None]] = deque()
-            try:
-                for prepared in _forward_batches(src, progress, should_stop):
-                    pending.append(pool.submit(absorb, prepared))
-                    while len(pending) > 1:
+        if src.device.type == "cpu" and not _OVERLAP_SKETCH_ON_CPU:
+            # On the CPU the network and the sketch share the same cores: a second thread
+            # only oversubscribes them (measured slower on 2 cores, bench/bench_dissect.py).
+            for prepared in _forward_batches(src, progress, should_stop):
+                absorb(prepared)
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dissect-sketch") as pool:
+                pending: deque[Future[None]] = deque()
+                try:
+                    for prepared in _forward_batches(src, progress, should_stop):
+                        pending.append(pool.submit(absorb, prepared))
+                        while len(pending) > 1:
+                            pending.popleft().result()
+                    while pending:
                         pending.popleft().result()
-                while pending:
-                    pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
+                finally:
+                    for future in pending:
+                        future.cancel()
         if not all(s.sketch.finite for s in sketches.values()):
             raise DissectError("the network produced non-finite activations (inf or NaN) at a requested layer")
         brackets = {layer: s.sketch.bracket(quantile) for layer, s in sketches.items()}

@@ -50,6 +50,7 @@ __all__ = [
 
 _ABS_MASK = 0x7FFFFFFF
 _SPARSE_BELOW = 1 / 8
+_FAST_RAISE = True
 _INF_KEY = 0x7F800000
 
 
@@ -320,6 +321,7 @@ class QuantileSketch:
         total: int,
         lower: torch.Tensor,
         upper: torch.Tensor,
+        zeros: torch.Tensor | None = None,
     ) -> None:
         """Add values of which only those above the floor are given (a sketch with a floor).
 
@@ -334,6 +336,9 @@ class QuantileSketch:
                 not in ``rows`` must lie at or below its unit's floor.
             lower: float32 [U], at most every value added (given or not).
             upper: float32 [U], at least every value added (given or not).
+            zeros: optional int64 [U], values not in ``rows`` that are exact zeros
+                (e.g. whole maps of a post-ReLU unit that never fired), counted
+                without being given.
         """
         if self.floor is None:
             raise ValueError("add_rows needs a sketch with a floor")
@@ -345,6 +350,11 @@ class QuantileSketch:
         rows = rows.to(device=self.device, dtype=torch.float32).contiguous()
         units = units.to(self.device)
         self.floor_count += total - torch.bincount(units, minlength=self.units) * rows.shape[1]
+        if zeros is not None:
+            zeros = zeros.to(self.device, torch.int64)
+            above = zeros * (self.floor < 0)
+            self.floor_count -= above
+            self.zeros += above
         if rows.numel():
             self._add_floored(rows, units)
         self.n += int(total)
@@ -356,7 +366,15 @@ class QuantileSketch:
         assert self.floor is not None and self.floor_count is not None and self.zeros is not None
         p = rows.shape[1]
         floor = self.floor.index_select(0, units)[:, None]
-        above = rows > floor
+        # Exact zeros above the floor (post-ReLU units whose floor is still below 0) are
+        # only counted: they need no bucket, and they are most values of such units.
+        zero = rows == 0
+        above = (rows > floor) & ~zero
+        zero.logical_and_(floor < 0)
+        zero_counts = torch.bincount(units, weights=zero.sum(1), minlength=self.units).to(torch.int64)
+        del zero
+        self.zeros += zero_counts
+        self.floor_count -= zero_counts
         if int(torch.count_nonzero(above)) <= rows.numel() * _SPARSE_BELOW:
             flat = above.view(-1).nonzero().squeeze(1)
             del above
@@ -382,7 +400,6 @@ class QuantileSketch:
                 self._raise_max(sign, sign_top)
         bits = rows.view(torch.int32)
         idx = bits & _ABS_MASK
-        zero = idx == 0
         idx >>= sh
         if "neg" in self.stores:
             neg_col = idx - self.stores["neg"]["offset"].to(torch.int32)[units][:, None]
@@ -393,9 +410,7 @@ class QuantileSketch:
         if "neg" in self.stores:
             torch.where(bits < 0, neg_col, idx, out=idx)
             del neg_col
-        idx.masked_fill_(zero, w + 1)
-        del zero
-        idx.masked_fill_(~above, 0)
+        idx.masked_fill_(~above, 0)  # at or below the floor, or an exact zero (counted above)
         del above
         idx += (units.to(torch.int32) * width)[:, None]
         hist = torch.bincount(idx.view(-1), minlength=self.units * width).view(self.units, width)
@@ -403,7 +418,6 @@ class QuantileSketch:
         self.floor_count += hist[:, 0]
         if "neg" in self.stores:
             self.stores["neg"]["counts"] += hist[:, 1:w + 1].flip(1)
-        self.zeros += hist[:, w + 1]
         if "pos" in self.stores:
             self.stores["pos"]["counts"] += hist[:, w + 2:]
 
@@ -429,12 +443,20 @@ class QuantileSketch:
         neg = self.stores.get("neg")
         pos = self.stores.get("pos")
         below_pos = self.floor_count + self.zeros + (neg["counts"].sum(1) if neg is not None else 0)
-        if pos is not None and bool((below_pos <= rank).all()):
+        in_low = below_pos > rank
+        if pos is not None and _FAST_RAISE and (neg is None or not bool(in_low.any())):
+            # Columns as in _ordered: 0 the floor bucket, w + 1 the zeros, w + 2 + i pos bucket i.
             csum = torch.cumsum(pos["counts"], dim=1)
-            i = torch.searchsorted(csum, (rank - below_pos)[:, None], right=True)[:, 0].clamp(max=w - 1)
+            i = torch.searchsorted(csum, (rank - below_pos).clamp(min=0)[:, None], right=True)[:, 0].clamp(max=w - 1)
             col = i + (w + 2)
             key_lo = torch.where(i > 0, (pos["offset"] + i) << s, torch.ones_like(i)).clamp(min=1)
             folded = below_pos + torch.where(i > 0, torch.gather(csum, 1, (i - 1).clamp(min=0)[:, None])[:, 0], 0)
+            if bool(in_low.any()):
+                # No negative store: the rank lies in the floor bucket (no raise) or among the zeros.
+                in_floor = self.floor_count > rank
+                col = torch.where(in_low, torch.where(in_floor, 0, w + 1), col)
+                key_lo = torch.where(in_low, torch.zeros_like(key_lo), key_lo)
+                folded = torch.where(in_low, self.floor_count, folded)
         else:
             counts, _, _ = self._ordered()
             csum = torch.cumsum(counts, dim=1)

@@ -176,6 +176,18 @@ def test_skipping_counts_as_upsampling_everything(
     np.testing.assert_array_equal(skipped.concept_area, full.concept_area)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_sketch_on_its_own_thread_or_inline(overlap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pass 1 feeds the sketch inline on the CPU, on a second thread elsewhere: same result."""
+    monkeypatch.setattr(engine, "_OVERLAP_SKETCH_ON_CPU", overlap)
+    model, ds = net(), Blocks()
+    for layer in ("units", "coarse"):
+        ref = reference(ds, layer, 0.9)
+        result = dissect(model, ds, [layer], quantile=0.9, batch_size=5, device="cpu")[layer]
+        np.testing.assert_array_equal(result.thresholds, ref["t"])
+        np.testing.assert_array_equal(result.intersection, ref["inter"])
+
+
 def test_maps_whose_max_is_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unit 2 is 1.0 on the flagged images and 0 elsewhere; its threshold is exactly 1.0 here
     (and units 0 and 3 have t = 0 on ``units``, where all-zero maps are skipped)."""

@@ -93,3 +93,44 @@ def test_rising_floor_survives_state_dict_and_detects_nonfinite() -> None:
     sketch.add_rows(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), total=4,
                     lower=torch.tensor([0.0]), upper=torch.tensor([float("nan")]))
     assert not sketch.finite
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fast_floor_raise_matches_the_general_one(signed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """raise_floor's shortcut (no full value-ordered table; ranks that fall among the zeros of
+    post-ReLU units) leaves the sketch exactly as the general path does."""
+    rng = np.random.default_rng(5)
+    x = data(rng, 6, 24000, signed)
+    x[5] = np.where(rng.random(24000) < 0.995, 0.0, x[5])  # a unit whose upper quantiles are 0
+    states = []
+    for fast in (True, False):
+        monkeypatch.setattr(quantile_module, "_FAST_RAISE", fast)
+        sketch = QuantileSketch(6, floor=np.full(6, -np.inf, np.float32))
+        floors = []
+        for part in np.array_split(x, 10, axis=1):
+            t = torch.from_numpy(part)
+            sketch.add_rows(t, torch.arange(6), total=part.shape[1], lower=t.amin(1), upper=t.amax(1))
+            sketch.raise_floor(sketch.n - 240)
+            floors.append(sketch.floor.clone())
+        states.append((floors, sketch.state_dict()))
+    (fast_floors, fast_state), (slow_floors, slow_state) = states
+    for a, b in zip(fast_floors, slow_floors):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fast_state.keys() == slow_state.keys()
+    for name in fast_state:
+        np.testing.assert_array_equal(fast_state[name], slow_state[name], err_msg=name)
+    if not signed:
+        assert float(fast_floors[-1][5]) < 0 < float(fast_floors[-1][0])
+
+
+def test_zeros_given_as_counts_land_in_the_zero_bucket_only_above_the_floor() -> None:
+    sketch = QuantileSketch(2, floor=np.array([-1e-3, 0.5], np.float32))
+    rows = torch.tensor([[0.0, 2.0, 0.0, 3.0], [0.0, 0.25, 1.0, 0.0]])
+    sketch.add_rows(rows, torch.tensor([0, 1]), total=10, lower=torch.zeros(2), upper=torch.tensor([3.0, 1.0]),
+                    zeros=torch.tensor([4, 4]))
+    # unit 0 (floor < 0): 2 zeros in its row + 4 counted; unit 1 (floor 0.5): zeros are below the floor
+    assert sketch.zeros.tolist() == [6, 0]
+    assert sketch.floor_count.tolist() == [2, 9]
+    plain = QuantileSketch(2)
+    plain.add(torch.tensor([[0.0] * 6 + [2.0, 3.0, -0.5, -0.5], [0.0] * 8 + [0.25, 1.0]]))
+    np.testing.assert_array_equal(plain.bracket(0.9).key_lo[:, 0], sketch.bracket(0.9).key_lo[:, 0])
