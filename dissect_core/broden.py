@@ -38,8 +38,10 @@ import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 import warnings
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -120,6 +122,55 @@ def read_rgb(path: str | os.PathLike[str], size: tuple[int, int] | None = None) 
         raise DatasetError(f"image {path} cannot be decoded: {exc}", path=str(path)) from None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_rgb8_png(path: str | os.PathLike[str]) -> np.ndarray | None:
+    """uint8 [h, w, 3] of an 8-bit RGB, non-interlaced PNG, or None for anything else.
+
+    Broden masks are thousands of tiny PNGs, where PIL's per-file machinery
+    (format detection, chunk objects) costs more than the decoding: here the
+    chunks are walked directly (every CRC checked) and the image stream is
+    inflated and unfiltered by PIL's own PNG ("zip") decoder. Any file this does
+    not take, or cannot decode, returns None and goes through PIL, which gives
+    the error message.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos, size, idat = len(_PNG_SIGNATURE), None, []
+    while True:
+        if pos + 12 > len(data):
+            return None
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if end + 4 > len(data) or zlib.crc32(data[pos + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+            return None
+        if kind == b"IHDR":
+            if length != 13:
+                return None
+            w, h, depth, color, _, _, interlace = struct.unpack_from(">IIBBBBB", data, pos + 8)
+            if (depth, color, interlace) != (8, 2, 0) or not 0 < w * h <= MAX_IMAGE_PIXELS:
+                return None
+            size = (w, h)
+        elif kind == b"IDAT":
+            idat.append(data[pos + 8:end])
+        elif kind == b"IEND":
+            break
+        pos = end + 4
+    if size is None or not idat:
+        return None
+    try:
+        im = Image.frombytes("RGB", size, b"".join(idat), "zip", "RGB", 0)
+        return np.frombuffer(im.tobytes(), np.uint8).reshape(size[1], size[0], 3)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode a label mask PNG.
 
@@ -136,13 +187,22 @@ def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         DatasetError: the file is missing, undecodable or oversized.
     """
+    rgb = _read_rgb8_png(path)
+    if rgb is not None:
+        labels = rgb[..., 1].astype(np.int32)
+        labels <<= 8
+        labels |= rgb[..., 0]
+        return labels
     path = Path(path)
     im = _open_checked(path, "mask")
     try:
         if im.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
             return np.asarray(im).astype(np.int32)
-        rgb = np.asarray(im.convert("RGB"), dtype=np.int32)
-        return rgb[..., 0] + 256 * rgb[..., 1]
+        rgb = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))
+        labels = rgb[..., 1].astype(np.int32)
+        labels <<= 8
+        labels |= rgb[..., 0]
+        return labels
     except (OSError, ValueError) as exc:
         raise DatasetError(f"mask {path} cannot be decoded: {exc}", path=str(path)) from None
 
@@ -274,6 +334,7 @@ class BrodenDataset(ConceptDataset):
             raise DatasetError(f"Broden directory {self.root} does not exist", path=str(self.root))
         self.name = self.root.name
         self.images_dir = self.root / "images"
+        self._images_root = os.fspath(self.images_dir)
 
         label_rows = self._read_labels()
         numbers = [n for n, _, _ in label_rows]
@@ -447,17 +508,20 @@ class BrodenDataset(ConceptDataset):
         return len(self._rows)
 
     def _read_mask(self, rel: str, expected: tuple[int, int]) -> np.ndarray:
-        path = self.images_dir / rel
+        path = os.path.join(self._images_root, rel)
         raw = read_label_png(path)
         if raw.shape != tuple(expected):
             raise DatasetError(
                 f"mask {path} is {raw.shape[0]}x{raw.shape[1]}, index.csv says {expected[0]}x{expected[1]}",
                 path=str(path),
             )
-        if raw.max(initial=0) >= _MASK_LUT_SIZE or raw.min(initial=0) < 0:
+        try:
+            dense = self._lut[raw]  # labels >= 65536 raise here, negative ones would wrap
+        except IndexError:
+            dense = None
+        if dense is None or raw.min(initial=0) < 0:
             raise DatasetError(f"mask {path} holds label numbers outside 0..65535", path=str(path))
-        dense = self._lut[raw]
-        if (dense < 0).any():
+        if dense.min(initial=0) < 0:
             bad = sorted(set(np.unique(raw[dense < 0]).tolist()))[:10]
             raise DatasetError(f"mask {path} holds label numbers not in label.csv: {bad}", path=str(path))
         return resize_nearest(dense, self.mask_size)

@@ -368,13 +368,15 @@ class QuantileSketch:
         floor = self.floor.index_select(0, units)[:, None]
         # Exact zeros above the floor (post-ReLU units whose floor is still below 0) are
         # only counted: they need no bucket, and they are most values of such units.
-        zero = rows == 0
-        above = (rows > floor) & ~zero
-        zero.logical_and_(floor < 0)
-        zero_counts = torch.bincount(units, weights=zero.sum(1), minlength=self.units).to(torch.int64)
-        del zero
-        self.zeros += zero_counts
-        self.floor_count -= zero_counts
+        above = rows > floor
+        if bool((self.floor < 0).any()):
+            zero = rows == 0
+            above.logical_and_(~zero)
+            zero.logical_and_(floor < 0)
+            zero_counts = torch.bincount(units, weights=zero.sum(1), minlength=self.units).to(torch.int64)
+            del zero
+            self.zeros += zero_counts
+            self.floor_count -= zero_counts
         if int(torch.count_nonzero(above)) <= rows.numel() * _SPARSE_BELOW:
             flat = above.view(-1).nonzero().squeeze(1)
             del above
