@@ -9,9 +9,11 @@ there are:
 
 1. forward: activations upsampled to the mask resolution feed a
    :class:`~dissect_core.quantile.QuantileSketch` per layer, whose floor rises
-   as images come in (values surely below the threshold are only counted); the
-   top images by peak activation, and the unit's maps on them, are kept; labels
-   are cached.
+   as images come in (values surely below the threshold are only counted, and so
+   are exact zeros, most values of a post-ReLU unit: all-zero maps are not even
+   upsampled); the top images by peak activation, and the unit's maps on them,
+   are kept; labels are cached. On the CPU the sketch runs inline after each
+   batch; on a GPU on a second thread, overlapping the next batch's loading.
 2. (rarely) quantile: refinement passes for units whose threshold bracket is too
    crowded to collect in memory.
 3. count: one pass that both finishes the exact thresholds and counts. Pixels

@@ -373,7 +373,8 @@ class QuantileSketch:
             zero = rows == 0
             above.logical_and_(~zero)
             zero.logical_and_(floor < 0)
-            zero_counts = torch.bincount(units, weights=zero.sum(1), minlength=self.units).to(torch.int64)
+            zero_counts = torch.zeros(self.units, dtype=torch.int64, device=self.device).index_add_(
+                0, units, zero.sum(1))
             del zero
             self.zeros += zero_counts
             self.floor_count -= zero_counts
