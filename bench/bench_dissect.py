@@ -71,6 +71,8 @@ def _bare_forward(model, dataset, indices, batch_size: int, device: str) -> None
     with torch.no_grad():
         for batch in loader:
             module(preprocess_images(batch.images.to(device), model.input_size, model.mean, model.std))
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 class _ImagesOnly:
