@@ -516,10 +516,8 @@ class QuantileSketch:
             col = (bucket - store["offset"][uu]).clamp(min=0)
             store["counts"] = store["counts"].contiguous()
             flat = uu * w + col
-            if flat.numel() * 8 < self.units * w:
-                store["counts"].view(-1).index_add_(0, flat, torch.ones_like(flat))
-            else:
-                store["counts"].view(-1).add_(torch.bincount(flat, minlength=self.units * w))
+            # index_add_ beats a bincount over all U * W buckets plus the add, at every size measured
+            store["counts"].view(-1).index_add_(0, flat, torch.ones_like(flat))
 
     def merge(self, other: QuantileSketch) -> QuantileSketch:
         """Add another sketch's data into this one (in place).
