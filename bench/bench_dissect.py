@@ -120,6 +120,8 @@ def _run_child(kind: str, images: int, args: argparse.Namespace) -> dict:
     since ru_maxrss carries over the parent's size across fork and exec)."""
     cmd = [sys.executable, __file__, "--child", kind, "--images", str(images), "--demo", args.demo,
            "--batch-size", str(args.batch_size), "--device", args.device]
+    if args.sketch_thread:
+        cmd.append("--sketch-thread")
     for layer in args.layers:
         cmd += ["--layers", layer]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
@@ -135,7 +137,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--child", choices=["setup", "forward", "dissect"], default=None)
+    parser.add_argument("--sketch-thread", action="store_true",
+                        help="on the CPU too, feed the sketch on a second thread (the GPU default) to compare")
     args = parser.parse_args()
+    if args.sketch_thread:
+        import importlib
+
+        importlib.import_module("dissect_core.dissect")._OVERLAP_SKETCH_ON_CPU = True
     args.layers = args.layers or ["conv5"]
     if args.child:
         _child(args)
@@ -186,8 +194,9 @@ def main() -> None:
     mask = "x".join(str(v) for v in dataset.mask_size)
     print(f"model:   {what}")
     print(f"layers:  {layer_desc}; masks {mask}; {len(dataset.concepts)} concepts")
+    sketch = "sketch on a second thread" if args.device != "cpu" or args.sketch_thread else "sketch inline"
     print(f"machine: {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"batch {args.batch_size}; best of {args.repeat}")
+          f"batch {args.batch_size}; {sketch}; best of {args.repeat}")
     rows = [
         ("metric", "value", "target"),
         ("images", f"{args.images}", ""),

@@ -30,7 +30,9 @@ timeout 300 $PY bench/bench_dissect.py --child setup --images 4000 --demo "$DEMO
 echo "== bench_dissect on cuda"
 timeout 180 $PY bench/bench_dissect.py --device cuda --images 1000 --demo "$DEMO" 2>&1 \
   | tee "$OUT/bench_cuda.log" || status=1
-echo "== bench_dissect on that machine's CPU"
-timeout 120 $PY bench/bench_dissect.py --device cpu --images 1000 --demo "$DEMO" 2>&1 \
+echo "== bench_dissect on that machine's CPU (sketch inline, then on a second thread)"
+timeout 100 $PY bench/bench_dissect.py --device cpu --images 1000 --demo "$DEMO" 2>&1 \
   | tee "$OUT/bench_cpu.log" || status=1
+timeout 100 $PY bench/bench_dissect.py --device cpu --images 1000 --demo "$DEMO" --sketch-thread 2>&1 \
+  | tee "$OUT/bench_cpu_thread.log" || status=1
 exit $status
