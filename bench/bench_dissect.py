@@ -7,7 +7,7 @@ that decodes only the images (the mask reading then counts as dissection work),
 and peak RSS at 1x and 4x the images (each measured in a fresh subprocess with
 resource.getrusage; target: flat).
 
-Usage: python bench/bench_dissect.py [--images 500] [--layers conv5 ...] [--demo DIR] [--device cpu]
+Usage: python bench/bench_dissect.py [--images 500] [--layers conv5 ...] [--demo DIR] [--device cpu] [--sketch-thread]
 
 The model is the demo classifier (dissect_core.demo.make_demo, built once into
 --demo); without dissect_core.demo a randomly initialised builtin:scenecnn on
