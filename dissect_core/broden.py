@@ -171,6 +171,14 @@ def _read_rgb8_png(path: str | os.PathLike[str]) -> np.ndarray | None:
         return None
 
 
+def _rgb_labels(rgb: np.ndarray) -> np.ndarray:
+    """int32 label numbers R + 256 * G of a uint8 [h, w, 3+] mask."""
+    labels = rgb[..., 1].astype(np.int32)
+    labels <<= 8
+    labels |= rgb[..., 0]
+    return labels
+
+
 def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode a label mask PNG.
 
@@ -189,20 +197,13 @@ def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
     """
     rgb = _read_rgb8_png(path)
     if rgb is not None:
-        labels = rgb[..., 1].astype(np.int32)
-        labels <<= 8
-        labels |= rgb[..., 0]
-        return labels
+        return _rgb_labels(rgb)
     path = Path(path)
     im = _open_checked(path, "mask")
     try:
         if im.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
             return np.asarray(im).astype(np.int32)
-        rgb = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))
-        labels = rgb[..., 1].astype(np.int32)
-        labels <<= 8
-        labels |= rgb[..., 0]
-        return labels
+        return _rgb_labels(np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB")))
     except (OSError, ValueError) as exc:
         raise DatasetError(f"mask {path} cannot be decoded: {exc}", path=str(path)) from None
 

@@ -619,9 +619,8 @@ class _RisingFloorSketch:
         assert self.sketch.floor is not None
         enough = (lower >= 0).sum(0) * pixels >= self.k
         below_zero = float(np.nextafter(np.float32(0), np.float32(-1)))
-        floor = torch.where(enough.to(self.sketch.floor.device), torch.full_like(self.sketch.floor, below_zero),
-                            self.sketch.floor)
-        self.sketch.floor = torch.maximum(self.sketch.floor, floor)
+        floor = self.sketch.floor
+        self.sketch.floor = torch.where(enough.to(floor.device), floor.clamp(min=below_zero), floor)
 
     def _raise(self) -> None:
         if self.skip and self.sketch.n >= self.next_raise:
