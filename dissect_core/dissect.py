@@ -502,11 +502,20 @@ class _MapBound:
         ``wh[t] @ (max(row max, 0) + slack * row max|a|) * S_w`` bounds it (the
         same rounding argument as for whole maps).
         """
+        return self.rows_and_zeros(maps)[0]
+
+    def rows_and_zeros(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(:meth:`rows`, bool [m, mh]): the row bounds, and which upsampled rows are all
+        exact zeros (every native row they read is all zeros: a sum of zero products)."""
         hi = maps.amax(dim=2).to(torch.float64)
+        mag = torch.maximum(hi.abs(), maps.amin(dim=2).to(torch.float64).abs())
         c = hi.clamp(min=0)
         if self.slack:
-            c = c + self.slack * torch.maximum(hi.abs(), maps.amin(dim=2).to(torch.float64).abs())
-        return c @ self.row_weights
+            c = c + self.slack * mag
+        bound = c @ self.row_weights
+        # With slack, c == 0 exactly when the native row is all zeros, and a bound of 0 sums
+        # only such rows (a positive c times a positive float64 weight stays positive).
+        return bound, (bound == 0) if self.slack else ((mag @ self.row_weights) == 0)
 
     def __call__(self, a: torch.Tensor, peaks: torch.Tensor | None = None) -> torch.Tensor:
         """float64 [B, U] upper bounds of a [B, U, h, w] batch (``peaks``: its spatial max, if known)."""
@@ -532,20 +541,25 @@ class _MapBound:
         return torch.where(lo >= 0, torch.zeros_like(lo), (lo - self.slack * mag) * self.scale), upper
 
 
-def _rows_above(up: torch.Tensor, row_bound: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows_above(up: torch.Tensor, row_bound: torch.Tensor, level: torch.Tensor,
+                leave: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The upsampled rows that may hold a value above ``level``.
 
     Args:
         up: float32 [m, mh*mw] upsampled maps.
         row_bound: float64 [m, mh] from :meth:`_MapBound.rows`.
         level: float32 [m], one level per map.
+        leave: optional bool [m, mh], rows to leave out whatever their bound.
 
     Returns:
         (index [r] into the m*mh rows, rows float32 [r, mw]); every row left out
-        lies wholly at or below its map's level.
+        lies wholly at or below its map's level, or is marked in ``leave``.
     """
     height = row_bound.shape[1]
-    idx = (~(row_bound <= level.to(torch.float64)[:, None])).view(-1).nonzero().squeeze(1)
+    keep = ~(row_bound <= level.to(torch.float64)[:, None])
+    if leave is not None:
+        keep &= ~leave
+    idx = keep.view(-1).nonzero().squeeze(1)
     return idx, up.view(-1, up.shape[1] // height).index_select(0, idx)
 
 
@@ -603,10 +617,15 @@ class _RisingFloorSketch:
         zeros = (empty & (floor[None, :] < 0)).sum(0) * pixels
         lo, hi = _to_float32(lower.amin(0), up=False), _to_float32(upper.amax(0), up=True)
         total = a.shape[0] * pixels
+        width = self.mask_size[1]
         for _, u, native, up in self.upsampler.rows(a, bi, ui):
-            idx, rows = _rows_above(up, self.bound.rows(native), self.sketch.floor.index_select(0, u))
+            # Rows of exact zeros are only counted too (most rows of a post-ReLU unit's early
+            # batches, while its floor is still below 0).
+            bound, zero = self.bound.rows_and_zeros(native)
+            idx, rows = _rows_above(up, bound, self.sketch.floor.index_select(0, u), leave=zero)
+            zero_rows = torch.zeros(a.shape[1], dtype=torch.int64, device=u.device).index_add_(0, u, zero.sum(1)) * width
             self.sketch.add_rows(rows, u.index_select(0, idx // self.mask_size[0]), total=total, lower=lo, upper=hi,
-                                 zeros=zeros)
+                                 zeros=zero_rows if zeros is None else zeros + zero_rows)
             total, zeros = 0, None
         if total:
             self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi, zeros=zeros)

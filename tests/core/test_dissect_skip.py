@@ -154,6 +154,32 @@ def test_map_bound_is_an_upper_bound(native_size: tuple[int, int], size: tuple[i
     assert (rows.view(50, 6, -1).amax(dim=2) <= upper * (1 + 1e-12)).all()
 
 
+@pytest.mark.parametrize("native_size,size", [((4, 4), (8, 8)), ((3, 5), (10, 7)), ((8, 8), (32, 32)), ((4, 4), (4, 4))])
+def test_zero_rows_are_exactly_the_all_zero_upsampled_rows(native_size: tuple[int, int], size: tuple[int, int]) -> None:
+    """Rows the sketch only counts as zeros: every one flagged is all exact zeros, and on
+    maps with whole zero native rows (post-ReLU units) the flag finds such rows."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(40, 5, *native_size, generator=gen)
+    a[:, :3] = a[:, :3].relu()
+    keep = torch.rand(40, 5, native_size[0], 1, generator=gen) < 0.4
+    a = a * keep  # whole native rows of zeros
+    a[:, 3] = -a[:, 3].abs() * keep[:, 3]  # negatives and zero rows
+    a[:, 4, :, 0] = 1e-38  # tiny but not zero: never flagged
+    bounds = engine._MapBound(native_size, size, torch.device("cpu"))
+    maps = a.reshape(-1, *native_size)
+    rows, zero = bounds.rows_and_zeros(maps)
+    assert torch.equal(rows, bounds.rows(maps))
+    up = torch.cat([up for _, up in engine._chunks(a, size)]).view(-1, size[0], size[1])
+    all_zero = (up == 0).all(dim=2)
+    assert not (zero & ~all_zero).any()
+    assert zero.any() and not zero.view(40, 5, -1)[:, 4].any()
+    # Rows that read only zero native rows are flagged (a zero row the blend of nonzero rows
+    # could in principle reach by cancellation is not, and need not be).
+    reads = (engine.interpolation_matrix(native_size[0], size[0]) != 0).to(torch.float64)
+    expect = ((maps.abs().amax(dim=2) != 0).to(torch.float64) @ reads.t()) == 0
+    assert torch.equal(zero, expect)
+
+
 @pytest.mark.parametrize("sparse_below", [1 / 8, 1.0, -1.0])
 @pytest.mark.parametrize("layer", ["coarse", "units"])
 @pytest.mark.parametrize("q", [0.99, 0.8, 0.6])
