@@ -240,8 +240,14 @@ class QuantileSketch:
         grain = max(1, self.max_buckets // 4)
         offset = -torch.div(-(top - self.max_buckets + 1).clamp(min=0), grain, rounding_mode="floor") * grain
         delta = offset - store["offset"]
-        if bool((delta != 0).any()):
-            store["counts"] = _rebase(store["counts"], delta)
+        moved = delta != 0
+        if bool(moved.any()):
+            rows = moved.nonzero().squeeze(1)
+            if rows.numel() == self.units:
+                store["counts"] = _rebase(store["counts"], delta)
+            else:  # only the units whose window moved
+                counts = store["counts"]
+                counts.index_copy_(0, rows, _rebase(counts.index_select(0, rows), delta.index_select(0, rows)))
         store["offset"] = offset
         store["max"] = top
 
@@ -374,7 +380,7 @@ class QuantileSketch:
             above.logical_and_(~zero)
             zero.logical_and_(floor < 0)
             zero_counts = torch.zeros(self.units, dtype=torch.int64, device=self.device).index_add_(
-                0, units, zero.sum(1))
+                0, units, torch.count_nonzero(zero, dim=1))
             del zero
             self.zeros += zero_counts
             self.floor_count -= zero_counts
@@ -404,6 +410,22 @@ class QuantileSketch:
         bits = rows.view(torch.int32)
         idx = bits & _ABS_MASK
         idx >>= sh
+        if "neg" not in self.stores and "pos" in self.stores:
+            # Positive values only: one column for the floor, then the positive store's
+            # columns from c0 up (below c0 no value above a floor can land, _pos_low_col).
+            pos = self.stores["pos"]
+            c0 = self._pos_low_col()
+            width = w - c0 + 1
+            idx -= (pos["offset"] + (c0 - 1)).to(torch.int32)[units][:, None]
+            idx.clamp_(min=1)
+            idx.masked_fill_(~above, 0)
+            del above
+            idx += (units.to(torch.int32) * width)[:, None]
+            hist = torch.bincount(idx.view(-1), minlength=self.units * width).view(self.units, width)
+            del idx
+            self.floor_count += hist[:, 0]
+            pos["counts"][:, c0:] += hist[:, 1:]
+            return
         if "neg" in self.stores:
             neg_col = idx - self.stores["neg"]["offset"].to(torch.int32)[units][:, None]
             neg_col.clamp_(min=0).neg_().add_(w)
@@ -449,11 +471,15 @@ class QuantileSketch:
         in_low = below_pos > rank
         if pos is not None and _FAST_RAISE and (neg is None or not bool(in_low.any())):
             # Columns as in _ordered: 0 the floor bucket, w + 1 the zeros, w + 2 + i pos bucket i.
-            csum = torch.cumsum(pos["counts"], dim=1)
-            i = torch.searchsorted(csum, (rank - below_pos).clamp(min=0)[:, None], right=True)[:, 0].clamp(max=w - 1)
+            # Only columns c0.. of the positive store can hold counts (_pos_low_col).
+            c0 = self._pos_low_col()
+            csum = torch.cumsum(pos["counts"][:, c0:], dim=1)
+            i = torch.searchsorted(csum, (rank - below_pos).clamp(min=0)[:, None], right=True)[:, 0]
+            i = i.clamp(max=w - 1 - c0) + c0
             col = i + (w + 2)
             key_lo = torch.where(i > 0, (pos["offset"] + i) << s, torch.ones_like(i)).clamp(min=1)
-            folded = below_pos + torch.where(i > 0, torch.gather(csum, 1, (i - 1).clamp(min=0)[:, None])[:, 0], 0)
+            folded = below_pos + torch.where(
+                i > c0, torch.gather(csum, 1, (i - 1 - c0).clamp(min=0)[:, None])[:, 0], 0)
             if bool(in_low.any()):
                 # No negative store: the rank lies in the floor bucket (no raise) or among the zeros.
                 in_floor = self.floor_count > rank
@@ -484,8 +510,23 @@ class QuantileSketch:
             neg["counts"].masked_fill_(cols > (w - col)[:, None], 0)
         self.zeros = self.zeros.masked_fill(col > w + 1, 0)
         if pos is not None:
-            pos["counts"].masked_fill_(cols < (col - w - 2)[:, None], 0)
+            c0 = self._pos_low_col()
+            pos["counts"][:, c0:].masked_fill_(cols[:, c0:] < (col - w - 2)[:, None], 0)
         self.floor = torch.where(raise_it, _keys_to_float32(key_lo - 1), self.floor)
+
+    def _pos_low_col(self) -> int:
+        """A column of the positive store below which every unit's counts are 0.
+
+        A value above a floor >= 0 falls in the floor's bucket or a higher one, and
+        :meth:`raise_floor` empties the buckets below a raised floor; a unit with a
+        floor below 0 may have counts anywhere (then 0). Dense updates and floor
+        raises touch only the columns from here up.
+        """
+        assert self.floor is not None
+        pos = self.stores["pos"]
+        key = float_keys(self.floor).to(torch.int64)
+        col = torch.where(key >= 0, (key >> self.shift) - pos["offset"], torch.zeros_like(key))
+        return max(0, int(col.min()))
 
     def _extremes(self, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
         assert self.key_min is not None and self.key_max is not None

@@ -134,3 +134,21 @@ def test_zeros_given_as_counts_land_in_the_zero_bucket_only_above_the_floor() ->
     plain = QuantileSketch(2)
     plain.add(torch.tensor([[0.0] * 6 + [2.0, 3.0, -0.5, -0.5], [0.0] * 8 + [0.25, 1.0]]))
     np.testing.assert_array_equal(plain.bracket(0.9).key_lo[:, 0], sketch.bracket(0.9).key_lo[:, 0])
+
+
+def test_a_window_that_moves_for_some_units_only_keeps_the_others() -> None:
+    """When a later batch moves the bucket window of one unit (a new, much larger maximum),
+    only that unit's histogram shifts: the state equals one sketch that saw everything at once."""
+    rng = np.random.default_rng(3)
+    x = rng.exponential(size=(3, 4000)).astype(np.float32) + 0.01
+    x[0, 2500:] *= 1e6  # unit 0's window moves by far more than max_buckets // 4 buckets
+    x[2, 3000:] *= 4.0  # unit 2's moves by a few buckets
+    once = QuantileSketch(3, max_buckets=256)
+    once.add(torch.from_numpy(x))
+    parts = QuantileSketch(3, max_buckets=256)
+    for part in np.array_split(x, 8, axis=1):
+        parts.add(torch.from_numpy(part))
+    a, b = once.state_dict(), parts.state_dict()
+    assert not np.array_equal(a["pos_offset"][[0]], a["pos_offset"][[1]])
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
