@@ -41,8 +41,9 @@ class PixelLabels:
     """The deduplicated concept labels of a batch at mask resolution.
 
     Attributes:
-        pixel: int64 tensor [B, P, K]: per pixel, its map labels (0 = none), with
-            duplicates across maps and whole-image labels removed.
+        pixel: int64 tensor [B, P, L]: per pixel, its concepts (0 = none): its map
+            labels then the image's whole-image labels (L = K + J columns), with
+            duplicates removed.
         image: int64 tensor [B, J]: whole-image labels, deduplicated (0 = none).
         concept_area: int64 tensor [C + 1]: pixels of the batch carrying each concept.
         size: (h, w) of the masks; P = h * w.
@@ -66,17 +67,10 @@ class PixelLabels:
             pixel: int64 tensor [M], flat mask positions.
 
         Returns:
-            int64 tensor [M, K + J] of concept numbers (0 = none), no duplicates in a row.
+            int64 tensor [M, L] of concept numbers (0 = none), no duplicates in a row.
         """
-        parts = []
-        if self.pixel.shape[2]:
-            flat = self.pixel.reshape(-1, self.pixel.shape[2])
-            parts.append(flat.index_select(0, image * self.pixel.shape[1] + pixel))
-        if self.image.shape[1]:
-            parts.append(self.image.index_select(0, image))
-        if not parts:
-            return torch.zeros((image.shape[0], 0), dtype=torch.int64, device=image.device)
-        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        flat = self.pixel.reshape(-1, self.pixel.shape[2])
+        return flat.index_select(0, image * self.pixel.shape[1] + pixel)
 
 
 def _dedupe_columns(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -89,6 +83,14 @@ def _dedupe_columns(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x
 
 
+def _check_range(t: torch.Tensor, what: str, num_concepts: int) -> None:
+    if t.numel():
+        lo, hi = (int(v) for v in torch.aminmax(t))
+        if hi > num_concepts or lo < 0:
+            raise DatasetError(f"{what} holds concept number {hi if hi > num_concepts else lo}, "
+                               f"outside 0..{num_concepts}")
+
+
 def prepare_labels(
     label_maps: torch.Tensor,
     image_labels: torch.Tensor,
@@ -97,6 +99,10 @@ def prepare_labels(
     size: tuple[int, int] | None = None,
 ) -> PixelLabels:
     """Deduplicate a batch's labels once, for all layers.
+
+    A pixel's concept counts once however many of its maps (or its image labels)
+    name it. Columns that share no concept anywhere in the batch (the usual case:
+    one map per category) are not compared at all.
 
     Args:
         label_maps: int tensor [B, K, h, w] of concept numbers (0 = none); K may be 0.
@@ -110,28 +116,51 @@ def prepare_labels(
     b = label_maps.shape[0]
     if label_maps.dim() != 4:
         raise ValueError(f"label_maps must be [B, K, h, w], got {tuple(label_maps.shape)}")
-    h, w = label_maps.shape[2:] if label_maps.shape[1] else (size or label_maps.shape[2:])
-    if label_maps.shape[1]:
-        maps = label_maps.to(torch.int64).reshape(b, label_maps.shape[1], -1)
+    k = label_maps.shape[1]
+    h, w = label_maps.shape[2:] if k else (size or label_maps.shape[2:])
+    h, w = int(h), int(w)
+    dev = label_maps.device
+    maps = label_maps.reshape(b, k, h * w)
+    image = image_labels.reshape(b, -1)
+    _check_range(maps, "label map", num_concepts)
+    _check_range(image, "image label", num_concepts)
+    maps = maps.to(torch.int64)
+    image = _dedupe_columns(image.to(torch.int64), 1)
+    j = image.shape[1]
+    width = num_concepts + 1
+    # Per-column concept counts of the batch: which columns can hold the same concept.
+    offsets = torch.arange(k, device=dev, dtype=torch.int64)[None, :, None] * width
+    per_map = torch.bincount((maps + offsets).view(-1), minlength=k * width).view(k, width)
+    per_image = torch.zeros((j, width), dtype=torch.int64, device=dev)
+    if j:
+        per_image.view(-1).index_add_(0, (image + torch.arange(j, device=dev)[None, :] * width).view(-1),
+                                      torch.ones_like(image).view(-1))
+    present = torch.cat([per_map, per_image])[:, 1:] > 0
+    shared = (present.to(torch.float32) @ present.t().to(torch.float32) > 0).tolist() if k else []
+    if k and maps.data_ptr() == label_maps.data_ptr() and any(any(row) for row in shared):
+        maps = maps.clone()  # the caller's tensor stays as it was
+    changed = False
+    for m in range(k):
+        cur = maps[:, m]
+        for i in range(j):  # a map label that is also the image's label counts once
+            if shared[m][k + i]:
+                cur.masked_fill_(cur == image[:, i, None], 0)
+                changed = True
+        for earlier in range(m):
+            if shared[m][earlier]:
+                cur.masked_fill_(cur == maps[:, earlier], 0)
+                changed = True
+    if changed:
+        area = torch.bincount(maps.view(-1), minlength=width)
     else:
-        maps = torch.zeros((b, 0, int(h) * int(w)), dtype=torch.int64, device=label_maps.device)
-    image = image_labels.to(torch.int64).reshape(b, -1)
-    for t, what in ((maps, "label map"), (image, "image label")):
-        if t.numel() and (int(t.max()) > num_concepts or int(t.min()) < 0):
-            raise DatasetError(
-                f"{what} holds concept number {int(t.max()) if int(t.max()) > num_concepts else int(t.min())}, "
-                f"outside 0..{num_concepts}"
-            )
-    image = _dedupe_columns(image, 1)
-    for j in range(image.shape[1]):
-        maps.masked_fill_(maps == image[:, j, None, None], 0)
-    maps = _dedupe_columns(maps, 1)
-    area = torch.bincount(maps.reshape(-1), minlength=num_concepts + 1)
-    if image.numel():
-        area = area + torch.bincount(image.reshape(-1), minlength=num_concepts + 1) * (h * w)
+        area = per_map.sum(0)
+    if j:
+        area = area + per_image.sum(0) * (h * w)
     area[0] = 0
-    pixel = maps.permute(0, 2, 1).contiguous()
-    return PixelLabels(pixel=pixel, image=image, concept_area=area, size=(int(h), int(w)))
+    pixel = torch.empty((b, h * w, k + j), dtype=torch.int64, device=dev)
+    pixel[:, :, :k] = maps.permute(0, 2, 1)
+    pixel[:, :, k:] = image[:, None, :]
+    return PixelLabels(pixel=pixel, image=image, concept_area=area, size=(h, w))
 
 
 class TopActivations:

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from dissect_core.concepts import Concept, ConceptDataset, Sample
-from dissect_core.counts import ConceptCounts, TopActivations
+from dissect_core.counts import ConceptCounts, TopActivations, prepare_labels
 from dissect_core.dissect import (
     LayerResult,
     count_pass,
@@ -353,3 +353,36 @@ def test_unit_as_classifier_and_pictures(tmp_path: Path) -> None:
     saved = Image.open(paths[0])
     assert saved.size == (3 * 16 + 2 * 4, 16)
     np.testing.assert_array_equal(np.asarray(saved), np.asarray(top_images_strip(model, ds, result, 0)))
+
+
+@pytest.mark.parametrize("case", ["disjoint", "overlapping", "no-maps", "no-image-labels"])
+def test_prepared_labels_match_sets_per_pixel(case: str) -> None:
+    """Each pixel's concepts (its map labels and its image's labels) counted once, against
+    Python sets; disjoint maps (one per category, the usual case) skip the comparisons."""
+    gen = torch.Generator().manual_seed(4)
+    b, k, j, h, w, c = 5, 3, 2, 4, 6, 12
+    if case == "disjoint":  # map m holds concepts 1 + 4m .. 4 + 4m, image labels 9..12 only
+        maps = torch.randint(0, 5, (b, k, h, w), generator=gen)
+        maps = torch.where(maps > 0, maps + 4 * torch.arange(k)[None, :, None, None], 0)
+        image = torch.randint(9, 13, (b, j), generator=gen)
+        image[:, 1] = image[:, 0]  # a duplicate image label
+    else:
+        maps = torch.randint(0, 5, (b, k, h, w), generator=gen)
+        image = torch.randint(0, 5, (b, j), generator=gen)
+    if case == "no-maps":
+        maps = maps[:, :0]
+    if case == "no-image-labels":
+        image = image[:, :0]
+    before = maps.clone()
+    labels = prepare_labels(maps, image, c, size=(h, w))
+    assert torch.equal(maps, before)
+    area = np.zeros(c + 1, np.int64)
+    for i in range(b):
+        for p in range(h * w):
+            want = {int(v) for v in maps[i, :, p // w, p % w]} | {int(v) for v in image[i]}
+            want.discard(0)
+            got = [int(v) for v in labels.rows(torch.tensor([i]), torch.tensor([p]))[0] if v]
+            assert sorted(got) == sorted(want) and len(got) == len(set(got)), (i, p, got, want)
+            for v in want:
+                area[v] += 1
+    np.testing.assert_array_equal(labels.concept_area.numpy(), area)
