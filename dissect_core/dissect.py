@@ -425,6 +425,7 @@ class _MapUpsampler:
     """
 
     _verdicts: ClassVar[dict[tuple[Any, ...], bool]] = {}
+    _row_verdicts: ClassVar[dict[tuple[Any, ...], bool]] = {}
 
     def __init__(self, mask_size: tuple[int, int]) -> None:
         self.mask_size = mask_size
@@ -458,6 +459,68 @@ class _MapUpsampler:
             b, u = bi[start:start + per], ui[start:start + per]
             native = _pick(a, b, u)
             yield b, u, native, _upsample_maps(native, self.mask_size)
+
+    def _rows_eligible(self, a: torch.Tensor) -> bool:
+        """Whether only some rows of each map can be upsampled: on the CPU, when
+        :func:`upsample` blends rows first (then row t of the result is row t of the
+        first product times the column matrix, whatever the other rows)."""
+        h, w = (int(v) for v in a.shape[-2:])
+        th, tw = (int(v) for v in self.mask_size)
+        return (a.device.type == "cpu" and (h, w) != (th, tw) and self.gather
+                and th * h * w + th * w * tw <= h * w * tw + th * h * tw)
+
+    def _upsample_rows(self, native: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` (into the m * mh rows) of the upsampled maps [m, h, w]: [r, mw].
+
+        The two products of :func:`upsample`, the second on the chosen rows only; both
+        calls padded with zeros to at least ``_MIN_MAPS`` maps' worth, like
+        :func:`_upsample_maps`.
+        """
+        m, h, w = native.shape
+        th, tw = self.mask_size
+        wh = interpolation_matrix(h, th, dtype=native.dtype, device=native.device)
+        ww = interpolation_matrix(w, tw, dtype=native.dtype, device=native.device)
+        if m < _MIN_MAPS:
+            native = torch.cat([native, native.new_zeros((_MIN_MAPS - m, h, w))])
+        sel = torch.matmul(wh, native).view(-1, w).index_select(0, idx)
+        r = sel.shape[0]
+        if r < _MIN_MAPS * th:
+            sel = torch.cat([sel, sel.new_zeros((_MIN_MAPS * th - r, w))])
+        return torch.matmul(sel, ww.t())[:r]
+
+    def kept_rows(
+        self, a: torch.Tensor, bi: torch.Tensor, ui: torch.Tensor,
+        keep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(images [m], units [m], row index [r] into the m * mh rows, rows float32 [r, mw])
+        chunks of the maps ``a[bi, ui]``, with only the rows ``keep(units, native maps)``
+        (bool [m, mh]) marks.
+
+        The rows hold the values of upsampling the whole batch. Where allowed
+        (:meth:`_rows_eligible`) only the kept rows are computed; the first time per
+        map shape, device and thread count they are compared with whole maps, and on
+        any difference whole maps are upsampled from then on.
+        """
+        if bi.numel() == 0:
+            return
+        mw = self.mask_size[1]
+        key = self._key(a)
+        if self._rows_eligible(a) and self._verdicts.get(key) and self._row_verdicts.get(key, True):
+            per = max(_MIN_MAPS, _CHUNK_ELEMENTS // max(1, self.mask_size[0] * mw))
+            for start in range(0, bi.numel(), per):
+                b, u = bi[start:start + per], ui[start:start + per]
+                native = _pick(a, b, u)
+                idx = keep(u, native).view(-1).nonzero().squeeze(1)
+                rows = self._upsample_rows(native, idx)
+                if key not in self._row_verdicts:
+                    whole = _upsample_maps(native, self.mask_size).view(-1, mw).index_select(0, idx)
+                    self._row_verdicts[key] = torch.equal(rows, whole)
+                    rows = whole
+                yield b, u, idx, rows
+            return
+        for b, u, native, up in self.rows(a, bi, ui):
+            idx = keep(u, native).view(-1).nonzero().squeeze(1)
+            yield b, u, idx, up.view(-1, mw).index_select(0, idx)
 
 
 def _upsample_slack(device: torch.device) -> float:
@@ -541,26 +604,11 @@ class _MapBound:
         return torch.where(lo >= 0, torch.zeros_like(lo), (lo - self.slack * mag) * self.scale), upper
 
 
-def _rows_above(up: torch.Tensor, row_bound: torch.Tensor, level: torch.Tensor,
-                leave: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The upsampled rows that may hold a value above ``level``.
-
-    Args:
-        up: float32 [m, mh*mw] upsampled maps.
-        row_bound: float64 [m, mh] from :meth:`_MapBound.rows`.
-        level: float32 [m], one level per map.
-        leave: optional bool [m, mh], rows to leave out whatever their bound.
-
-    Returns:
-        (index [r] into the m*mh rows, rows float32 [r, mw]); every row left out
-        lies wholly at or below its map's level, or is marked in ``leave``.
-    """
-    height = row_bound.shape[1]
-    keep = ~(row_bound <= level.to(torch.float64)[:, None])
-    if leave is not None:
-        keep &= ~leave
-    idx = keep.view(-1).nonzero().squeeze(1)
-    return idx, up.view(-1, up.shape[1] // height).index_select(0, idx)
+def _rows_above(row_bound: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """bool [m, mh]: the upsampled rows that may hold a value above their map's ``level``
+    (float32 [m]); every other row lies wholly at or below it (``row_bound``: float64
+    [m, mh] from :meth:`_MapBound.rows`)."""
+    return ~(row_bound <= level.to(torch.float64)[:, None])
 
 
 def _to_float32(x: torch.Tensor, up: bool) -> torch.Tensor:
@@ -618,14 +666,20 @@ class _RisingFloorSketch:
         lo, hi = _to_float32(lower.amin(0), up=False), _to_float32(upper.amax(0), up=True)
         total = a.shape[0] * pixels
         width = self.mask_size[1]
-        for _, u, native, up in self.upsampler.rows(a, bi, ui):
+        zero_rows: list[torch.Tensor] = []
+
+        def keep(u: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
             # Rows of exact zeros are only counted too (most rows of a post-ReLU unit's early
             # batches, while its floor is still below 0).
             bound, zero = self.bound.rows_and_zeros(native)
-            idx, rows = _rows_above(up, bound, self.sketch.floor.index_select(0, u), leave=zero)
-            zero_rows = torch.zeros(a.shape[1], dtype=torch.int64, device=u.device).index_add_(0, u, zero.sum(1)) * width
+            zero_rows.append(torch.zeros(a.shape[1], dtype=torch.int64, device=u.device).index_add_(
+                0, u, torch.count_nonzero(zero, dim=1)) * width)
+            return _rows_above(bound, self.sketch.floor.index_select(0, u)) & ~zero
+
+        for _, u, idx, rows in self.upsampler.kept_rows(a, bi, ui, keep):
+            zeros = zero_rows.pop() if zeros is None else zeros + zero_rows.pop()
             self.sketch.add_rows(rows, u.index_select(0, idx // self.mask_size[0]), total=total, lower=lo, upper=hi,
-                                 zeros=zero_rows if zeros is None else zeros + zero_rows)
+                                 zeros=zeros)
             total, zeros = 0, None
         if total:
             self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi, zeros=zeros)
@@ -711,9 +765,13 @@ class _LayerCounter:
         assert self.upsampler is not None
         bi, ui = (~(self.bound(a, peaks) <= self.cand64[None, :])).nonzero(as_tuple=True)
         height = mask_size[0]
-        for b, u, native, up in self.upsampler.rows(a, bi, ui):
+        bound = self.bound
+
+        def keep(u: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
+            return _rows_above(bound.rows(native), self.cand.index_select(0, u))
+
+        for b, u, idx, rows in self.upsampler.kept_rows(a, bi, ui, keep):
             level = self.cand.index_select(0, u)
-            idx, rows = _rows_above(up, self.bound.rows(native), level)
             width = rows.shape[1]
             flat = (rows > level.index_select(0, idx // height)[:, None]).view(-1).nonzero().squeeze(1)
             row = idx.index_select(0, flat // width)

@@ -261,6 +261,63 @@ def test_a_counter_falls_back_when_the_subset_differs(monkeypatch: pytest.Monkey
     np.testing.assert_array_equal(counts.act_area.numpy(), ref["act"])
 
 
+@pytest.mark.parametrize("native_size,size", [((8, 8), (32, 32)), ((4, 4), (8, 8)), ((7, 7), (56, 56)),
+                                               ((6, 9), (50, 37)), ((3, 3), (7, 11))])
+def test_upsampling_some_rows_gives_the_same_values(native_size: tuple[int, int], size: tuple[int, int]) -> None:
+    """The kept rows of a map, computed alone, equal those rows of the whole batch upsampled."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(9, 40, *native_size, generator=gen).relu_() * 7
+    full = torch.cat([up for _, up in engine._chunks(a, size)]).view(9 * 40, size[0], size[1])
+    ups = engine._MapUpsampler(size)
+    h, w, th, tw = *native_size, *size
+    columns_first = th * h * w + th * w * tw > h * w * tw + th * h * tw
+    assert ups._rows_eligible(a) == (not columns_first)
+    if columns_first:  # upsample blends columns first for this shape: rows are not computed alone
+        return
+    for n in (1, 3, 63, 64, 65, 200, 360):
+        pick = torch.randperm(9 * 40, generator=gen)[:n]
+        for frac in (0.02, 0.3, 1.0):
+            keep = torch.rand(n, size[0], generator=gen) < frac
+            idx = keep.view(-1).nonzero().squeeze(1)
+            rows = ups._upsample_rows(a.view(-1, *native_size)[pick], idx)
+            assert torch.equal(rows, full[pick].reshape(-1, size[1])[idx])
+
+
+def test_only_kept_rows_are_upsampled_and_a_difference_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passes upsample only the rows they keep once whole maps agreed on the first batch;
+    were those rows ever to differ from whole maps, the first comparison notices and the
+    results stay exact."""
+    model, ds = net(), Blocks()
+    ref = reference(ds, "coarse", 0.8)
+    real = engine._MapUpsampler._upsample_rows
+    calls: list[int] = []
+
+    def spy(self: engine._MapUpsampler, native: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        calls.append(idx.numel())
+        return real(self, native, idx)
+
+    monkeypatch.setattr(engine._MapUpsampler, "_upsample_rows", spy)
+    monkeypatch.setattr(engine._MapUpsampler, "_verdicts", {})
+    monkeypatch.setattr(engine._MapUpsampler, "_row_verdicts", {})
+    result = dissect(model, ds, ["coarse"], quantile=0.8, batch_size=4, device="cpu")["coarse"]
+    assert len(calls) > 3 and list(engine._MapUpsampler._row_verdicts.values()) == [True]
+    np.testing.assert_array_equal(result.thresholds, ref["t"])
+    np.testing.assert_array_equal(result.intersection, ref["inter"])
+
+    def off(self: engine._MapUpsampler, native: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        calls.append(idx.numel())
+        return real(self, native, idx) + 1.0
+
+    calls.clear()
+    monkeypatch.setattr(engine._MapUpsampler, "_upsample_rows", off)
+    monkeypatch.setattr(engine._MapUpsampler, "_row_verdicts", {})
+    result = dissect(model, ds, ["coarse"], quantile=0.8, batch_size=4, device="cpu")["coarse"]
+    assert len(calls) == 1 and list(engine._MapUpsampler._row_verdicts.values()) == [False]
+    np.testing.assert_array_equal(result.thresholds, ref["t"])
+    np.testing.assert_array_equal(result.intersection, ref["inter"])
+    np.testing.assert_array_equal(result.act_area, ref["act"])
+
+
 def test_top_maps_are_the_native_maps_of_the_top_images() -> None:
     model, ds = net(), Blocks()
     for layer in ("units", "coarse"):
