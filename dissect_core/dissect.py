@@ -819,7 +819,8 @@ class _LayerCounter:
 
 
 class _Cache:
-    """Per-layer activation files plus per-batch labels, on disk."""
+    """Per-layer activation files plus one file of per-batch labels, on disk (appended to,
+    read back batch by batch)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -827,6 +828,8 @@ class _Cache:
         self.shapes: dict[str, tuple[int, int, int]] = {}
         self.batches: list[tuple[int, np.ndarray]] = []
         self.offsets: dict[str, list[int]] = {}
+        self.label_file: Any = None
+        self.labels: list[tuple[int, np.dtype, tuple[int, ...], tuple[int, ...]]] = []
 
     def write(self, prepared: _Prepared) -> None:
         b = int(prepared.indices.shape[0])
@@ -838,11 +841,15 @@ class _Cache:
             f = self.files[layer]
             self.offsets[layer].append(f.tell())
             f.write(memoryview(a.detach().to("cpu").contiguous().numpy()).cast("B"))
-        k = len(self.batches)
+        if self.label_file is None:
+            self.label_file = open(self.root / "labels.bin", "w+b")  # noqa: SIM115
         maps = prepared.label_maps.to("cpu")
-        dtype = np.int16 if (maps.numel() == 0 or int(maps.max()) < 32767) else np.int32
-        np.save(self.root / f"maps{k}.npy", maps.numpy().astype(dtype))
-        np.save(self.root / f"image{k}.npy", prepared.image_labels.to("cpu").numpy().astype(np.int32))
+        dtype = np.dtype(np.int16 if (maps.numel() == 0 or int(maps.max()) < 32767) else np.int32)
+        maps_np = np.ascontiguousarray(maps.numpy().astype(dtype, copy=False))
+        image_np = np.ascontiguousarray(prepared.image_labels.to("cpu").numpy().astype(np.int32, copy=False))
+        self.labels.append((self.label_file.tell(), dtype, maps_np.shape, image_np.shape))
+        self.label_file.write(maps_np.tobytes())
+        self.label_file.write(image_np.tobytes())
         self.batches.append((b, prepared.indices.cpu().numpy()))
 
     def read(self, k: int, layer: str) -> np.ndarray:
@@ -854,12 +861,20 @@ class _Cache:
         return data.reshape(b, u, h, w)
 
     def read_labels(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.load(self.root / f"maps{k}.npy"), np.load(self.root / f"image{k}.npy")
+        offset, dtype, maps_shape, image_shape = self.labels[k]
+        f = self.label_file
+        f.seek(offset)
+        maps = np.fromfile(f, dtype=dtype, count=int(np.prod(maps_shape))).reshape(maps_shape)
+        image = np.fromfile(f, dtype=np.int32, count=int(np.prod(image_shape))).reshape(image_shape)
+        return maps, image
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
         self.files = {}
+        if self.label_file is not None:
+            self.label_file.close()
+            self.label_file = None
 
 
 def _cached_batches(

@@ -276,9 +276,10 @@ class QuantileSketch:
         x = x.to(device=self.device, dtype=torch.float32).contiguous()
         assert self.key_min is not None and self.key_max is not None and self.zeros is not None
         if self.floor is not None and not bool(torch.isneginf(self.floor).all()):
-            self._extremes(float_keys(x.amin(dim=(0, 2))), float_keys(x.amax(dim=(0, 2))))
+            low = x.amin(dim=(0, 2))
+            self._extremes(float_keys(low), float_keys(x.amax(dim=(0, 2))))
             units = torch.arange(self.units, device=self.device).repeat(x.shape[0])
-            self._add_floored(x.reshape(-1, x.shape[2]), units)
+            self._add_floored(x.reshape(-1, x.shape[2]), units, nonneg=bool((low >= 0).all()))
             self.n += x.shape[0] * x.shape[2]
             return
         bits = x.view(torch.int32)
@@ -362,20 +363,32 @@ class QuantileSketch:
             self.floor_count -= above
             self.zeros += above
         if rows.numel():
-            self._add_floored(rows, units)
+            self._add_floored(rows, units, nonneg=bool((lower >= 0).all()))
         self.n += int(total)
 
-    def _add_floored(self, rows: torch.Tensor, units: torch.Tensor) -> None:
+    def _add_floored(self, rows: torch.Tensor, units: torch.Tensor, nonneg: bool = False) -> None:
         """Histogram rows of values [M, P] (float32, contiguous) of units [M] against the floor:
         values at or below it go to the floor count. A sparse path when few values lie above
-        the floor, else one dense ``bincount`` over the value-ordered layout of :meth:`_ordered`."""
+        the floor, else one dense ``bincount`` over the value-ordered layout of :meth:`_ordered`.
+        ``nonneg``: no value is below 0 (then the zeros take one comparison less)."""
         assert self.floor is not None and self.floor_count is not None and self.zeros is not None
         p = rows.shape[1]
         floor = self.floor.index_select(0, units)[:, None]
         # Exact zeros above the floor (post-ReLU units whose floor is still below 0) are
         # only counted: they need no bucket, and they are most values of such units.
-        above = rows > floor
-        if bool((self.floor < 0).any()):
+        if nonneg:
+            # Every value is >= 0: those not above max(floor, 0) are at or below the floor,
+            # or exact zeros above it (a floor below 0), which is all the rest of such a row.
+            above = rows > floor.clamp(min=0)
+            if bool((self.floor < 0).any()):
+                rest = (p - torch.count_nonzero(above, dim=1)) * (floor[:, 0] < 0)
+                zero_counts = torch.zeros(self.units, dtype=torch.int64, device=self.device).index_add_(
+                    0, units, rest)
+                self.zeros += zero_counts
+                self.floor_count -= zero_counts
+        else:
+            above = rows > floor
+        if not nonneg and bool((self.floor < 0).any()):
             zero = rows == 0
             above.logical_and_(~zero)
             zero.logical_and_(floor < 0)
@@ -399,8 +412,8 @@ class QuantileSketch:
         row_max = rows.amax(1)
         top = torch.where((row_max > floor[:, 0]) & (row_max > 0), float_keys(row_max).to(torch.int64) >> sh, -1)
         pos_top.scatter_reduce_(0, units, top, reduce="amax")
-        maybe_neg = (floor[:, 0] < 0) & (rows.amin(1) < 0)
-        if bool(maybe_neg.any()):
+        maybe_neg = None if nonneg else (floor[:, 0] < 0) & (rows.amin(1) < 0)
+        if maybe_neg is not None and bool(maybe_neg.any()):
             low = torch.where(above[maybe_neg], rows[maybe_neg], torch.inf).amin(1)
             low_top = torch.where(low < 0, (-float_keys(low).to(torch.int64)) >> sh, -1)
             neg_top.scatter_reduce_(0, units[maybe_neg], low_top, reduce="amax")
@@ -408,8 +421,11 @@ class QuantileSketch:
             if bool((sign_top >= 0).any()) or sign in self.stores:
                 self._raise_max(sign, sign_top)
         bits = rows.view(torch.int32)
-        idx = bits & _ABS_MASK
-        idx >>= sh
+        if nonneg:  # only -0.0 has the sign bit, and it is not above any floor >= 0 here
+            idx = bits >> sh
+        else:
+            idx = bits & _ABS_MASK
+            idx >>= sh
         if "neg" not in self.stores and "pos" in self.stores:
             # Positive values only: one column for the floor, then the positive store's
             # columns from c0 up (below c0 no value above a floor can land, _pos_low_col).
