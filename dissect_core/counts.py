@@ -41,7 +41,7 @@ class PixelLabels:
     """The deduplicated concept labels of a batch at mask resolution.
 
     Attributes:
-        pixel: int64 tensor [B, P, L]: per pixel, its concepts (0 = none): its map
+        pixel: int32 tensor [B, P, L]: per pixel, its concepts (0 = none): its map
             labels then the image's whole-image labels (L = K + J columns), with
             duplicates removed.
         image: int64 tensor [B, J]: whole-image labels, deduplicated (0 = none).
@@ -67,7 +67,7 @@ class PixelLabels:
             pixel: int64 tensor [M], flat mask positions.
 
         Returns:
-            int64 tensor [M, L] of concept numbers (0 = none), no duplicates in a row.
+            int32 tensor [M, L] of concept numbers (0 = none), no duplicates in a row.
         """
         flat = self.pixel.reshape(-1, self.pixel.shape[2])
         return flat.index_select(0, image * self.pixel.shape[1] + pixel)
@@ -157,7 +157,7 @@ def prepare_labels(
     if j:
         area = area + per_image.sum(0) * (h * w)
     area[0] = 0
-    pixel = torch.empty((b, h * w, k + j), dtype=torch.int64, device=dev)
+    pixel = torch.empty((b, h * w, k + j), dtype=torch.int32, device=dev)
     pixel[:, :, :k] = maps.permute(0, 2, 1)
     pixel[:, :, k:] = image[:, None, :]
     return PixelLabels(pixel=pixel, image=image, concept_area=area, size=(h, w))
@@ -399,7 +399,12 @@ class ConceptCounts:
         if concepts.shape[1] == 0:
             return
         inter = self.intersection.view(-1)
-        flat = unit[:, None] * (self.num_concepts + 1) + concepts.to(torch.int64)
+        width = self.num_concepts + 1
+        if self.units * width < 2 ** 31:  # int32 indices: half the memory traffic
+            flat = concepts.to(torch.int32, copy=True)
+            flat += (unit.to(torch.int32) * width)[:, None]
+        else:
+            flat = unit[:, None] * width + concepts.to(torch.int64)
         inter += torch.bincount(flat.view(-1), minlength=inter.numel()).to(inter.device)
         self.intersection[:, 0] = 0
 

@@ -369,7 +369,7 @@ class QuantileSketch:
     def _add_floored(self, rows: torch.Tensor, units: torch.Tensor, nonneg: bool = False) -> None:
         """Histogram rows of values [M, P] (float32, contiguous) of units [M] against the floor:
         values at or below it go to the floor count. A sparse path when few values lie above
-        the floor, else one dense ``bincount`` over the value-ordered layout of :meth:`_ordered`.
+        the floor, else one dense ``bincount`` over the value-ordered layout of :meth:`_ordered_counts`.
         ``nonneg``: no value is below 0 (then the zeros take one comparison less)."""
         assert self.floor is not None and self.floor_count is not None and self.zeros is not None
         p = rows.shape[1]
@@ -486,7 +486,7 @@ class QuantileSketch:
         below_pos = self.floor_count + self.zeros + (neg["counts"].sum(1) if neg is not None else 0)
         in_low = below_pos > rank
         if pos is not None and _FAST_RAISE and (neg is None or not bool(in_low.any())):
-            # Columns as in _ordered: 0 the floor bucket, w + 1 the zeros, w + 2 + i pos bucket i.
+            # Columns as in _ordered_counts: 0 the floor bucket, w + 1 the zeros, w + 2 + i pos bucket i.
             # Only columns c0.. of the positive store can hold counts (_pos_low_col).
             c0 = self._pos_low_col()
             csum = torch.cumsum(pos["counts"][:, c0:], dim=1)
@@ -503,7 +503,7 @@ class QuantileSketch:
                 key_lo = torch.where(in_low, torch.zeros_like(key_lo), key_lo)
                 folded = torch.where(in_low, self.floor_count, folded)
         else:
-            counts, _, _ = self._ordered()
+            counts = self._ordered_counts()
             csum = torch.cumsum(counts, dim=1)
             target = torch.full((self.units, 1), int(rank), dtype=torch.int64, device=dev)
             col = torch.searchsorted(csum, target, right=True)[:, 0].clamp(max=csum.shape[1] - 1)
@@ -610,58 +610,54 @@ class QuantileSketch:
         self.n += other.n
         return self
 
-    def _ordered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Value-ordered counts [U, L] and, per column, its inclusive key range [U, L]."""
-        w, s = self.max_buckets, self.shift
-        assert self.zeros is not None and self.key_min is not None and self.key_max is not None
-        dev = self.device
-        cols = torch.arange(w, device=dev, dtype=torch.int64)
-        parts_counts, parts_lo, parts_hi = [], [], []
+    def _ordered_counts(self) -> torch.Tensor:
+        """Value-ordered counts [U, L]: the floor bucket (with a floor), the negative
+        buckets from the most negative up, the zeros, then the positive buckets
+        (:meth:`_column_keys` gives each column's key range)."""
+        w = self.max_buckets
+        assert self.zeros is not None
+        parts = []
         if self.floor is not None:
             assert self.floor_count is not None
-            floor_key = float_keys(self.floor).to(torch.int64)
-            parts_counts.append(self.floor_count[:, None])
-            parts_lo.append(self.key_min[:, None])
-            parts_hi.append(floor_key[:, None])
+            parts.append(self.floor_count[:, None])
+        empty = torch.zeros(self.units, w, dtype=torch.int64, device=self.device)
+        parts.append(self.stores["neg"]["counts"].flip(1) if "neg" in self.stores else empty)
+        parts.append(self.zeros[:, None])
+        parts.append(self.stores["pos"]["counts"] if "pos" in self.stores else empty)
+        return torch.cat(parts, 1)
 
-        def mag_range(store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            bucket = store["offset"][:, None] + cols[None, :]
-            lo = (bucket << s).clamp(min=1)
-            lo[:, 0] = 1
-            hi = ((bucket + 1) << s) - 1
-            return lo, hi
+    def _column_keys(self, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inclusive key range [lo, hi] of columns ``col`` (int64 [U, R]) of
+        :meth:`_ordered_counts`, clipped to the keys seen and kept above the floor."""
+        w, s = self.max_buckets, self.shift
+        assert self.key_min is not None and self.key_max is not None
+        key_min, key_max = self.key_min[:, None], self.key_max[:, None]
+        base = 1 if self.floor is not None else 0
 
+        def mag_range(store: dict[str, torch.Tensor], i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            bucket = store["offset"][:, None] + i
+            lo = torch.where(i == 0, torch.ones_like(bucket), (bucket << s).clamp(min=1))
+            return lo, ((bucket + 1) << s) - 1
+
+        m = (w - 1 - (col - base)).clamp(0, w - 1)  # negative bucket, flipped
         if "neg" in self.stores:
-            neg = self.stores["neg"]
-            lo, hi = mag_range(neg)
-            parts_counts.append(neg["counts"].flip(1))
-            parts_lo.append((-hi).flip(1))
-            parts_hi.append((-lo).flip(1))
+            mag_lo, mag_hi = mag_range(self.stores["neg"], m)
+            neg_lo, neg_hi = -mag_hi, -mag_lo
         else:
-            zeros = torch.zeros(self.units, w, dtype=torch.int64, device=dev)
-            parts_counts.append(zeros)
-            parts_lo.append(zeros - 1)
-            parts_hi.append(zeros - 1)
-        parts_counts.append(self.zeros[:, None])
-        parts_lo.append(torch.zeros(self.units, 1, dtype=torch.int64, device=dev))
-        parts_hi.append(torch.zeros(self.units, 1, dtype=torch.int64, device=dev))
+            neg_lo = neg_hi = torch.full_like(col, -1)
+        i = (col - (base + w + 1)).clamp(0, w - 1)
         if "pos" in self.stores:
-            pos = self.stores["pos"]
-            lo, hi = mag_range(pos)
-            parts_counts.append(pos["counts"])
-            parts_lo.append(lo)
-            parts_hi.append(hi)
+            pos_lo, pos_hi = mag_range(self.stores["pos"], i)
         else:
-            ones = torch.ones(self.units, w, dtype=torch.int64, device=dev)
-            parts_counts.append(ones - 1)
-            parts_lo.append(ones)
-            parts_hi.append(ones)
-        counts, lo, hi = torch.cat(parts_counts, 1), torch.cat(parts_lo, 1), torch.cat(parts_hi, 1)
+            pos_lo = pos_hi = torch.ones_like(col)
+        zero = torch.zeros_like(col)
+        lo = torch.where(col < base + w, neg_lo, torch.where(col == base + w, zero, pos_lo))
+        hi = torch.where(col < base + w, neg_hi, torch.where(col == base + w, zero, pos_hi))
         if self.floor is not None:
-            lo[:, 1:] = torch.maximum(lo[:, 1:], floor_key[:, None] + 1)
-        lo = torch.maximum(lo, self.key_min[:, None])
-        hi = torch.minimum(hi, self.key_max[:, None])
-        return counts, lo, hi
+            floor_key = float_keys(self.floor).to(torch.int64)[:, None]
+            lo = torch.where(col < base, key_min, torch.maximum(lo, floor_key + 1))
+            hi = torch.where(col < base, floor_key, hi)
+        return torch.maximum(lo, key_min), torch.minimum(hi, key_max)
 
     def bracket(self, q: float) -> QuantileBracket:
         """The key ranges that hold the order statistics of the q-quantile.
@@ -677,20 +673,21 @@ class QuantileSketch:
         if self.n == 0 or self.zeros is None:
             raise ValueError("quantile of an empty sketch")
         lo_rank, hi_rank, gamma = hazen_ranks(self.n, q)
-        counts, key_lo, key_hi = self._ordered()
+        counts = self._ordered_counts()
         csum = torch.cumsum(counts, dim=1)
         ranks = torch.tensor([lo_rank, hi_rank], dtype=torch.int64, device=csum.device)
         col = torch.searchsorted(csum, ranks[None, :].expand(self.units, 2).contiguous(), right=True)
         col = col.clamp(max=csum.shape[1] - 1)
         below = torch.where(col > 0, torch.gather(csum, 1, (col - 1).clamp(min=0)), torch.zeros_like(col))
         inside = torch.gather(counts, 1, col)
+        key_lo, key_hi = self._column_keys(col)
         return QuantileBracket(
             q=float(q),
             n=int(self.n),
             ranks=np.array([lo_rank, hi_rank], dtype=np.int64),
             gamma=gamma,
-            key_lo=torch.gather(key_lo, 1, col).t().cpu().numpy(),
-            key_hi=torch.gather(key_hi, 1, col).t().cpu().numpy(),
+            key_lo=key_lo.t().cpu().numpy(),
+            key_hi=key_hi.t().cpu().numpy(),
             below=below.t().cpu().numpy(),
             inside=inside.t().cpu().numpy(),
         )
