@@ -41,6 +41,8 @@ def _setup(demo_dir: Path, n_needed: int) -> tuple[object, object, str]:
     except ImportError:
         make_demo = None
     if make_demo is not None:
+        if n_needed > 3000:  # a demo of its own size (an existing demo is reused as it is)
+            demo_dir = demo_dir.with_name(f"{demo_dir.name}-{n_needed}")
         paths = make_demo(demo_dir, n_images=max(3000, n_needed), generator=False, segmenter=False, progress=None)
         config = json.loads(Path(paths.config).read_text())
         from dissect_core.broden import BrodenDataset
@@ -100,7 +102,7 @@ def _child(args: argparse.Namespace) -> None:
 
     from dissect_core.dissect import dissect
 
-    model, dataset, what = _setup(Path(args.demo), args.images)
+    model, dataset, what = _setup(Path(args.demo), max(args.images, args.demo_images))
     if args.child == "setup":
         print(json.dumps({"what": what}))
         return
@@ -119,6 +121,7 @@ def _run_child(kind: str, images: int, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh interpreter (started while this one is still small,
     since ru_maxrss carries over the parent's size across fork and exec)."""
     cmd = [sys.executable, __file__, "--child", kind, "--images", str(images), "--demo", args.demo,
+           "--demo-images", str(4 * args.images),
            "--batch-size", str(args.batch_size), "--device", args.device]
     if args.sketch_thread:
         cmd.append("--sketch-thread")
@@ -137,6 +140,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--child", choices=["setup", "forward", "dissect"], default=None)
+    parser.add_argument("--demo-images", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--sketch-thread", action="store_true",
                         help="on the CPU too, feed the sketch on a second thread (the GPU default) to compare")
     args = parser.parse_args()

@@ -24,8 +24,12 @@ Both the forward and the count pass upsample only the (image, unit) maps that ca
 hold a pixel above the level they look at: an upsampled pixel mixes at most four
 native values with non-negative weights summing to at most 1 (zero padding
 outside), so a map whose native maximum is at or below a level t >= 0 (with a
-margin for float32 rounding) has no pixel above it. Nothing else changes: the
-thresholds and counts are those of upsampling every map.
+margin for float32 rounding) has no pixel above it. Within a map the same holds
+row by row (a row of the result reads at most two native rows), and rows that
+read only all-zero native rows are exact zeros. On the CPU only the kept rows are
+upsampled: the row product runs on the whole map, the column product on the kept
+rows alone (checked against whole maps the first time per shape). Nothing else
+changes: the thresholds and counts are those of upsampling every map.
 
 The same pieces serve distributed workers, one shard of images each::
 
@@ -512,7 +516,7 @@ class _MapUpsampler:
                 native = _pick(a, b, u)
                 idx = keep(u, native).view(-1).nonzero().squeeze(1)
                 rows = self._upsample_rows(native, idx)
-                if key not in self._row_verdicts:
+                if key not in self._row_verdicts and idx.numel():
                     whole = _upsample_maps(native, self.mask_size).view(-1, mw).index_select(0, idx)
                     self._row_verdicts[key] = torch.equal(rows, whole)
                     rows = whole
