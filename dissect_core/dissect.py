@@ -445,18 +445,36 @@ class _MapUpsampler:
         for the maps ``a[bi, ui]``."""
         if bi.numel() == 0:
             return
+        whole = not self.gather
         if self.gather and not self.checked and bi.numel() < a.shape[0] * a.shape[1]:
-            self.checked = True
             key = self._key(a)
-            if key not in self._verdicts:
-                native = _pick(a, bi, ui)
-                rows = torch.cat([up for _, up in _chunks(a, self.mask_size)])[bi, ui]
-                self._verdicts[key] = self.gather = torch.equal(_upsample_maps(native, self.mask_size), rows)
-                yield bi, ui, native, rows
-                return
-            self.gather = self._verdicts[key]
-        if not self.gather:
-            yield bi, ui, _pick(a, bi, ui), torch.cat([up for _, up in _chunks(a, self.mask_size)])[bi, ui]
+            if key in self._verdicts:
+                self.checked = True
+                self.gather = self._verdicts[key]
+                whole = not self.gather
+            else:
+                # Compare on the maps that lie in the batch's first chunk (bounded memory).
+                first_start, first = next(_chunks(a, self.mask_size))
+                inside = bi < first_start + first.shape[0]
+                if bool(inside.any()):
+                    b, u = bi[inside], ui[inside]
+                    native = _pick(a, b, u)
+                    rows = first[b - first_start, u]
+                    self.checked = True
+                    self._verdicts[key] = self.gather = torch.equal(_upsample_maps(native, self.mask_size), rows)
+                    whole = not self.gather
+                    yield b, u, native, rows
+                    bi, ui = bi[~inside], ui[~inside]
+                    if bi.numel() == 0:
+                        return
+                else:
+                    whole = True  # nothing to compare yet: this batch upsampled whole
+        if whole:
+            for start, up in _chunks(a, self.mask_size):
+                inside = (bi >= start) & (bi < start + up.shape[0])
+                if bool(inside.any()):
+                    b, u = bi[inside], ui[inside]
+                    yield b, u, _pick(a, b, u), up[b - start, u]
             return
         per = max(_MIN_MAPS, _CHUNK_ELEMENTS // max(1, self.mask_size[0] * self.mask_size[1]))
         for start in range(0, bi.numel(), per):
@@ -645,7 +663,6 @@ class _RisingFloorSketch:
         self.mask_size = mask_size
         n = n_images * mask_size[0] * mask_size[1]
         self.k = n - hazen_ranks(n, quantile)[0]
-        self.next_raise = self.k
         self.bound = _MapBound(native, mask_size, device)
         self.upsampler = _MapUpsampler(mask_size)
 
@@ -685,9 +702,13 @@ class _RisingFloorSketch:
             self.sketch.add_rows(rows, u.index_select(0, idx // self.mask_size[0]), total=total, lower=lo, upper=hi,
                                  zeros=zeros)
             total, zeros = 0, None
+            # The floor may rise between chunks too: the batch's values not given yet are
+            # counted at the floor already, as if they were low, which can only lower the
+            # k-th largest value the raise goes by (so it stays at or below the final one).
+            self._raise()
         if total:
             self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi, zeros=zeros)
-        self._raise()
+            self._raise()
 
     def _first_floor(self, lower: torch.Tensor, pixels: int) -> None:
         """Before any data: a floor just below 0 for each unit with at least k upsampled values
@@ -700,9 +721,8 @@ class _RisingFloorSketch:
         self.sketch.floor = torch.where(enough.to(floor.device), floor.clamp(min=below_zero), floor)
 
     def _raise(self) -> None:
-        if self.skip and self.sketch.n >= self.next_raise:
+        if self.skip and self.sketch.n >= self.k:
             self.sketch.raise_floor(self.sketch.n - self.k)
-            self.next_raise = self.sketch.n + 1
 
 
 def _float32_below(values: np.ndarray) -> np.ndarray:

@@ -180,13 +180,21 @@ def test_zero_rows_are_exactly_the_all_zero_upsampled_rows(native_size: tuple[in
     assert torch.equal(zero, expect)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("sparse_below", [1 / 8, 1.0, -1.0])
 @pytest.mark.parametrize("layer", ["coarse", "units"])
 @pytest.mark.parametrize("q", [0.99, 0.8, 0.6])
 def test_skipping_counts_as_upsampling_everything(
-    layer: str, q: float, sparse_below: float, monkeypatch: pytest.MonkeyPatch
+    layer: str, q: float, sparse_below: float, chunked: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Skipping maps and rows, and (``chunked``) batches split into many chunks with the
+    floor raised between them, give the thresholds and counts of upsampling everything."""
     monkeypatch.setattr(importlib.import_module("dissect_core.quantile"), "_SPARSE_BELOW", sparse_below)
+    if chunked:  # one image per chunk of the whole batch, a few maps per chunk of a subset
+        monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", 4 * 64)
+        monkeypatch.setattr(engine, "_MIN_MAPS", 3)
+        monkeypatch.setattr(engine._MapUpsampler, "_verdicts", {})
+        monkeypatch.setattr(engine._MapUpsampler, "_row_verdicts", {})
     model, ds = net(), Blocks()
     ref = reference(ds, layer, q)
     assert ref["t"][1] < 0
