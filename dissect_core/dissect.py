@@ -91,6 +91,8 @@ ProgressFn = Callable[[str, int, int], None]
 
 _CHUNK_ELEMENTS = 1 << 24
 _MIN_MAPS = 64
+_SEGMENT_MIN = 16
+_SEGMENTS_MIN = 4
 _SKIP_MAPS = True
 _OVERLAP_SKETCH_ON_CPU = False
 
@@ -578,6 +580,56 @@ class _MapBound:
             self.scale = float(wh.sum(1).max()) * float(ww.sum(1).max()) * (1.0 + 2.0 ** -40)
             self.slack = _upsample_slack(device)
         self.row_weights = (wh.t() * float(ww.sum(1).max()) * (1.0 + 2.0 ** -40)).to(device)
+        # Segments of each upsampled row: spans of ``seg_width`` columns (a multiple of the
+        # upsampling factor, at least _SEGMENT_MIN columns, dividing the row into at least
+        # _SEGMENTS_MIN), each reading the native columns ``seg_ranges`` (G ranges); one
+        # segment (the row) otherwise. Measured: 7 segments of 16 speed the sketch of a 7x7
+        # layer at 112 px up by a third; 2 of 16 on 8x8 at 32 px gain nothing.
+        tw, w = int(size[1]), int(native[1])
+        width = tw
+        if tw % w == 0 and tw > w:
+            step = tw // w
+            width = next((m for m in range(step, tw + 1, step) if m >= _SEGMENT_MIN and tw % m == 0), tw)
+            if tw // width < _SEGMENTS_MIN:  # a few long segments gain less than they cost
+                width = tw
+        self.seg_width = width
+        reads = (ww.view(tw // width, width, w) != 0).any(1)
+        self.segments_count = reads.shape[0]
+        # The native columns a segment reads are consecutive (two per target column).
+        cols = [r.nonzero().squeeze(1).tolist() for r in reads]
+        self.seg_ranges = [(c[0], c[-1] + 1) if c else (0, 0) for c in cols]
+        if any(c != list(range(a, b)) for c, (a, b) in zip(cols, self.seg_ranges)):
+            raise AssertionError("interpolation reads non-consecutive native columns")
+
+    def segments(self, maps: torch.Tensor, nonneg: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 [m, mh, G] upper bounds of each segment of each upsampled row of maps
+        [m, h, w], and bool [m, mh, G]: the segments that are all exact zeros.
+
+        As :meth:`rows`, with each native row's maxima taken over the native columns
+        the segment reads only (a pixel of the segment reads a subset of them).
+        ``nonneg``: the maps hold no negative value (spares the minima).
+        """
+        if self.segments_count == 1:
+            bound, zero = self.rows_and_zeros(maps)
+            return bound[:, :, None], zero[:, :, None]
+        hi = torch.stack([maps[:, :, a:b].amax(2) if b > a else maps.new_zeros(maps.shape[:2])
+                          for a, b in self.seg_ranges], 2).to(torch.float64)
+        if nonneg:
+            mag = hi
+        else:
+            lo = torch.stack([maps[:, :, a:b].amin(2) if b > a else maps.new_zeros(maps.shape[:2])
+                              for a, b in self.seg_ranges], 2).to(torch.float64)
+            mag = torch.maximum(hi.abs(), lo.abs())
+        c = hi.clamp(min=0)
+        if self.slack:
+            c = c + self.slack * mag
+        m, h, g = c.shape
+        # One product over all (map, segment) pairs, then [m, mh, G] views of it.
+        bound = (c.transpose(1, 2).reshape(m * g, h) @ self.row_weights).view(m, g, -1)
+        if self.slack:
+            return bound.transpose(1, 2), (bound == 0).transpose(1, 2)
+        zero = (mag.transpose(1, 2).reshape(m * g, h) @ self.row_weights).view(m, g, -1) == 0
+        return bound.transpose(1, 2), zero.transpose(1, 2)
 
     def rows(self, maps: torch.Tensor) -> torch.Tensor:
         """float64 [m, mh] upper bounds of each upsampled row of maps [m, h, w].
@@ -686,21 +738,32 @@ class _RisingFloorSketch:
         zeros = (empty & (floor[None, :] < 0)).sum(0) * pixels
         lo, hi = _to_float32(lower.amin(0), up=False), _to_float32(upper.amax(0), up=True)
         total = a.shape[0] * pixels
-        width = self.mask_size[1]
-        zero_rows: list[torch.Tensor] = []
+        seg_width = self.bound.seg_width
+        nonneg = bool((lower >= 0).all())  # no map of the batch holds a negative value
+        g = self.bound.segments_count
+        kept_segments: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def keep(u: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
-            # Rows of exact zeros are only counted too (most rows of a post-ReLU unit's early
-            # batches, while its floor is still below 0).
-            bound, zero = self.bound.rows_and_zeros(native)
-            zero_rows.append(torch.zeros(a.shape[1], dtype=torch.int64, device=u.device).index_add_(
-                0, u, torch.count_nonzero(zero, dim=1)) * width)
-            return _rows_above(bound, self.sketch.floor.index_select(0, u)) & ~zero
+            # Segments (of rows) that cannot rise above the floor are only counted, and so
+            # are segments of exact zeros (most of a post-ReLU unit's early batches, while
+            # its floor is still below 0).
+            bound, zero = self.bound.segments(native, nonneg=nonneg)
+            level = self.sketch.floor.index_select(0, u).to(torch.float64)[:, None, None]
+            seg = (~(bound <= level) & ~zero).contiguous()
+            zero_count = torch.zeros(a.shape[1], dtype=torch.int64, device=u.device).index_add_(
+                0, u, torch.count_nonzero(zero, dim=(1, 2))) * seg_width
+            kept_segments.append((seg, zero_count))
+            return seg.any(2)
 
         for _, u, idx, rows in self.upsampler.kept_rows(a, bi, ui, keep):
-            zeros = zero_rows.pop() if zeros is None else zeros + zero_rows.pop()
-            self.sketch.add_rows(rows, u.index_select(0, idx // self.mask_size[0]), total=total, lower=lo, upper=hi,
-                                 zeros=zeros)
+            seg, zero_count = kept_segments.pop()
+            zeros = zero_count if zeros is None else zeros + zero_count
+            unit = u.index_select(0, idx // self.mask_size[0])
+            if g > 1:
+                flat = seg.view(-1, g).index_select(0, idx).view(-1).nonzero().squeeze(1)
+                rows = rows.view(-1, seg_width).index_select(0, flat)
+                unit = unit.index_select(0, flat // g)
+            self.sketch.add_rows(rows, unit, total=total, lower=lo, upper=hi, zeros=zeros)
             total, zeros = 0, None
             # The floor may rise between chunks too: the batch's values not given yet are
             # counted at the floor already, as if they were low, which can only lower the

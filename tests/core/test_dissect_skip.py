@@ -154,6 +154,35 @@ def test_map_bound_is_an_upper_bound(native_size: tuple[int, int], size: tuple[i
     assert (rows.view(50, 6, -1).amax(dim=2) <= upper * (1 + 1e-12)).all()
 
 
+@pytest.mark.parametrize("native_size,size", [((4, 4), (64, 64)), ((8, 8), (32, 32)), ((7, 7), (112, 112)),
+                                               ((3, 5), (10, 7)), ((4, 4), (4, 4)), ((6, 4), (12, 48))])
+def test_segment_bounds_bound_every_pixel_of_their_segment(native_size: tuple[int, int], size: tuple[int, int]) -> None:
+    """Row segments (spans of columns that read a few native columns) have bounds at least
+    each of their upsampled values and at most the row's bound; segments flagged as zeros
+    are all exact zeros."""
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(60, 6, *native_size, generator=gen) * 3
+    a[:, 0] = a[:, 0].relu()
+    a[:, 1] = -a[:, 1].abs()
+    a[:, 2] = 1.0 / 3.0
+    a[:, 3] *= 1e-30
+    a[:, 4] = a[:, 4].relu() * (torch.rand(60, *native_size, generator=gen) < 0.2)  # sparse: zero segments
+    bounds = engine._MapBound(native_size, size, torch.device("cpu"))
+    maps = a.reshape(-1, *native_size)
+    seg, zero = bounds.segments(maps)
+    width = bounds.seg_width
+    g = size[1] // width
+    assert seg.shape == zero.shape == (maps.shape[0], size[0], g) and g * width == size[1]
+    if size[1] % native_size[1] == 0 and size[1] >= 4 * 16:
+        assert g >= 4 and width >= 16
+    up = torch.cat([up for _, up in engine._chunks(a, size)]).view(-1, size[0], g, width)
+    assert (up.amax(dim=3).to(torch.float64) <= seg).all()
+    assert not (zero & ~(up == 0).all(dim=3)).any()
+    assert (seg.amax(dim=2) <= bounds.rows(maps) * (1 + 1e-12)).all()
+    if g > 1:
+        assert zero.reshape(60, 6, -1)[:, 4].any() and (seg.amax(dim=2) < bounds.rows(maps)).any()
+
+
 @pytest.mark.parametrize("native_size,size", [((4, 4), (8, 8)), ((3, 5), (10, 7)), ((8, 8), (32, 32)), ((4, 4), (4, 4))])
 def test_zero_rows_are_exactly_the_all_zero_upsampled_rows(native_size: tuple[int, int], size: tuple[int, int]) -> None:
     """Rows the sketch only counts as zeros: every one flagged is all exact zeros, and on
@@ -188,11 +217,15 @@ def test_skipping_counts_as_upsampling_everything(
     layer: str, q: float, sparse_below: float, chunked: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Skipping maps and rows, and (``chunked``) batches split into many chunks with the
-    floor raised between them, give the thresholds and counts of upsampling everything."""
+    floor raised between them and rows cut into short segments, give the thresholds and
+    counts of upsampling everything."""
     monkeypatch.setattr(importlib.import_module("dissect_core.quantile"), "_SPARSE_BELOW", sparse_below)
-    if chunked:  # one image per chunk of the whole batch, a few maps per chunk of a subset
+    if chunked:  # one image per chunk of the whole batch, a few maps per chunk of a subset,
+        # rows in segments of 2 columns
         monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", 4 * 64)
         monkeypatch.setattr(engine, "_MIN_MAPS", 3)
+        monkeypatch.setattr(engine, "_SEGMENT_MIN", 2)
+        monkeypatch.setattr(engine, "_SEGMENTS_MIN", 2)
         monkeypatch.setattr(engine._MapUpsampler, "_verdicts", {})
         monkeypatch.setattr(engine._MapUpsampler, "_row_verdicts", {})
     model, ds = net(), Blocks()
