@@ -738,6 +738,7 @@ class _RisingFloorSketch:
         zeros = (empty & (floor[None, :] < 0)).sum(0) * pixels
         lo, hi = _to_float32(lower.amin(0), up=False), _to_float32(upper.amax(0), up=True)
         total = a.shape[0] * pixels
+        first = self.sketch.n == 0
         seg_width = self.bound.seg_width
         nonneg = bool((lower >= 0).all())  # no map of the batch holds a negative value
         g = self.bound.segments_count
@@ -765,13 +766,15 @@ class _RisingFloorSketch:
                 unit = unit.index_select(0, flat // g)
             self.sketch.add_rows(rows, unit, total=total, lower=lo, upper=hi, zeros=zeros)
             total, zeros = 0, None
-            # The floor may rise between chunks too: the batch's values not given yet are
+            # In the first batch the floor also rises between chunks (later, a chunk moves
+            # it little for the cost of a raise): the batch's values not given yet are
             # counted at the floor already, as if they were low, which can only lower the
             # k-th largest value the raise goes by (so it stays at or below the final one).
-            self._raise()
+            if first:
+                self._raise()
         if total:
             self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi, zeros=zeros)
-            self._raise()
+        self._raise()
 
     def _first_floor(self, lower: torch.Tensor, pixels: int) -> None:
         """Before any data: a floor just below 0 for each unit with at least k upsampled values
