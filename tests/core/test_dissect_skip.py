@@ -324,6 +324,30 @@ def test_upsampling_some_rows_gives_the_same_values(native_size: tuple[int, int]
             assert torch.equal(rows, full[pick].reshape(-1, size[1])[idx])
 
 
+def test_the_subset_check_compares_the_first_chunk_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first subset of a batch is checked against the whole batch's first chunk only
+    (bounded memory); maps outside it, or a subset with none in it, get whole-batch values."""
+    monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", 3 * 5 * 256)  # 3 images of 5 units per chunk
+    monkeypatch.setattr(engine._MapUpsampler, "_verdicts", {})
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(10, 5, 4, 4, generator=gen).relu_()
+    full = torch.cat([up for _, up in engine._chunks(a, (16, 16))])
+    ups = engine._MapUpsampler((16, 16))
+    later = torch.tensor([4, 7, 9]), torch.tensor([0, 3, 1])  # no map in the first chunk
+    got = list(ups.rows(a, *later))
+    assert not ups.checked and engine._MapUpsampler._verdicts == {}
+    for b, u, native, up in got:
+        assert torch.equal(up, full[b, u]) and torch.equal(native, a[b, u])
+    assert sorted(torch.cat([b for b, *_ in got]).tolist()) == [4, 7, 9]
+    bi, ui = torch.tensor([0, 2, 5, 9]), torch.tensor([1, 4, 2, 0])
+    got = list(ups.rows(a, bi, ui))
+    assert ups.checked and list(engine._MapUpsampler._verdicts.values()) == [True]
+    assert got[0][0].tolist() == [0, 2]  # the first chunk's maps, compared, come first
+    for b, u, native, up in got:
+        assert torch.equal(up, full[b, u])
+    assert sorted(torch.cat([b for b, *_ in got]).tolist()) == [0, 2, 5, 9]
+
+
 def test_only_kept_rows_are_upsampled_and_a_difference_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """Passes upsample only the rows they keep once whole maps agreed on the first batch;
     were those rows ever to differ from whole maps, the first comparison notices and the
