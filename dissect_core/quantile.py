@@ -432,11 +432,13 @@ class QuantileSketch:
             pos = self.stores["pos"]
             c0 = self._pos_low_col()
             width = w - c0 + 1
-            idx -= (pos["offset"] + (c0 - 1)).to(torch.int32)[units][:, None]
-            idx.clamp_(min=1)
-            idx.masked_fill_(~above, 0)
+            # Column in the flat [U, width] histogram: u * width + clamp(bucket - offset - c0
+            # + 1, 1) above the floor, u * width (the floor column) at or below it.
+            row_base = (units * width).to(torch.int32)[:, None]
+            idx -= (pos["offset"] + (c0 - 1)).to(torch.int32).index_select(0, units)[:, None] - row_base
+            torch.maximum(idx, row_base + 1, out=idx)
+            torch.where(above, idx, row_base, out=idx)
             del above
-            idx += (units.to(torch.int32) * width)[:, None]
             hist = torch.bincount(idx.view(-1), minlength=self.units * width).view(self.units, width)
             del idx
             self.floor_count += hist[:, 0]
