@@ -77,6 +77,40 @@ def _bare_forward(model, dataset, indices, batch_size: int, device: str) -> None
         torch.cuda.synchronize()
 
 
+def timed_dissect(model, dataset, layers, batch_size: int, device: str,
+                  indices=None) -> tuple[float, dict[str, float]]:
+    """One dissection: (seconds, seconds per progress phase)."""
+    from dissect_core.dissect import dissect
+
+    marks: list[tuple[str, float]] = []
+    start = time.perf_counter()
+    dissect(model, dataset, layers, batch_size=batch_size, device=device, indices=indices,
+            progress=lambda phase, done, total: marks.append((phase, time.perf_counter() - start)))
+    total = time.perf_counter() - start
+    phases: dict[str, float] = {}
+    for i, (phase, t) in enumerate(marks):
+        nxt = marks[i + 1][1] if i + 1 < len(marks) else total
+        phases[phase] = phases.get(phase, 0.0) + (nxt - t)
+    return total, phases
+
+
+def phase_summary(phases: dict[str, float]) -> str:
+    """"forward / count / other" seconds of :func:`timed_dissect`'s phases."""
+    other = sum(v for k, v in phases.items() if k not in ("forward", "count"))
+    return f"{phases.get('forward', 0):.2f} / {phases.get('count', 0):.2f} / {other:.2f}"
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows of (metric, value, ...): the first is the header; metrics left-aligned, values
+    right-aligned, further columns as they are."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), *r[2:]]
+        print("  ".join(cells).rstrip())
+        if i == 0:
+            print("  ".join("-" * n for n in widths))
+
+
 class _ImagesOnly:
     """The Broden dataset's images alone (no masks decoded): the forward pass any use of the
     network needs, against which the mask reading is dissection work too."""
@@ -172,17 +206,7 @@ def main() -> None:
         start = time.perf_counter()
         _bare_forward(model, dataset, indices, args.batch_size, args.device)
         forward_s.append(time.perf_counter() - start)
-        marks: list[tuple[str, float]] = []
-        start = time.perf_counter()
-        dissect(model, dataset, args.layers, batch_size=args.batch_size, device=args.device, indices=indices,
-                progress=lambda phase, done, total, marks=marks, start=start: marks.append(
-                    (phase, time.perf_counter() - start)))
-        total = time.perf_counter() - start
-        phases: dict[str, float] = {}
-        for i, (phase, t) in enumerate(marks):
-            nxt = marks[i + 1][1] if i + 1 < len(marks) else total
-            phases[phase] = phases.get(phase, 0.0) + (nxt - t)
-        runs.append((total, phases))
+        runs.append(timed_dissect(model, dataset, args.layers, args.batch_size, args.device, indices))
     images_only_s: list[float] = []
     if hasattr(dataset, "_rows"):
         for _ in range(args.repeat):
@@ -216,20 +240,14 @@ def main() -> None:
             ("dissection / images-only forward", f"{dis / img:.2f}x", ""),
         ]
     rows += [
-        ("  phases: forward+sketch / count / other, s",
-         f"{phases.get('forward', 0):.2f} / {phases.get('count', 0):.2f} / "
-         + f"{sum(v for k, v in phases.items() if k not in ('forward', 'count')):.2f}", ""),
+        ("  phases: forward+sketch / count / other, s", phase_summary(phases), ""),
         (f"peak RSS forward, {args.images} / {4 * args.images} images",
          f"{rss['forward']['rss_mb']:.0f} / {rss4['forward']['rss_mb']:.0f} MB", ""),
         (f"peak RSS dissect, {args.images} / {4 * args.images} images",
          f"{rss['dissect']['rss_mb']:.0f} / {rss4['dissect']['rss_mb']:.0f} MB", "flat"),
         ("dissect RSS growth at 4x", f"{rss4['dissect']['rss_mb'] - rss['dissect']['rss_mb']:+.0f} MB", "~0"),
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for i, r in enumerate(rows):
-        print(f"{r[0].ljust(widths[0])}  {r[1].rjust(widths[1])}  {r[2]}")
-        if i == 0:
-            print(f"{'-' * widths[0]}  {'-' * widths[1]}  {'-' * widths[2]}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

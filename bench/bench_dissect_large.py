@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_dissect import _bare_forward, phase_summary, print_table, timed_dissect  # noqa: E402
+
 LAYERS = ["layer3", "layer4"]
 
 
@@ -50,19 +52,6 @@ def _model():
 
     torch.manual_seed(0)
     return load_model("torchvision:resnet18", num_classes=10, input_size=224)
-
-
-def _bare_forward(model, dataset, batch_size: int) -> None:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from dissect_core.concepts import collate_samples
-    from dissect_core.dissect import _Indexed, preprocess_images
-
-    loader = DataLoader(_Indexed(dataset, range(len(dataset))), batch_size=batch_size, collate_fn=collate_samples)
-    with torch.no_grad():
-        for batch in loader:
-            model.module(preprocess_images(batch.images, model.input_size, model.mean, model.std))
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -100,19 +89,9 @@ def main() -> None:
     forward_s, runs = [], []
     for _ in range(args.repeat):
         start = time.perf_counter()
-        _bare_forward(model, dataset, args.batch_size)
+        _bare_forward(model, dataset, range(len(dataset)), args.batch_size, "cpu")
         forward_s.append(time.perf_counter() - start)
-        marks: list[tuple[str, float]] = []
-        start = time.perf_counter()
-        dissect(model, dataset, LAYERS, batch_size=args.batch_size, device="cpu",
-                progress=lambda phase, done, total, marks=marks, start=start: marks.append(
-                    (phase, time.perf_counter() - start)))
-        total = time.perf_counter() - start
-        phases: dict[str, float] = {}
-        for i, (phase, t) in enumerate(marks):
-            nxt = marks[i + 1][1] if i + 1 < len(marks) else total
-            phases[phase] = phases.get(phase, 0.0) + (nxt - t)
-        runs.append((total, phases))
+        runs.append(timed_dissect(model, dataset, LAYERS, args.batch_size, "cpu"))
     fwd = min(forward_s)
     dis, phases = min(runs, key=lambda run: run[0])
     print(f"model:   torchvision:resnet18 (random weights, seed 0), layers {' + '.join(LAYERS)} (256x14x14, 512x7x7)")
@@ -125,16 +104,10 @@ def main() -> None:
         ("bare forward, s", f"{fwd:.2f}"),
         ("dissection, s", f"{dis:.2f}"),
         ("dissection / forward", f"{dis / fwd:.2f}x"),
-        ("  phases: forward+sketch / count / other, s",
-         f"{phases.get('forward', 0):.2f} / {phases.get('count', 0):.2f} / "
-         + f"{sum(v for k, v in phases.items() if k not in ('forward', 'count')):.2f}"),
+        ("  phases: forward+sketch / count / other, s", phase_summary(phases)),
         ("dissection in a fresh process: s / peak RSS MB", f"{child['seconds']:.2f} / {child['rss_mb']:.0f}"),
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    for i, r in enumerate(rows):
-        print(f"{r[0].ljust(widths[0])}  {r[1].rjust(widths[1])}")
-        if i == 0:
-            print(f"{'-' * widths[0]}  {'-' * widths[1]}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -388,15 +388,15 @@ class QuantileSketch:
                 self.floor_count -= zero_counts
         else:
             above = rows > floor
-        if not nonneg and bool((self.floor < 0).any()):
-            zero = rows == 0
-            above.logical_and_(~zero)
-            zero.logical_and_(floor < 0)
-            zero_counts = torch.zeros(self.units, dtype=torch.int64, device=self.device).index_add_(
-                0, units, torch.count_nonzero(zero, dim=1))
-            del zero
-            self.zeros += zero_counts
-            self.floor_count -= zero_counts
+            if bool((self.floor < 0).any()):
+                zero = rows == 0
+                above.logical_and_(~zero)
+                zero.logical_and_(floor < 0)
+                zero_counts = torch.zeros(self.units, dtype=torch.int64, device=self.device).index_add_(
+                    0, units, torch.count_nonzero(zero, dim=1))
+                del zero
+                self.zeros += zero_counts
+                self.floor_count -= zero_counts
         if int(torch.count_nonzero(above)) <= rows.numel() * _SPARSE_BELOW:
             flat = above.view(-1).nonzero().squeeze(1)
             del above
@@ -487,10 +487,10 @@ class QuantileSketch:
         pos = self.stores.get("pos")
         below_pos = self.floor_count + self.zeros + (neg["counts"].sum(1) if neg is not None else 0)
         in_low = below_pos > rank
+        # Only columns c0.. of the positive store can hold counts (_pos_low_col).
+        c0 = self._pos_low_col() if pos is not None else 0
         if pos is not None and _FAST_RAISE and (neg is None or not bool(in_low.any())):
             # Columns as in _ordered_counts: 0 the floor bucket, w + 1 the zeros, w + 2 + i pos bucket i.
-            # Only columns c0.. of the positive store can hold counts (_pos_low_col).
-            c0 = self._pos_low_col()
             csum = torch.cumsum(pos["counts"][:, c0:], dim=1)
             i = torch.searchsorted(csum, (rank - below_pos).clamp(min=0)[:, None], right=True)[:, 0]
             i = i.clamp(max=w - 1 - c0) + c0
@@ -528,7 +528,6 @@ class QuantileSketch:
             neg["counts"].masked_fill_(cols > (w - col)[:, None], 0)
         self.zeros = self.zeros.masked_fill(col > w + 1, 0)
         if pos is not None:
-            c0 = self._pos_low_col()
             pos["counts"][:, c0:].masked_fill_(cols[:, c0:] < (col - w - 2)[:, None], 0)
         self.floor = torch.where(raise_it, _keys_to_float32(key_lo - 1), self.floor)
 
