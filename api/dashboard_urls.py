@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from api import dashboard, dashboard_generators
+from api import dashboard
 
 urlpatterns = [
     path("", dashboard.jobs_page, name="dashboard-jobs"),
@@ -14,7 +14,7 @@ urlpatterns = [
     path("models/", dashboard.models_page, name="dashboard-models"),
     path("models/new/", dashboard.model_new, name="dashboard-model-new"),
     path("models/<int:pk>/", dashboard.model_page, name="dashboard-model"),
-    path("models/<int:pk>/paint/", dashboard_generators.paint_page, name="dashboard-paint"),
+    path("models/<int:pk>/paint/", dashboard.paint_page, name="dashboard-paint"),
     path("datasets/", dashboard.datasets_page, name="dashboard-datasets"),
     path("datasets/new/", dashboard.dataset_new, name="dashboard-dataset-new"),
     path("units/<int:pk>/", dashboard.unit_page, name="dashboard-unit"),

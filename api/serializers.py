@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema_field
+from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
 from rest_framework import serializers
 
 from api import selectors
+from api.job_params import PARAMS, params_serializer
 from api.models import (
     AblationCurve,
     Concept,
@@ -119,7 +120,37 @@ class JobCreateSerializer(serializers.Serializer):
         min_value=1, required=False, allow_null=True,
         help_text="required for classifier jobs; generator jobs generate their images (leave it out)",
     )
-    params = serializers.DictField(required=False, default=dict)
+    params = serializers.DictField(
+        required=False, default=dict,
+        help_text="the job type's parameters (see the schema of each type); checked by the service",
+    )
+
+
+def _job_create_variant(job_type: str) -> type[serializers.Serializer]:
+    """The request of one job type, for the schema: ``type`` fixed, ``params`` typed."""
+    classes = [cls for cls in PARAMS if cls.type == job_type]
+    name = "".join(part.title() for part in job_type.split("_"))
+    if len(classes) == 1:
+        params = params_serializer(classes[0])(required=False)
+    else:
+        params = PolymorphicProxySerializer(
+            component_name=f"{name}ParamsByKind", serializers=[params_serializer(c) for c in classes],
+            resource_type_field_name=None, required=False,
+            help_text="; ".join(f"{c.__name__}: {c.__doc__}" for c in classes),
+        )
+    return type(f"JobCreate{name}Serializer", (JobCreateSerializer,), {
+        "__module__": __name__,
+        "__doc__": f"A {job_type} job.",
+        "type": serializers.ChoiceField(choices=[job_type]),
+        "params": params,
+    })
+
+
+JOB_CREATE_REQUEST = PolymorphicProxySerializer(
+    component_name="JobCreate",
+    serializers={job_type: _job_create_variant(job_type) for job_type in Job.Type.values},
+    resource_type_field_name="type",
+)
 
 
 class UnitConceptSerializer(serializers.ModelSerializer):

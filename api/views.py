@@ -17,9 +17,11 @@ from rest_framework.views import APIView
 from api import selectors, services
 from api.errors import ApplicationError
 from api.filters import ConceptFilter, JobFilter, UnitFilter
+from api.models import Concept, Dataset, Job, NetworkModel, Unit
 from api.pagination import LimitOffsetPagination
 from api.parsers import JSONParser
 from api.serializers import (
+    JOB_CREATE_REQUEST,
     AblationSerializer,
     ConceptSerializer,
     DatasetCreateSerializer,
@@ -57,6 +59,7 @@ class HealthView(APIView):
 
 
 class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    queryset = NetworkModel.objects.none()  # schema introspection only; get_queryset() scopes the rows to the user
     serializer_class = NetworkModelSerializer
     parser_classes = [MultiPartParser, FormParser, JSONParser]
     ordering_fields = ["created", "name"]
@@ -117,6 +120,7 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
 
     @extend_schema(
         parameters=[
+            OpenApiParameter("class_name", str, OpenApiParameter.PATH, description="a class of the ablate job"),
             OpenApiParameter("layer", str, description="the ablated layer (default: the latest ablate job's)"),
             OpenApiParameter("limit", int, description="how many units (default 20)"),
         ],
@@ -147,6 +151,7 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
 
 
 class DatasetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    queryset = Dataset.objects.none()  # schema introspection only; get_queryset() scopes the rows to the user
     serializer_class = DatasetSerializer
     parser_classes = [JSONParser, MultiPartParser, FormParser]
     ordering_fields = ["created", "name"]
@@ -164,6 +169,7 @@ class DatasetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
 
 
 class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    queryset = Job.objects.none()  # schema introspection only; get_queryset() scopes the rows to the user
     serializer_class = JobSerializer
     filterset_class = JobFilter
     ordering_fields = ["created"]
@@ -171,7 +177,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def get_queryset(self):
         return selectors.job_list(user=self.request.user)
 
-    @extend_schema(request=JobCreateSerializer, responses={202: JobSerializer})
+    @extend_schema(request=JOB_CREATE_REQUEST, responses={202: JobSerializer})
     def create(self, request):
         data = JobCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -216,7 +222,11 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         return response
 
 
-    @extend_schema(responses={(200, "image/png"): OpenApiTypes.BINARY, 404: OpenApiResponse(description="no image")})
+    @extend_schema(
+        parameters=[OpenApiParameter("name", str, OpenApiParameter.PATH, pattern=r"^[a-z0-9-]+$",
+                                     description="an image name from the job summary's images")],
+        responses={(200, "image/png"): OpenApiTypes.BINARY, 404: OpenApiResponse(description="no image")},
+    )
     @action(detail=True, methods=["get"], url_path=r"images/(?P<name>[a-z0-9-]+)")
     def images(self, request, pk=None, name=None):
         """A picture a generator job made (its summary's ``images`` names them): before/after sample grids."""
@@ -241,6 +251,7 @@ class UnitPagination(CursorPagination):
 
 
 class UnitViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    queryset = Unit.objects.none()  # schema introspection only; get_queryset() scopes the rows to the user
     filterset_class = UnitFilter
     pagination_class = UnitPagination
     ordering_fields = ["iou", "id"]
@@ -272,6 +283,7 @@ class ConceptPagination(LimitOffsetPagination):
 
 
 class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    queryset = Concept.objects.none()  # schema introspection only; get_queryset() scopes the rows to the user
     serializer_class = ConceptSerializer
     filterset_class = ConceptFilter
     pagination_class = ConceptPagination

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
@@ -27,6 +28,52 @@ DEBUG = _env_bool("DEBUG", False)
 SECRET_KEY = os.environ.get("SECRET_KEY") or "insecure-dev-key-set-SECRET_KEY-in-production"
 ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+# HTTPS. Off by default: `make run`, `make serve` and the tests talk plain HTTP on 127.0.0.1.
+# TLS=true (compose.yaml's api service) is for a site served only over HTTPS: HTTP is redirected to
+# HTTPS, the session and CSRF cookies are Secure, and HSTS is sent for SECURE_HSTS_SECONDS (one hour
+# unless set; raise it once HTTPS is known good). SECURE_SSL_REDIRECT, SESSION_COOKIE_SECURE and
+# CSRF_COOKIE_SECURE override their part of TLS one by one. Behind a proxy that terminates TLS,
+# SECURE_PROXY_SSL_HEADER is the header it sets and the value meaning HTTPS
+# ("HTTP_X_FORWARDED_PROTO,https"); the proxy must overwrite that header from clients.
+TLS = _env_bool("TLS", False)
+SECURE_SSL_REDIRECT = _env_bool("SECURE_SSL_REDIRECT", TLS)
+SESSION_COOKIE_SECURE = _env_bool("SESSION_COOKIE_SECURE", TLS)
+CSRF_COOKIE_SECURE = _env_bool("CSRF_COOKIE_SECURE", TLS)
+SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS") or (3600 if TLS else 0))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = _env_bool("SECURE_HSTS_PRELOAD", False)
+# Health probes (compose's healthcheck, load balancers) ask over plain HTTP, past the proxy.
+SECURE_REDIRECT_EXEMPT = [r"^api/health/$"]
+_proxy_ssl_header = os.environ.get("SECURE_PROXY_SSL_HEADER", "").strip()
+if _proxy_ssl_header:
+    _header, _, _value = (part.strip() for part in _proxy_ssl_header.partition(","))
+    if not (_header.startswith("HTTP_") and _value):
+        raise ImproperlyConfigured(
+            f"SECURE_PROXY_SSL_HEADER must be 'HTTP_<HEADER>,<value>', e.g. 'HTTP_X_FORWARDED_PROTO,https', "
+            f"not {_proxy_ssl_header!r}"
+        )
+    SECURE_PROXY_SSL_HEADER = (_header, _value)
+
+
+def _set_explicitly(*names: str) -> bool:
+    return any(os.environ.get(name, "").strip() for name in names)
+
+
+# `check --deploy` warns about each protection left off, unless a variable says off explicitly (TLS=false
+# for a plain-HTTP deployment, say): then it is a decision, not an oversight.
+SILENCED_SYSTEM_CHECKS = [
+    check
+    for check, off, names in (
+        ("security.W004", not SECURE_HSTS_SECONDS, ("SECURE_HSTS_SECONDS", "TLS")),
+        ("security.W005", not SECURE_HSTS_INCLUDE_SUBDOMAINS, ("SECURE_HSTS_INCLUDE_SUBDOMAINS",)),
+        ("security.W008", not SECURE_SSL_REDIRECT, ("SECURE_SSL_REDIRECT", "TLS")),
+        ("security.W012", not SESSION_COOKIE_SECURE, ("SESSION_COOKIE_SECURE", "TLS")),
+        ("security.W016", not CSRF_COOKIE_SECURE, ("CSRF_COOKIE_SECURE", "TLS")),
+        ("security.W021", not SECURE_HSTS_PRELOAD, ("SECURE_HSTS_PRELOAD",)),
+    )
+    if off and _set_explicitly(*names)
+]
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -14,8 +14,9 @@ Every evaluation runs the layer's prefix once per image: its outputs are cached
 (in memory within ``memory_budget`` bytes, else in a scratch file), and each
 chunk of B cached images is expanded to S x B rows, row block s with the units of
 ablation s zeroed, and passed through the rest of the network only
-(:func:`split_network`). Counts stream into :class:`AblationCounts`, which merge
-across image shards by addition::
+(:func:`split_network`, found by :func:`dissect_core.surgery.split_module`).
+Counts stream into :class:`AblationCounts`, which merge across image shards by
+addition::
 
     removed = unit_ablations(num_units)                 # [1 + U, U]: none, then each unit alone
     counts = ablation_counts(model, train, "conv5", removed, indices=shard)
@@ -25,7 +26,6 @@ across image shards by addition::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -36,13 +36,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from .concepts import ConceptDataset, collate_samples
-from .dissect import _resolve_device, preprocess_images
-from .errors import Cancelled, DatasetError, DissectError, LayerError
+from .dissect import _dataset_indices, _resolve_device, preprocess_images
+from .errors import DatasetError, DissectError, LayerError
 from .models import LoadedModel
-from .nethook import get_module, trace
+from .nethook import evaluating, get_module, trace
+from .progress import ProgressFn, check_stop
+from .surgery import prefix, split_module
 
 __all__ = [
     "DEFAULT_KS",
@@ -70,32 +71,14 @@ __all__ = [
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 3, 4, 5, 20, 64, 128, 256)
 
-ProgressFn = Callable[[str, int, int], None]
-
 _MEMORY_BUDGET = 2 << 30
 _CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 256 << 20}
-
-
-def _check_stop(should_stop: Callable[[], bool] | None) -> None:
-    if should_stop is not None and should_stop():
-        raise Cancelled("ablation cancelled")
 
 
 def _as_numpy(values: Any) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().numpy()
     return np.asarray(values)
-
-
-def _indices(dataset: ConceptDataset, indices: Sequence[int] | None) -> list[int]:
-    n = len(dataset)
-    idx = list(range(n)) if indices is None else [int(i) for i in indices]
-    if not idx:
-        raise DatasetError("the dataset (or the index selection) holds no images")
-    bad = [i for i in idx if not 0 <= i < n]
-    if bad:
-        raise DatasetError(f"image indices out of range 0..{n - 1}: {bad[:5]}")
-    return idx
 
 
 def _image_batches(
@@ -123,16 +106,6 @@ def _image_batches(
     for batch in loader:
         yield (batch.images.to(device, non_blocking=True), batch.class_labels.to(device, non_blocking=True),
                batch.indices)
-
-
-@contextlib.contextmanager
-def _evaluating(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _check_hookable(model: LoadedModel) -> None:
@@ -192,15 +165,15 @@ def class_predictions(
     if edit:
         _check_hookable(model)
     dev = _resolve_device(device)
-    idx = _indices(dataset, indices)
+    idx = _dataset_indices(dataset, indices)
     module = model.module.to(dev)
     logits, labels = [], []
     if progress:
         progress("predict", 0, len(idx))
     done = 0
-    with torch.no_grad(), _evaluating(module):
+    with torch.no_grad(), evaluating(module):
         for images, y, _ in _image_batches(dataset, idx, batch_size, num_workers, dev):
-            _check_stop(should_stop)
+            check_stop(should_stop, "ablation")
             x = preprocess_images(images, model.input_size, model.mean, model.std)
             if edit:
                 with trace(module, [], edit=edit) as tr:
@@ -521,69 +494,12 @@ class LayerSplit:
     num_classes: int
 
 
-def _stages(module: nn.Module) -> list[tuple[str | None, nn.Module]] | None:
-    """The modules a container applies one after the other, or None when unknown."""
-    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-        return list(module.named_children())
-    try:
-        from torchvision.models import VGG, AlexNet, ResNet
-    except ImportError:
-        return None
-    kind = type(module)
-    if isinstance(module, ResNet) and kind.forward is ResNet.forward and kind._forward_impl is ResNet._forward_impl:
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
-        return [(n, getattr(module, n)) for n in names] + [(None, nn.Flatten(1)), ("fc", module.fc)]
-    for base in (VGG, AlexNet):
-        if isinstance(module, base) and kind.forward is base.forward:
-            return [("features", module.features), ("avgpool", module.avgpool), (None, nn.Flatten(1)),
-                    ("classifier", module.classifier)]
-    return None
-
-
-def _explicit_suffix(module: nn.Module, layer: str) -> nn.Module | None:
-    parts = layer.split(".")
-    containers = [module]
-    for name in parts[:-1]:
-        containers.append(getattr(containers[-1], name))
-    rest: list[nn.Module] = []
-    for parent, name in zip(reversed(containers), reversed(parts)):
-        stages = _stages(parent)
-        if stages is None:
-            return None
-        names = [n for n, _ in stages]
-        if name not in names:
-            return None
-        rest.extend(m for _, m in stages[names.index(name) + 1:])
-    return nn.Sequential(*rest)
-
-
-class _HookSuffix:
-    """The whole network on a zero input, the layer's output replaced by the given tensor."""
-
-    def __init__(self, module: nn.Module, layer: str, input_shape: tuple[int, int, int]) -> None:
-        self.module = module
-        self.layer = layer
-        self.input_shape = input_shape
-
-    def __call__(self, a: torch.Tensor) -> torch.Tensor:
-        x = torch.zeros((a.shape[0], *self.input_shape), dtype=a.dtype, device=a.device)
-        with trace(self.module, [], edit={self.layer: lambda _out: a}) as tr:
-            return tr(x)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    scale = 1.0 + float(b.abs().max())
-    return bool(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-4 * scale))
-
-
 def split_network(model: LoadedModel, layer: str, *, device: torch.device | str | None = None) -> LayerSplit:
     """Find how to run the network from one layer's output to its logits.
 
-    Each candidate is checked on a random probe batch against the full forward
-    pass; the first that reproduces it is used (explicit, then hook), else
-    ``"full"``.
+    :func:`dissect_core.surgery.split_module` on a random probe batch [2, 3, H, W]:
+    each candidate is checked against the full forward pass and the first that
+    reproduces it is used (explicit, then hook), else ``"full"``.
 
     Args:
         model: the classifier (not TorchScript).
@@ -605,16 +521,8 @@ def split_network(model: LoadedModel, layer: str, *, device: torch.device | str 
     h, w = model.input_size
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn((2, 3, h, w), generator=gen).to(dev)
-    calls = [0]
 
-    def count(out: torch.Tensor) -> torch.Tensor:
-        calls[0] += 1
-        return out
-
-    with torch.no_grad(), _evaluating(module):
-        with trace(module, [layer], edit={layer: count}) as tr:
-            full = tr(probe)
-        a = tr[layer]
+    def check(a: Any, full: Any) -> None:
         if not isinstance(a, torch.Tensor) or a.dim() != 4:
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
             raise LayerError(f"layer {layer!r} outputs {shape}, not a [B, U, h, w] feature map", layer=layer,
@@ -622,22 +530,10 @@ def split_network(model: LoadedModel, layer: str, *, device: torch.device | str 
         if not isinstance(full, torch.Tensor) or full.dim() != 2:
             raise DissectError(f"the network outputs {getattr(full, 'shape', type(full).__name__)}, "
                                "not class scores [B, K]")
-        shape = tuple(int(v) for v in a.shape[1:])
-        k = int(full.shape[1])
-        if calls[0] != 1:
-            return LayerSplit(layer, "full", None, shape, k)
-        explicit = _explicit_suffix(module, layer)
-        if explicit is not None:
-            try:
-                ok = _close(explicit(a.clone()), full)
-            except (RuntimeError, ValueError, TypeError):
-                ok = False
-            if ok:
-                return LayerSplit(layer, "explicit", explicit, shape, k)
-        hook = _HookSuffix(module, layer, (3, h, w))
-        if _close(hook(a.clone()), full):
-            return LayerSplit(layer, "hook", hook, shape, k)
-    return LayerSplit(layer, "full", None, shape, k)
+
+    split = split_module(module, layer, probe, ways=("explicit", "hook"), check=check)
+    shape = tuple(int(v) for v in split.activation.shape[1:])
+    return LayerSplit(layer, split.kind, split.suffix, shape, int(split.output.shape[1]))
 
 
 def unit_ablations(num_units: int, units: Sequence[int] | None = None) -> torch.Tensor:
@@ -778,13 +674,13 @@ def ablation_counts(
     if rem.dim() != 2 or rem.shape[1] != units:
         raise DissectError(f"removed must be a bool [S, {units}] table for layer {layer!r}, got {tuple(rem.shape)}")
     rem = rem.to(dev)
-    idx = _indices(dataset, indices)
+    idx = _dataset_indices(dataset, indices)
     if chunk_bytes is None:
         chunk_bytes = _CHUNK_BYTES.get(dev.type, _CHUNK_BYTES["cuda"])
     counts = AblationCounts.empty(rem.shape[0], split.num_classes)
     row_bytes = int(np.prod(split.shape)) * 4
     module = model.module.to(dev)
-    with torch.no_grad(), _evaluating(module):
+    with torch.no_grad(), evaluating(module):
         if split.kind == "full":
             _count_full(model, dataset, layer, rem, idx, counts, batch_size, dev, row_bytes, chunk_bytes,
                         num_workers, progress, should_stop)
@@ -805,7 +701,7 @@ def ablation_counts(
                     y = cache.labels[start:start + a.shape[0]].to(dev)
                     g = _group_size(a.shape[0], row_bytes, chunk_bytes, rem.shape[0])
                     for s0 in range(0, rem.shape[0], g):
-                        _check_stop(should_stop)
+                        check_stop(should_stop, "ablation")
                         group = rem[s0:s0 + g]
                         out = split.suffix(_ablated(a, group))
                         counts._add_rows(out.float().view(group.shape[0], a.shape[0], -1), y, s0)
@@ -825,13 +721,11 @@ def _fill_cache(model: LoadedModel, dataset: ConceptDataset, layer: str, idx: li
         progress("cache", 0, len(idx))
     done = 0
     for images, y, _ in _image_batches(dataset, idx, batch_size, num_workers, dev):
-        _check_stop(should_stop)
+        check_stop(should_stop, "ablation")
         keep = y >= 0
         if keep.any():
             x = preprocess_images(images[keep], model.input_size, model.mean, model.std)
-            with trace(model.module, [layer], stop_after_last=True) as tr:
-                tr(x)
-            cache.append(tr[layer].float(), y[keep])
+            cache.append(prefix(model.module, layer, x).float(), y[keep])
         done += y.shape[0]
         if progress:
             progress("cache", done, len(idx))
@@ -855,7 +749,7 @@ def _count_full(model: LoadedModel, dataset: ConceptDataset, layer: str, rem: to
             b = x.shape[0]
             g = max(1, min(rem.shape[0], batch_size // b, _group_size(b, row_bytes, chunk_bytes, rem.shape[0])))
             for s0 in range(0, rem.shape[0], g):
-                _check_stop(should_stop)
+                check_stop(should_stop, "ablation")
                 group = rem[s0:s0 + g]
 
                 def edit(out: torch.Tensor, group: torch.Tensor = group) -> torch.Tensor:

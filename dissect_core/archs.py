@@ -18,7 +18,7 @@ hook on ``convN`` sees rectified activations, like VGG's ``conv5_3``)::
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -90,6 +90,15 @@ def segnet(num_classes: int) -> nn.Module:
 ARCHS: dict[str, Callable[..., nn.Module]] = {"scenecnn": scenecnn, "segnet": segnet}
 
 
+def _builtin_key(name: str, registry: Mapping[str, Callable[..., nn.Module]], what: str) -> str:
+    """The registry key of ``name`` (``builtin:`` prefix optional); unknown raises, listing the known ones."""
+    key = name.removeprefix("builtin:")
+    if key not in registry:
+        raise ModelLoadError(f"unknown built-in {what} {name!r}; known: "
+                             + ", ".join(f"builtin:{k}" for k in sorted(registry)))
+    return key
+
+
 def build_arch(name: str, num_classes: int) -> nn.Module:
     """Build a built-in architecture.
 
@@ -103,8 +112,4 @@ def build_arch(name: str, num_classes: int) -> nn.Module:
     Raises:
         ModelLoadError: an unknown name (the message lists the known ones).
     """
-    key = name.removeprefix("builtin:")
-    if key not in ARCHS:
-        raise ModelLoadError(f"unknown built-in architecture {name!r}; known: "
-                             + ", ".join(f"builtin:{k}" for k in sorted(ARCHS)))
-    return ARCHS[key](num_classes)
+    return ARCHS[_builtin_key(name, ARCHS, "architecture")](num_classes)

@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ablation import UnitImportance, _evaluating
+from .ablation import UnitImportance
 from .concepts import ConceptDataset, collate_samples
-from .errors import Cancelled, DatasetError, DissectError
+from .errors import DatasetError, DissectError
 from .models import LoadedModel
-from .nethook import get_module, trace
+from .nethook import evaluating, get_module, trace
+from .progress import ProgressFn, check_stop
 
 __all__ = [
     "GROUPS",
@@ -45,8 +46,6 @@ __all__ = [
 ]
 
 GROUPS: tuple[str, ...] = ("source", "target", "other")
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 def _normalizer(
@@ -132,7 +131,7 @@ def pgd_attack(
     x = x0.clone()
     active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     steps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    with _evaluating(module), torch.enable_grad():
+    with evaluating(module), torch.enable_grad():
         for _ in range(iterations):
             x.requires_grad_(True)
             logits = module(norm(x))
@@ -396,12 +395,11 @@ def attack_unit_changes(
     seen = 0
     if progress:
         progress("attack", 0, len(idx))
-    with _evaluating(module):
+    with evaluating(module):
         for batch in loader:
             if max_images is not None and attacked >= max_images:
                 break
-            if should_stop is not None and should_stop():
-                raise Cancelled("attack cancelled")
+            check_stop(should_stop, "attack")
             rows = batch.indices.numpy()
             y = batch.class_labels.to(dev)
             x = to_pixels(batch.images.to(dev), model.input_size)

@@ -48,7 +48,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +61,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .concepts import Concept, ConceptDataset, Sample, collate_samples
 from .counts import ConceptCounts, PixelLabels, TopActivations, prepare_labels
-from .errors import Cancelled, DatasetError, DissectError, LayerError
+from .errors import DatasetError, DissectError, LayerError
 from .models import LoadedModel
 from .nethook import get_module, trace
+from .progress import ProgressFn, check_stop
 from .quantile import (
     QuantileBracket,
     QuantileRefiner,
@@ -86,8 +87,6 @@ __all__ = [
     "refine_pass",
     "resolve_thresholds",
 ]
-
-ProgressFn = Callable[[str, int, int], None]
 
 _CHUNK_ELEMENTS = 1 << 24
 _MIN_MAPS = 64
@@ -237,6 +236,18 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
+def _dataset_indices(dataset: ConceptDataset, indices: Sequence[int] | None) -> list[int]:
+    """The selected dataset indices (default: all), checked: at least one, each in range."""
+    n = len(dataset)
+    idx = list(range(n)) if indices is None else [int(i) for i in indices]
+    if not idx:
+        raise DatasetError("the dataset (or the index selection) holds no images")
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise DatasetError(f"image indices out of range 0..{n - 1}: {bad[:5]}")
+    return idx
+
+
 def preprocess_images(
     images: torch.Tensor,
     input_size: tuple[int, int],
@@ -300,13 +311,7 @@ def _make_source(
         get_module(model.module, layer)
     if batch_size < 1:
         raise DissectError(f"batch_size must be positive, got {batch_size}")
-    n = len(dataset)
-    idx = list(range(n)) if indices is None else [int(i) for i in indices]
-    if not idx:
-        raise DatasetError("the dataset (or the index selection) holds no images")
-    bad = [i for i in idx if not 0 <= i < n]
-    if bad:
-        raise DatasetError(f"image indices out of range 0..{n - 1}: {bad[:5]}")
+    idx = _dataset_indices(dataset, indices)
     concepts = list(segmenter.concepts) if segmenter is not None else list(dataset.concepts)
     for i, concept in enumerate(concepts):
         if concept.number != i + 1:
@@ -322,11 +327,6 @@ class _Prepared:
     acts: dict[str, torch.Tensor]
     label_maps: torch.Tensor
     image_labels: torch.Tensor
-
-
-def _check_stop(should_stop: Callable[[], bool] | None) -> None:
-    if should_stop is not None and should_stop():
-        raise Cancelled("dissection cancelled")
 
 
 def _forward_batches(
@@ -355,7 +355,7 @@ def _forward_batches(
     if progress:
         progress(phase, 0, total)
     for batch in loader:
-        _check_stop(should_stop)
+        check_stop(should_stop, "dissection")
         batch = batch.to(src.device, non_blocking=True)
         if generator:
             if batch.latents is None:
@@ -413,6 +413,15 @@ def _chunks(a: torch.Tensor, mask_size: tuple[int, int]) -> Iterator[tuple[int, 
     for start in range(0, b, per):
         part = a[start:start + per]
         yield start, _upsample_maps(part.reshape(-1, h, w), mask_size).view(part.shape[0], u, -1)
+
+
+def _upsampled(batches: Iterable[_Prepared], src: _Source) -> Iterator[tuple[str, torch.Tensor]]:
+    """(layer, upsampled [b, U, mh*mw]) pieces (:func:`_chunks`) of every layer of every batch."""
+    for prepared in batches:
+        assert src.mask_size is not None
+        for layer, a in prepared.acts.items():
+            for _, up in _chunks(a, src.mask_size):
+                yield layer, up
 
 
 def _pick(a: torch.Tensor, bi: torch.Tensor, ui: torch.Tensor) -> torch.Tensor:
@@ -980,7 +989,7 @@ def _cached_batches(
     if progress:
         progress(phase, 0, total)
     for k, (b, idx) in enumerate(cache.batches):
-        _check_stop(should_stop)
+        check_stop(should_stop, "dissection")
         acts = {}
         for layer in layers:
             t = torch.from_numpy(cache.read(k, layer))
@@ -1103,10 +1112,9 @@ def dissect(
                        if not b.done and QuantileRefiner(b, max_values=max_collect).narrowing}
             if not crowded:
                 break
-            for prepared in _cached_batches(cache, list(crowded), src.device, "quantile", progress, should_stop):
-                for layer, a in prepared.acts.items():
-                    for _, up in _chunks(a, src.mask_size):
-                        crowded[layer].add_batch(up)
+            batches = _cached_batches(cache, list(crowded), src.device, "quantile", progress, should_stop)
+            for layer, up in _upsampled(batches, src):
+                crowded[layer].add_batch(up)
             brackets.update({layer: r.bracket() for layer, r in crowded.items()})
         for layer in src.layers:
             units = cache.shapes[layer][0]
@@ -1156,12 +1164,10 @@ def quantile_pass(
     src = _make_source(model, dataset, layers, indices=indices, batch_size=batch_size, device=device,
                        num_workers=num_workers, segmenter=segmenter)
     sketches: dict[str, QuantileSketch] = {}
-    for prepared in _forward_batches(src, progress, should_stop, phase="quantile"):
-        assert src.mask_size is not None
-        for layer, a in prepared.acts.items():
-            sketch = sketches.setdefault(layer, QuantileSketch(a.shape[1], device=src.device))
-            for _, up in _chunks(a, src.mask_size):
-                sketch.add_batch(up)
+    for layer, up in _upsampled(_forward_batches(src, progress, should_stop, phase="quantile"), src):
+        if layer not in sketches:
+            sketches[layer] = QuantileSketch(up.shape[1], device=src.device)
+        sketches[layer].add_batch(up)
     return {layer: QuantileSketch.from_state_dict(s.state_dict()) for layer, s in sketches.items()}
 
 
@@ -1197,11 +1203,8 @@ def refine_pass(
         return refiners
     src = _make_source(model, dataset, todo, indices=indices, batch_size=batch_size, device=device,
                        num_workers=num_workers, segmenter=segmenter)
-    for prepared in _forward_batches(src, progress, should_stop, phase="quantile"):
-        assert src.mask_size is not None
-        for layer, a in prepared.acts.items():
-            for _, up in _chunks(a, src.mask_size):
-                refiners[layer].add_batch(up)
+    for layer, up in _upsampled(_forward_batches(src, progress, should_stop, phase="quantile"), src):
+        refiners[layer].add_batch(up)
     return refiners
 
 

@@ -39,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .archs import segnet
+from .archs import _builtin_key, segnet
 from .concepts import ConceptDataset
-from .errors import Cancelled, DatasetError, ModelLoadError
+from .errors import DatasetError, ModelLoadError
+from .nethook import evaluating
+from .progress import check_stop
 from .train import MAX_IN_MEMORY_BYTES, normalize
 
 __all__ = [
@@ -130,10 +132,7 @@ def build_generator(arch: str, latent_dim: int = 128) -> nn.Module:
     Raises:
         ModelLoadError: an unknown name (the message lists the known ones).
     """
-    key = arch.removeprefix("builtin:")
-    if key not in GENERATOR_ARCHS:
-        raise ModelLoadError(f"unknown built-in generator {arch!r}; known: "
-                             + ", ".join(f"builtin:{k}" for k in sorted(GENERATOR_ARCHS)))
+    key = _builtin_key(arch, GENERATOR_ARCHS, "generator")
     if latent_dim < 1:
         raise ModelLoadError(f"latent_dim must be positive, got {latent_dim}")
     return GENERATOR_ARCHS[key](int(latent_dim))
@@ -176,11 +175,6 @@ def _cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _check(should_stop: Callable[[], bool] | None, what: str) -> None:
-    if should_stop is not None and should_stop():
-        raise Cancelled(f"{what} cancelled")
 
 
 @torch.no_grad()
@@ -301,7 +295,7 @@ def _train_gan(dataset: ConceptDataset, *, arch: str, latent_dim: int, steps: in
     recent_d: list[float] = []
     recent_g: list[float] = []
     for step in range(1, steps + 1):
-        _check(should_stop, "GAN training")
+        check_stop(should_stop, "GAN training")
         idx = torch.randint(len(images), (batch_size,), generator=rng)
         flip = torch.rand(batch_size, generator=rng) < 0.5
         z = torch.randn(batch_size, latent_dim, generator=rng).to(device)
@@ -411,12 +405,10 @@ def evaluate_segmentation(module: nn.Module, images: torch.Tensor, targets: torc
     if len(images) == 0:
         raise ValueError("no images to evaluate on")
     device = next(module.parameters()).device
-    was_training = module.training
-    module.eval()
     inter = np.zeros(num_classes, np.int64)
     pred_count = np.zeros(num_classes, np.int64)
     true_count = np.zeros(num_classes, np.int64)
-    try:
+    with evaluating(module):
         for s in range(0, len(images), batch_size):
             pred = module(normalize(images[s:s + batch_size].to(device), list(mean), list(std))).argmax(1).cpu()
             truth = torch.from_numpy(np.stack([resize_nearest(t, tuple(pred.shape[-2:]))
@@ -424,8 +416,6 @@ def evaluate_segmentation(module: nn.Module, images: torch.Tensor, targets: torc
             pred_count += np.bincount(pred.flatten().numpy(), minlength=num_classes)
             true_count += np.bincount(truth.flatten().numpy(), minlength=num_classes)
             inter += np.bincount(truth[pred == truth].numpy(), minlength=num_classes)
-    finally:
-        module.train(was_training)
     union = pred_count + true_count - inter
     iou = [float(inter[c] / union[c]) if union[c] else None for c in range(num_classes)]
     present = [v for v in iou[1:] if v is not None]
@@ -555,7 +545,7 @@ def _train_segmenter(dataset: ConceptDataset, *, category: str, val_dataset: Con
         order = torch.randperm(len(images), generator=rng)
         total_loss = 0.0
         for step in range(steps_per_epoch):
-            _check(should_stop, "segmenter training")
+            check_stop(should_stop, "segmenter training")
             idx = order[step * batch_size:(step + 1) * batch_size]
             flip = (torch.rand(len(idx), generator=rng) < 0.5).view(-1, 1, 1, 1)
             x = torch.where(flip, images[idx].flip(3), images[idx])

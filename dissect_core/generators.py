@@ -34,8 +34,9 @@ batch of samples, and only the part after it for each edit, when that part is a
 chain of modules: for every container on the layer's dotted path, the children
 its forward calls after the layer's branch, each once, each taking the previous
 one's output, the container returning the last one's output. This is found by
-watching one forward pass and checked against the full forward pass; otherwise
-every edit runs the whole generator with an edit hook on the layer.
+watching one forward pass and checked against the full forward pass
+(:func:`dissect_core.surgery.split_module`, way ``"chain"``); otherwise every
+edit runs the whole generator with an edit hook on the layer.
 
 TorchScript generators run no Python hooks: they can be dissected and their
 quantiles taken, but not edited. Output pixels map to uint8 by rounding
@@ -58,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ablation import _evaluating, zero_units
+from .ablation import zero_units
 from .colors import (
     _PROTOTYPE_INDEX,
     _PROTOTYPES_LAB,
@@ -67,11 +68,19 @@ from .colors import (
     rgb_to_lab,
 )
 from .concepts import Concept, ConceptDataset, Sample
-from .dissect import ProgressFn, _resolve_device
-from .errors import Cancelled, DissectError, LayerError, ModelLoadError
+from .dissect import _resolve_device
+from .errors import DissectError, LayerError, ModelLoadError
 from .gan import _cpu_threads
-from .models import LoadedModel, _check_and_load, load_state_dict_file
-from .nethook import get_module, trace
+from .models import (
+    LoadedModel,
+    _check_and_load,
+    _load_torchscript,
+    _size_from_state,
+    load_state_dict_file,
+)
+from .nethook import evaluating, get_module, trace
+from .progress import ProgressFn, check_stop
+from .surgery import prefix, split_module
 
 __all__ = [
     "DEFAULT_KS",
@@ -194,24 +203,6 @@ def _gan_archs() -> tuple[Any, Any]:
     return gan, gan.GENERATOR_ARCHS
 
 
-def _infer_latent_dim(build: Callable[[int], nn.Module], state: dict[str, torch.Tensor]) -> int | None:
-    """Z from a state dict: the tensor dimension that follows the latent size when the
-    architecture is built (on the meta device) with two different ones."""
-    try:
-        with torch.device("meta"):
-            a, b = build(7).state_dict(), build(11).state_dict()
-    except (RuntimeError, TypeError, ValueError, NotImplementedError):
-        return None
-    for key, ta in a.items():
-        tb, ts = b.get(key), state.get(key)
-        if tb is None or ts is None or ta.shape == tb.shape or ta.dim() != ts.dim():
-            continue
-        for i, (da, db) in enumerate(zip(ta.shape, tb.shape)):
-            if (da, db) == (7, 11):
-                return int(ts.shape[i])
-    return None
-
-
 def load_generator(
     arch: str,
     weights: str | Path | None,
@@ -247,15 +238,7 @@ def load_generator(
             raise ModelLoadError("a torchscript generator needs latent_dim (its input size)", arch=arch)
         if weights is None:
             raise ModelLoadError("a torchscript generator needs its file as weights", arch=arch)
-        path = Path(weights)
-        if not path.is_file():
-            raise ModelLoadError(f"TorchScript file {path} does not exist", path=str(path))
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise ModelLoadError(
-                f"{path} is not a loadable TorchScript archive: {str(exc).splitlines()[0][:300]}", path=str(path)
-            ) from None
+        module = _load_torchscript(weights)
         return wrap_generator(module, latent_dim, arch="torchscript", output_range=output_range)
     if scheme != "builtin" or not name:
         raise ModelLoadError(f"unknown generator spec {arch!r}: expected builtin:NAME or torchscript", arch=arch)
@@ -272,7 +255,7 @@ def load_generator(
 
     state = load_state_dict_file(weights) if weights is not None else None
     if latent_dim is None:
-        latent_dim = _infer_latent_dim(build, state) if state is not None else 128
+        latent_dim = _size_from_state(build, state) if state is not None else 128
         if latent_dim is None:
             raise ModelLoadError(f"{arch}: cannot tell the latent size from the weights; give latent_dim", arch=arch)
     module = build(int(latent_dim))
@@ -361,7 +344,7 @@ def generate(
     dev = _resolve_device(device)
     module = gen.module.to(dev)
     out = []
-    with torch.no_grad(), _evaluating(module):
+    with torch.no_grad(), evaluating(module):
         for chunk in z.split(max(1, int(batch_size))):
             x = gen.latent_input(chunk.to(dev, torch.float32))
             if edits:
@@ -664,62 +647,6 @@ def insert_units_edit(
 # Running the generator from a layer
 
 
-def _chain_suffix(module: nn.Module, layer: str, x: torch.Tensor) -> nn.Module | None:
-    """The modules that run after ``layer`` as a plain chain (see module docstring), or None."""
-    parts = layer.split(".")
-    containers = [module]
-    for name in parts[:-1]:
-        containers.append(getattr(containers[-1], name))
-    records: list[list[tuple[str, Any, Any]]] = [[] for _ in containers]
-    handles = []
-
-    def make_hook(j: int, name: str) -> Callable[..., None]:
-        def hook(_: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            records[j].append((name, args[0] if len(args) == 1 and not kwargs else None, output))
-
-        return hook
-
-    try:
-        for j, container in enumerate(containers):
-            for name, child in container.named_children():
-                handles.append(child.register_forward_hook(make_hook(j, name), with_kwargs=True))
-        with torch.no_grad():
-            result = module(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    rest: list[nn.Module] = []
-    for j in range(len(containers) - 1, -1, -1):
-        calls = records[j]
-        names = [n for n, _, _ in calls]
-        if names.count(parts[j]) != 1:
-            return None
-        k = names.index(parts[j])
-        prev = calls[k][2]
-        for name, inp, out in calls[k + 1:]:
-            if names.count(name) != 1 or inp is None or inp is not prev:
-                return None
-            prev = out
-        if j == 0:
-            container_out = result
-        else:
-            parent = [c for c in records[j - 1] if c[0] == parts[j - 1]]
-            if len(parent) != 1:
-                return None
-            container_out = parent[0][2]
-        if container_out is not prev:
-            return None
-        rest.extend(getattr(containers[j], name) for name, _, _ in calls[k + 1:])
-    return nn.Sequential(*rest)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    scale = 1.0 + float(b.abs().max()) if b.numel() else 1.0
-    return bool(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-4 * scale))
-
-
 @dataclass
 class _Split:
     """How to run a generator from one layer: ``"chain"`` (suffix modules) or ``"hook"``."""
@@ -744,22 +671,17 @@ def _split(gen: LoadedModel, layer: str, device: torch.device) -> _Split:
         return cache[key]
     z_dim = _check_generator(gen)
     x = gen.latent_input(sample_latents(z_dim, 2, seed=987654321).to(device))
-    with torch.no_grad(), _evaluating(module):
-        with trace(module, [layer]) as tr:
-            full = _check_image(tr(x))
-        a = tr[layer]
+
+    def check(a: Any, full: Any) -> None:
+        _check_image(full)
         if not isinstance(a, torch.Tensor) or a.dim() != 4:
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
             raise LayerError(f"layer {layer!r} outputs {shape}, not a [B, C, h, w] feature map", layer=layer,
                              valid=[])
-        shape = (int(a.shape[1]), int(a.shape[2]), int(a.shape[3]))
-        split = _Split("hook", None, shape)
-        try:
-            suffix = _chain_suffix(module, layer, x)
-            if suffix is not None and _close(suffix(a.clone()), full):
-                split = _Split("chain", suffix, shape)
-        except (RuntimeError, ValueError, TypeError, AttributeError):
-            pass
+
+    found = split_module(module, layer, x, ways=("chain",), check=check)
+    shape = (int(found.activation.shape[1]), int(found.activation.shape[2]), int(found.activation.shape[3]))
+    split = _Split("chain", found.suffix, shape) if found.kind == "chain" else _Split("hook", None, shape)
     cache[key] = split
     return split
 
@@ -778,9 +700,7 @@ class _Runner:
         """The layer's output [B, C, h, w] on latents [B, Z] (None in hook mode)."""
         if self.split.mode != "chain":
             return None
-        with trace(self.module, [self.layer], stop_after_last=True) as tr:
-            tr(self.gen.latent_input(z))
-        return tr[self.layer]
+        return prefix(self.module, self.layer, self.gen.latent_input(z))
 
     def images(self, z: torch.Tensor, acts: torch.Tensor | None, edit: Edit | None,
                repeat: int = 1) -> torch.Tensor:
@@ -796,11 +716,6 @@ class _Runner:
             with trace(self.module, [], edit={self.layer: edit} if edit is not None else None) as tr:
                 out = tr(x)
         return to_uint8(_check_image(out), self.gen.output_range)
-
-
-def _check_stop(should_stop: Callable[[], bool] | None) -> None:
-    if should_stop is not None and should_stop():
-        raise Cancelled("cancelled")
 
 
 def _check_units(units: Sequence[int], channels: int, what: str) -> list[int]:
@@ -864,7 +779,7 @@ def unit_quantiles(
     cache = _QUANTILES.setdefault(module, {})
     if key not in cache:
         chunks = []
-        with torch.no_grad(), _evaluating(module):
+        with torch.no_grad(), evaluating(module):
             for start, n in _batches(count, max(1, batch_size)):
                 z = sample_latents(z_dim, n, seed=seed, start=start).to(dev)
                 with trace(module, [layer], stop_after_last=True) as tr:
@@ -1041,9 +956,9 @@ def removal_curve(
     bs = max(1, int(batch_size))
     if progress:
         progress("removal", 0, count)
-    with torch.no_grad(), _evaluating(runner.module):
+    with torch.no_grad(), evaluating(runner.module):
         for offset, n in _batches(count, bs):
-            _check_stop(should_stop)
+            check_stop(should_stop)
             z = sample_latents(z_dim, n, seed=seed, start=start + offset).to(dev)
             acts = runner.prefix(z)
             imgs = runner.images(z, acts, None)
@@ -1297,7 +1212,7 @@ def insertion_map(
     total, done = count * len(pos), 0
     if progress:
         progress("insertion", 0, total)
-    with torch.no_grad(), _evaluating(runner.module):
+    with torch.no_grad(), evaluating(runner.module):
         for offset, n in _batches(count, per_batch):
             z = sample_latents(z_dim, n, seed=seed, start=start + offset).to(dev)
             acts = runner.prefix(z)
@@ -1308,7 +1223,7 @@ def insertion_map(
                     windows = _windows(pos, size, int(near), (h, w), mask_hw).to(m0.device)
             p_per = max(1, bs // n)
             for p0 in range(0, len(pos), p_per):
-                _check_stop(should_stop)
+                check_stop(should_stop)
                 p1 = min(p0 + p_per, len(pos))
                 rows = masks[p0:p1].repeat_interleave(n, dim=0)
                 out = runner.images(z, acts, insert_units_edit(unit_list, vals, rows), repeat=p1 - p0)
@@ -1333,7 +1248,7 @@ def insertion_map(
     best = result.best_position
     s = min(int(sample_images), count)
     if best is not None and s > 0:
-        with torch.no_grad(), _evaluating(runner.module):
+        with torch.no_grad(), evaluating(runner.module):
             z = sample_latents(z_dim, s, seed=seed, start=start).to(dev)
             acts = runner.prefix(z)
             square = masks[pos.index(best)]
@@ -1434,7 +1349,7 @@ def paint_pair(
         edit = insert_units_edit(unit_list, vals, m)
     else:
         edit = remove_units_edit(unit_list, m)
-    with torch.no_grad(), _evaluating(runner.module), _cpu_threads(num_threads if dev.type == "cpu" else None):
+    with torch.no_grad(), evaluating(runner.module), _cpu_threads(num_threads if dev.type == "cpu" else None):
         z = sample_latents(z_dim, 1, seed=seed, start=index).to(dev)
         acts = runner.prefix(z)
         before = runner.images(z, acts, None)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
-from .nethook import get_module, module_names
+from .nethook import evaluating, forward_hooks, get_module, module_names
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -211,6 +211,34 @@ def unwrap_state_dict(obj: Any, *, source: str = "weights") -> dict[str, torch.T
     return state
 
 
+def _size_from_state(build: Callable[[int], nn.Module], state: Mapping[str, torch.Tensor]) -> int | None:
+    """The size argument of ``build`` that made ``state`` (a class count, a latent size).
+
+    The architecture is built on the meta device with 7 and with 11; the first
+    tensor whose shape follows the argument gives it, read off ``state``.
+
+    Args:
+        build: ``size -> module``.
+        state: a state dict of a module that ``build`` makes.
+
+    Returns:
+        the size, or None when no tensor follows it or the build fails.
+    """
+    try:
+        with torch.device("meta"):
+            a, b = build(7).state_dict(), build(11).state_dict()
+    except (ModelLoadError, RuntimeError, TypeError, ValueError, NotImplementedError):
+        return None
+    for key, ta in a.items():
+        tb, ts = b.get(key), state.get(key)
+        if tb is None or ts is None or ta.shape == tb.shape or ta.dim() != ts.dim():
+            continue
+        for i, (da, db) in enumerate(zip(ta.shape, tb.shape)):
+            if (da, db) == (7, 11):
+                return int(ts.shape[i])
+    return None
+
+
 def infer_num_classes_from_state_dict(state: Mapping[str, torch.Tensor], arch: str | None = None) -> int | None:
     """Guess the number of classes a state dict was trained for.
 
@@ -232,19 +260,10 @@ def infer_num_classes_from_state_dict(state: Mapping[str, torch.Tensor], arch: s
     except ModelLoadError:
         return None
     if arch is not None and not arch.startswith("torchscript"):
-        try:
-            build = _builder(arch)
-            with torch.device("meta"):
-                a, b = build(7).state_dict(), build(11).state_dict()
-        except (ModelLoadError, RuntimeError, TypeError, ValueError, NotImplementedError):
-            a, b = {}, {}
-        for key, ta in a.items():
-            tb, ts = b.get(key), state.get(key)
-            if tb is None or ts is None or ta.shape == tb.shape or ta.dim() != ts.dim():
-                continue
-            for i, (da, db) in enumerate(zip(ta.shape, tb.shape)):
-                if (da, db) == (7, 11):
-                    return int(ts.shape[i])
+        # Built inside the helper, so that an unknown spec counts as a failed build.
+        found = _size_from_state(lambda n: _builder(arch)(n), state)
+        if found is not None:
+            return found
     weights = [
         (k, v) for k, v in state.items()
         if k.endswith("weight") and (v.dim() == 2 or (v.dim() == 4 and tuple(v.shape[2:]) == (1, 1)))
@@ -326,6 +345,19 @@ def _builder(arch: str) -> Callable[[int], nn.Module]:
     )
 
 
+def _load_torchscript(weights: str | Path) -> torch.jit.ScriptModule:
+    """A TorchScript archive, on the CPU; a missing or unloadable file raises :class:`ModelLoadError`."""
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelLoadError(f"TorchScript file {path} does not exist", path=str(path))
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a loadable TorchScript archive: {str(exc).splitlines()[0][:300]}", path=str(path)
+        ) from None
+
+
 def load_model(
     arch: str,
     weights: str | Path | None = None,
@@ -365,15 +397,7 @@ def load_model(
     if scheme == "torchscript":
         if weights is None:
             raise ModelLoadError("a torchscript model needs its file as weights")
-        path = Path(weights)
-        if not path.is_file():
-            raise ModelLoadError(f"TorchScript file {path} does not exist", path=str(path))
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise ModelLoadError(
-                f"{path} is not a loadable TorchScript archive: {str(exc).splitlines()[0][:300]}", path=str(path)
-            ) from None
+        module = _load_torchscript(weights)
         module.eval()
         return LoadedModel(module, "torchscript", num_classes, size, mean_t, std_t, "torchscript",
                            list(classes or []))
@@ -422,7 +446,6 @@ def list_layers(model: LoadedModel | nn.Module, input_size: int | Sequence[int] 
         return _list_script_layers(module, names, x)
     shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
     order: list[str] = []
-    handles = []
 
     def make_hook(name: str, type_name: str) -> Any:
         def hook(_: nn.Module, __: Any, output: Any) -> None:
@@ -434,23 +457,16 @@ def list_layers(model: LoadedModel | nn.Module, input_size: int | Sequence[int] 
 
         return hook
 
-    was_training = module.training
-    module.eval()
+    modules = dict(module.named_modules())
+    hooks = {name: make_hook(name, type(modules[name]).__name__) for name in names}
     try:
-        for name in names:
-            sub = get_module(module, name)
-            handles.append(sub.register_forward_hook(make_hook(name, type(sub).__name__)))
-        with torch.no_grad():
+        with evaluating(module), forward_hooks(module, hooks), torch.no_grad():
             module(x)
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(
             f"the model does not run on a {'x'.join(str(v) for v in x.shape)} input: "
             f"{str(exc).splitlines()[0][:300]}"
         ) from None
-    finally:
-        for handle in handles:
-            handle.remove()
-        module.train(was_training)
     return [LayerInfo(n, shapes[n][0], shapes[n][1][1], shapes[n][1][2], shapes[n][1][3]) for n in order]
 
 

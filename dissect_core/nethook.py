@@ -15,6 +15,11 @@ TorchScript modules do not run Python hooks. For them the compiled graph is
 inlined, the requested layers' values are found by their module hierarchy and a
 function returning exactly those values is compiled (the rest of the network is
 dropped by dead-code elimination); ``edit`` is not supported there.
+
+Every forward hook in ``dissect_core`` is registered here, by :func:`forward_hooks`
+(any callback on named layers or given modules, removed on exit whatever
+happens) or by :func:`trace` on top of it; :func:`evaluating` puts a module in
+eval mode for a block and restores its mode.
 """
 
 from __future__ import annotations
@@ -23,15 +28,20 @@ import contextlib
 import difflib
 import re
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .errors import DissectError, LayerError
 
-__all__ = ["Trace", "get_module", "module_names", "trace"]
+__all__ = ["ForwardHook", "Trace", "evaluating", "forward_hooks", "get_module", "module_names", "trace"]
+
+ForwardHook = Callable[..., Any]
+"""``fn(module, inputs, output)`` (``fn(module, args, kwargs, output)`` with ``with_kwargs``);
+a return value other than None replaces the module's output."""
 
 
 class _StopForward(Exception):
@@ -71,6 +81,70 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise LayerError(f"unknown layer {name!r}; {hint}valid layers: {shown}", layer=name, valid=valid)
     return modules[name]
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration of a block; ``module.training`` is restored on exit.
+
+    Args:
+        module: the network.
+
+    Yields:
+        None.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@contextlib.contextmanager
+def forward_hooks(
+    model: nn.Module,
+    hooks: Mapping[str, ForwardHook] | Iterable[tuple[str | nn.Module, ForwardHook]],
+    *,
+    with_kwargs: bool = False,
+) -> Iterator[list[RemovableHandle]]:
+    """Forward hooks on layers of a model for the duration of a block, always removed on exit.
+
+    >>> with forward_hooks(model, {"layer4": lambda m, i, out: seen.append(out.shape)}):
+    ...     model(images)
+
+    Args:
+        model: the network.
+        hooks: layer name -> hook, or (layer name or submodule, hook) pairs (a
+            module may then get several hooks, in order). Each hook runs after the
+            module's forward as ``fn(module, inputs, output)``; a return value
+            other than None replaces the output downstream.
+        with_kwargs: call the hooks as ``fn(module, args, kwargs, output)``.
+
+    Yields:
+        the registered handles (removed on exit, also when the block raises).
+
+    Raises:
+        LayerError: a layer name is unknown (checked before any hook is registered).
+    """
+    pairs = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
+    modules: dict[str, nn.Module] | None = None
+    targets: list[tuple[nn.Module, ForwardHook]] = []
+    for target, fn in pairs:
+        if isinstance(target, str):
+            if modules is None:
+                modules = dict(model.named_modules())
+            targets.append((modules[target] if target and target in modules else get_module(model, target), fn))
+        else:
+            targets.append((target, fn))
+    handles: list[RemovableHandle] = []
+    try:
+        for module, fn in targets:
+            handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Trace:
@@ -155,7 +229,6 @@ def trace(
             return
         tr = Trace(model, layers, model)
         pending = set(layers)
-        handles = []
 
         def make_hook(name: str) -> Callable[..., Any]:
             def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
@@ -170,14 +243,9 @@ def trace(
 
             return hook
 
-        try:
-            for name in dict.fromkeys(layers + list(edit)):
-                handles.append(get_module(model, name).register_forward_hook(make_hook(name)))
-            with contextlib.suppress(_StopForward):
-                yield tr
-        finally:
-            for handle in handles:
-                handle.remove()
+        hooks = {name: make_hook(name) for name in dict.fromkeys(layers + list(edit))}
+        with forward_hooks(model, hooks), contextlib.suppress(_StopForward):
+            yield tr
     finally:
         model.train(was_training)
 

@@ -22,6 +22,7 @@ from torch import nn
 from .archs import build_arch
 from .concepts import ConceptDataset
 from .errors import DatasetError
+from .nethook import ForwardHook, evaluating, forward_hooks
 
 __all__ = ["MAX_IN_MEMORY_BYTES", "evaluate_accuracy", "load_class_arrays", "normalize", "train_classifier"]
 
@@ -92,15 +93,11 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     if len(labels) == 0:
         return 0.0
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        correct = 0
+    correct = 0
+    with evaluating(model):
         for start in range(0, len(labels), batch_size):
             x = normalize(images[start:start + batch_size].to(device), mean, std)
             correct += int((model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum())
-    finally:
-        model.train(was_training)
     return correct / len(labels)
 
 
@@ -185,7 +182,7 @@ def train_classifier(
         model = build_arch(arch, len(classes))
     model.to(device)
     penalties: list[torch.Tensor] = []
-    hook = None
+    hooks: list[tuple[nn.Module, ForwardHook]] = []
     if activation_l1 > 0:
         try:
             target = model.get_submodule(l1_layer or "")
@@ -193,8 +190,7 @@ def train_classifier(
             target = None
         if not l1_layer or target is None:
             raise ValueError(f"activation_l1 needs l1_layer, a layer of {arch}; got {l1_layer!r}")
-        hook = target.register_forward_hook(
-            lambda _m, _i, out: penalties.append(out.mean()) if model.training else None)
+        hooks.append((target, lambda _m, _i, out: penalties.append(out.mean()) if model.training else None))
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(labels) / batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
@@ -205,40 +201,39 @@ def train_classifier(
 
     train_acc: list[float] = []
     val_acc: list[float] = []
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(labels), generator=generator)
-        correct = 0
-        total_loss = 0.0
-        for step in range(steps_per_epoch):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            x = images[idx]
-            if augment:
-                flip = torch.rand(len(idx), generator=generator) < 0.5
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-            x = normalize(x.to(device), mean, std)
-            y = labels[idx].to(device)
-            penalties.clear()
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if penalties:
-                loss = loss + activation_l1 * penalties[0]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            correct += int((logits.argmax(1) == y).sum())
-            total_loss += float(loss.detach()) * len(idx)
-        train_acc.append(correct / len(labels))
-        if len(val_labels):
-            val_acc.append(evaluate_accuracy(model, val_images, val_labels, mean, std))
-        if progress is not None:
-            line = f"epoch {epoch + 1}/{epochs}: loss {total_loss / len(labels):.3f} train acc {train_acc[-1]:.3f}"
-            if val_acc:
-                line += f" val acc {val_acc[-1]:.3f}"
-            progress(line)
-    if hook is not None:
-        hook.remove()
+    with forward_hooks(model, hooks):
+        for epoch in range(epochs):
+            model.train()
+            order = torch.randperm(len(labels), generator=generator)
+            correct = 0
+            total_loss = 0.0
+            for step in range(steps_per_epoch):
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                x = images[idx]
+                if augment:
+                    flip = torch.rand(len(idx), generator=generator) < 0.5
+                    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+                x = normalize(x.to(device), mean, std)
+                y = labels[idx].to(device)
+                penalties.clear()
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                if penalties:
+                    loss = loss + activation_l1 * penalties[0]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                correct += int((logits.argmax(1) == y).sum())
+                total_loss += float(loss.detach()) * len(idx)
+            train_acc.append(correct / len(labels))
+            if len(val_labels):
+                val_acc.append(evaluate_accuracy(model, val_images, val_labels, mean, std))
+            if progress is not None:
+                line = f"epoch {epoch + 1}/{epochs}: loss {total_loss / len(labels):.3f} train acc {train_acc[-1]:.3f}"
+                if val_acc:
+                    line += f" val acc {val_acc[-1]:.3f}"
+                progress(line)
     model.eval()
     info = {
         "arch": f"builtin:{arch.removeprefix('builtin:')}",

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 from django.conf import settings
 
 from api import selectors, services
+from api.job_params import AblateParams, AttackParams, UnitClassifierParams, params_of
 from api.models import Job
 from workers.dissection import ProgressReporter, pick_device, with_batch_backoff
+from workers.generators import load_network
 
 
 def _staged(reporter: ProgressReporter, stage: str):
@@ -39,18 +40,14 @@ def run_ablation(job: Job) -> None:
         unit_importance,
     )
     from dissect_core.datasets import open_dataset
-    from dissect_core.models import load_model
 
-    params = job.params
+    params = params_of(job, AblateParams)
     row = job.model
-    model = load_model(
-        row.arch, Path(row.weights_path), row.num_classes,
-        input_size=row.input_size, mean=row.mean or None, std=row.std or None, classes=row.classes or None,
-    )
+    model = load_network(row)
     spec = job.dataset.spec
-    train = open_dataset(spec, split=params["train_split"], max_images=params.get("max_images"))
-    val = open_dataset(spec, split=params["val_split"], max_images=params.get("max_images"))
-    layer = params["layer"]
+    train = open_dataset(spec, split=params.train_split, max_images=params.max_images)
+    val = open_dataset(spec, split=params.val_split, max_images=params.max_images)
+    layer = params.layer
     device = pick_device()
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
         reporter.progress("loading", 0, len(train))
@@ -59,15 +56,15 @@ def run_ablation(job: Job) -> None:
                 model, train, layer, batch_size=batch_size, device=device,
                 progress=_staged(reporter, "importance"), should_stop=reporter.should_stop,
             ),
-            params["batch_size"],
+            params.batch_size,
         )
         sets = with_batch_backoff(
             lambda batch_size: ablate_sets(
-                model, val, layer, importance, classes=params.get("classes"), ks=params.get("ks"),
+                model, val, layer, importance, classes=params.classes, ks=params.ks,
                 batch_size=batch_size, device=device,
                 progress=_staged(reporter, "sets"), should_stop=reporter.should_stop,
             ),
-            params["batch_size"],
+            params.batch_size,
         )
         reporter.progress("storing", 1, 1)
         summary: dict = {
@@ -108,28 +105,23 @@ def run_attack(job: Job) -> None:
     """Attack correctly classified images and compare unit changes with unit importance (Figure 5c)."""
     from dissect_core.attack import attack_unit_changes
     from dissect_core.datasets import open_dataset
-    from dissect_core.models import load_model
 
-    params = job.params
-    row = job.model
-    model = load_model(
-        row.arch, Path(row.weights_path), row.num_classes,
-        input_size=row.input_size, mean=row.mean or None, std=row.std or None, classes=row.classes or None,
-    )
-    dataset = open_dataset(job.dataset.spec, split=params["split"])
-    ranking = selectors.importance_ranking(job_id=params["ablation_job"])
+    params = params_of(job, AttackParams)
+    model = load_network(job.model)
+    dataset = open_dataset(job.dataset.spec, split=params.split)
+    ranking = selectors.importance_ranking(job_id=params.ablation_job)
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
         analysis = with_batch_backoff(
             lambda batch_size: attack_unit_changes(
-                model, dataset, params["layer"], ranking, top_k=params["top_k"], eps=params["eps"],
-                iterations=params["iterations"], max_images=params["max_images"], seed=params["seed"],
+                model, dataset, params.layer, ranking, top_k=params.top_k, eps=params.eps,
+                iterations=params.iterations, max_images=params.max_images, seed=params.seed,
                 batch_size=batch_size, device=pick_device(),
                 progress=reporter.progress, should_stop=reporter.should_stop,
             ),
-            params["batch_size"],
+            params.batch_size,
         )
         summary = analysis.summary(confidence=0.99)
-        summary.update({"layer": params["layer"], "ablation_job": params["ablation_job"], "eps": params["eps"]})
+        summary.update({"layer": params.layer, "ablation_job": params.ablation_job, "eps": params.eps})
         services.job_summary_store(job=job, summary=_clean(summary))
     services.job_succeed(job_id=job.pk)
 
@@ -145,35 +137,30 @@ def run_unit_classifier(job: Job) -> None:
     """A unit as a classifier of a concept: the best threshold on its peak activation (Figure 1f)."""
     from dissect_core.datasets import open_dataset
     from dissect_core.errors import DissectError
-    from dissect_core.models import load_model
     from dissect_core.unit_classifier import concept_presence, image_peaks, unit_classifier
 
-    params = job.params
-    row = job.model
-    model = load_model(
-        row.arch, Path(row.weights_path), row.num_classes,
-        input_size=row.input_size, mean=row.mean or None, std=row.std or None,
-    )
-    dataset = open_dataset(job.dataset.spec, split=params.get("split"), max_images=params.get("max_images"),
+    params = params_of(job, UnitClassifierParams)
+    model = load_network(job.model)
+    dataset = open_dataset(job.dataset.spec, split=params.split, max_images=params.max_images,
                            colors=job.dataset.concepts_source == "colors")
     numbers = {c.name: c.number for c in dataset.concepts}
-    if params["concept"] not in numbers:
-        raise DissectError(f"dataset {job.dataset.name} has no concept {params['concept']!r}")
+    if params.concept not in numbers:
+        raise DissectError(f"dataset {job.dataset.name} has no concept {params.concept!r}")
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
         peaks = with_batch_backoff(
             lambda batch_size: image_peaks(
-                model, dataset, [params["layer"]], batch_size=batch_size, device=pick_device(),
+                model, dataset, [params.layer], batch_size=batch_size, device=pick_device(),
                 progress=reporter.progress, should_stop=reporter.should_stop,
             ),
-            params["batch_size"],
-        )[params["layer"]][:, params["unit"]]
-        present = concept_presence(dataset)[:, numbers[params["concept"]]]
+            params.batch_size,
+        )[params.layer][:, params.unit]
+        present = concept_presence(dataset)[:, numbers[params.concept]]
         try:
             result = unit_classifier(peaks, present)
         except ValueError as exc:
-            raise DissectError(f"cannot score unit {params['unit']} on {params['concept']!r}: {exc}") from exc
+            raise DissectError(f"cannot score unit {params.unit} on {params.concept!r}: {exc}") from exc
         summary = {
-            "layer": params["layer"], "unit": params["unit"], "concept": params["concept"],
+            "layer": params.layer, "unit": params.unit, "concept": params.concept,
             "threshold": result.threshold, "balanced_accuracy": result.balanced_accuracy,
             "true_positive_rate": result.true_positive_rate, "true_negative_rate": result.true_negative_rate,
             "images_with": int(len(result.positive_peaks)), "images_without": int(len(result.negative_peaks)),

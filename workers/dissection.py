@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from api import services
+from api.job_params import DissectBase, params_of
 from api.models import Job
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def run_dissection(job: Job) -> None:
         return
     inputs = shards.JobInputs(job)
     n_images = len(inputs.dataset)
-    shard_size = job.params.get("shard_size", settings.JOB_SHARD_SIZE)
+    shard_size = inputs.params.shard_size
     if n_images > shard_size:
         shards.start(job, n_images, shard_size)
         return
@@ -133,7 +134,7 @@ def run_dissection(job: Job) -> None:
                 device=pick_device(),
                 progress=reporter.progress,
                 should_stop=reporter.should_stop,
-                top_k_images=job.params.get("top_k_images", 5),
+                top_k_images=inputs.params.top_k_images,
             ),
             inputs.batch_size,
         )
@@ -148,8 +149,7 @@ def resume_sharded(job: Job) -> None:
     open_shards = JobShard.objects.filter(job=job, stage=job.stage).exclude(status=JobShard.Status.DONE)
     if job.stage == "finish" or not open_shards.exists():
         if job.stage == "finish":
-            Job.objects.filter(pk=job.pk).update(stage="count")
-            job.stage = "count"
+            services.job_stage_set(job=job, stage="count")
         with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
             reporter.progress("merging", 0, 1)
             shards.advance(job, reporter)
@@ -164,7 +164,7 @@ def store_results(job: Job, model, dataset, results: dict, reporter: ProgressRep
 
     concepts = [(c.name, c.category) for c in dataset.concepts]
     results_dir = Path(settings.MEDIA_ROOT) / "results" / f"job-{job.pk}"
-    if job.params.get("top_k_images", 5) > 0:
+    if params_of(job, DissectBase).top_k_images > 0:
         for layer, result in results.items():
             reporter.progress("images", 0, result.units)
             save_unit_strips(

@@ -17,6 +17,7 @@ import numpy as np
 from django.conf import settings
 
 from api import services
+from api.job_params import GeneratorDissectParams, GeneratorInsertParams, GeneratorRemoveParams, params_of
 from api.models import Job, NetworkModel
 from workers.dissection import ProgressReporter, pick_device, with_batch_backoff
 
@@ -51,12 +52,12 @@ def concept_source(value: str | int):
                      input_size=tuple(loaded.input_size))
 
 
-def generated_dataset(model, params: dict[str, Any], *, batch_size: int = 32):
+def generated_dataset(model, params: GeneratorDissectParams):
     """The seeded generated images of a generator dissection, labelled by its concept source."""
     from dissect_core.generators import GeneratedDataset
 
-    return GeneratedDataset(model, concept_source(params.get("concepts", "colors")), int(params["samples"]),
-                            seed=int(params.get("seed", 0)), batch_size=batch_size, device=pick_device())
+    return GeneratedDataset(model, concept_source(params.concepts), params.samples, seed=params.seed,
+                            batch_size=params.batch_size, device=pick_device())
 
 
 def concept_number(source, name: str) -> int:
@@ -116,13 +117,12 @@ def results_dir(job: Job) -> Path:
     return Path(settings.MEDIA_ROOT) / "results" / f"job-{job.pk}"
 
 
-def _edit_inputs(job: Job):
+def _edit_inputs(job: Job, params: GeneratorRemoveParams | GeneratorInsertParams):
     """(generator, concept source, concept number, ranked units, their IoUs) of a remove/insert job."""
-    params = job.params
     model = load_network(job.model)
-    source = concept_source(params["concepts"])
-    number = concept_number(source, params["concept"])
-    units, ious = ranked_units(params["dissection"], params["layer"], params["concept"])
+    source = concept_source(params.concepts)
+    number = concept_number(source, params.concept)
+    units, ious = ranked_units(params.dissection, params.layer, params.concept)
     return model, source, number, units, ious
 
 
@@ -130,22 +130,22 @@ def run_generator_remove(job: Job) -> None:
     """Zero the top-k units of a concept for each k; store the pixel-share curve and sample images."""
     from dissect_core.generators import removal_curve
 
-    params = job.params
+    params = params_of(job, GeneratorRemoveParams)
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
-        reporter.progress("loading", 0, params["samples"])
-        model, source, number, units, ious = _edit_inputs(job)
+        reporter.progress("loading", 0, params.samples)
+        model, source, number, units, ious = _edit_inputs(job, params)
         result = with_batch_backoff(
             lambda batch_size: removal_curve(
-                model, source, params["layer"], units, number, ks=params["ks"], count=params["samples"],
-                seed=params["seed"], batch_size=batch_size, sample_images=params["sample_images"],
+                model, source, params.layer, units, number, ks=params.ks, count=params.samples,
+                seed=params.seed, batch_size=batch_size, sample_images=params.sample_images,
                 device=pick_device(), progress=reporter.progress, should_stop=reporter.should_stop,
             ),
-            params["batch_size"],
+            params.batch_size,
         )
         reporter.progress("storing", 1, 1)
-        top = max(params["ks"])
+        top = max(params.ks)
         summary = {
-            "concept": params["concept"], "layer": params["layer"], "dissection": params["dissection"],
+            "concept": params.concept, "layer": params.layer, "dissection": params.dissection,
             "units": units[:top], "unit_iou": ious[:top], "samples": result.count, "seed": result.seed,
             "baseline": result.baseline,
             "curve": [{"k": k, "share": share, "change": change}
@@ -158,27 +158,27 @@ def run_generator_insert(job: Job) -> None:
     """Set the top-k units of a concept high at every position; store the map of added pixels."""
     from dissect_core.generators import insertion_map, unit_quantiles
 
-    params = job.params
+    params = params_of(job, GeneratorInsertParams)
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
-        reporter.progress("loading", 0, params["samples"])
-        model, source, number, units, ious = _edit_inputs(job)
-        chosen = units[: params["k"]]
-        values = unit_quantiles(model, params["layer"], q=params["quantile"], seed=params["seed"] + 7919,
+        reporter.progress("loading", 0, params.samples)
+        model, source, number, units, ious = _edit_inputs(job, params)
+        chosen = units[: params.k]
+        values = unit_quantiles(model, params.layer, q=params.quantile, seed=params.seed + 7919,
                                 units=chosen, device=pick_device())
         result = with_batch_backoff(
             lambda batch_size: insertion_map(
-                model, source, params["layer"], chosen, number, values=values, count=params["samples"],
-                seed=params["seed"], stride=params["stride"], size=params["size"], batch_size=batch_size,
+                model, source, params.layer, chosen, number, values=values, count=params.samples,
+                seed=params.seed, stride=params.stride, size=params.size, batch_size=batch_size,
                 sample_images=8,
                 device=pick_device(), progress=reporter.progress, should_stop=reporter.should_stop,
             ),
-            params["batch_size"],
+            params.batch_size,
         )
         reporter.progress("storing", 1, 1)
         summary = {
-            "concept": params["concept"], "layer": params["layer"], "dissection": params["dissection"],
-            "units": chosen, "unit_iou": ious[: params["k"]], "values": [float(v) for v in np.asarray(values)],
-            "samples": result.count, "seed": result.seed, **insertion_grid(result, params["stride"], params["size"]),
+            "concept": params.concept, "layer": params.layer, "dissection": params.dissection,
+            "units": chosen, "unit_iou": ious[: params.k], "values": [float(v) for v in np.asarray(values)],
+            "samples": result.count, "seed": result.seed, **insertion_grid(result, params.stride, params.size),
         }
         _store(job, summary, "insert", result.before_images, result.after_images)
 

@@ -24,6 +24,7 @@ from django.conf import settings
 from django.db import connection
 
 from api import services
+from api.job_params import DissectBase, GeneratorDissectParams, params_of
 from api.models import Job, JobShard
 
 
@@ -97,17 +98,17 @@ class JobInputs:
         from dissect_core.datasets import open_dataset
         from workers.generators import generated_dataset, load_network
 
+        self.params = params = params_of(job, DissectBase)
         self.model = load_network(job.model)
-        if job.dataset is None:  # a generator: seeded samples labelled by the concept source
-            self.dataset = generated_dataset(self.model, job.params, batch_size=job.params.get("batch_size", 32))
+        if isinstance(params, GeneratorDissectParams):  # seeded samples labelled by the concept source
+            self.dataset = generated_dataset(self.model, params)
         else:
             self.dataset = open_dataset(
-                job.dataset.spec, max_images=job.params.get("max_images"),
-                colors=job.dataset.concepts_source == "colors",
+                job.dataset.spec, max_images=params.max_images, colors=job.dataset.concepts_source == "colors",
             )
-        self.layers = job.params["layers"]
-        self.quantile = job.params.get("quantile", 0.99)
-        self.batch_size = job.params.get("batch_size", settings.DISSECT_BATCH_SIZE)
+        self.layers = params.layers
+        self.quantile = params.quantile
+        self.batch_size = params.batch_size
 
 
 def start(job: Job, n_images: int, shard_size: int) -> None:
@@ -146,7 +147,7 @@ def run_shard(job: Job, shard: JobShard) -> bool:
 
             def run(batch_size: int) -> dict:
                 return count_pass(inputs.model, inputs.dataset, inputs.layers, thresholds, batch_size=batch_size,
-                                  top_k_images=job.params.get("top_k_images", 5), **common)
+                                  top_k_images=inputs.params.top_k_images, **common)
         out = with_batch_backoff(run, inputs.batch_size)
         save_states(path, {layer: state.state_dict() for layer, state in out.items()})
     return services.shard_done(shard_id=shard.pk, path=str(path))
@@ -172,7 +173,8 @@ def advance(job: Job, reporter) -> None:
     if stage == "quantile" or stage.startswith("refine"):
         if stage == "quantile":
             sketches = _merge_stage(job, stage, QuantileSketch)
-            brackets = {layer: s.bracket(job.params.get("quantile", 0.99)) for layer, s in sketches.items()}
+            quantile = params_of(job, DissectBase).quantile
+            brackets = {layer: s.bracket(quantile) for layer, s in sketches.items()}
             resolved: dict = {}
             round_no = 0
         else:
@@ -204,6 +206,6 @@ def advance(job: Job, reporter) -> None:
             layer: finalize(layer, thresholds[layer], counts[layer], inputs.dataset.concepts, quantile=inputs.quantile)
             for layer in inputs.layers
         }
-        Job.objects.filter(pk=job.pk).update(stage="finish")
+        services.job_stage_set(job=job, stage="finish")
         store_results(job, inputs.model, inputs.dataset, results, reporter)
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,6 +1,8 @@
 """``python -m bench.campaign [--quick] [--seed N] [...]``: the whole campaign, then its table.
 
-Exit status 0 when every row held, 1 otherwise.
+The table (with the latency tables before it) is printed at the end and also written to
+``var/campaign/report.md``, which stays until the next run. Exit status 0 when every row
+held, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from bench.campaign.harness import Harness, Options
 from bench.campaign.table import latency_markdown, rows_table
@@ -87,15 +90,32 @@ def main(argv: list[str] | None = None) -> int:
             harness.down()
         except Exception:
             traceback.print_exc()
-    for title, table in harness.latency_tables:
-        print(f"\n{title}\n")
-        print(latency_markdown(table))
     held = sum(r.held for r in harness.rows)
     minutes = (time.monotonic() - harness.started) / 60
-    print(f"\nReliability campaign, {datetime.date.today().isoformat()}, `{command.strip()}` "
-          f"(seed {options.seed}, {minutes:.1f} min, {os.cpu_count()} CPUs): {held} of {len(harness.rows)} held\n")
-    print(rows_table(harness.rows))
+    parts = [f"\n{title}\n\n{latency_markdown(table)}" for title, table in harness.latency_tables]
+    parts.append(f"\nReliability campaign, {datetime.date.today().isoformat()}, `{command.strip()}` "
+                 f"(seed {options.seed}, {minutes:.1f} min, {os.cpu_count()} CPUs): "
+                 f"{held} of {len(harness.rows)} held\n\n" + rows_table(harness.rows))
+    report = "\n".join(parts)
+    # Written before the table is printed: the printed table stays the last thing on stdout.
+    path = write_report(harness.top / REPORT_NAME, report)
+    harness.log(f"report written to {path}" if path else "the report could not be written (see above)")
+    print(report)
     return 0 if harness.rows and held == len(harness.rows) else 1
+
+
+REPORT_NAME = "report.md"
+
+
+def write_report(path: Path, text: str) -> Path | None:
+    """Write the final tables to ``path``, creating its folder; None when that failed (they are printed anyway)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.lstrip("\n") + "\n", encoding="utf-8")
+    except OSError:
+        traceback.print_exc()
+        return None
+    return path
 
 
 if __name__ == "__main__":

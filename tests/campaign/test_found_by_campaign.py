@@ -47,12 +47,12 @@ def test_malformed_ids_and_huge_pages_are_not_500(api):
 
 
 def test_a_full_disk_is_507(api, monkeypatch):
-    from api import services
+    from api.services import registration
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(services, "save_upload", full)
+    monkeypatch.setattr(registration, "save_upload", full)
     weights = io.BytesIO(b"\0" * 64)
     weights.name = "w.safetensors"
     response = api.post("/api/models/", {"name": "m", "arch": "builtin:scenecnn", "weights": weights},
@@ -78,14 +78,14 @@ def test_a_job_created_while_the_broker_is_down_is_accepted_and_sent_again(api, 
 
     from api import services
     from api.models import Job
-    from workers.tasks import run_job
+    from api.services import queue
 
     sent: list[int] = []
 
     def down(*args, **kwargs):
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    monkeypatch.setattr(run_job, "apply_async", down)
+    monkeypatch.setattr(queue.app, "send_task", down)
     model, dataset = rows
     with django_capture_on_commit_callbacks(execute=True):
         response = api.post("/api/jobs/", {"type": "dissect", "model": model.pk, "dataset": dataset.pk},
@@ -94,7 +94,7 @@ def test_a_job_created_while_the_broker_is_down_is_accepted_and_sent_again(api, 
     job = Job.objects.get(pk=response.json()["id"])
     assert job.status == "queued"
 
-    monkeypatch.setattr(run_job, "apply_async", lambda kwargs: sent.append(kwargs["job_id"]))
+    monkeypatch.setattr(queue.app, "send_task", lambda name, kwargs: sent.append(kwargs["job_id"]))
     stale = timedelta(seconds=30)
     with django_capture_on_commit_callbacks(execute=True):
         assert services.jobs_requeue_lost(older_than=stale) == []  # too young

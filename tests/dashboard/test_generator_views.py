@@ -289,10 +289,10 @@ def test_other_users_generator_pages_are_404(client, user, other_user, tmp_path)
 
 
 def test_job_form_submits_every_type_and_shows_the_service_errors(alice, user, tmp_path, monkeypatch):
-    from api import services
     from api.models import Dataset, Job
+    from api.services import queue
 
-    monkeypatch.setattr(services, "_enqueue", lambda pk: None)
+    monkeypatch.setattr(queue, "job_enqueue", lambda pk: None)
     base = make_generator(user, tmp_path)
     model = base["model"].pk
     page = alice.get(f"/jobs/new/?model={model}&type=generator_remove").content.decode()
@@ -343,10 +343,10 @@ def test_job_form_submits_every_type_and_shows_the_service_errors(alice, user, t
 
 
 def test_rerun_of_generator_jobs_without_a_dataset(alice, user, tmp_path, monkeypatch):
-    from api import services
     from api.models import Job
+    from api.services import queue
 
-    monkeypatch.setattr(services, "_enqueue", lambda pk: None)
+    monkeypatch.setattr(queue, "job_enqueue", lambda pk: None)
     base = make_generator(user, tmp_path)
     for job in (base["job"], make_removal(user, base, tmp_path)):
         response = alice.post(f"/jobs/{job.pk}/rerun/")

@@ -101,11 +101,11 @@ def test_job_page_shows_layers_as_a_table_and_the_full_error(alice, user):
 
 
 def test_cancel_and_rerun_go_through_the_services(alice, user, monkeypatch):
-    from api import services
     from api.models import Job
+    from api.services import queue
 
     enqueued = []
-    monkeypatch.setattr(services, "_enqueue", enqueued.append)
+    monkeypatch.setattr(queue, "job_enqueue", enqueued.append)
     rows = make_dissection(user, status="running")
     job = rows["job"]
     assert "Cancel job" in alice.get(f"/jobs/{job.pk}/").content.decode()
@@ -122,10 +122,10 @@ def test_cancel_and_rerun_go_through_the_services(alice, user, monkeypatch):
 
 
 def test_job_form_shows_the_service_error(alice, user, monkeypatch):
-    from api import services
     from api.models import Job
+    from api.services import queue
 
-    monkeypatch.setattr(services, "_enqueue", lambda pk: None)
+    monkeypatch.setattr(queue, "job_enqueue", lambda pk: None)
     rows = make_dissection(user)
     form = {"model": rows["model"].pk, "dataset": rows["dataset"].pk, "layers": "conv5, nope", "quantile": "0.99"}
     page = alice.post("/jobs/new/", form).content.decode()

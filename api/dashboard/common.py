@@ -1,0 +1,120 @@
+"""What the dashboard's pages share: category colours, durations, job and unit decorations,
+query parameters, and showing a service error on a form."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+from django import forms
+
+from api import selectors
+from api.errors import ApplicationError
+from api.models import Job
+
+
+GALLERY_PAGE_SIZE = 256
+
+
+SEARCH_PAGE_SIZE = 60
+
+
+JOBS_SHOWN = 100
+
+
+CATEGORY_ORDER = ["object", "part", "material", "color", "colour", "scene", "texture"]
+
+
+CATEGORY_COLOURS = {
+    "object": "#4e79a7",
+    "part": "#f28e2b",
+    "material": "#59a14f",
+    "color": "#e15759",
+    "colour": "#e15759",
+    "scene": "#b07aa1",
+    "texture": "#76b7b2",
+}
+
+
+OTHER_COLOURS = ["#edc948", "#9c755f", "#ff9da7", "#8c8c8c", "#17becf", "#bcbd22"]
+
+
+SORTS = [("-iou", "IoU, highest first"), ("iou", "IoU, lowest first"), ("unit", "unit number"), ("concept", "concept")]
+
+
+def category_colour(category: str) -> str:
+    if category in CATEGORY_COLOURS:
+        return CATEGORY_COLOURS[category]
+    return OTHER_COLOURS[zlib.crc32(category.encode()) % len(OTHER_COLOURS)]
+
+
+def _category_key(category: str) -> tuple[int, str]:
+    return (CATEGORY_ORDER.index(category) if category in CATEGORY_ORDER else len(CATEGORY_ORDER), category)
+
+
+def _duration(seconds: float | None) -> str:
+    """12 s, 3 min 05 s, 2 h 10 min."""
+    if seconds is None:
+        return ""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def _decorate_job(job: Job) -> Job:
+    """Attach the display values the job templates read (percent, time left, run time)."""
+    job.percent = round(100 * (job.progress or 0.0))
+    job.active = not job.is_final
+    if job.status == Job.Status.RUNNING:
+        job.time_left = _duration(job.eta_seconds) if job.eta_seconds is not None else "estimating"
+    elif job.status == Job.Status.QUEUED:
+        job.time_left = "waiting for a worker"
+    else:
+        job.time_left = ""
+    job.waited = _duration((job.started - job.created).total_seconds()) if job.started else ""
+    job.ran = _duration((job.finished - job.started).total_seconds()) if job.started and job.finished else ""
+    return job
+
+
+def _float_param(request, name: str) -> float | None:
+    raw = request.GET.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _add_service_error(form: forms.Form, exc: ApplicationError) -> None:
+    form.add_error(None, exc.message)
+    for key, value in (exc.extra or {}).items():
+        if isinstance(value, list):
+            value = ", ".join(map(str, value))
+        form.add_error(None, f"{key}: {value}")
+
+
+def _decorate_unit(unit):
+    unit.colour = category_colour(unit.label.category) if unit.label_id else "#9ca3af"
+    unit.strip_ratio = max(1, len(unit.top_images or []))
+    unit.detector = unit.iou >= selectors.DETECTOR_MIN_IOU
+    return unit
+
+
+def _page_links(request, page) -> dict:
+    """Query strings of the previous and next pages, keeping the other parameters."""
+    def link(number):
+        query = request.GET.copy()
+        query["page"] = number
+        return "?" + query.urlencode()
+
+    return {
+        "previous": link(page.previous_page_number()) if page.has_previous() else None,
+        "next": link(page.next_page_number()) if page.has_next() else None,
+    }

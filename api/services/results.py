@@ -1,0 +1,289 @@
+"""Storing results: a layer's units, their top concepts and IoU matrix; an ablate job's importance and
+curves; the per-model concept summary."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, Max
+
+from api.models import (
+    DETECTOR_MIN_IOU,
+    AblationCurve,
+    ClassUnitImportance,
+    Concept,
+    ConceptStat,
+    Job,
+    LayerResult,
+    NetworkModel,
+    Unit,
+    UnitConcept,
+)
+
+
+@transaction.atomic
+def concept_stats_refresh(*, model_id: int) -> int:
+    """Recompute one model's ConceptStat rows from its units: per label and job owner, the units of
+    succeeded jobs with iou >= DETECTOR_MIN_IOU, and their best IoU.
+
+    The model row is locked first (FOR NO KEY UPDATE: jobs and units referencing it can still
+    be written), so two jobs of the same model finishing together rewrite its rows one after the
+    other; the second sees the first's status once it has the lock.
+
+    Returns:
+        the number of rows written (0 when the model no longer exists).
+    """
+    locked = list(NetworkModel.objects.select_for_update(no_key=True).filter(pk=model_id).values_list("pk", flat=True))
+    if not locked:
+        return 0
+    ConceptStat.objects.filter(model_id=model_id).delete()
+    rows = (
+        Unit.objects.filter(
+            model_id=model_id, job__status=Job.Status.SUCCEEDED, label__isnull=False, iou__gte=DETECTOR_MIN_IOU
+        )
+        .order_by()
+        .values_list("label_id", "job__owner_id")
+        .annotate(units=Count("id"), best_iou=Max("iou"))
+    )
+    created = ConceptStat.objects.bulk_create(
+        [
+            ConceptStat(concept_id=label, model_id=model_id, owner_id=owner, units=units, best_iou=best)
+            for label, owner, units, best in rows
+        ],
+        batch_size=5000,
+    )
+    return len(created)
+
+
+def concepts_ensure(*, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Concept]:
+    """Get or create concepts by (name, category) in bulk (one query when they all exist)."""
+    wanted = set(pairs)
+    found = {(c.name, c.category): c for c in Concept.objects.filter(name__in={n for n, _ in wanted})}
+    missing = wanted - found.keys()
+    if missing:
+        Concept.objects.bulk_create(
+            [Concept(name=n, category=c) for n, c in missing], ignore_conflicts=True, batch_size=2000
+        )
+        for concept in Concept.objects.filter(name__in={n for n, _ in missing}):
+            found.setdefault((concept.name, concept.category), concept)
+    return found
+
+
+def _top_concepts(iou: np.ndarray, k: int) -> np.ndarray:
+    """Column indices [U, min(k, C)] of each row's k highest IoUs, best first, ties to the lower
+    column: the first k of a stable argsort of -iou, without sorting every row."""
+    units_count, n_concepts = iou.shape
+    k = min(k, n_concepts)
+    if k == 0:
+        return np.zeros((units_count, 0), dtype=np.intp)
+    neg = -iou
+    if n_concepts <= 4 * k or np.isnan(neg).any():
+        return np.argsort(neg, axis=1, kind="stable")[:, :k]
+    kth = np.partition(neg, k - 1, axis=1)[:, k - 1 : k]
+    rows, cols = np.nonzero(neg <= kth)
+    order = np.lexsort((cols, neg[rows, cols], rows))
+    rows, cols = rows[order], cols[order]
+    starts = np.searchsorted(rows, np.arange(units_count))
+    return cols[starts[:, None] + np.arange(k)]
+
+
+def _copy_text(value: str) -> str:
+    """A value for Postgres COPY text format (tab-separated, backslash escapes)."""
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _copy_into(cursor, model, fields: list[str], lines: list[str]) -> None:
+    ops = transaction.get_connection().ops
+    table = ops.quote_name(model._meta.db_table)
+    columns = ", ".join(ops.quote_name(model._meta.get_field(f).column) for f in fields)
+    cursor.cursor.copy_expert(f"COPY {table} ({columns}) FROM STDIN", io.StringIO("".join(lines)))
+
+
+def _store_units_copy(*, job: Job, layer: str, label_ids: list, label_names: list[str], best_iou: list[float],
+                      thresholds: list[float], top_images: list[str], score_concepts: np.ndarray,
+                      score_iou: np.ndarray) -> None:
+    """Postgres: the layer's units and scores by two COPYs, unit ids drawn from the sequence first."""
+    units_count = len(label_ids)
+    with transaction.get_connection().cursor() as cursor:
+        cursor.execute(
+            "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
+            [Unit._meta.db_table, Unit._meta.pk.column, units_count],
+        )
+        ids = [row[0] for row in cursor.fetchall()]
+        prefix = f"\t{job.pk}\t{job.model_id}\t{_copy_text(layer)}\t"
+        labels = [
+            "\\N\t" if label is None else f"{label}\t{_copy_text(name)}"
+            for label, name in zip(label_ids, label_names, strict=True)
+        ]
+        _copy_into(
+            cursor,
+            Unit,
+            ["id", "job", "model", "layer", "unit", "label", "label_name", "iou", "threshold", "top_images"],
+            [
+                f"{ids[u]}{prefix}{u}\t{labels[u]}\t{best_iou[u]!r}\t{thresholds[u]!r}\t{top_images[u]}\n"
+                for u in range(units_count)
+            ],
+        )
+        concepts = score_concepts.tolist()
+        ious = score_iou.tolist()
+        _copy_into(
+            cursor,
+            UnitConcept,
+            ["unit", "concept", "rank", "iou"],
+            [
+                f"{ids[u]}\t{concept}\t{rank}\t{ious[u][rank]!r}\n"
+                for u in range(units_count)
+                for rank, concept in enumerate(concepts[u])
+            ],
+        )
+
+
+def _store_units_orm(*, job: Job, layer: str, label_ids: list, label_names: list[str], best_iou: list[float],
+                     thresholds: list[float], top_images: list[list[int]], score_concepts: np.ndarray,
+                     score_iou: np.ndarray) -> None:
+    """Other databases (the embedded SQLite): batched bulk_create."""
+    Unit.objects.bulk_create(
+        [
+            Unit(job=job, model_id=job.model_id, layer=layer, unit=u, label_id=label_ids[u],
+                 label_name=label_names[u], iou=best_iou[u], threshold=thresholds[u], top_images=top_images[u])
+            for u in range(len(label_ids))
+        ],
+        batch_size=2000,
+    )
+    unit_ids = dict(Unit.objects.filter(job=job, layer=layer).values_list("unit", "id"))
+    concepts = score_concepts.tolist()
+    ious = score_iou.tolist()
+    UnitConcept.objects.bulk_create(
+        [
+            UnitConcept(unit_id=unit_ids[u], concept_id=concept, rank=rank, iou=ious[u][rank])
+            for u in range(len(label_ids))
+            for rank, concept in enumerate(concepts[u])
+        ],
+        batch_size=5000,
+    )
+
+
+def layer_result_store(
+    *,
+    job: Job,
+    layer: str,
+    thresholds: np.ndarray,
+    iou: np.ndarray,
+    concepts: list[tuple[str, str]],
+    summary: dict,
+    top_images: list[list[int]] | None = None,
+) -> int:
+    """Write one layer's units, top-K concept scores and IoU matrix file, idempotently.
+
+    In one transaction, with the job row locked: the layer's earlier rows (a redelivered
+    task) are deleted, then its units and their top-K scores are written in bulk (COPY on
+    Postgres, batched bulk_create elsewhere) and its LayerResult is upserted. The matrix
+    file is written first, to a temporary name renamed into place.
+
+    Args:
+        thresholds: float [U], t_u per unit.
+        iou: float [U, C], IoU per unit and concept (columns in ``concepts`` order).
+        concepts: C pairs (name, category).
+        top_images: U lists of image indices, or None.
+    Returns:
+        the number of units written (0 when the job is no longer running).
+    """
+    units_count, n_concepts = iou.shape
+    if n_concepts != len(concepts) or thresholds.shape != (units_count,):
+        raise ValueError("iou, thresholds and concepts disagree in shape")
+    if top_images is not None and len(top_images) != units_count:
+        raise ValueError("top_images must hold one list per unit")
+    k = max(1, settings.UNIT_TOP_CONCEPTS)
+    folder = Path(settings.MEDIA_ROOT) / "results" / f"job-{job.pk}"
+    folder.mkdir(parents=True, exist_ok=True)
+    matrix_path = folder / f"{layer}.npz"
+    tmp = folder / f".{layer}.tmp.npz"
+    np.savez_compressed(
+        tmp,
+        iou=iou.astype(np.float32),
+        thresholds=thresholds.astype(np.float32),
+        concept_names=np.array([n for n, _ in concepts]),
+        concept_categories=np.array([c for _, c in concepts]),
+    )
+    os.replace(tmp, matrix_path)
+    concept_rows = concepts_ensure(pairs=list(concepts))
+    column_ids = np.array([concept_rows[pair].pk for pair in concepts], dtype=np.int64)
+    order = _top_concepts(iou, k)
+    if n_concepts:
+        best = iou[np.arange(units_count), order[:, 0]]
+        label_ids = [int(c) if b > 0 else None for c, b in zip(column_ids[order[:, 0]], best, strict=True)]
+        label_names = [concepts[c][0] if b > 0 else "" for c, b in zip(order[:, 0], best, strict=True)]
+    else:
+        best = np.zeros(units_count)
+        label_ids, label_names = [None] * units_count, [""] * units_count
+    rows = {
+        "label_ids": label_ids,
+        "label_names": label_names,
+        "best_iou": np.where(best > 0, best, 0.0).astype(float).tolist(),
+        "thresholds": thresholds.astype(float).tolist(),
+        "score_concepts": column_ids[order],
+        "score_iou": np.take_along_axis(iou, order, axis=1).astype(float),
+    }
+    images = [[int(i) for i in row] for row in top_images] if top_images is not None else [[]] * units_count
+    with transaction.atomic():
+        locked = Job.objects.select_for_update().get(pk=job.pk)
+        if locked.status != Job.Status.RUNNING:
+            return 0
+        Unit.objects.filter(job=job, layer=layer).delete()
+        if transaction.get_connection().vendor == "postgresql":
+            _store_units_copy(job=job, layer=layer, top_images=[_copy_text(json.dumps(i)) for i in images], **rows)
+        else:
+            _store_units_orm(job=job, layer=layer, top_images=images, **rows)
+        LayerResult.objects.update_or_create(
+            job=job,
+            layer=layer,
+            defaults={"units": units_count, "summary": summary, "matrix_path": str(matrix_path)},
+        )
+    return units_count
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def ablation_store(*, job: Job, layer: str, importance_rows: list[dict], curve_rows: list[dict], summary: dict) -> None:
+    """Write an ablate job's unit x class importance and set-ablation curves, idempotently."""
+    with transaction.atomic():
+        locked = Job.objects.select_for_update().get(pk=job.pk)
+        if locked.status != Job.Status.RUNNING:
+            return
+        ClassUnitImportance.objects.filter(job=job).delete()
+        AblationCurve.objects.filter(job=job).delete()
+        ClassUnitImportance.objects.bulk_create(
+            [
+                ClassUnitImportance(
+                    job=job, model_id=job.model_id, layer=layer, class_index=row["class_index"],
+                    class_name=row["class"], rank=row["rank"], unit=row["unit"],
+                    balanced_accuracy=row["balanced_accuracy"], drop=row["drop"], margin_drop=row["margin_drop"],
+                )
+                for row in importance_rows
+                if _finite(row["balanced_accuracy"]) is not None
+            ],
+            batch_size=5000,
+        )
+        AblationCurve.objects.bulk_create(
+            [
+                AblationCurve(
+                    job=job, class_index=row["class_index"], class_name=row["class"], k=row["k"],
+                    baseline=_finite(row["baseline"]), removed_top=_finite(row["removed_top"]),
+                    kept_top=_finite(row["kept_top"]), removed_top_accuracy=row["removed_top_accuracy"],
+                    kept_top_accuracy=row["kept_top_accuracy"],
+                )
+                for row in curve_rows
+            ],
+            batch_size=5000,
+        )
+        locked.summary = summary
+        locked.save(update_fields=["summary"])
