@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 PORT ?= 8000
 WORKERS ?= 1
 
-.PHONY: install run serve test bench campaign lint clean
+.PHONY: install run serve test bench campaign lint format clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ run: install
 serve: install
 	$(BIN)/python manage.py serve --port $(PORT) --workers $(WORKERS)
 
-test: install
+test: install lint
 	bash scripts/ensure_browser.sh
 	$(BIN)/python scripts/ensure_services.py
 	$(BIN)/python -m pytest
@@ -35,8 +35,14 @@ bench: install
 campaign: install
 	$(BIN)/python -m bench.campaign $(CAMPAIGN_ARGS)
 
+# ruff lint and format (rules and line length in pyproject.toml); `make test` runs it first.
 lint: install
-	$(BIN)/ruff check dissect_core api workers config tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf var

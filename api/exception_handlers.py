@@ -49,7 +49,9 @@ def api_exception_handler(exc, context):
     if isinstance(exc, ApplicationError):
         return Response({"message": exc.message, "extra": exc.extra}, status=exc.status)
     if isinstance(exc, RequestDataTooBig):
-        message = f"request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes (upload files as multipart)"
+        message = (
+            f"request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes (upload files as multipart)"
+        )
         return Response({"message": message, "extra": {}}, status=413)
     if isinstance(exc, SuspiciousOperation):
         return Response({"message": str(exc) or "bad request", "extra": {}}, status=400)
@@ -92,7 +94,10 @@ class DatabaseUnavailableMiddleware:
         if request.path.startswith("/api/"):
             response = JsonResponse({"message": DATABASE_DOWN_MESSAGE, "extra": {}}, status=503)
         else:
-            response = HttpResponse(f"503 Service Unavailable: {DATABASE_DOWN_MESSAGE}.\n", status=503,
-                                    content_type="text/plain; charset=utf-8")
+            response = HttpResponse(
+                f"503 Service Unavailable: {DATABASE_DOWN_MESSAGE}.\n",
+                status=503,
+                content_type="text/plain; charset=utf-8",
+            )
         response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
         return response

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,7 +29,10 @@ class ServiceProcesses:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            args, cwd=settings.BASE_DIR, stdout=out, stderr=subprocess.STDOUT if out else None,
+            args,
+            cwd=settings.BASE_DIR,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
         )
         self.children.append(proc)
@@ -39,20 +43,56 @@ class ServiceProcesses:
         signal.signal(signal.SIGHUP, _raise_interrupt)
         bindir = Path(sys.executable).parent
         self._spawn(
-            [str(bindir / "gunicorn"), "config.wsgi:application", "--bind", f"127.0.0.1:{self.port}",
-             "--workers", os.environ.get("WEB_CONCURRENCY", "2"), "--timeout", "600", "--access-logfile", "-"],
+            [
+                str(bindir / "gunicorn"),
+                "config.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                os.environ.get("WEB_CONCURRENCY", "2"),
+                "--timeout",
+                "600",
+                "--access-logfile",
+                "-",
+            ],
             "api",
         )
         for i in range(self.workers):
             self._spawn(
-                [str(bindir / "celery"), "-A", "config", "worker", "--concurrency", "1", "--pool", "prefork",
-                 "--loglevel", "INFO", "--hostname", f"worker{i + 1}@%h"],
+                [
+                    str(bindir / "celery"),
+                    "-A",
+                    "config",
+                    "worker",
+                    "--concurrency",
+                    "1",
+                    "--pool",
+                    "prefork",
+                    "--loglevel",
+                    "INFO",
+                    "--hostname",
+                    f"worker{i + 1}@%h",
+                ],
                 f"worker{i + 1}",
             )
         # The painting endpoint's worker: only the "interactive" queue, so long jobs never block it.
         self._spawn(
-            [str(bindir / "celery"), "-A", "config", "worker", "-Q", "interactive", "--concurrency", "1",
-             "--pool", "prefork", "--loglevel", "INFO", "--hostname", "painter@%h"],
+            [
+                str(bindir / "celery"),
+                "-A",
+                "config",
+                "worker",
+                "-Q",
+                "interactive",
+                "--concurrency",
+                "1",
+                "--pool",
+                "prefork",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                "painter@%h",
+            ],
             "painter",
         )
 
@@ -86,15 +126,11 @@ class ServiceProcesses:
                 proc.terminate()
         deadline = time.monotonic() + 20
         for proc in self.children:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             if proc.poll() is None or proc.returncode is not None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -181,6 +181,9 @@ class JobShard(models.Model):
         constraints = [models.UniqueConstraint(fields=["job", "stage", "index"], name="shard_job_stage_index")]
         indexes = [models.Index(fields=["status", "heartbeat"])]
 
+    def __str__(self) -> str:
+        return f"job {self.job_id} {self.stage} shard {self.index}"
+
 
 class Unit(models.Model):
     """One dissected unit (channel) of one layer, as one job measured it."""
@@ -229,6 +232,9 @@ class UnitConcept(models.Model):
         constraints = [models.UniqueConstraint(fields=["unit", "concept"], name="unitconcept_unit_concept")]
         indexes = [models.Index(fields=["concept", "-iou"])]
 
+    def __str__(self) -> str:
+        return f"unit {self.unit_id} #{self.rank}: concept {self.concept_id} ({self.iou:.3f})"
+
 
 class ConceptStat(models.Model):
     """Detectors of one concept in one model, over the succeeded jobs of one owner: a summary of
@@ -252,7 +258,8 @@ class ConceptStat(models.Model):
         # The FK indexes serve the per-model refresh (model) and a user's deletion (owner).
         constraints = [
             models.UniqueConstraint(
-                fields=["concept", "model", "owner"], include=["units", "best_iou"],
+                fields=["concept", "model", "owner"],
+                include=["units", "best_iou"],
                 name="conceptstat_concept_model_owner",
             )
         ]
@@ -275,6 +282,9 @@ class LayerResult(models.Model):
         ordering = ["job_id", "id"]
         constraints = [models.UniqueConstraint(fields=["job", "layer"], name="layerresult_job_layer")]
 
+    def __str__(self) -> str:
+        return f"job {self.job_id} {self.layer}"
+
 
 class ClassUnitImportance(models.Model):
     """How much one class's balanced accuracy drops when one unit alone is removed (an ablate job)."""
@@ -293,10 +303,11 @@ class ClassUnitImportance(models.Model):
     class Meta:
         db_table = "nd_class_unit_importance"
         ordering = ["job_id", "class_index", "rank"]
-        constraints = [
-            models.UniqueConstraint(fields=["job", "class_index", "unit"], name="importance_job_class_unit")
-        ]
+        constraints = [models.UniqueConstraint(fields=["job", "class_index", "unit"], name="importance_job_class_unit")]
         indexes = [models.Index(fields=["model", "class_name", "job", "rank"])]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} {self.class_name} #{self.rank}: unit {self.unit}"
 
 
 class AblationCurve(models.Model):
@@ -318,6 +329,9 @@ class AblationCurve(models.Model):
         ordering = ["job_id", "class_index", "k"]
         constraints = [models.UniqueConstraint(fields=["job", "class_index", "k"], name="curve_job_class_k")]
 
+    def __str__(self) -> str:
+        return f"job {self.job_id} {self.class_name} k={self.k}"
+
 
 class WorkerHeartbeat(models.Model):
     """A live worker process reports here every few seconds; /api/health/ counts the fresh ones."""
@@ -331,6 +345,9 @@ class WorkerHeartbeat(models.Model):
     class Meta:
         db_table = "nd_worker"
         ordering = ["hostname"]
+
+    def __str__(self) -> str:
+        return self.hostname
 
 
 def visible_to(user) -> Q:

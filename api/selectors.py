@@ -125,10 +125,11 @@ def concept_list_live(*, user, min_iou: float = DETECTOR_MIN_IOU) -> QuerySet[Co
 
 
 def layer_summaries(*, model: NetworkModel, user) -> QuerySet[LayerResult]:
-    return LayerResult.objects.filter(job__model=model, job__status=Job.Status.SUCCEEDED).filter(
-        Q(job__owner=user) | Q(job__model__public=True)
-    ).order_by("-job__created", "id")
-
+    return (
+        LayerResult.objects.filter(job__model=model, job__status=Job.Status.SUCCEEDED)
+        .filter(Q(job__owner=user) | Q(job__model__public=True))
+        .order_by("-job__created", "id")
+    )
 
 
 def latest_unit_iou(*, model_id: int, layer: str):
@@ -167,8 +168,9 @@ def important_units(*, job: Job, class_name: str, limit: int) -> list[dict]:
         .values("unit", "rank", "balanced_accuracy", "drop", "margin_drop")[:limit]
     )
     dissection = (
-        Job.objects.filter(model_id=job.model_id, type=Job.Type.DISSECT, status=Job.Status.SUCCEEDED,
-                           units__layer=job.params["layer"])
+        Job.objects.filter(
+            model_id=job.model_id, type=Job.Type.DISSECT, status=Job.Status.SUCCEEDED, units__layer=job.params["layer"]
+        )
         .order_by("-finished", "-id")
         .first()
     )
@@ -183,7 +185,6 @@ def important_units(*, job: Job, class_name: str, limit: int) -> list[dict]:
     for row in rows:
         row["label"], row["iou"] = labels.get(row["unit"], (None, None))
     return rows
-
 
 
 def importance_ranking(*, job_id: int):
@@ -240,7 +241,11 @@ def _broker_health() -> dict:
                 conn.default_channel.client.ping()
         return {"ok": True, "transport": transport}
     except Exception as exc:
-        return {"ok": False, "transport": transport, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+        return {
+            "ok": False,
+            "transport": transport,
+            "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        }
 
 
 def job_matrix_path(*, job: Job, layer: str):
@@ -317,8 +322,10 @@ def dashboard_model_jobs(*, model: NetworkModel, user) -> QuerySet[Job]:
 
 def dashboard_latest_layer_results(*, model: NetworkModel, user) -> dict[str, LayerResult]:
     """Per layer of a model, the result of its latest succeeded visible dissection."""
-    rows = layer_summaries(model=model, user=user).select_related("job").only(
-        "id", "layer", "units", "summary", "job__id", "job__created", "job__status"
+    rows = (
+        layer_summaries(model=model, user=user)
+        .select_related("job")
+        .only("id", "layer", "units", "summary", "job__id", "job__created", "job__status")
     )
     latest: dict[str, LayerResult] = {}
     for row in rows:

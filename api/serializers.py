@@ -34,8 +34,22 @@ class NetworkModelSerializer(serializers.ModelSerializer):
     class Meta:
         model = NetworkModel
         fields = [
-            "id", "name", "arch", "kind", "num_classes", "input_size", "mean", "std",
-            "classes", "categories", "latent_dim", "output_range", "layers", "public", "owner", "created",
+            "id",
+            "name",
+            "arch",
+            "kind",
+            "num_classes",
+            "input_size",
+            "mean",
+            "std",
+            "classes",
+            "categories",
+            "latent_dim",
+            "output_range",
+            "layers",
+            "public",
+            "owner",
+            "created",
         ]
         read_only_fields = fields
 
@@ -51,19 +65,28 @@ class NetworkModelCreateSerializer(serializers.Serializer):
         child=serializers.FloatField(min_value=1e-6), min_length=3, max_length=3, required=False
     )
     classes = serializers.ListField(
-        child=serializers.CharField(max_length=200), required=False, max_length=100_000,
+        child=serializers.CharField(max_length=200),
+        required=False,
+        max_length=100_000,
         help_text="class names; for a segmenter its per-pixel labels, index 0 the background",
     )
     categories = serializers.ListField(
-        child=serializers.CharField(max_length=100), required=False, max_length=100_000,
+        child=serializers.CharField(max_length=100),
+        required=False,
+        max_length=100_000,
         help_text="segmenters: the concept category of every label (or one for all; default object)",
     )
     latent_dim = serializers.IntegerField(
-        required=False, min_value=1, max_value=100_000,
+        required=False,
+        min_value=1,
+        max_value=100_000,
         help_text="generators: latent size (inferred from built-in weights; required for TorchScript)",
     )
     output_range = serializers.ListField(
-        child=serializers.FloatField(), min_length=2, max_length=2, required=False,
+        child=serializers.FloatField(),
+        min_length=2,
+        max_length=2,
+        required=False,
         help_text="generators: the value range of the output images (default [-1, 1])",
     )
     weights = serializers.FileField(required=False)
@@ -83,8 +106,20 @@ class DatasetSerializer(serializers.ModelSerializer):
     class Meta:
         model = Dataset
         fields = [
-            "id", "name", "format", "path", "concepts", "image_count", "image_size", "mask_size",
-            "categories", "concept_count", "classes", "public", "owner", "created",
+            "id",
+            "name",
+            "format",
+            "path",
+            "concepts",
+            "image_count",
+            "image_size",
+            "mask_size",
+            "categories",
+            "concept_count",
+            "classes",
+            "public",
+            "owner",
+            "created",
         ]
         read_only_fields = fields
 
@@ -106,9 +141,26 @@ class JobSerializer(serializers.ModelSerializer):
     class Meta:
         model = Job
         fields = [
-            "id", "type", "model", "model_name", "dataset", "dataset_name", "params", "status", "phase",
-            "progress", "images_done", "images_total", "eta_seconds", "error", "attempts", "owner",
-            "created", "started", "finished", "summary",
+            "id",
+            "type",
+            "model",
+            "model_name",
+            "dataset",
+            "dataset_name",
+            "params",
+            "status",
+            "phase",
+            "progress",
+            "images_done",
+            "images_total",
+            "eta_seconds",
+            "error",
+            "attempts",
+            "owner",
+            "created",
+            "started",
+            "finished",
+            "summary",
         ]
         read_only_fields = fields
 
@@ -117,11 +169,14 @@ class JobCreateSerializer(serializers.Serializer):
     type = serializers.ChoiceField(choices=Job.Type.choices)
     model = serializers.IntegerField(min_value=1)
     dataset = serializers.IntegerField(
-        min_value=1, required=False, allow_null=True,
+        min_value=1,
+        required=False,
+        allow_null=True,
         help_text="required for classifier jobs; generator jobs generate their images (leave it out)",
     )
     params = serializers.DictField(
-        required=False, default=dict,
+        required=False,
+        default=dict,
         help_text="the job type's parameters (see the schema of each type); checked by the service",
     )
 
@@ -134,16 +189,22 @@ def _job_create_variant(job_type: str) -> type[serializers.Serializer]:
         params = params_serializer(classes[0])(required=False)
     else:
         params = PolymorphicProxySerializer(
-            component_name=f"{name}ParamsByKind", serializers=[params_serializer(c) for c in classes],
-            resource_type_field_name=None, required=False,
+            component_name=f"{name}ParamsByKind",
+            serializers=[params_serializer(c) for c in classes],
+            resource_type_field_name=None,
+            required=False,
             help_text="; ".join(f"{c.__name__}: {c.__doc__}" for c in classes),
         )
-    return type(f"JobCreate{name}Serializer", (JobCreateSerializer,), {
-        "__module__": __name__,
-        "__doc__": f"A {job_type} job.",
-        "type": serializers.ChoiceField(choices=[job_type]),
-        "params": params,
-    })
+    return type(
+        f"JobCreate{name}Serializer",
+        (JobCreateSerializer,),
+        {
+            "__module__": __name__,
+            "__doc__": f"A {job_type} job.",
+            "type": serializers.ChoiceField(choices=[job_type]),
+            "params": params,
+        },
+    )
 
 
 JOB_CREATE_REQUEST = PolymorphicProxySerializer(
@@ -183,7 +244,16 @@ class UnitSerializer(serializers.ModelSerializer):
         model = Unit
         list_serializer_class = UnitListSerializer
         fields = [
-            "id", "job", "model", "model_name", "layer", "unit", "label", "category", "iou", "threshold",
+            "id",
+            "job",
+            "model",
+            "model_name",
+            "layer",
+            "unit",
+            "label",
+            "category",
+            "iou",
+            "threshold",
             "top_concepts",
         ]
         read_only_fields = fields
@@ -199,7 +269,7 @@ class UnitDetailSerializer(UnitSerializer):
     image_url = serializers.SerializerMethodField()
 
     class Meta(UnitSerializer.Meta):
-        fields = UnitSerializer.Meta.fields + ["top_images", "image_url"]
+        fields = [*UnitSerializer.Meta.fields, "top_images", "image_url"]
         read_only_fields = fields
 
     def get_image_url(self, unit: Unit) -> str | None:
@@ -236,8 +306,16 @@ class HealthSerializer(serializers.Serializer):
 class AblationCurveSerializer(serializers.ModelSerializer):
     class Meta:
         model = AblationCurve
-        fields = ["class_index", "class_name", "k", "baseline", "removed_top", "kept_top",
-                  "removed_top_accuracy", "kept_top_accuracy"]
+        fields = [
+            "class_index",
+            "class_name",
+            "k",
+            "baseline",
+            "removed_top",
+            "kept_top",
+            "removed_top_accuracy",
+            "kept_top_accuracy",
+        ]
         read_only_fields = fields
 
 
@@ -269,16 +347,19 @@ class PaintSerializer(serializers.Serializer):
     concept = serializers.CharField(max_length=200, help_text="a concept of the layer's dissection, e.g. tree")
     mode = serializers.ChoiceField(choices=["add", "erase"], default="add")
     seed = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0)
-    index = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0,
-                                     help_text="which sample of the seed's latents")
+    index = serializers.IntegerField(
+        min_value=0, max_value=2**31 - 1, default=0, help_text="which sample of the seed's latents"
+    )
     mask = serializers.ListField(
         child=serializers.ListField(child=serializers.IntegerField(min_value=0, max_value=1), max_length=1024),
-        min_length=1, max_length=1024,
+        min_length=1,
+        max_length=1024,
         help_text="rows of 0/1 at any resolution (resized to the layer's feature map): where to edit",
     )
     k = serializers.IntegerField(min_value=1, default=20, help_text="how many of the concept's top units")
-    quantile = serializers.FloatField(min_value=0.5, max_value=0.99999, default=0.995,
-                                      help_text="inserted value: each unit's activation quantile")
+    quantile = serializers.FloatField(
+        min_value=0.5, max_value=0.99999, default=0.995, help_text="inserted value: each unit's activation quantile"
+    )
     dissection = serializers.IntegerField(min_value=1, required=False, help_text="default: the latest")
 
     def validate_mask(self, rows: list[list[int]]) -> list[list[int]]:

@@ -87,13 +87,21 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
         rows = selectors.layer_summaries(model=model, user=request.user)
         return Response(LayerResultSerializer(rows, many=True).data)
 
-
     @extend_schema(
         request=PaintSerializer,
-        parameters=[OpenApiParameter("as", str, enum=["png", "json"],
-                                     description="png (default): the edited image; json: both images, base64")],
-        responses={(200, "image/png"): OpenApiTypes.BINARY, (200, "application/json"): PaintResultSerializer,
-                   503: OpenApiResponse(description="no worker answered in time")},
+        parameters=[
+            OpenApiParameter(
+                "as",
+                str,
+                enum=["png", "json"],
+                description="png (default): the edited image; json: both images, base64",
+            )
+        ],
+        responses={
+            (200, "image/png"): OpenApiTypes.BINARY,
+            (200, "application/json"): PaintResultSerializer,
+            503: OpenApiResponse(description="no worker answered in time"),
+        },
     )
     @action(detail=True, methods=["post"])
     def paint(self, request, pk=None):
@@ -114,8 +122,11 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
             response["X-Units"] = ",".join(map(str, out["units"]))
             response["X-Worker-Milliseconds"] = str(out["milliseconds"])
             return response
-        payload = {**out, "before": base64.b64encode(out["before"]).decode(),
-                   "after": base64.b64encode(out["after"]).decode()}
+        payload = {
+            **out,
+            "before": base64.b64encode(out["before"]).decode(),
+            "after": base64.b64encode(out["after"]).decode(),
+        }
         return Response(PaintResultSerializer(payload).data)
 
     @extend_schema(
@@ -135,7 +146,8 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
             raise ApplicationError(f"model {model.name} has no succeeded ablate job", status=404)
         if class_name not in job.summary.get("classes", []):
             raise ApplicationError(
-                f"{class_name!r} is not a class of ablate job {job.pk}", status=404,
+                f"{class_name!r} is not a class of ablate job {job.pk}",
+                status=404,
                 extra={"classes": job.summary.get("classes", [])},
             )
         try:
@@ -198,7 +210,6 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         job = services.job_cancel(job=job)
         return Response(JobSerializer(job).data)
 
-
     @extend_schema(
         parameters=[
             OpenApiParameter("layer", str, required=True, description="a dissected layer of the job"),
@@ -221,10 +232,16 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         response["Content-Disposition"] = f'attachment; filename="job{job.pk}-{layer}.csv"'
         return response
 
-
     @extend_schema(
-        parameters=[OpenApiParameter("name", str, OpenApiParameter.PATH, pattern=r"^[a-z0-9-]+$",
-                                     description="an image name from the job summary's images")],
+        parameters=[
+            OpenApiParameter(
+                "name",
+                str,
+                OpenApiParameter.PATH,
+                pattern=r"^[a-z0-9-]+$",
+                description="an image name from the job summary's images",
+            )
+        ],
         responses={(200, "image/png"): OpenApiTypes.BINARY, 404: OpenApiResponse(description="no image")},
     )
     @action(detail=True, methods=["get"], url_path=r"images/(?P<name>[a-z0-9-]+)")

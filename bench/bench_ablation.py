@@ -66,16 +66,25 @@ def main() -> int:
 
     paths = make_demo(args.demo, generator=False, segmenter=False, progress=None)
     config = json.loads(Path(paths.config).read_text())
-    model = load_model(config["arch"], paths.weights, config["num_classes"], input_size=config["input_size"],
-                       mean=config["mean"], std=config["std"], classes=config["classes"])
+    model = load_model(
+        config["arch"],
+        paths.weights,
+        config["num_classes"],
+        input_size=config["input_size"],
+        mean=config["mean"],
+        std=config["std"],
+        classes=config["classes"],
+    )
     train = BrodenDataset(paths.data, split="train")
     val = BrodenDataset(paths.data, split="val")
     split = split_network(model, args.layer, device=args.device)
     units = split.shape[0]
     load_before = _load()
-    print(f"model {config['arch']} (val acc {config.get('val_accuracy') or 0:.3f}), layer {args.layer}: {units} units "
-          f"{split.shape[1]}x{split.shape[2]}, suffix '{split.kind}'; {len(train)} train / {len(val)} val images; "
-          f"device {args.device}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print(
+        f"model {config['arch']} (val acc {config.get('val_accuracy') or 0:.3f}), layer {args.layer}: {units} units "
+        f"{split.shape[1]}x{split.shape[2]}, suffix '{split.kind}'; {len(train)} train / {len(val)} val images; "
+        f"device {args.device}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}"
+    )
 
     chosen = [int(u) for u in np.linspace(0, units - 1, args.naive_units).round()]
     module = model.module.to(args.device).eval()
@@ -93,8 +102,9 @@ def main() -> int:
         out = []
         with torch.no_grad():
             for start in range(0, len(decoded), args.batch_size):
-                x = preprocess_images(decoded[start:start + args.batch_size].to(args.device), model.input_size,
-                                      model.mean, model.std)
+                x = preprocess_images(
+                    decoded[start : start + args.batch_size].to(args.device), model.input_size, model.mean, model.std
+                )
                 with trace(module, [], edit=edit or {}) as tr:
                     out.append(tr(x).float().cpu())
         return torch.cat(out)
@@ -117,8 +127,9 @@ def main() -> int:
             stamps[f"{phase}-end"] = time.perf_counter()
 
         t = time.perf_counter()
-        result = unit_importance(model, train, args.layer, batch_size=args.batch_size, device=args.device,
-                                 progress=progress)
+        result = unit_importance(
+            model, train, args.layer, batch_size=args.batch_size, device=args.device, progress=progress
+        )
         total = time.perf_counter() - t
         return result, total, stamps["cache-end"] - t
 
@@ -132,8 +143,9 @@ def main() -> int:
     ablate_s = cached_s - cache_s
 
     t0 = time.perf_counter()
-    class_predictions(model, train, batch_size=args.batch_size, device=args.device,
-                      edit={args.layer: zero_units([chosen[0]])})
+    class_predictions(
+        model, train, batch_size=args.batch_size, device=args.device, edit={args.layer: zero_units([chosen[0]])}
+    )
     per_pass_loader = time.perf_counter() - t0
 
     naive = UnitImportance.from_counts(args.layer, importance.classes, np.asarray(chosen), counts)
@@ -147,8 +159,10 @@ def main() -> int:
     load_after = _load()
 
     print()
-    print(f"single-unit importance, all {units} units of {args.layer}, {len(train)} training images "
-          f"(1 + {units} = {passes} networks)")
+    print(
+        f"single-unit importance, all {units} units of {args.layer}, {len(train)} training images "
+        f"(1 + {units} = {passes} networks)"
+    )
     print(f"{'method':<62}{'seconds':>10}{'speedup':>9}")
     print(f"{'cached prefix + batched suffix (best of 2 runs, incl. decoding)':<62}{cached_s:>10.2f}{1.0:>9.1f}")
     print(f"{'  decode + prefix forward into the cache':<62}{cache_s:>10.2f}")
@@ -159,34 +173,49 @@ def main() -> int:
     print(f"{'  one full forward pass (best; median ' + f'{np.median(naive_times):.2f}s)':<62}{per_pass_mem:>10.2f}")
     label = f"naive, data loader every pass (1 pass x {passes}, extrap.)"
     print(f"{label:<62}{naive_loader_total:>10.1f}{naive_loader_total / cached_s:>9.1f}")
-    print(f"naive vs batched on units {chosen}: balanced accuracy {'identical' if agree_ba else 'DIFFERENT'}, "
-          f"max |margin drop difference| {agree_margin:.2e}")
-    print(f"ties: units per class whose balanced accuracy equals another unit's: "
-          f"{dict(zip(importance.classes, importance.tied.tolist()))}; removal changes nothing: "
-          f"{dict(zip(importance.classes, importance.unchanged.tolist()))}")
+    print(
+        f"naive vs batched on units {chosen}: balanced accuracy {'identical' if agree_ba else 'DIFFERENT'}, "
+        f"max |margin drop difference| {agree_margin:.2e}"
+    )
+    print(
+        f"ties: units per class whose balanced accuracy equals another unit's: "
+        f"{dict(zip(importance.classes, importance.tied.tolist()))}; removal changes nothing: "
+        f"{dict(zip(importance.classes, importance.unchanged.tolist()))}"
+    )
 
     t0 = time.perf_counter()
     sets = ablate_sets(model, val, args.layer, importance, batch_size=args.batch_size, device=args.device)
     sets_s = time.perf_counter() - t0
     s = sets.summary(args.k)
     print()
-    print(f"set ablation on the validation split ({len(val)} images, {len(sets.class_indices)} classes, "
-          f"k in {sets.ks.tolist()}, {1 + 2 * sets.removed_top.size} networks in one cached pass: {sets_s:.1f}s)")
+    print(
+        f"set ablation on the validation split ({len(val)} images, {len(sets.class_indices)} classes, "
+        f"k in {sets.ks.tolist()}, {1 + 2 * sets.removed_top.size} networks in one cached pass: {sets_s:.1f}s)"
+    )
     print(f"{'mean over classes (k = ' + str(s['k']) + ')':<40}{'balanced acc':>14}{'all-class acc':>15}")
     print(f"{'baseline':<40}{s['baseline']:>14.3f}{s['baseline_accuracy']:>15.3f}")
-    print(f"{'remove the ' + str(s['k']) + ' most important':<40}{s['removed_top']:>14.3f}"
-          f"{s['removed_top_accuracy']:>15.3f}")
-    print(f"{'remove all but the ' + str(s['k']) + ' most important':<40}{s['kept_top']:>14.3f}"
-          f"{s['kept_top_accuracy']:>15.3f}")
+    print(
+        f"{'remove the ' + str(s['k']) + ' most important':<40}{s['removed_top']:>14.3f}"
+        f"{s['removed_top_accuracy']:>15.3f}"
+    )
+    print(
+        f"{'remove all but the ' + str(s['k']) + ' most important':<40}{s['kept_top']:>14.3f}"
+        f"{s['kept_top_accuracy']:>15.3f}"
+    )
     print()
-    print("mean balanced accuracy by k:  " + "  ".join(f"{int(k)}" .rjust(6) for k in sets.ks))
+    print("mean balanced accuracy by k:  " + "  ".join(f"{int(k)}".rjust(6) for k in sets.ks))
     print("  remove the k most important " + "  ".join(f"{v:6.3f}" for v in np.nanmean(sets.removed_top, 0)))
     print("  keep only the k most import." + "  ".join(f"{v:6.3f}" for v in np.nanmean(sets.kept_top, 0)))
     print()
-    print(f"load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
-          f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} on {os.cpu_count()} cpus"
-          + (" - the machine was shared and loaded; timings are noisy" if max(load_before[0], load_after[0])
-             > 0.5 * (os.cpu_count() or 1) else ""))
+    print(
+        f"load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
+        f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} on {os.cpu_count()} cpus"
+        + (
+            " - the machine was shared and loaded; timings are noisy"
+            if max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1)
+            else ""
+        )
+    )
     return 0
 
 

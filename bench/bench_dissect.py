@@ -47,8 +47,14 @@ def _setup(demo_dir: Path, n_needed: int) -> tuple[object, object, str]:
         config = json.loads(Path(paths.config).read_text())
         from dissect_core.broden import BrodenDataset
 
-        model = load_model(config["arch"], paths.weights, config["num_classes"], input_size=config["input_size"],
-                           mean=config["mean"], std=config["std"])
+        model = load_model(
+            config["arch"],
+            paths.weights,
+            config["num_classes"],
+            input_size=config["input_size"],
+            mean=config["mean"],
+            std=config["std"],
+        )
         dataset = BrodenDataset(paths.data)
         what = f"demo classifier {config['arch']} (val acc {config.get('val_accuracy') or 0:.2f}), Broden synthetic"
     else:
@@ -77,15 +83,21 @@ def _bare_forward(model, dataset, indices, batch_size: int, device: str) -> None
         torch.cuda.synchronize()
 
 
-def timed_dissect(model, dataset, layers, batch_size: int, device: str,
-                  indices=None) -> tuple[float, dict[str, float]]:
+def timed_dissect(model, dataset, layers, batch_size: int, device: str, indices=None) -> tuple[float, dict[str, float]]:
     """One dissection: (seconds, seconds per progress phase)."""
     from dissect_core.dissect import dissect
 
     marks: list[tuple[str, float]] = []
     start = time.perf_counter()
-    dissect(model, dataset, layers, batch_size=batch_size, device=device, indices=indices,
-            progress=lambda phase, done, total: marks.append((phase, time.perf_counter() - start)))
+    dissect(
+        model,
+        dataset,
+        layers,
+        batch_size=batch_size,
+        device=device,
+        indices=indices,
+        progress=lambda phase, done, total: marks.append((phase, time.perf_counter() - start)),
+    )
     total = time.perf_counter() - start
     phases: dict[str, float] = {}
     for i, (phase, t) in enumerate(marks):
@@ -95,7 +107,7 @@ def timed_dissect(model, dataset, layers, batch_size: int, device: str,
 
 
 def phase_summary(phases: dict[str, float]) -> str:
-    """"forward / count / other" seconds of :func:`timed_dissect`'s phases."""
+    """ "forward / count / other" seconds of :func:`timed_dissect`'s phases."""
     other = sum(v for k, v in phases.items() if k not in ("forward", "count"))
     return f"{phases.get('forward', 0):.2f} / {phases.get('count', 0):.2f} / {other:.2f}"
 
@@ -127,8 +139,12 @@ class _ImagesOnly:
 
         row = self.dataset._rows[index]
         image = read_rgb(self.dataset.images_dir / row.image, size=self.dataset.image_size)
-        return Sample(image=image, label_maps=np.zeros((0, *self.dataset.mask_size), np.int32),
-                      image_labels=np.zeros(0, np.int32), class_label=-1)
+        return Sample(
+            image=image,
+            label_maps=np.zeros((0, *self.dataset.mask_size), np.int32),
+            image_labels=np.zeros(0, np.int32),
+            class_label=-1,
+        )
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -154,9 +170,22 @@ def _child(args: argparse.Namespace) -> None:
 def _run_child(kind: str, images: int, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh interpreter (started while this one is still small,
     since ru_maxrss carries over the parent's size across fork and exec)."""
-    cmd = [sys.executable, __file__, "--child", kind, "--images", str(images), "--demo", args.demo,
-           "--demo-images", str(4 * args.images),
-           "--batch-size", str(args.batch_size), "--device", args.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--images",
+        str(images),
+        "--demo",
+        args.demo,
+        "--demo-images",
+        str(4 * args.images),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+    ]
     if args.sketch_thread:
         cmd.append("--sketch-thread")
     for layer in args.layers:
@@ -175,8 +204,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--child", choices=["setup", "forward", "dissect"], default=None)
     parser.add_argument("--demo-images", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--sketch-thread", action="store_true",
-                        help="on the CPU too, feed the sketch on a second thread (the GPU default) to compare")
+    parser.add_argument(
+        "--sketch-thread",
+        action="store_true",
+        help="on the CPU too, feed the sketch on a second thread (the GPU default) to compare",
+    )
     args = parser.parse_args()
     if args.sketch_thread:
         import importlib
@@ -223,8 +255,10 @@ def main() -> None:
     print(f"model:   {what}")
     print(f"layers:  {layer_desc}; masks {mask}; {len(dataset.concepts)} concepts")
     sketch = "sketch on a second thread" if args.device != "cpu" or args.sketch_thread else "sketch inline"
-    print(f"machine: {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"batch {args.batch_size}; {sketch}; best of {args.repeat}")
+    print(
+        f"machine: {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"batch {args.batch_size}; {sketch}; best of {args.repeat}"
+    )
     rows = [
         ("metric", "value", "target"),
         ("images", f"{args.images}", ""),
@@ -241,10 +275,16 @@ def main() -> None:
         ]
     rows += [
         ("  phases: forward+sketch / count / other, s", phase_summary(phases), ""),
-        (f"peak RSS forward, {args.images} / {4 * args.images} images",
-         f"{rss['forward']['rss_mb']:.0f} / {rss4['forward']['rss_mb']:.0f} MB", ""),
-        (f"peak RSS dissect, {args.images} / {4 * args.images} images",
-         f"{rss['dissect']['rss_mb']:.0f} / {rss4['dissect']['rss_mb']:.0f} MB", "flat"),
+        (
+            f"peak RSS forward, {args.images} / {4 * args.images} images",
+            f"{rss['forward']['rss_mb']:.0f} / {rss4['forward']['rss_mb']:.0f} MB",
+            "",
+        ),
+        (
+            f"peak RSS dissect, {args.images} / {4 * args.images} images",
+            f"{rss['dissect']['rss_mb']:.0f} / {rss4['dissect']['rss_mb']:.0f} MB",
+            "flat",
+        ),
         ("dissect RSS growth at 4x", f"{rss4['dissect']['rss_mb'] - rss['dissect']['rss_mb']:+.0f} MB", "~0"),
     ]
     print_table(rows)

@@ -95,10 +95,14 @@ def main() -> None:
     fwd = min(forward_s)
     dis, phases = min(runs, key=lambda run: run[0])
     print(f"model:   torchvision:resnet18 (random weights, seed 0), layers {' + '.join(LAYERS)} (256x14x14, 512x7x7)")
-    print(f"data:    {args.images} synthetic scenes at 224 px in memory, masks {dataset.mask_size[0]} px, "
-          f"{len(dataset.concepts)} concepts")
-    print(f"machine: cpu, {torch.get_num_threads()} threads, torch {torch.__version__}; batch {args.batch_size}; "
-          f"best of {args.repeat}")
+    print(
+        f"data:    {args.images} synthetic scenes at 224 px in memory, masks {dataset.mask_size[0]} px, "
+        f"{len(dataset.concepts)} concepts"
+    )
+    print(
+        f"machine: cpu, {torch.get_num_threads()} threads, torch {torch.__version__}; batch {args.batch_size}; "
+        f"best of {args.repeat}"
+    )
     rows = [
         ("metric", "value"),
         ("bare forward, s", f"{fwd:.2f}"),

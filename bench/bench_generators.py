@@ -31,8 +31,11 @@ def _dcgan(latent_dim: int):
         pass
 
     def up(i: int, o: int, first: bool = False) -> nn.Sequential:
-        return nn.Sequential(nn.ConvTranspose2d(i, o, 4, 1 if first else 2, 0 if first else 1, bias=False),
-                             nn.BatchNorm2d(o), nn.ReLU(True))
+        return nn.Sequential(
+            nn.ConvTranspose2d(i, o, 4, 1 if first else 2, 0 if first else 1, bias=False),
+            nn.BatchNorm2d(o),
+            nn.ReLU(True),
+        )
 
     class DCGAN(nn.Module):
         def __init__(self) -> None:
@@ -75,8 +78,10 @@ def main() -> None:
     gen = wrap_generator(module, args.latent_dim)
     split = _split(gen, args.layer, torch.device(args.device))
     units = list(range(20))
-    print(f"{what}; {gen.input_size[0]}x{gen.input_size[1]} images; {torch.get_num_threads()} threads; "
-          f"layer {args.layer} {split.shape}, run from the layer as {split.mode!r}")
+    print(
+        f"{what}; {gen.input_size[0]}x{gen.input_size[1]} images; {torch.get_num_threads()} threads; "
+        f"layer {args.layer} {split.shape}, run from the layer as {split.mode!r}"
+    )
     mask = np.zeros(gen.input_size, bool)
     mask[20:40, 10:30] = True
     t0 = time.perf_counter()
@@ -87,14 +92,18 @@ def main() -> None:
         t0 = time.perf_counter()
         paint(gen, args.layer, units, seed=0, index=i, mask=mask, device=args.device)
         times.append(time.perf_counter() - t0)
-    print(f"paint: median {1000 * statistics.median(times):.1f} ms, max {1000 * max(times):.1f} ms "
-          f"over {args.paints} calls")
+    print(
+        f"paint: median {1000 * statistics.median(times):.1f} ms, max {1000 * max(times):.1f} ms "
+        f"over {args.paints} calls"
+    )
     t0 = time.perf_counter()
     result = insertion_map(gen, "colors", args.layer, units, 9, count=args.samples, device=args.device)
     dt = time.perf_counter() - t0
     rows = int(result.tested.sum()) * args.samples
-    print(f"insertion map: {result.grid[0]}x{result.grid[1]} positions x {args.samples} samples = {rows} edited "
-          f"images in {dt:.1f} s ({rows / dt:.0f} images/s)")
+    print(
+        f"insertion map: {result.grid[0]}x{result.grid[1]} positions x {args.samples} samples = {rows} edited "
+        f"images in {dt:.1f} s ({rows / dt:.0f} images/s)"
+    )
     t0 = time.perf_counter()
     curve = removal_curve(gen, "colors", args.layer, units, 9, count=args.removal_samples, device=args.device)
     dt = time.perf_counter() - t0

@@ -94,7 +94,11 @@ def drop_database(admin_url: str, name: str) -> None:
 
 def migrate(env: dict) -> None:
     done = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         check=False,
     )
     if done.returncode != 0:
@@ -198,8 +202,19 @@ def make_concepts():
     return names, cats
 
 
-def unit_rows(rng, *, first_unit_id: int, jobs: np.ndarray, models: np.ndarray, n_layers: int, n_units: int,
-              concept_ids: np.ndarray, concept_names: np.ndarray, weights: np.ndarray, top: int):
+def unit_rows(
+    rng,
+    *,
+    first_unit_id: int,
+    jobs: np.ndarray,
+    models: np.ndarray,
+    n_layers: int,
+    n_units: int,
+    concept_ids: np.ndarray,
+    concept_names: np.ndarray,
+    weights: np.ndarray,
+    top: int,
+):
     n_jobs = len(jobs)
     n = n_jobs * n_layers * n_units
     ids = np.arange(first_unit_id, first_unit_id + n, dtype=np.int64)
@@ -218,13 +233,22 @@ def unit_rows(rng, *, first_unit_id: int, jobs: np.ndarray, models: np.ndarray, 
     threshold = rng.gamma(2.0, 1.0, size=n)
     images = rng.integers(0, 20000, size=(n, TOP_IMAGES))
     units = {
-        "id": ids, "job_id": job, "model_id": model, "layer": layer, "unit": unit,
-        "label_id": concept_ids[label_pos], "label_name": concept_names[label_pos], "iou": best, "threshold": threshold,
+        "id": ids,
+        "job_id": job,
+        "model_id": model,
+        "layer": layer,
+        "unit": unit,
+        "label_id": concept_ids[label_pos],
+        "label_name": concept_names[label_pos],
+        "iou": best,
+        "threshold": threshold,
         "top_images": fixed_width_json_lists(images),
     }
     scores = {
-        "unit_id": np.repeat(ids, top), "concept_id": concept_ids[pos].ravel(),
-        "rank": np.tile(np.arange(top, dtype=np.int16), n), "iou": ious.ravel(),
+        "unit_id": np.repeat(ids, top),
+        "concept_id": concept_ids[pos].ravel(),
+        "rank": np.tile(np.arange(top, dtype=np.int16), n),
+        "iou": ious.ravel(),
     }
     return units, scores
 
@@ -250,7 +274,7 @@ def drop_table_indexes(cursor, tables: list[str]) -> list[str]:
         [tables],
     )
     indexes = cursor.fetchall()
-    for table, name, definition, kind in sorted(constraints, key=lambda r: r[3] != "f"):
+    for table, name, _definition, _kind in sorted(constraints, key=lambda r: r[3] != "f"):
         cursor.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
     for name, _ in indexes:
         cursor.execute(f"DROP INDEX {name}")
@@ -279,42 +303,91 @@ def fill(args, timings: dict) -> dict:
     rows = list(Concept.objects.order_by("id").values_list("id", "name"))
     concept_ids = np.array([pk for pk, _ in rows], dtype=np.int64)
     concept_names = np.array([name.encode() for _, name in rows], dtype="S8")
-    dataset = Dataset.objects.create(owner=bench, name="broden-like", format="broden", path="/data/broden",
-                                     image_count=20000, categories=[c for c, _ in CATEGORIES],
-                                     concept_count=len(names), public=True)
+    dataset = Dataset.objects.create(
+        owner=bench,
+        name="broden-like",
+        format="broden",
+        path="/data/broden",
+        image_count=20000,
+        categories=[c for c, _ in CATEGORIES],
+        concept_count=len(names),
+        public=True,
+    )
     n_models = args.models
     n_other = n_models // 10
     owners = [other] * n_other + [bench] * (n_models - n_other)
     public = [False] * n_other + [i % 3 != 2 for i in range(n_models - n_other)]
-    layers_info = [{"name": name, "type": "Conv2d", "units": args.units, "height": 7, "width": 7}
-                   for name in LAYERS[: args.layers]]
+    layers_info = [
+        {"name": name, "type": "Conv2d", "units": args.units, "height": 7, "width": 7} for name in LAYERS[: args.layers]
+    ]
     order = rng.permutation(n_models)
-    models = NetworkModel.objects.bulk_create([
-        NetworkModel(owner=owners[i], name=f"net-{i:04d}", arch="torchvision:resnet18", num_classes=365,
-                     weights_path=f"/data/w/{i}.safetensors", layers=layers_info, public=public[i])
-        for i in order
-    ])
+    models = NetworkModel.objects.bulk_create(
+        [
+            NetworkModel(
+                owner=owners[i],
+                name=f"net-{i:04d}",
+                arch="torchvision:resnet18",
+                num_classes=365,
+                weights_path=f"/data/w/{i}.safetensors",
+                layers=layers_info,
+                public=public[i],
+            )
+            for i in order
+        ]
+    )
     running = set(rng.choice(n_models, size=max(1, n_models // 50), replace=False).tolist())
-    jobs = Job.objects.bulk_create([
-        Job(owner=m.owner, type="dissect", model=m, dataset=dataset, params={"layers": LAYERS[: args.layers]},
-            status=Job.Status.RUNNING if i in running else Job.Status.SUCCEEDED, progress=1.0, phase="done")
-        for i, m in enumerate(models)
-    ])
-    LayerResult.objects.bulk_create([
-        LayerResult(job=j, layer=name, units=args.units, matrix_path=f"/media/results/job-{j.pk}/{name}.npz",
-                    summary={"units": args.units, "detectors": args.units // 2,
-                             "by_category": {c: int(rng.integers(0, 60)) for c, _ in CATEGORIES}})
-        for j in jobs for name in LAYERS[: args.layers]
-    ], batch_size=5000)
+    jobs = Job.objects.bulk_create(
+        [
+            Job(
+                owner=m.owner,
+                type="dissect",
+                model=m,
+                dataset=dataset,
+                params={"layers": LAYERS[: args.layers]},
+                status=Job.Status.RUNNING if i in running else Job.Status.SUCCEEDED,
+                progress=1.0,
+                phase="done",
+            )
+            for i, m in enumerate(models)
+        ]
+    )
+    LayerResult.objects.bulk_create(
+        [
+            LayerResult(
+                job=j,
+                layer=name,
+                units=args.units,
+                matrix_path=f"/media/results/job-{j.pk}/{name}.npz",
+                summary={
+                    "units": args.units,
+                    "detectors": args.units // 2,
+                    "by_category": {c: int(rng.integers(0, 60)) for c, _ in CATEGORIES},
+                },
+            )
+            for j in jobs
+            for name in LAYERS[: args.layers]
+        ],
+        batch_size=5000,
+    )
     timings["fill: users, concepts, models, jobs"] = time.perf_counter() - started
 
     ranks = np.arange(1, len(concept_ids) + 1, dtype=np.float64)
-    weights = ranks ** -0.8
+    weights = ranks**-0.8
     weights = rng.permutation(weights / weights.sum())
     job_ids = np.array([j.pk for j in jobs], dtype=np.int64)
     model_ids = np.array([j.model_id for j in jobs], dtype=np.int64)
-    unit_cols = [("id", ">i8"), ("job_id", ">i8"), ("model_id", ">i8"), ("layer", "S8"), ("unit", ">i4"),
-                 ("label_id", ">i8"), ("label_name", "S8"), ("iou", ">f8"), ("threshold", ">f8"), ("top_images", f"S{3 + 6 * TOP_IMAGES - 1}")]
+    unit_cols = [
+        ("id", ">i8"),
+        ("job_id", ">i8"),
+        ("model_id", ">i8"),
+        ("layer", "S8"),
+        ("unit", ">i4"),
+        ("label_id", ">i8"),
+        ("label_name", "S8"),
+        ("iou", ">f8"),
+        ("threshold", ">f8"),
+        ("top_images", f"S{3 + 6 * TOP_IMAGES - 1}"),
+    ]
     score_cols = [("id", ">i8"), ("unit_id", ">i8"), ("concept_id", ">i8"), ("rank", ">i2"), ("iou", ">f8")]
     per_chunk = 50
     gen_time = 0.0
@@ -325,9 +398,16 @@ def fill(args, timings: dict) -> dict:
         for start in range(0, n_models, per_chunk):
             t0 = time.perf_counter()
             units, scores = unit_rows(
-                rng, first_unit_id=next_unit, jobs=job_ids[start:start + per_chunk],
-                models=model_ids[start:start + per_chunk], n_layers=args.layers, n_units=args.units,
-                concept_ids=concept_ids, concept_names=concept_names, weights=weights, top=args.top,
+                rng,
+                first_unit_id=next_unit,
+                jobs=job_ids[start : start + per_chunk],
+                models=model_ids[start : start + per_chunk],
+                n_layers=args.layers,
+                n_units=args.units,
+                concept_ids=concept_ids,
+                concept_names=concept_names,
+                weights=weights,
+                top=args.top,
             )
             n_scores = len(scores["unit_id"])
             scores["id"] = np.arange(next_score, next_score + n_scores, dtype=np.int64)
@@ -366,9 +446,7 @@ def fill(args, timings: dict) -> dict:
         timings["fill: COPY unit concepts"] = time.perf_counter() - t1
         timings["fill: of which numpy generation"] = gen_time
         for table in ("nd_unit", "nd_unit_concept"):
-            cursor.execute(
-                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"
-            )
+            cursor.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
         t0 = time.perf_counter()
         for sql in recreate:
             cursor.execute(sql)
@@ -433,9 +511,7 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get(user=user).key}")
     n = args.requests
 
-    counts = list(
-        Unit.objects.filter(iou__gte=0.04).values("label__name").annotate(n=Count("id")).order_by("-n")
-    )
+    counts = list(Unit.objects.filter(iou__gte=0.04).values("label__name").annotate(n=Count("id")).order_by("-n"))
     head = [c["label__name"] for c in counts[:20]]
     everyone = [c["label__name"] for c in counts]
     names_head = [head[i % len(head)] for i in range(n // 2)]
@@ -449,12 +525,12 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
             raise SystemExit(f"{path}: expected {args.top} top concepts")
 
     samples = measure_get(client, [f"/api/units/?concept={c}&min_iou=0.04" for c in head], check=check_units)
-    rows.append(("GET /api/units/?concept=X&min_iou=0.04, first request for each of the 20 (cold cache)",
-                 samples, ""))
+    rows.append(("GET /api/units/?concept=X&min_iou=0.04, first request for each of the 20 (cold cache)", samples, ""))
     interleaved = [name for pair in zip(names_head, names_any, strict=False) for name in pair]
     samples = measure_get(client, [f"/api/units/?concept={c}&min_iou=0.04" for c in interleaved], check=check_units)
-    rows.append(("GET /api/units/?concept=X&min_iou=0.04 (X among the 20 most frequent labels)", samples[0::2],
-                 "p95 < 50 ms"))
+    rows.append(
+        ("GET /api/units/?concept=X&min_iou=0.04 (X among the 20 most frequent labels)", samples[0::2], "p95 < 50 ms")
+    )
     rows.append(("GET /api/units/?concept=X&min_iou=0.04 (X any label, uniform)", samples[1::2], "p95 < 50 ms"))
     rows.append(("  both together (requests alternate between the two)", samples, "p95 < 50 ms"))
 
@@ -469,9 +545,9 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
         nexts.append(time.perf_counter() - t0)
     rows.append((f"GET next pages (cursor) of concept={head[0]}, pages 2..{len(nexts) + 1}", nexts, ""))
 
-    visible_models = list(
-        NetworkModel.objects.filter(owner=user).values_list("id", flat=True)
-    ) + list(NetworkModel.objects.filter(public=True).exclude(owner=user).values_list("id", flat=True))
+    visible_models = list(NetworkModel.objects.filter(owner=user).values_list("id", flat=True)) + list(
+        NetworkModel.objects.filter(public=True).exclude(owner=user).values_list("id", flat=True)
+    )
     picks = rng.choice(visible_models, size=n).tolist()
     layer_names = LAYERS[: args.layers]
     paths = [f"/api/units/?model={m}&layer={layer_names[i % len(layer_names)]}" for i, m in enumerate(picks)]
@@ -483,29 +559,37 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
     k = max(3, min(10, n // 10))
     fields = ("id", "name", "category", "units", "models", "best_iou")
     t0 = time.perf_counter()
-    live = [tuple(r[f] for f in fields)
-            for r in selectors.concept_list_live(user=user, min_iou=0.04).values(*fields)[:50]]
+    live = [
+        tuple(r[f] for f in fields) for r in selectors.concept_list_live(user=user, min_iou=0.04).values(*fields)[:50]
+    ]
     live_seconds = time.perf_counter() - t0
 
     def check_concepts(path, body):
         if [tuple(r[f] for f in fields) for r in body["results"]] != live:
             raise SystemExit(f"{path}: the summary rows disagree with the count over the units")
 
-    rows.append(("GET /api/concepts/ (summary rows)", measure_get(client, ["/api/concepts/"] * k, check=check_concepts),
-                 ""))
+    rows.append(
+        ("GET /api/concepts/ (summary rows)", measure_get(client, ["/api/concepts/"] * k, check=check_concepts), "")
+    )
     rows.append(("  its first page counted over the units instead (selector only, no count query)", [live_seconds], ""))
     paths = [f"/api/concepts/?category={['object', 'part', 'scene'][i % 3]}" for i in range(k)]
     rows.append(("GET /api/concepts/?category=C (summary rows)", measure_get(client, paths), ""))
-    rows.append(("GET /api/concepts/?category=object&min_iou=0.1 (counts the units)",
-                 measure_get(client, ["/api/concepts/?category=object&min_iou=0.1"] * k), ""))
+    rows.append(
+        (
+            "GET /api/concepts/?category=object&min_iou=0.1 (counts the units)",
+            measure_get(client, ["/api/concepts/?category=object&min_iou=0.1"] * k),
+            "",
+        )
+    )
 
     # Bulk write: one 512-unit layer with the full unit x concept matrix, as a worker stores it.
     dataset = Dataset.objects.first()
     concepts = list(Concept.objects.order_by("id").values_list("name", "category"))
     writes, rewrites = [], []
     for i in range(args.writes):
-        model = NetworkModel.objects.create(owner=user, name=f"write-{i}", arch="torchvision:resnet18",
-                                            weights_path="/x", public=True)
+        model = NetworkModel.objects.create(
+            owner=user, name=f"write-{i}", arch="torchvision:resnet18", weights_path="/x", public=True
+        )
         job = Job.objects.create(owner=user, type="dissect", model=model, dataset=dataset, status=Job.Status.RUNNING)
         iou = rng.gamma(1.2, 0.01, size=(args.units, len(concepts)))
         thresholds = rng.gamma(2.0, 1.0, size=args.units)
@@ -513,15 +597,21 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
         for target in (writes, rewrites):
             t0 = time.perf_counter()
             stored = services.layer_result_store(
-                job=job, layer="layer4.1", thresholds=thresholds, iou=iou, concepts=concepts,
-                summary={"units": args.units}, top_images=top_images,
+                job=job,
+                layer="layer4.1",
+                thresholds=thresholds,
+                iou=iou,
+                concepts=concepts,
+                summary={"units": args.units},
+                top_images=top_images,
             )
             target.append(time.perf_counter() - t0)
             assert stored == args.units
         assert Unit.objects.filter(job=job).count() == args.units
         assert UnitConcept.objects.filter(unit__job=job).count() == args.units * args.top
-    rows.append((f"layer_result_store: one {args.units}-unit layer x {len(concepts)} concepts (first write)",
-                 writes, "< 1 s"))
+    rows.append(
+        (f"layer_result_store: one {args.units}-unit layer x {len(concepts)} concepts (first write)", writes, "< 1 s")
+    )
     rows.append(("layer_result_store: the same layer again (redelivery, replaces)", rewrites, "< 1 s"))
     rows.append((f"  (database vendor: {connection.vendor})", [], ""))
 
@@ -530,9 +620,11 @@ def print_table(rows, timings: dict, args) -> None:
     log("")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     log(f"machine: {os.cpu_count()} CPUs, load average {load} at the end (other processes share the CPUs)")
-    log(f"store benchmark: {args.models} models x {args.layers} layers x {args.units} units, top {args.top} "
+    log(
+        f"store benchmark: {args.models} models x {args.layers} layers x {args.units} units, top {args.top} "
         f"concepts ({args.models * args.layers * args.units:,} units, "
-        f"{args.models * args.layers * args.units * args.top:,} scores); Postgres database {args.db}")
+        f"{args.models * args.layers * args.units * args.top:,} scores); Postgres database {args.db}"
+    )
     if timings:
         log("")
         log(f"{'fill step':<58} {'seconds':>9}")

@@ -51,9 +51,22 @@ def start_workers(n: int) -> list[subprocess.Popen]:
         log = open(VAR / f"worker{i}.log", "ab")
         procs.append(
             subprocess.Popen(
-                [str(Path(sys.executable).parent / "celery"), "-A", "config", "worker", "--concurrency", "1",
-                 "--loglevel", "WARNING", "--hostname", f"bench{i}@%h"],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    str(Path(sys.executable).parent / "celery"),
+                    "-A",
+                    "config",
+                    "worker",
+                    "--concurrency",
+                    "1",
+                    "--loglevel",
+                    "WARNING",
+                    "--hostname",
+                    f"bench{i}@%h",
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         )
     from api.models import WorkerHeartbeat
@@ -105,8 +118,9 @@ def main() -> None:
         net = torchvision.models.resnet18(num_classes=6)
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
     user = get_user_model().objects.create_user("bench")
-    model = services.model_register(owner=user, name="r18", arch="torchvision:resnet18", num_classes=6,
-                                    weights_path=str(weights))
+    model = services.model_register(
+        owner=user, name="r18", arch="torchvision:resnet18", num_classes=6, weights_path=str(weights)
+    )
     dataset = services.dataset_register(owner=user, name="scenes", format="synthetic", path=str(scenes))
 
     rows = []
@@ -117,7 +131,10 @@ def main() -> None:
         try:
             started = time.monotonic()
             job = services.job_create(
-                owner=user, type="dissect", model=model, dataset=dataset,
+                owner=user,
+                type="dissect",
+                model=model,
+                dataset=dataset,
                 params={"layers": [args.layer], "shard_size": args.shard_size, "top_k_images": 0},
             )
             while True:
@@ -132,8 +149,10 @@ def main() -> None:
         finally:
             stop_workers(procs)
 
-    print(f"job: dissect {args.layer} of resnet18 (224 px) on {args.images} synthetic images, "
-          f"shards of {args.shard_size}; {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    print(
+        f"job: dissect {args.layer} of resnet18 (224 px) on {args.images} synthetic images, "
+        f"shards of {args.shard_size}; {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    )
     print(f"{'workers':>8}  {'wall s':>8}  {'images/s':>9}  {'speed-up':>8}")
     for n, wall in rows:
         print(f"{n:>8}  {wall:>8.1f}  {args.images / wall:>9.1f}  {rows[0][1] / wall:>7.2f}x")

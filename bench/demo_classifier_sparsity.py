@@ -49,23 +49,42 @@ def main() -> int:
     train = BrodenDataset(paths.data, split="train")
     val = BrodenDataset(paths.data, split="val")
     val_images, _ = load_class_arrays(val)
-    print(f"demo classifier {DEMO_ARCH}, layer {DEMO_LAYER}, {len(train)} train / {len(val)} val images, "
-          f"{args.epochs} epochs, torch threads {torch.get_num_threads()}; the demo uses activation_l1 "
-          f"{DEMO_ACTIVATION_L1}")
-    header = (f"{'l1':>5} {'val acc':>8} {'firing':>7} {'labelled':>9} {'baseline':>9} {'rm top20':>9} "
-              f"{'keep top20':>11} {'seconds':>8}")
+    print(
+        f"demo classifier {DEMO_ARCH}, layer {DEMO_LAYER}, {len(train)} train / {len(val)} val images, "
+        f"{args.epochs} epochs, torch threads {torch.get_num_threads()}; the demo uses activation_l1 "
+        f"{DEMO_ACTIVATION_L1}"
+    )
+    header = (
+        f"{'l1':>5} {'val acc':>8} {'firing':>7} {'labelled':>9} {'baseline':>9} {'rm top20':>9} "
+        f"{'keep top20':>11} {'seconds':>8}"
+    )
     print(header)
     details = []
     for weight in [float(w) for w in args.l1.split(",")]:
         start = time.monotonic()
-        module, info = train_classifier(train, val_dataset=val, arch=DEMO_ARCH, epochs=args.epochs, seed=0,
-                                        activation_l1=weight, l1_layer=DEMO_LAYER if weight > 0 else None)
-        model = LoadedModel(module=module, arch=DEMO_ARCH, num_classes=info["num_classes"],
-                            input_size=tuple(info["input_size"]), mean=tuple(info["mean"]),
-                            std=tuple(info["std"]), kind="builtin", classes=info["classes"])
+        module, info = train_classifier(
+            train,
+            val_dataset=val,
+            arch=DEMO_ARCH,
+            epochs=args.epochs,
+            seed=0,
+            activation_l1=weight,
+            l1_layer=DEMO_LAYER if weight > 0 else None,
+        )
+        model = LoadedModel(
+            module=module,
+            arch=DEMO_ARCH,
+            num_classes=info["num_classes"],
+            input_size=tuple(info["input_size"]),
+            mean=tuple(info["mean"]),
+            std=tuple(info["std"]),
+            kind="builtin",
+            classes=info["classes"],
+        )
         fired: list[float] = []
         handle = module.get_submodule(DEMO_LAYER).register_forward_hook(
-            lambda _m, _i, out: fired.append(float((out > 0).float().mean())))
+            lambda _m, _i, out, fired=fired: fired.append(float((out > 0).float().mean()))
+        )
         with torch.no_grad():
             module(normalize(val_images[:256], info["mean"], info["std"]))
         handle.remove()
@@ -74,9 +93,12 @@ def main() -> int:
         importance = unit_importance(model, train, DEMO_LAYER)
         sets = ablate_sets(model, val, DEMO_LAYER, importance, ks=[20])
         s = sets.summary(20)
-        print(f"{weight:>5g} {info['val_accuracy'][-1]:>8.3f} {fired[0]:>7.3f} {labelled:>5}/{iou.shape[0]:<3} "
-              f"{s['baseline']:>9.3f} {s['removed_top']:>9.3f} {s['kept_top']:>11.3f} "
-              f"{time.monotonic() - start:>8.0f}", flush=True)
+        print(
+            f"{weight:>5g} {info['val_accuracy'][-1]:>8.3f} {fired[0]:>7.3f} {labelled:>5}/{iou.shape[0]:<3} "
+            f"{s['baseline']:>9.3f} {s['removed_top']:>9.3f} {s['kept_top']:>11.3f} "
+            f"{time.monotonic() - start:>8.0f}",
+            flush=True,
+        )
         details.append((weight, [(r["class"], r["baseline"], r["removed_top"], r["kept_top"]) for r in sets.rows()]))
     print("\nper class at k = 20 (baseline / top 20 removed / all but the top 20 removed):")
     for weight, rows in details:

@@ -38,10 +38,22 @@ def main() -> None:
     gm = json.loads((demo / "generator.json").read_text())
     sm = json.loads((demo / "segmenter.json").read_text())
     gen = load_generator(gm["arch"], demo / "generator.safetensors", latent_dim=gm["latent_dim"])
-    seg_model = load_model(sm["arch"], demo / "segmenter.safetensors", sm["num_classes"],
-                           input_size=sm["input_size"][0], mean=sm["mean"], std=sm["std"])
-    seg = Segmenter(seg_model.module, sm["labels"], categories=sm["categories"], mean=sm["mean"], std=sm["std"],
-                    input_size=tuple(sm["input_size"]))
+    seg_model = load_model(
+        sm["arch"],
+        demo / "segmenter.safetensors",
+        sm["num_classes"],
+        input_size=sm["input_size"][0],
+        mean=sm["mean"],
+        std=sm["std"],
+    )
+    seg = Segmenter(
+        seg_model.module,
+        sm["labels"],
+        categories=sm["categories"],
+        mean=sm["mean"],
+        std=sm["std"],
+        input_size=tuple(sm["input_size"]),
+    )
 
     start = time.time()
     res = dissect(gen, GeneratedDataset(gen, seg, 1000, seed=0, batch_size=64), ["layer3"], top_k_images=0)["layer3"]
@@ -56,10 +68,11 @@ def main() -> None:
         ranked = [int(u) for u in np.argsort(-iou[:, c], kind="stable")]
         start = time.time()
         curve = removal_curve(gen, seg, "layer3", ranked, c + 1, ks=list(KS), count=200, seed=1)
-        changes = " ".join(f"k{k}:{100 * ch:+.1f}%" for k, ch in zip(curve.ks, curve.relative_change)
-                           if ch is not None)
-        print(f"{concept} top IoU {iou[ranked[0], c]:.3f} baseline {100 * curve.baseline:.2f}% {changes} "
-              f"({time.time() - start:.1f}s)")
+        changes = " ".join(f"k{k}:{100 * ch:+.1f}%" for k, ch in zip(curve.ks, curve.relative_change) if ch is not None)
+        print(
+            f"{concept} top IoU {iou[ranked[0], c]:.3f} baseline {100 * curve.baseline:.2f}% {changes} "
+            f"({time.time() - start:.1f}s)"
+        )
         if concept != "tree":
             continue
         units = ranked[:20]
@@ -67,8 +80,10 @@ def main() -> None:
         start = time.time()
         ins = insertion_map(gen, seg, "layer3", units, c + 1, values=values, count=16, seed=1, stride=2)
         m = ins.map
-        print(f"insert tree: mean {100 * ins.mean_fraction:.2f}% max {100 * np.nanmax(m):.2f}% "
-              f"min {100 * np.nanmin(m):.2f}% at best {ins.best_position} ({time.time() - start:.1f}s)")
+        print(
+            f"insert tree: mean {100 * ins.mean_fraction:.2f}% max {100 * np.nanmax(m):.2f}% "
+            f"min {100 * np.nanmin(m):.2f}% at best {ins.best_position} ({time.time() - start:.1f}s)"
+        )
         rows, cols = np.flatnonzero(ins.tested.any(1)), np.flatnonzero(ins.tested.any(0))
         for y in rows:
             print(" ".join(f"{100 * m[y, x]:4.1f}" for x in cols))

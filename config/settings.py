@@ -139,11 +139,7 @@ STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 MEDIA_URL = "/media/"
 MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
-DATA_ROOTS = [
-    Path(p).resolve()
-    for p in os.environ.get("DATA_ROOTS", str(VAR_DIR / "data")).split(":")
-    if p
-]
+DATA_ROOTS = [Path(p).resolve() for p in os.environ.get("DATA_ROOTS", str(VAR_DIR / "data")).split(":") if p]
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_MAX_BYTES = int(os.environ.get("FILE_UPLOAD_MAX_BYTES", 2 * 1024**3))
 

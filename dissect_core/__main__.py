@@ -35,22 +35,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser, weights_required: bool) -> None:
         p.add_argument("--model", required=True, help="torchvision:ARCH, builtin:NAME or torchscript")
-        p.add_argument("--weights", required=weights_required, type=Path,
-                       help=".safetensors, .pt/.pth (weights only) or the TorchScript file")
+        p.add_argument(
+            "--weights",
+            required=weights_required,
+            type=Path,
+            help=".safetensors, .pt/.pth (weights only) or the TorchScript file",
+        )
         p.add_argument("--num-classes", type=int, default=None)
         p.add_argument("--input-size", type=int, default=None, help="network input size (square)")
-        p.add_argument("--meta", type=Path, default=None,
-                       help="JSON with input_size, mean, std, num_classes (default: WEIGHTS.json or "
-                            "classifier.json next to the weights)")
-        p.add_argument("--latent-dim", type=int, default=None,
-                       help="the model is a generator with latents of this size (builtin:dcgan, torchscript)")
+        p.add_argument(
+            "--meta",
+            type=Path,
+            default=None,
+            help="JSON with input_size, mean, std, num_classes (default: WEIGHTS.json or "
+            "classifier.json next to the weights)",
+        )
+        p.add_argument(
+            "--latent-dim",
+            type=int,
+            default=None,
+            help="the model is a generator with latents of this size (builtin:dcgan, torchscript)",
+        )
 
     d = sub.add_parser("dissect", help="dissect layers and write CSVs")
     model_args(d, weights_required=True)
-    d.add_argument("--dataset", default=None,
-                   help="broden:DIR, imagefolder:DIR, synthetic:DIR or synthetic:N[:SEED] (not with --generated)")
-    d.add_argument("--generated", type=int, default=None,
-                   help="dissect a generator (--latent-dim) on N generated images labelled by colour names")
+    d.add_argument(
+        "--dataset",
+        default=None,
+        help="broden:DIR, imagefolder:DIR, synthetic:DIR or synthetic:N[:SEED] (not with --generated)",
+    )
+    d.add_argument(
+        "--generated",
+        type=int,
+        default=None,
+        help="dissect a generator (--latent-dim) on N generated images labelled by colour names",
+    )
     d.add_argument("--seed", type=int, default=0, help="latent seed of --generated")
     d.add_argument("--layer", action="append", required=True, dest="layers", help="dotted layer name (repeatable)")
     d.add_argument("--quantile", type=float, default=0.99)
@@ -67,18 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("layers", help="print the layers with feature-map outputs")
     model_args(ls, weights_required=False)
 
-    demo = sub.add_parser("make-demo", help="generate the synthetic demo dataset and train its classifier, "
-                                             "GAN and segmenter")
+    demo = sub.add_parser(
+        "make-demo", help="generate the synthetic demo dataset and train its classifier, GAN and segmenter"
+    )
     demo.add_argument("--out", required=True, type=Path)
     demo.add_argument("--n-images", type=int, default=None)
     demo.add_argument("--epochs", type=int, default=None, help="classifier training epochs")
-    demo.add_argument("--no-generator", action="store_true",
-                      help="skip the generator half (GAN and segmenter training)")
+    demo.add_argument(
+        "--no-generator", action="store_true", help="skip the generator half (GAN and segmenter training)"
+    )
     demo.add_argument("--no-segmenter", action="store_true", help="skip the segmenter training")
     demo.add_argument("--gan-steps", type=int, default=None)
     demo.add_argument("--segmenter-epochs", type=int, default=None)
-    demo.add_argument("--threads", type=int, default=None,
-                      help="CPU threads for the GAN and segmenter training (default 2; 1 on a busy machine)")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the GAN and segmenter training (default 2; 1 on a busy machine)",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true")
 
@@ -97,8 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--ks", default=None, help="comma-separated set sizes (default 1,2,3,4,5,20,64,128,256) or 'all'")
     ab.add_argument("--headline-k", type=int, default=20)
     ab.add_argument("--max-images", type=int, default=None, help="at most this many images per split")
-    ab.add_argument("--attack-images", type=int, default=0,
-                    help="also attack this many validation images (PGD) and report unit peak changes")
+    ab.add_argument(
+        "--attack-images",
+        type=int,
+        default=0,
+        help="also attack this many validation images (PGD) and report unit peak changes",
+    )
     ab.add_argument("--batch-size", type=int, default=64)
     ab.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ab.add_argument("--out", required=True, type=Path)
@@ -221,23 +250,35 @@ def _cmd_dissect(args: argparse.Namespace) -> int:
     if args.generated is not None:
         from .generators import GeneratedDataset
 
-        dataset: Any = GeneratedDataset(model, "colors", args.generated, seed=args.seed,
-                                        batch_size=args.batch_size, device=args.device)
+        dataset: Any = GeneratedDataset(
+            model, "colors", args.generated, seed=args.seed, batch_size=args.batch_size, device=args.device
+        )
     else:
-        dataset = open_dataset(args.dataset, split=args.split, max_images=args.max_images, colors=args.colors,
-                               parts=args.parts)
+        dataset = open_dataset(
+            args.dataset, split=args.split, max_images=args.max_images, colors=args.colors, parts=args.parts
+        )
     bars = _Bars(not args.no_progress)
     try:
-        results = dissect(model, dataset, args.layers, quantile=args.quantile, batch_size=args.batch_size,
-                          device=args.device, num_workers=args.num_workers, progress=bars)
+        results = dissect(
+            model,
+            dataset,
+            args.layers,
+            quantile=args.quantile,
+            batch_size=args.batch_size,
+            device=args.device,
+            num_workers=args.num_workers,
+            progress=bars,
+        )
     finally:
         bars.close()
     args.out.mkdir(parents=True, exist_ok=True)
     for result in results.values():
         layer_dir = write_layer_csvs(result, args.out)
         s = result.summary()
-        print(f"{result.layer}: {s['units']} units, {s['detectors']} detectors (IoU >= 0.04), "
-              f"{s['unique_concepts']} unique concepts -> {layer_dir}")
+        print(
+            f"{result.layer}: {s['units']} units, {s['detectors']} detectors (IoU >= 0.04), "
+            f"{s['unique_concepts']} unique concepts -> {layer_dir}"
+        )
     return 0
 
 
@@ -313,18 +354,28 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             raise DissectError(f"--ks must be comma-separated integers or 'all', got {args.ks!r}") from None
     bars = _Bars(not args.no_progress)
     try:
-        importance = unit_importance(model, train, args.layer, batch_size=args.batch_size, device=args.device,
-                                     progress=bars)
+        importance = unit_importance(
+            model, train, args.layer, batch_size=args.batch_size, device=args.device, progress=bars
+        )
         if args.ks == "all":
             ks = range(1, len(importance.units) + 1)
-        sets = ablate_sets(model, val, args.layer, importance, ks=ks, batch_size=args.batch_size,
-                           device=args.device, progress=bars)
+        sets = ablate_sets(
+            model, val, args.layer, importance, ks=ks, batch_size=args.batch_size, device=args.device, progress=bars
+        )
         attack = None
         if args.attack_images > 0:
             from .attack import attack_unit_changes
 
-            attack = attack_unit_changes(model, val, args.layer, importance, max_images=args.attack_images,
-                                         batch_size=args.batch_size, device=args.device, progress=bars)
+            attack = attack_unit_changes(
+                model,
+                val,
+                args.layer,
+                importance,
+                max_images=args.attack_images,
+                batch_size=args.batch_size,
+                device=args.device,
+                progress=bars,
+            )
     finally:
         bars.close()
     layer_dir = args.out / args.layer
@@ -342,14 +393,21 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         arrays.update({f"{prefix}.{k}": np.asarray(v) for k, v in result.state_dict().items()})
     np.savez_compressed(layer_dir / "ablation.npz", **arrays)
     headline = sets.summary(args.headline_k)
-    report: dict[str, Any] = {"layer": args.layer, "units": len(importance.units), "classes": importance.classes,
-                              "tied": importance.tied.tolist(), "headline": headline}
+    report: dict[str, Any] = {
+        "layer": args.layer,
+        "units": len(importance.units),
+        "classes": importance.classes,
+        "tied": importance.tied.tolist(),
+        "headline": headline,
+    }
     if attack is not None:
         report["attack"] = attack.summary()
     (layer_dir / "ablation.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{args.layer}: k={headline['k']}, mean balanced accuracy over {headline['classes']} classes: "
-          f"baseline {headline['baseline']:.3f}, top {headline['k']} removed {headline['removed_top']:.3f}, "
-          f"all but top {headline['k']} removed {headline['kept_top']:.3f} -> {layer_dir}")
+    print(
+        f"{args.layer}: k={headline['k']}, mean balanced accuracy over {headline['classes']} classes: "
+        f"baseline {headline['baseline']:.3f}, top {headline['k']} removed {headline['removed_top']:.3f}, "
+        f"all but top {headline['k']} removed {headline['kept_top']:.3f} -> {layer_dir}"
+    )
     return 0
 
 

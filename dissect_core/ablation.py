@@ -101,17 +101,28 @@ def _image_batches(
         def __getitem__(self, i: int) -> Any:
             return indices[i], dataset[indices[i]]
 
-    loader = DataLoader(_Rows(), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_samples, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        _Rows(),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        pin_memory=device.type == "cuda",
+    )
     for batch in loader:
-        yield (batch.images.to(device, non_blocking=True), batch.class_labels.to(device, non_blocking=True),
-               batch.indices)
+        yield (
+            batch.images.to(device, non_blocking=True),
+            batch.class_labels.to(device, non_blocking=True),
+            batch.indices,
+        )
 
 
 def _check_hookable(model: LoadedModel) -> None:
     if isinstance(model.module, torch.jit.ScriptModule):
-        raise DissectError("unit ablation edits layer outputs with hooks, which TorchScript models do not run; "
-                           "register the model as an architecture with weights instead")
+        raise DissectError(
+            "unit ablation edits layer outputs with hooks, which TorchScript models do not run; "
+            "register the model as an architecture with weights instead"
+        )
 
 
 def zero_units(units: Sequence[int] | torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -265,8 +276,13 @@ class AblationCounts:
         Returns:
             the empty statistic.
         """
-        return cls(np.zeros((ablations, num_classes), np.int64), np.zeros((ablations, num_classes), np.int64),
-                   np.zeros((ablations, num_classes), np.float64), np.zeros(num_classes, np.int64), 0)
+        return cls(
+            np.zeros((ablations, num_classes), np.int64),
+            np.zeros((ablations, num_classes), np.int64),
+            np.zeros((ablations, num_classes), np.float64),
+            np.zeros(num_classes, np.int64),
+            0,
+        )
 
     @property
     def ablations(self) -> int:
@@ -291,15 +307,17 @@ class AblationCounts:
         self._add_images(labels)
 
     def _add_images(self, labels: torch.Tensor) -> None:
-        self.class_counts += np.bincount(labels.cpu().numpy(), minlength=self.num_classes)[:self.num_classes]
+        self.class_counts += np.bincount(labels.cpu().numpy(), minlength=self.num_classes)[: self.num_classes]
         self.n_images += int(labels.shape[0])
 
     def _add_rows(self, logits: torch.Tensor, labels: torch.Tensor, first: int) -> None:
         """Count predictions of ablations ``first .. first + G - 1`` ([G, B, K]); images are counted apart."""
         s, b, k = logits.shape
         if first + s > self.ablations or k != self.num_classes or labels.shape != (b,):
-            raise DissectError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not fit "
-                               f"counts of {self.ablations} ablations x {self.num_classes} classes")
+            raise DissectError(
+                f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not fit "
+                f"counts of {self.ablations} ablations x {self.num_classes} classes"
+            )
         y = labels.to(logits.device, torch.long)
         pred = logits.argmax(dim=2)
         yy = y.unsqueeze(0).expand(s, b)
@@ -311,9 +329,9 @@ class AblationCounts:
         others = logits.scatter(2, yy.unsqueeze(2), float("-inf")).amax(dim=2)
         margin = torch.zeros((s, k), dtype=torch.float64, device=logits.device)
         margin.scatter_add_(1, yy, (own - others).double())
-        self.correct[first:first + s] += correct.cpu().numpy()
-        self.predicted[first:first + s] += predicted.cpu().numpy()
-        self.margin_sum[first:first + s] += margin.cpu().numpy()
+        self.correct[first : first + s] += correct.cpu().numpy()
+        self.predicted[first : first + s] += predicted.cpu().numpy()
+        self.margin_sum[first : first + s] += margin.cpu().numpy()
 
     def merge(self, other: AblationCounts) -> AblationCounts:
         """Add another shard's counts (same ablations, other images) into this one.
@@ -375,9 +393,13 @@ class AblationCounts:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The counts as plain arrays (see :meth:`from_state_dict`)."""
-        return {"correct": self.correct.copy(), "predicted": self.predicted.copy(),
-                "margin_sum": self.margin_sum.copy(), "class_counts": self.class_counts.copy(),
-                "n_images": np.asarray(self.n_images, np.int64)}
+        return {
+            "correct": self.correct.copy(),
+            "predicted": self.predicted.copy(),
+            "margin_sum": self.margin_sum.copy(),
+            "class_counts": self.class_counts.copy(),
+            "n_images": np.asarray(self.n_images, np.int64),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> AblationCounts:
@@ -389,9 +411,13 @@ class AblationCounts:
         Returns:
             the counts.
         """
-        return cls(np.asarray(state["correct"], np.int64).copy(), np.asarray(state["predicted"], np.int64).copy(),
-                   np.asarray(state["margin_sum"], np.float64).copy(),
-                   np.asarray(state["class_counts"], np.int64).copy(), int(np.asarray(state["n_images"])))
+        return cls(
+            np.asarray(state["correct"], np.int64).copy(),
+            np.asarray(state["predicted"], np.int64).copy(),
+            np.asarray(state["margin_sum"], np.float64).copy(),
+            np.asarray(state["class_counts"], np.int64).copy(),
+            int(np.asarray(state["n_images"])),
+        )
 
 
 @dataclass
@@ -425,23 +451,37 @@ class ClassAccuracy:
         Returns:
             the accuracy.
         """
-        return cls(float(counts.accuracy()[row]), counts.balanced_accuracy()[row].copy(),
-                   counts.recall()[row].copy(), counts.true_negative_rate()[row].copy(),
-                   counts.class_counts.copy(), counts.n_images)
+        return cls(
+            float(counts.accuracy()[row]),
+            counts.balanced_accuracy()[row].copy(),
+            counts.recall()[row].copy(),
+            counts.true_negative_rate()[row].copy(),
+            counts.class_counts.copy(),
+            counts.n_images,
+        )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain arrays (see :meth:`from_state_dict`)."""
-        return {"accuracy": np.asarray(self.accuracy, np.float64),
-                "balanced_accuracy": self.balanced_accuracy.copy(), "recall": self.recall.copy(),
-                "true_negative_rate": self.true_negative_rate.copy(), "class_counts": self.class_counts.copy(),
-                "n_images": np.asarray(self.n_images, np.int64)}
+        return {
+            "accuracy": np.asarray(self.accuracy, np.float64),
+            "balanced_accuracy": self.balanced_accuracy.copy(),
+            "recall": self.recall.copy(),
+            "true_negative_rate": self.true_negative_rate.copy(),
+            "class_counts": self.class_counts.copy(),
+            "n_images": np.asarray(self.n_images, np.int64),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> ClassAccuracy:
         """Rebuild from :meth:`state_dict`."""
-        return cls(float(np.asarray(state["accuracy"])), np.asarray(state["balanced_accuracy"], np.float64),
-                   np.asarray(state["recall"], np.float64), np.asarray(state["true_negative_rate"], np.float64),
-                   np.asarray(state["class_counts"], np.int64), int(np.asarray(state["n_images"])))
+        return cls(
+            float(np.asarray(state["accuracy"])),
+            np.asarray(state["balanced_accuracy"], np.float64),
+            np.asarray(state["recall"], np.float64),
+            np.asarray(state["true_negative_rate"], np.float64),
+            np.asarray(state["class_counts"], np.int64),
+            int(np.asarray(state["n_images"])),
+        )
 
 
 def class_accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> ClassAccuracy:
@@ -525,11 +565,11 @@ def split_network(model: LoadedModel, layer: str, *, device: torch.device | str 
     def check(a: Any, full: Any) -> None:
         if not isinstance(a, torch.Tensor) or a.dim() != 4:
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            raise LayerError(f"layer {layer!r} outputs {shape}, not a [B, U, h, w] feature map", layer=layer,
-                             valid=[])
+            raise LayerError(f"layer {layer!r} outputs {shape}, not a [B, U, h, w] feature map", layer=layer, valid=[])
         if not isinstance(full, torch.Tensor) or full.dim() != 2:
-            raise DissectError(f"the network outputs {getattr(full, 'shape', type(full).__name__)}, "
-                               "not class scores [B, K]")
+            raise DissectError(
+                f"the network outputs {getattr(full, 'shape', type(full).__name__)}, not class scores [B, K]"
+            )
 
     split = split_module(module, layer, probe, ways=("explicit", "hook"), check=check)
     shape = tuple(int(v) for v in split.activation.shape[1:])
@@ -558,8 +598,14 @@ def unit_ablations(num_units: int, units: Sequence[int] | None = None) -> torch.
 class _ActivationCache:
     """The layer's outputs of N images: in memory (on the device) within a budget, else a scratch file."""
 
-    def __init__(self, n: int, shape: tuple[int, ...], device: torch.device, memory_budget: int,
-                 cache_dir: str | os.PathLike[str] | None) -> None:
+    def __init__(
+        self,
+        n: int,
+        shape: tuple[int, ...],
+        device: torch.device,
+        memory_budget: int,
+        cache_dir: str | os.PathLike[str] | None,
+    ) -> None:
         self.device = device
         self.shape = shape
         self.n = 0
@@ -572,17 +618,18 @@ class _ActivationCache:
             self.memory = torch.empty((n, *shape), dtype=torch.float32, device=device)
         else:
             self.root = Path(tempfile.mkdtemp(prefix="ablation-", dir=cache_dir))
-            self.disk = np.lib.format.open_memmap(self.root / "acts.npy", mode="w+", dtype=np.float32,
-                                                  shape=(n, *shape))
+            self.disk = np.lib.format.open_memmap(
+                self.root / "acts.npy", mode="w+", dtype=np.float32, shape=(n, *shape)
+            )
 
     def append(self, a: torch.Tensor, labels: torch.Tensor) -> None:
         b = a.shape[0]
         if self.memory is not None:
-            self.memory[self.n:self.n + b] = a
+            self.memory[self.n : self.n + b] = a
         else:
             assert self.disk is not None
-            self.disk[self.n:self.n + b] = a.float().cpu().numpy()
-        self.labels[self.n:self.n + b] = labels.cpu()
+            self.disk[self.n : self.n + b] = a.float().cpu().numpy()
+        self.labels[self.n : self.n + b] = labels.cpu()
         self.n += b
 
     def read(self, start: int, stop: int) -> torch.Tensor:
@@ -682,8 +729,21 @@ def ablation_counts(
     module = model.module.to(dev)
     with torch.no_grad(), evaluating(module):
         if split.kind == "full":
-            _count_full(model, dataset, layer, rem, idx, counts, batch_size, dev, row_bytes, chunk_bytes,
-                        num_workers, progress, should_stop)
+            _count_full(
+                model,
+                dataset,
+                layer,
+                rem,
+                idx,
+                counts,
+                batch_size,
+                dev,
+                row_bytes,
+                chunk_bytes,
+                num_workers,
+                progress,
+                should_stop,
+            )
         else:
             assert split.suffix is not None
             cache = _ActivationCache(len(idx), split.shape, dev, memory_budget, cache_dir)
@@ -691,18 +751,18 @@ def ablation_counts(
                 _fill_cache(model, dataset, layer, idx, cache, batch_size, dev, num_workers, progress, should_stop)
                 if cache.n == 0:
                     raise DatasetError("no image of the selection has a class label")
-                _check_labels(cache.labels[:cache.n], split.num_classes)
+                _check_labels(cache.labels[: cache.n], split.num_classes)
                 total = cache.n * rem.shape[0]
                 done = 0
                 if progress:
                     progress("ablate", 0, total)
                 for start in range(0, cache.n, batch_size):
                     a = cache.read(start, min(cache.n, start + batch_size))
-                    y = cache.labels[start:start + a.shape[0]].to(dev)
+                    y = cache.labels[start : start + a.shape[0]].to(dev)
                     g = _group_size(a.shape[0], row_bytes, chunk_bytes, rem.shape[0])
                     for s0 in range(0, rem.shape[0], g):
                         check_stop(should_stop, "ablation")
-                        group = rem[s0:s0 + g]
+                        group = rem[s0 : s0 + g]
                         out = split.suffix(_ablated(a, group))
                         counts._add_rows(out.float().view(group.shape[0], a.shape[0], -1), y, s0)
                         done += group.shape[0] * a.shape[0]
@@ -714,9 +774,18 @@ def ablation_counts(
     return counts
 
 
-def _fill_cache(model: LoadedModel, dataset: ConceptDataset, layer: str, idx: list[int], cache: _ActivationCache,
-                batch_size: int, dev: torch.device, num_workers: int, progress: ProgressFn | None,
-                should_stop: Callable[[], bool] | None) -> None:
+def _fill_cache(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layer: str,
+    idx: list[int],
+    cache: _ActivationCache,
+    batch_size: int,
+    dev: torch.device,
+    num_workers: int,
+    progress: ProgressFn | None,
+    should_stop: Callable[[], bool] | None,
+) -> None:
     if progress:
         progress("cache", 0, len(idx))
     done = 0
@@ -731,9 +800,21 @@ def _fill_cache(model: LoadedModel, dataset: ConceptDataset, layer: str, idx: li
             progress("cache", done, len(idx))
 
 
-def _count_full(model: LoadedModel, dataset: ConceptDataset, layer: str, rem: torch.Tensor, idx: list[int],
-                counts: AblationCounts, batch_size: int, dev: torch.device, row_bytes: int, chunk_bytes: int,
-                num_workers: int, progress: ProgressFn | None, should_stop: Callable[[], bool] | None) -> None:
+def _count_full(
+    model: LoadedModel,
+    dataset: ConceptDataset,
+    layer: str,
+    rem: torch.Tensor,
+    idx: list[int],
+    counts: AblationCounts,
+    batch_size: int,
+    dev: torch.device,
+    row_bytes: int,
+    chunk_bytes: int,
+    num_workers: int,
+    progress: ProgressFn | None,
+    should_stop: Callable[[], bool] | None,
+) -> None:
     total = len(idx) * rem.shape[0]
     done = 0
     if progress:
@@ -750,7 +831,7 @@ def _count_full(model: LoadedModel, dataset: ConceptDataset, layer: str, rem: to
             g = max(1, min(rem.shape[0], batch_size // b, _group_size(b, row_bytes, chunk_bytes, rem.shape[0])))
             for s0 in range(0, rem.shape[0], g):
                 check_stop(should_stop, "ablation")
-                group = rem[s0:s0 + g]
+                group = rem[s0 : s0 + g]
 
                 def edit(out: torch.Tensor, group: torch.Tensor = group) -> torch.Tensor:
                     return _zero_blocks(out, group)
@@ -867,8 +948,9 @@ class UnitImportance:
     unchanged: np.ndarray
 
     @classmethod
-    def from_counts(cls, layer: str, classes: Sequence[str], units: Sequence[int] | np.ndarray,
-                    counts: AblationCounts) -> UnitImportance:
+    def from_counts(
+        cls, layer: str, classes: Sequence[str], units: Sequence[int] | np.ndarray, counts: AblationCounts
+    ) -> UnitImportance:
         """Importance from the counts of :func:`unit_ablations` (row 0: nothing removed).
 
         Args:
@@ -888,9 +970,16 @@ class UnitImportance:
         ba = ba_all[1:]
         drop = margin[0][None, :] - margin[1:]
         return cls(
-            layer=layer, classes=list(classes), units=ids, balanced_accuracy=ba,
-            accuracy=counts.accuracy()[1:].copy(), margin_drop=drop, baseline=ClassAccuracy.from_counts(counts, 0),
-            baseline_margin=margin[0].copy(), ranking=rank_units(ba, drop, ids), tied=count_ties(ba),
+            layer=layer,
+            classes=list(classes),
+            units=ids,
+            balanced_accuracy=ba,
+            accuracy=counts.accuracy()[1:].copy(),
+            margin_drop=drop,
+            baseline=ClassAccuracy.from_counts(counts, 0),
+            baseline_margin=margin[0].copy(),
+            ranking=rank_units(ba, drop, ids),
+            tied=count_ties(ba),
             unchanged=(ba == ba_all[0][None, :]).sum(axis=0).astype(np.int64),
         )
 
@@ -909,17 +998,29 @@ class UnitImportance:
         for c, name in enumerate(self.classes):
             for rank, u in enumerate(self.ranking[c]):
                 i = pos[int(u)]
-                yield {"class": name, "class_index": c, "rank": rank, "unit": int(u),
-                       "balanced_accuracy": float(self.balanced_accuracy[i, c]), "drop": float(self.drop[i, c]),
-                       "margin_drop": float(self.margin_drop[i, c])}
+                yield {
+                    "class": name,
+                    "class_index": c,
+                    "rank": rank,
+                    "unit": int(u),
+                    "balanced_accuracy": float(self.balanced_accuracy[i, c]),
+                    "drop": float(self.drop[i, c]),
+                    "margin_drop": float(self.margin_drop[i, c]),
+                }
 
     def state_dict(self) -> dict[str, Any]:
         """Plain arrays and strings (see :meth:`from_state_dict`)."""
         state: dict[str, Any] = {
-            "layer": self.layer, "classes": list(self.classes), "units": self.units.copy(),
-            "balanced_accuracy": self.balanced_accuracy.copy(), "accuracy": self.accuracy.copy(),
-            "margin_drop": self.margin_drop.copy(), "baseline_margin": self.baseline_margin.copy(),
-            "ranking": self.ranking.copy(), "tied": self.tied.copy(), "unchanged": self.unchanged.copy(),
+            "layer": self.layer,
+            "classes": list(self.classes),
+            "units": self.units.copy(),
+            "balanced_accuracy": self.balanced_accuracy.copy(),
+            "accuracy": self.accuracy.copy(),
+            "margin_drop": self.margin_drop.copy(),
+            "baseline_margin": self.baseline_margin.copy(),
+            "ranking": self.ranking.copy(),
+            "tied": self.tied.copy(),
+            "unchanged": self.unchanged.copy(),
         }
         state.update({f"baseline.{k}": v for k, v in self.baseline.state_dict().items()})
         return state
@@ -927,13 +1028,22 @@ class UnitImportance:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> UnitImportance:
         """Rebuild from :meth:`state_dict`."""
-        base = ClassAccuracy.from_state_dict({k[len("baseline."):]: v for k, v in state.items()
-                                              if k.startswith("baseline.")})
-        return cls(str(state["layer"]), [str(c) for c in state["classes"]], np.asarray(state["units"], np.int64),
-                   np.asarray(state["balanced_accuracy"], np.float64), np.asarray(state["accuracy"], np.float64),
-                   np.asarray(state["margin_drop"], np.float64), base,
-                   np.asarray(state["baseline_margin"], np.float64), np.asarray(state["ranking"], np.int64),
-                   np.asarray(state["tied"], np.int64), np.asarray(state["unchanged"], np.int64))
+        base = ClassAccuracy.from_state_dict(
+            {k[len("baseline.") :]: v for k, v in state.items() if k.startswith("baseline.")}
+        )
+        return cls(
+            str(state["layer"]),
+            [str(c) for c in state["classes"]],
+            np.asarray(state["units"], np.int64),
+            np.asarray(state["balanced_accuracy"], np.float64),
+            np.asarray(state["accuracy"], np.float64),
+            np.asarray(state["margin_drop"], np.float64),
+            base,
+            np.asarray(state["baseline_margin"], np.float64),
+            np.asarray(state["ranking"], np.int64),
+            np.asarray(state["tied"], np.int64),
+            np.asarray(state["unchanged"], np.int64),
+        )
 
 
 def unit_importance(
@@ -969,9 +1079,22 @@ def unit_importance(
     split = split_network(model, layer, device=dev)
     removed = unit_ablations(split.shape[0], units)
     ids = np.arange(split.shape[0]) if units is None else np.asarray([int(u) for u in units], np.int64)
-    counts = ablation_counts(model, dataset, layer, removed, indices=indices, batch_size=batch_size, device=dev,
-                             memory_budget=memory_budget, chunk_bytes=chunk_bytes, cache_dir=cache_dir, split=split,
-                             num_workers=num_workers, progress=progress, should_stop=should_stop)
+    counts = ablation_counts(
+        model,
+        dataset,
+        layer,
+        removed,
+        indices=indices,
+        batch_size=batch_size,
+        device=dev,
+        memory_budget=memory_budget,
+        chunk_bytes=chunk_bytes,
+        cache_dir=cache_dir,
+        split=split,
+        num_workers=num_workers,
+        progress=progress,
+        should_stop=should_stop,
+    )
     return UnitImportance.from_counts(layer, _class_names(model, dataset, split.num_classes), ids, counts)
 
 
@@ -1000,7 +1123,7 @@ def set_ablations(ranking: np.ndarray, num_units: int, classes: Sequence[int], k
     rows = [torch.zeros(num_units, dtype=torch.bool)]
     for c in classes:
         for k in ks:
-            top = torch.as_tensor(np.asarray(ranking[int(c), :int(k)], np.int64))
+            top = torch.as_tensor(np.asarray(ranking[int(c), : int(k)], np.int64))
             r = torch.zeros(num_units, dtype=torch.bool)
             r[top] = True
             rows += [r, ~r]
@@ -1037,8 +1160,15 @@ class SetAblation:
     baseline: ClassAccuracy
 
     @classmethod
-    def from_counts(cls, layer: str, classes: Sequence[str], class_indices: Sequence[int], ks: Sequence[int],
-                    ranking: np.ndarray, counts: AblationCounts) -> SetAblation:
+    def from_counts(
+        cls,
+        layer: str,
+        classes: Sequence[str],
+        class_indices: Sequence[int],
+        ks: Sequence[int],
+        ranking: np.ndarray,
+        counts: AblationCounts,
+    ) -> SetAblation:
         """Results from the counts of :func:`set_ablations`.
 
         Args:
@@ -1060,8 +1190,18 @@ class SetAblation:
         ba = counts.balanced_accuracy()[1:].reshape(len(ci), n, 2, -1)
         acc = counts.accuracy()[1:].reshape(len(ci), n, 2)
         own = ba[np.arange(len(ci)), :, :, ci]
-        return cls(layer, list(classes), ci, kk, np.asarray(ranking, np.int64)[ci].copy(), own[:, :, 0].copy(),
-                   own[:, :, 1].copy(), acc[:, :, 0].copy(), acc[:, :, 1].copy(), ClassAccuracy.from_counts(counts))
+        return cls(
+            layer,
+            list(classes),
+            ci,
+            kk,
+            np.asarray(ranking, np.int64)[ci].copy(),
+            own[:, :, 0].copy(),
+            own[:, :, 1].copy(),
+            acc[:, :, 0].copy(),
+            acc[:, :, 1].copy(),
+            ClassAccuracy.from_counts(counts),
+        )
 
     def summary(self, k: int = 20) -> dict[str, Any]:
         """The paper's headline numbers at one set size (Fig. 2d), as means over the tested classes.
@@ -1078,9 +1218,12 @@ class SetAblation:
         j = max(j, 0)
         base = self.baseline.balanced_accuracy[self.class_indices]
         return {
-            "k": int(self.ks[j]), "classes": len(self.class_indices),
-            "baseline": float(np.nanmean(base)), "removed_top": float(np.nanmean(self.removed_top[:, j])),
-            "kept_top": float(np.nanmean(self.kept_top[:, j])), "baseline_accuracy": self.baseline.accuracy,
+            "k": int(self.ks[j]),
+            "classes": len(self.class_indices),
+            "baseline": float(np.nanmean(base)),
+            "removed_top": float(np.nanmean(self.removed_top[:, j])),
+            "kept_top": float(np.nanmean(self.kept_top[:, j])),
+            "baseline_accuracy": self.baseline.accuracy,
             "removed_top_accuracy": float(np.mean(self.removed_top_accuracy[:, j])),
             "kept_top_accuracy": float(np.mean(self.kept_top_accuracy[:, j])),
         }
@@ -1089,18 +1232,28 @@ class SetAblation:
         """One row per (class, k): class, k, baseline, removed_top, kept_top and their all-class accuracies."""
         for i, c in enumerate(self.class_indices):
             for j, k in enumerate(self.ks):
-                yield {"class": self.classes[int(c)], "class_index": int(c), "k": int(k),
-                       "baseline": float(self.baseline.balanced_accuracy[c]),
-                       "removed_top": float(self.removed_top[i, j]), "kept_top": float(self.kept_top[i, j]),
-                       "removed_top_accuracy": float(self.removed_top_accuracy[i, j]),
-                       "kept_top_accuracy": float(self.kept_top_accuracy[i, j])}
+                yield {
+                    "class": self.classes[int(c)],
+                    "class_index": int(c),
+                    "k": int(k),
+                    "baseline": float(self.baseline.balanced_accuracy[c]),
+                    "removed_top": float(self.removed_top[i, j]),
+                    "kept_top": float(self.kept_top[i, j]),
+                    "removed_top_accuracy": float(self.removed_top_accuracy[i, j]),
+                    "kept_top_accuracy": float(self.kept_top_accuracy[i, j]),
+                }
 
     def state_dict(self) -> dict[str, Any]:
         """Plain arrays and strings (see :meth:`from_state_dict`)."""
         state: dict[str, Any] = {
-            "layer": self.layer, "classes": list(self.classes), "class_indices": self.class_indices.copy(),
-            "ks": self.ks.copy(), "ranking": self.ranking.copy(), "removed_top": self.removed_top.copy(),
-            "kept_top": self.kept_top.copy(), "removed_top_accuracy": self.removed_top_accuracy.copy(),
+            "layer": self.layer,
+            "classes": list(self.classes),
+            "class_indices": self.class_indices.copy(),
+            "ks": self.ks.copy(),
+            "ranking": self.ranking.copy(),
+            "removed_top": self.removed_top.copy(),
+            "kept_top": self.kept_top.copy(),
+            "removed_top_accuracy": self.removed_top_accuracy.copy(),
             "kept_top_accuracy": self.kept_top_accuracy.copy(),
         }
         state.update({f"baseline.{k}": v for k, v in self.baseline.state_dict().items()})
@@ -1109,14 +1262,33 @@ class SetAblation:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> SetAblation:
         """Rebuild from :meth:`state_dict`."""
-        base = ClassAccuracy.from_state_dict({k[len("baseline."):]: v for k, v in state.items()
-                                              if k.startswith("baseline.")})
-        arr = {k: np.asarray(state[k]) for k in ("class_indices", "ks", "ranking", "removed_top", "kept_top",
-                                                  "removed_top_accuracy", "kept_top_accuracy")}
-        return cls(str(state["layer"]), [str(c) for c in state["classes"]], arr["class_indices"].astype(np.int64),
-                   arr["ks"].astype(np.int64), arr["ranking"].astype(np.int64),
-                   arr["removed_top"].astype(np.float64), arr["kept_top"].astype(np.float64),
-                   arr["removed_top_accuracy"].astype(np.float64), arr["kept_top_accuracy"].astype(np.float64), base)
+        base = ClassAccuracy.from_state_dict(
+            {k[len("baseline.") :]: v for k, v in state.items() if k.startswith("baseline.")}
+        )
+        arr = {
+            k: np.asarray(state[k])
+            for k in (
+                "class_indices",
+                "ks",
+                "ranking",
+                "removed_top",
+                "kept_top",
+                "removed_top_accuracy",
+                "kept_top_accuracy",
+            )
+        }
+        return cls(
+            str(state["layer"]),
+            [str(c) for c in state["classes"]],
+            arr["class_indices"].astype(np.int64),
+            arr["ks"].astype(np.int64),
+            arr["ranking"].astype(np.int64),
+            arr["removed_top"].astype(np.float64),
+            arr["kept_top"].astype(np.float64),
+            arr["removed_top_accuracy"].astype(np.float64),
+            arr["kept_top_accuracy"].astype(np.float64),
+            base,
+        )
 
 
 def ablate_sets(
@@ -1161,16 +1333,32 @@ def ablate_sets(
     num_units = split.shape[0]
     if len(importance.classes) != split.num_classes:
         raise DissectError(f"the importance has {len(importance.classes)} classes, the network {split.num_classes}")
-    chosen = (np.flatnonzero(importance.baseline.class_counts > 0) if classes is None
-              else np.asarray([int(c) for c in classes], np.int64))
+    chosen = (
+        np.flatnonzero(importance.baseline.class_counts > 0)
+        if classes is None
+        else np.asarray([int(c) for c in classes], np.int64)
+    )
     bad = [int(c) for c in chosen if not 0 <= c < split.num_classes]
     if bad:
         raise DissectError(f"classes out of range 0..{split.num_classes - 1}: {bad[:5]}")
     sizes = _clip_ks(ks, len(importance.units))
     removed = set_ablations(importance.ranking, num_units, chosen, sizes)
-    counts = ablation_counts(model, dataset, layer, removed, indices=indices, batch_size=batch_size, device=dev,
-                             memory_budget=memory_budget, chunk_bytes=chunk_bytes, cache_dir=cache_dir, split=split,
-                             num_workers=num_workers, progress=progress, should_stop=should_stop)
+    counts = ablation_counts(
+        model,
+        dataset,
+        layer,
+        removed,
+        indices=indices,
+        batch_size=batch_size,
+        device=dev,
+        memory_budget=memory_budget,
+        chunk_bytes=chunk_bytes,
+        cache_dir=cache_dir,
+        split=split,
+        num_workers=num_workers,
+        progress=progress,
+        should_stop=should_stop,
+    )
     return SetAblation.from_counts(layer, importance.classes, chosen, sizes, importance.ranking, counts)
 
 
@@ -1214,15 +1402,24 @@ class ImportanceInterpretability:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain arrays (see :meth:`from_state_dict`)."""
-        return {"units": self.units.copy(), "classes_in_top": self.classes_in_top.copy(), "iou": self.iou.copy(),
-                "top_k": np.asarray(self.top_k, np.int64), "class_indices": self.class_indices.copy()}
+        return {
+            "units": self.units.copy(),
+            "classes_in_top": self.classes_in_top.copy(),
+            "iou": self.iou.copy(),
+            "top_k": np.asarray(self.top_k, np.int64),
+            "class_indices": self.class_indices.copy(),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> ImportanceInterpretability:
         """Rebuild from :meth:`state_dict`."""
-        return cls(np.asarray(state["units"], np.int64), np.asarray(state["classes_in_top"], np.int64),
-                   np.asarray(state["iou"], np.float64), int(np.asarray(state["top_k"])),
-                   np.asarray(state["class_indices"], np.int64))
+        return cls(
+            np.asarray(state["units"], np.int64),
+            np.asarray(state["classes_in_top"], np.int64),
+            np.asarray(state["iou"], np.float64),
+            int(np.asarray(state["top_k"])),
+            np.asarray(state["class_indices"], np.int64),
+        )
 
 
 def importance_interpretability(
@@ -1252,9 +1449,13 @@ def importance_interpretability(
     ids = importance.units
     if ids.size and int(ids.max()) >= best.shape[0]:
         raise DissectError(f"the IoU table covers {best.shape[0]} units; the importance has unit {int(ids.max())}")
-    chosen = (np.flatnonzero(importance.baseline.class_counts > 0) if classes is None
-              else np.asarray([int(c) for c in classes], np.int64))
+    chosen = (
+        np.flatnonzero(importance.baseline.class_counts > 0)
+        if classes is None
+        else np.asarray([int(c) for c in classes], np.int64)
+    )
     top = importance.ranking[chosen, :top_k].reshape(-1)
     count = np.bincount(top, minlength=int(ids.max()) + 1 if ids.size else 0)
-    return ImportanceInterpretability(ids.copy(), count[ids].astype(np.int64), best[ids].astype(np.float64),
-                                      int(top_k), chosen.astype(np.int64))
+    return ImportanceInterpretability(
+        ids.copy(), count[ids].astype(np.int64), best[ids].astype(np.float64), int(top_k), chosen.astype(np.int64)
+    )

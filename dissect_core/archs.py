@@ -94,8 +94,9 @@ def _builtin_key(name: str, registry: Mapping[str, Callable[..., nn.Module]], wh
     """The registry key of ``name`` (``builtin:`` prefix optional); unknown raises, listing the known ones."""
     key = name.removeprefix("builtin:")
     if key not in registry:
-        raise ModelLoadError(f"unknown built-in {what} {name!r}; known: "
-                             + ", ".join(f"builtin:{k}" for k in sorted(registry)))
+        raise ModelLoadError(
+            f"unknown built-in {what} {name!r}; known: " + ", ".join(f"builtin:{k}" for k in sorted(registry))
+        )
     return key
 
 

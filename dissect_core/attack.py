@@ -234,13 +234,16 @@ class AttackAnalysis:
         out = np.zeros((change.shape[0], 3), np.float64)
         units = self.peak_change.shape[1]
         for row, (s, t) in enumerate(zip(self.source[keep], self.target[keep])):
-            src = self.ranking[s, :self.top_k]
-            tgt = self.ranking[t, :self.top_k]
+            src = self.ranking[s, : self.top_k]
+            tgt = self.ranking[t, : self.top_k]
             rest = np.ones(units, bool)
             rest[src] = False
             rest[tgt] = False
-            out[row] = (change[row, src].mean(), change[row, tgt].mean(),
-                        change[row, rest].mean() if rest.any() else np.nan)
+            out[row] = (
+                change[row, src].mean(),
+                change[row, tgt].mean(),
+                change[row, rest].mean() if rest.any() else np.nan,
+            )
         return out
 
     def summary(self, confidence: float = 0.99, successful_only: bool = True) -> dict[str, Any]:
@@ -255,8 +258,12 @@ class AttackAnalysis:
             ``confidence`` and, per group name, ``{"mean", "low", "high"}``.
         """
         per = self.group_changes(successful_only)
-        out: dict[str, Any] = {"success_rate": self.success_rate, "attacked": len(self.success),
-                               "images": int(per.shape[0]), "confidence": confidence}
+        out: dict[str, Any] = {
+            "success_rate": self.success_rate,
+            "attacked": len(self.success),
+            "images": int(per.shape[0]),
+            "confidence": confidence,
+        }
         for j, name in enumerate(GROUPS):
             col = per[:, j]
             mean, low, high = confidence_interval(col[~np.isnan(col)], confidence)
@@ -266,22 +273,43 @@ class AttackAnalysis:
     def state_dict(self) -> dict[str, Any]:
         """Plain arrays, numbers and strings (see :meth:`from_state_dict`)."""
         return {
-            "layer": self.layer, "classes": list(self.classes), "eps": self.eps, "step": self.step,
-            "iterations": self.iterations, "top_k": self.top_k, "n_images": self.n_images,
-            "image_indices": self.image_indices.copy(), "source": self.source.copy(), "target": self.target.copy(),
-            "success": self.success.copy(), "clean_peaks": self.clean_peaks.copy(),
-            "peak_change": self.peak_change.copy(), "linf": self.linf.copy(), "ranking": self.ranking.copy(),
+            "layer": self.layer,
+            "classes": list(self.classes),
+            "eps": self.eps,
+            "step": self.step,
+            "iterations": self.iterations,
+            "top_k": self.top_k,
+            "n_images": self.n_images,
+            "image_indices": self.image_indices.copy(),
+            "source": self.source.copy(),
+            "target": self.target.copy(),
+            "success": self.success.copy(),
+            "clean_peaks": self.clean_peaks.copy(),
+            "peak_change": self.peak_change.copy(),
+            "linf": self.linf.copy(),
+            "ranking": self.ranking.copy(),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> AttackAnalysis:
         """Rebuild from :meth:`state_dict`."""
-        return cls(str(state["layer"]), [str(c) for c in state["classes"]], float(state["eps"]),
-                   float(state["step"]), int(state["iterations"]), int(state["top_k"]), int(state["n_images"]),
-                   np.asarray(state["image_indices"], np.int64), np.asarray(state["source"], np.int64),
-                   np.asarray(state["target"], np.int64), np.asarray(state["success"], bool),
-                   np.asarray(state["clean_peaks"], np.float32), np.asarray(state["peak_change"], np.float32),
-                   np.asarray(state["linf"], np.float32), np.asarray(state["ranking"], np.int64))
+        return cls(
+            str(state["layer"]),
+            [str(c) for c in state["classes"]],
+            float(state["eps"]),
+            float(state["step"]),
+            int(state["iterations"]),
+            int(state["top_k"]),
+            int(state["n_images"]),
+            np.asarray(state["image_indices"], np.int64),
+            np.asarray(state["source"], np.int64),
+            np.asarray(state["target"], np.int64),
+            np.asarray(state["success"], bool),
+            np.asarray(state["clean_peaks"], np.float32),
+            np.asarray(state["peak_change"], np.float32),
+            np.asarray(state["linf"], np.float32),
+            np.asarray(state["ranking"], np.int64),
+        )
 
 
 def _peaks(module: nn.Module, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,8 +397,11 @@ def attack_unit_changes(
         fixed = None
     k = ranking.shape[0]
     if target_classes is None:
-        pool = (np.flatnonzero(importance.baseline.class_counts > 0)
-                if isinstance(importance, UnitImportance) else np.arange(k))
+        pool = (
+            np.flatnonzero(importance.baseline.class_counts > 0)
+            if isinstance(importance, UnitImportance)
+            else np.arange(k)
+        )
     else:
         pool = np.asarray([int(c) for c in target_classes], np.int64)
     if len(pool) < 2 and fixed is None:
@@ -387,10 +418,12 @@ def attack_unit_changes(
         def __getitem__(self, i: int) -> Any:
             return i, dataset[idx[i]]
 
-    loader = DataLoader(_Rows(), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_samples)
-    parts: dict[str, list[np.ndarray]] = {key: [] for key in
-                                          ("index", "source", "target", "success", "clean", "change", "linf")}
+    loader = DataLoader(
+        _Rows(), batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_samples
+    )
+    parts: dict[str, list[np.ndarray]] = {
+        key: [] for key in ("index", "source", "target", "success", "clean", "change", "linf")
+    }
     attacked = 0
     seen = 0
     if progress:
@@ -422,8 +455,17 @@ def attack_unit_changes(
                 keep &= torch.cumsum(keep.long(), 0) <= room
             seen += len(rows)
             if bool(keep.any()):
-                result = pgd_attack(module, x[keep], t[keep], mean=model.mean, std=model.std, eps=eps, step=step,
-                                    iterations=iterations, stop_on_success=stop_on_success)
+                result = pgd_attack(
+                    module,
+                    x[keep],
+                    t[keep],
+                    mean=model.mean,
+                    std=model.std,
+                    eps=eps,
+                    step=step,
+                    iterations=iterations,
+                    stop_on_success=stop_on_success,
+                )
                 adv_logits, adv = _peaks(module, layer, norm(result.images))
                 sel = keep.cpu().numpy()
                 parts["index"].append(np.asarray([idx[r] for r in rows[sel]], np.int64))
@@ -444,8 +486,19 @@ def attack_unit_changes(
 
     units = int(ranking.max()) + 1 if ranking.size else 0
     return AttackAnalysis(
-        layer=layer, classes=names, eps=float(eps), step=float(step), iterations=int(iterations), top_k=int(top_k),
-        n_images=seen, image_indices=cat("index", np.int64), source=cat("source", np.int64),
-        target=cat("target", np.int64), success=cat("success", bool), clean_peaks=cat("clean", np.float32, units),
-        peak_change=cat("change", np.float32, units), linf=cat("linf", np.float32), ranking=ranking,
+        layer=layer,
+        classes=names,
+        eps=float(eps),
+        step=float(step),
+        iterations=int(iterations),
+        top_k=int(top_k),
+        n_images=seen,
+        image_indices=cat("index", np.int64),
+        source=cat("source", np.int64),
+        target=cat("target", np.int64),
+        success=cat("success", bool),
+        clean_peaks=cat("clean", np.float32, units),
+        peak_change=cat("change", np.float32, units),
+        linf=cat("linf", np.float32),
+        ranking=ranking,
     )

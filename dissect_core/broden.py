@@ -148,7 +148,7 @@ def _read_rgb8_png(path: str | os.PathLike[str]) -> np.ndarray | None:
             return None
         length, kind = struct.unpack_from(">I4s", data, pos)
         end = pos + 8 + length
-        if end + 4 > len(data) or zlib.crc32(data[pos + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+        if end + 4 > len(data) or zlib.crc32(data[pos + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
             return None
         if kind == b"IHDR":
             if length != 13:
@@ -158,7 +158,7 @@ def _read_rgb8_png(path: str | os.PathLike[str]) -> np.ndarray | None:
                 return None
             size = (w, h)
         elif kind == b"IDAT":
-            idat.append(data[pos + 8:end])
+            idat.append(data[pos + 8 : end])
         elif kind == b"IEND":
             break
         pos = end + 4
@@ -450,13 +450,15 @@ class BrodenDataset(ConceptDataset):
                 raise DatasetError(f"{path.name} line {line}: sizes must be positive", path=str(path))
             if self._first_image_size is None:
                 self._first_image_size = (ih, iw)
-            kept.append(_Row(
-                image=_safe_relative(r[0], path, line),
-                split=r[1].strip(),
-                mask_size=(sh, sw),
-                masks=tuple(masks),
-                image_labels=tuple(whole),
-            ))
+            kept.append(
+                _Row(
+                    image=_safe_relative(r[0], path, line),
+                    split=r[1].strip(),
+                    mask_size=(sh, sw),
+                    masks=tuple(masks),
+                    image_labels=tuple(whole),
+                )
+            )
         if not kept:
             where = f" with split {split!r}" if split is not None else ""
             raise DatasetError(f"{path} lists no images{where}", path=str(path))
@@ -696,8 +698,9 @@ def write_broden(
             frequency += present
             for k in set(cat_of[np.nonzero(present)[0]].tolist()):
                 cat_frequency[k] += 1
-            index_rows.append([f"{stem}.png", split, image_size[0], image_size[1], sh, sw,
-                               *(";".join(c) for c in cells)])
+            index_rows.append(
+                [f"{stem}.png", split, image_size[0], image_size[1], sh, sw, *(";".join(c) for c in cells)]
+            )
 
         with open(tmp / "index.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -707,15 +710,22 @@ def write_broden(
             w = csv.writer(f)
             w.writerow(["number", "name", "category", "frequency", "coverage", "syns"])
             for c in concepts:
-                w.writerow([c.number, c.name, f"{c.category}({frequency[c.number]})",
-                            frequency[c.number], _fmt(coverage[c.number]), ""])
+                w.writerow(
+                    [
+                        c.number,
+                        c.name,
+                        f"{c.category}({frequency[c.number]})",
+                        frequency[c.number],
+                        _fmt(coverage[c.number]),
+                        "",
+                    ]
+                )
         with open(tmp / "category.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["name", "first", "last", "count", "frequency"])
             for k, cat in enumerate(categories):
                 numbers = [c.number for c in concepts if c.category == cat]
-                w.writerow([cat, min(numbers, default=0), max(numbers, default=0), len(numbers),
-                            cat_frequency[k]])
+                w.writerow([cat, min(numbers, default=0), max(numbers, default=0), len(numbers), cat_frequency[k]])
         for cat in categories:
             with open(tmp / f"c_{cat}.csv", "w", newline="") as f:
                 w = csv.writer(f)

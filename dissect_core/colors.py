@@ -54,8 +54,17 @@ __all__ = [
 COLOR_CATEGORY = "color"
 
 COLOR_NAMES: tuple[str, ...] = (
-    "black", "blue", "brown", "grey", "green", "orange",
-    "pink", "purple", "red", "white", "yellow",
+    "black",
+    "blue",
+    "brown",
+    "grey",
+    "green",
+    "orange",
+    "pink",
+    "purple",
+    "red",
+    "white",
+    "yellow",
 )
 
 COLOR_CONCEPT_NAMES: tuple[str, ...] = tuple(f"{n}-c" for n in COLOR_NAMES)
@@ -170,9 +179,7 @@ def has_color_concepts(concepts: list[Concept]) -> bool:
         colour concept (``red-c``, also ``gray-c``).
     """
     names = set(COLOR_CONCEPT_NAMES)
-    return any(
-        c.category == COLOR_CATEGORY or _ALIASES.get(c.name, c.name) in names for c in concepts
-    )
+    return any(c.category == COLOR_CATEGORY or _ALIASES.get(c.name, c.name) in names for c in concepts)
 
 
 class WithColorConcepts(ConceptDataset):
@@ -199,9 +206,7 @@ class WithColorConcepts(ConceptDataset):
         self.categories = list(dataset.categories)
         if self.added:
             first = len(self.concepts) + 1
-            self.concepts += [
-                Concept(first + i, name, COLOR_CATEGORY) for i, name in enumerate(COLOR_CONCEPT_NAMES)
-            ]
+            self.concepts += [Concept(first + i, name, COLOR_CATEGORY) for i, name in enumerate(COLOR_CONCEPT_NAMES)]
             if COLOR_CATEGORY not in self.categories:
                 self.categories.append(COLOR_CATEGORY)
         self._offset = len(dataset.concepts)

@@ -79,8 +79,10 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
-            *(t.to(device, non_blocking=non_blocking) for t in
-              (self.images, self.label_maps, self.image_labels, self.class_labels, self.indices)),
+            *(
+                t.to(device, non_blocking=non_blocking)
+                for t in (self.images, self.label_maps, self.image_labels, self.class_labels, self.indices)
+            ),
             latents=None if self.latents is None else self.latents.to(device, non_blocking=non_blocking),
         )
 
@@ -121,8 +123,7 @@ def collate_samples(samples: Sequence[tuple[int, Sample]]) -> Batch:
     if not samples:
         raise ValueError("cannot collate an empty batch")
     first = samples[0][1]
-    sh, sw = (first.label_maps.shape[1:] if first.label_maps.ndim == 3 and first.label_maps.shape[0]
-              else (0, 0))
+    sh, sw = first.label_maps.shape[1:] if first.label_maps.ndim == 3 and first.label_maps.shape[0] else (0, 0)
     for _, s in samples:
         if s.label_maps.ndim == 3 and s.label_maps.shape[0]:
             sh, sw = s.label_maps.shape[1:]

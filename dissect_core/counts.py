@@ -87,8 +87,9 @@ def _check_range(t: torch.Tensor, what: str, num_concepts: int) -> None:
     if t.numel():
         lo, hi = (int(v) for v in torch.aminmax(t))
         if hi > num_concepts or lo < 0:
-            raise DatasetError(f"{what} holds concept number {hi if hi > num_concepts else lo}, "
-                               f"outside 0..{num_concepts}")
+            raise DatasetError(
+                f"{what} holds concept number {hi if hi > num_concepts else lo}, outside 0..{num_concepts}"
+            )
 
 
 def prepare_labels(
@@ -133,8 +134,9 @@ def prepare_labels(
     per_map = torch.bincount((maps + offsets).view(-1), minlength=k * width).view(k, width)
     per_image = torch.zeros((j, width), dtype=torch.int64, device=dev)
     if j:
-        per_image.view(-1).index_add_(0, (image + torch.arange(j, device=dev)[None, :] * width).view(-1),
-                                      torch.ones_like(image).view(-1))
+        per_image.view(-1).index_add_(
+            0, (image + torch.arange(j, device=dev)[None, :] * width).view(-1), torch.ones_like(image).view(-1)
+        )
     present = torch.cat([per_map, per_image])[:, 1:] > 0
     shared = (present.to(torch.float32) @ present.t().to(torch.float32) > 0).tolist() if k else []
     if k and maps.data_ptr() == label_maps.data_ptr() and any(any(row) for row in shared):
@@ -194,8 +196,7 @@ class TopActivations:
         best = torch.argsort(torch.gather(values, 1, order), dim=1, descending=True, stable=True)[:, : self.k]
         return torch.gather(order, 1, best)
 
-    def _combine(self, values: torch.Tensor, idx: torch.Tensor, new_maps: torch.Tensor | None,
-                 new_major: bool) -> None:
+    def _combine(self, values: torch.Tensor, idx: torch.Tensor, new_maps: torch.Tensor | None, new_major: bool) -> None:
         """Keep the best of the current entries followed by new ones (their maps: [N, U, h, w] when
         ``new_major`` is False, else [U, N, h, w]; None when they came without maps)."""
         old = self.values.shape[1]
@@ -348,14 +349,15 @@ class ConceptCounts:
         else:
             if image_labels is None:
                 image_labels = torch.zeros((b, 0), dtype=torch.int64, device=on.device)
-            labels = prepare_labels(label_maps.to(on.device), image_labels.to(on.device), self.num_concepts,
-                                    size=(h, w))
+            labels = prepare_labels(
+                label_maps.to(on.device), image_labels.to(on.device), self.num_concepts, size=(h, w)
+            )
         if labels.size != (h, w) or labels.batch != b:
             raise ValueError(f"labels are {labels.batch} x {labels.size}, the mask {b} x {(h, w)}")
         self.add_area(labels)
         per_image = max(1, _CHUNK * 16 // max(1, u * h * w))
         for start in range(0, b, per_image):
-            flat = on[start:start + per_image].reshape(-1, u, h * w)
+            flat = on[start : start + per_image].reshape(-1, u, h * w)
             bi, ui, pi = flat.nonzero(as_tuple=True)
             self.add_pixels(bi + start, ui, pi, labels)
 
@@ -370,9 +372,7 @@ class ConceptCounts:
         self.n_pixels += labels.batch * labels.size[0] * labels.size[1]
         self.n_images += labels.batch
 
-    def add_pixels(
-        self, image: torch.Tensor, unit: torch.Tensor, pixel: torch.Tensor, labels: PixelLabels
-    ) -> None:
+    def add_pixels(self, image: torch.Tensor, unit: torch.Tensor, pixel: torch.Tensor, labels: PixelLabels) -> None:
         """Count "on" pixels given as triples (areas must be added by :meth:`add_area`).
 
         Args:
@@ -400,7 +400,7 @@ class ConceptCounts:
             return
         inter = self.intersection.view(-1)
         width = self.num_concepts + 1
-        if self.units * width < 2 ** 31:  # int32 indices: half the memory traffic
+        if self.units * width < 2**31:  # int32 indices: half the memory traffic
             flat = concepts.to(torch.int32, copy=True)
             flat += (unit.to(torch.int32) * width)[:, None]
         else:
@@ -471,6 +471,6 @@ class ConceptCounts:
         counts.n_images = int(state["n_images"])
         if "top_k" in state:
             counts.top = TopActivations.from_state_dict(
-                {k[len("top_"):]: v for k, v in state.items() if k.startswith("top_")}
+                {k[len("top_") :]: v for k, v in state.items() if k.startswith("top_")}
             )
         return counts

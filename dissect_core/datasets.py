@@ -82,8 +82,9 @@ def open_dataset(
         if n < 1:
             raise DatasetError(f"dataset spec {spec!r}: the number of images must be positive", path="")
         try:
-            dataset = SyntheticScenes(n, seed, tuple(image_size) if image_size else DEFAULT_IMAGE_SIZE,
-                                      split=split, max_images=max_images)
+            dataset = SyntheticScenes(
+                n, seed, tuple(image_size) if image_size else DEFAULT_IMAGE_SIZE, split=split, max_images=max_images
+            )
         except ValueError as exc:
             raise DatasetError(f"dataset spec {spec!r}: {exc}", path="") from None
     elif scheme in ("broden", "synthetic"):

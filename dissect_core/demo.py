@@ -146,10 +146,16 @@ def make_demo(
     say = progress or (lambda _line: None)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    paths = DemoPaths(root=root, data=root / "data", weights=root / "classifier.safetensors",
-                      config=root / "classifier.json", generator=root / "generator.safetensors",
-                      generator_config=root / "generator.json", segmenter=root / "segmenter.safetensors",
-                      segmenter_config=root / "segmenter.json")
+    paths = DemoPaths(
+        root=root,
+        data=root / "data",
+        weights=root / "classifier.safetensors",
+        config=root / "classifier.json",
+        generator=root / "generator.safetensors",
+        generator_config=root / "generator.json",
+        segmenter=root / "segmenter.safetensors",
+        segmenter_config=root / "segmenter.json",
+    )
 
     if force or not (paths.data / "index.csv").is_file():
         if paths.data.exists():
@@ -163,8 +169,16 @@ def make_demo(
         train = BrodenDataset(paths.data, split="train")
         val = BrodenDataset(paths.data, split="val")
         say(f"training {DEMO_ARCH} on {len(train)} images ({len(val)} for validation)")
-        model, info = train_classifier(train, val_dataset=val, arch=DEMO_ARCH, epochs=epochs, seed=seed,
-                                       activation_l1=DEMO_ACTIVATION_L1, l1_layer=DEMO_LAYER, progress=say)
+        model, info = train_classifier(
+            train,
+            val_dataset=val,
+            arch=DEMO_ARCH,
+            epochs=epochs,
+            seed=seed,
+            activation_l1=DEMO_ACTIVATION_L1,
+            l1_layer=DEMO_LAYER,
+            progress=say,
+        )
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         config = {
             "arch": DEMO_ARCH,
@@ -207,8 +221,7 @@ def _make_generator(paths: DemoPaths, *, seed: int, steps: int, threads: int, sa
 
     train = BrodenDataset(paths.data, split="train")
     say(f"training the {DEMO_GENERATOR_ARCH} GAN on {len(train)} images ({steps} steps)")
-    module, info = train_gan(train, arch=DEMO_GENERATOR_ARCH, steps=steps, seed=seed, threads=threads,
-                             progress=say)
+    module, info = train_gan(train, arch=DEMO_GENERATOR_ARCH, steps=steps, seed=seed, threads=threads, progress=say)
     config = {
         "arch": DEMO_GENERATOR_ARCH,
         "latent_dim": info["latent_dim"],
@@ -235,8 +248,9 @@ def _make_segmenter(paths: DemoPaths, *, seed: int, epochs: int, threads: int, s
     train = BrodenDataset(paths.data, split="train")
     val = BrodenDataset(paths.data, split="val")
     say(f"training the {DEMO_SEGMENTER_ARCH} object segmenter on {len(train)} images ({len(val)} for validation)")
-    module, info = train_segmenter(train, val_dataset=val, category="object", epochs=epochs, seed=seed,
-                                   threads=threads, progress=say)
+    module, info = train_segmenter(
+        train, val_dataset=val, category="object", epochs=epochs, seed=seed, threads=threads, progress=say
+    )
     config = {
         "arch": DEMO_SEGMENTER_ARCH,
         "num_classes": info["num_classes"],
@@ -256,5 +270,7 @@ def _make_segmenter(paths: DemoPaths, *, seed: int, epochs: int, threads: int, s
         "torch": torch.__version__,
     }
     _save_model(paths.segmenter, paths.segmenter_config, module, config)
-    say(f"trained the segmenter in {info['seconds']:.1f}s, validation pixel accuracy "
-        f"{info['val_pixel_accuracy']:.3f}, mIoU {info['val_miou']:.3f}")
+    say(
+        f"trained the segmenter in {info['seconds']:.1f}s, validation pixel accuracy "
+        f"{info['val_pixel_accuracy']:.3f}, mIoU {info['val_miou']:.3f}"
+    )

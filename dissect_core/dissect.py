@@ -174,8 +174,13 @@ class LayerResult:
     def unit_rows(self) -> list[dict[str, Any]]:
         """One row per unit: unit, label, category, iou, threshold."""
         return [
-            {"unit": lab.unit, "label": lab.concept, "category": lab.category, "iou": lab.iou,
-             "threshold": float(self.thresholds[lab.unit])}
+            {
+                "unit": lab.unit,
+                "label": lab.concept,
+                "category": lab.category,
+                "iou": lab.iou,
+                "threshold": float(self.thresholds[lab.unit]),
+            }
             for lab in self.labels
         ]
 
@@ -183,8 +188,7 @@ class LayerResult:
         """One row per unit x concept pair: unit, concept, category, iou (unit-major order)."""
         for u in range(self.units):
             for c, concept in enumerate(self.concepts):
-                yield {"unit": u, "concept": concept.name, "category": concept.category,
-                       "iou": float(self.iou[u, c])}
+                yield {"unit": u, "concept": concept.name, "category": concept.category, "iou": float(self.iou[u, c])}
 
     def summary(self, min_iou: float = 0.04) -> dict[str, Any]:
         """Detector counts, as the paper reports them.
@@ -317,8 +321,9 @@ def _make_source(
         if concept.number != i + 1:
             raise DatasetError(f"concept {concept.name!r} has number {concept.number}, expected {i + 1}")
     mask = None if segmenter is not None else tuple(int(v) for v in dataset.mask_size)
-    return _Source(model, dataset, layers, idx, batch_size, _resolve_device(device), num_workers, segmenter,
-                   concepts, mask)
+    return _Source(
+        model, dataset, layers, idx, batch_size, _resolve_device(device), num_workers, segmenter, concepts, mask
+    )
 
 
 @dataclass
@@ -411,7 +416,7 @@ def _chunks(a: torch.Tensor, mask_size: tuple[int, int]) -> Iterator[tuple[int, 
     b, u, h, w = a.shape
     per = max(1, _CHUNK_ELEMENTS // max(1, u * mask_size[0] * mask_size[1]))
     for start in range(0, b, per):
-        part = a[start:start + per]
+        part = a[start : start + per]
         yield start, _upsample_maps(part.reshape(-1, h, w), mask_size).view(part.shape[0], u, -1)
 
 
@@ -450,8 +455,9 @@ class _MapUpsampler:
     def _key(self, a: torch.Tensor) -> tuple[Any, ...]:
         return (tuple(a.shape[-2:]), tuple(self.mask_size), str(a.device), a.dtype, torch.get_num_threads())
 
-    def rows(self, a: torch.Tensor, bi: torch.Tensor,
-             ui: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def rows(
+        self, a: torch.Tensor, bi: torch.Tensor, ui: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images [m], units [m], native maps [m, h, w], upsampled maps [m, mh*mw]) chunks
         for the maps ``a[bi, ui]``."""
         if bi.numel() == 0:
@@ -489,7 +495,7 @@ class _MapUpsampler:
             return
         per = max(_MIN_MAPS, _CHUNK_ELEMENTS // max(1, self.mask_size[0] * self.mask_size[1]))
         for start in range(0, bi.numel(), per):
-            b, u = bi[start:start + per], ui[start:start + per]
+            b, u = bi[start : start + per], ui[start : start + per]
             native = _pick(a, b, u)
             yield b, u, native, _upsample_maps(native, self.mask_size)
 
@@ -499,8 +505,12 @@ class _MapUpsampler:
         first product times the column matrix, whatever the other rows)."""
         h, w = (int(v) for v in a.shape[-2:])
         th, tw = (int(v) for v in self.mask_size)
-        return (a.device.type == "cpu" and (h, w) != (th, tw) and self.gather
-                and th * h * w + th * w * tw <= h * w * tw + th * h * tw)
+        return (
+            a.device.type == "cpu"
+            and (h, w) != (th, tw)
+            and self.gather
+            and th * h * w + th * w * tw <= h * w * tw + th * h * tw
+        )
 
     def _upsample_rows(self, native: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` (into the m * mh rows) of the upsampled maps [m, h, w]: [r, mw].
@@ -522,7 +532,10 @@ class _MapUpsampler:
         return torch.matmul(sel, ww.t())[:r]
 
     def kept_rows(
-        self, a: torch.Tensor, bi: torch.Tensor, ui: torch.Tensor,
+        self,
+        a: torch.Tensor,
+        bi: torch.Tensor,
+        ui: torch.Tensor,
         keep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images [m], units [m], row index [r] into the m * mh rows, rows float32 [r, mw])
@@ -541,7 +554,7 @@ class _MapUpsampler:
         if self._rows_eligible(a) and self._verdicts.get(key) and self._row_verdicts.get(key, True):
             per = max(_MIN_MAPS, _CHUNK_ELEMENTS // max(1, self.mask_size[0] * mw))
             for start in range(0, bi.numel(), per):
-                b, u = bi[start:start + per], ui[start:start + per]
+                b, u = bi[start : start + per], ui[start : start + per]
                 native = _pick(a, b, u)
                 idx = keep(u, native).view(-1).nonzero().squeeze(1)
                 rows = self._upsample_rows(native, idx)
@@ -565,7 +578,7 @@ def _upsample_slack(device: torch.device) -> float:
     exact = torch.get_float32_matmul_precision() == "highest"
     if device.type == "cuda":
         exact = exact and not torch.backends.cuda.matmul.allow_tf32
-    return 2.0 ** -21 if exact else 2.0 ** -5
+    return 2.0**-21 if exact else 2.0**-5
 
 
 class _MapBound:
@@ -586,9 +599,9 @@ class _MapBound:
         if tuple(native) == tuple(size):
             self.scale, self.slack = 1.0, 0.0
         else:
-            self.scale = float(wh.sum(1).max()) * float(ww.sum(1).max()) * (1.0 + 2.0 ** -40)
+            self.scale = float(wh.sum(1).max()) * float(ww.sum(1).max()) * (1.0 + 2.0**-40)
             self.slack = _upsample_slack(device)
-        self.row_weights = (wh.t() * float(ww.sum(1).max()) * (1.0 + 2.0 ** -40)).to(device)
+        self.row_weights = (wh.t() * float(ww.sum(1).max()) * (1.0 + 2.0**-40)).to(device)
         # Segments of each upsampled row: spans of ``seg_width`` columns (a multiple of the
         # upsampling factor, at least _SEGMENT_MIN columns, dividing the row into at least
         # _SEGMENTS_MIN), each reading the native columns ``seg_ranges`` (G ranges); one
@@ -621,13 +634,15 @@ class _MapBound:
         if self.segments_count == 1:
             bound, zero = self.rows_and_zeros(maps)
             return bound[:, :, None], zero[:, :, None]
-        hi = torch.stack([maps[:, :, a:b].amax(2) if b > a else maps.new_zeros(maps.shape[:2])
-                          for a, b in self.seg_ranges], 2).to(torch.float64)
+        hi = torch.stack(
+            [maps[:, :, a:b].amax(2) if b > a else maps.new_zeros(maps.shape[:2]) for a, b in self.seg_ranges], 2
+        ).to(torch.float64)
         if nonneg:
             mag = hi
         else:
-            lo = torch.stack([maps[:, :, a:b].amin(2) if b > a else maps.new_zeros(maps.shape[:2])
-                              for a, b in self.seg_ranges], 2).to(torch.float64)
+            lo = torch.stack(
+                [maps[:, :, a:b].amin(2) if b > a else maps.new_zeros(maps.shape[:2]) for a, b in self.seg_ranges], 2
+            ).to(torch.float64)
             mag = torch.maximum(hi.abs(), lo.abs())
         c = hi.clamp(min=0)
         if self.slack:
@@ -667,8 +682,9 @@ class _MapBound:
         """float64 [B, U] upper bounds of a [B, U, h, w] batch (``peaks``: its spatial max, if known)."""
         return self.both(a, peaks, lower=False)[1]
 
-    def both(self, a: torch.Tensor, peaks: torch.Tensor | None = None,
-             lower: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def both(
+        self, a: torch.Tensor, peaks: torch.Tensor | None = None, lower: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(lower, upper) float64 [B, U] bounds of every upsampled value of each map.
 
         Below: 0 for a map without negative values (non-negative weights and
@@ -716,8 +732,16 @@ class _RisingFloorSketch:
     (which ``skip=False`` builds instead, upsampling every map).
     """
 
-    def __init__(self, units: int, native: tuple[int, int], mask_size: tuple[int, int], quantile: float,
-                 n_images: int, device: torch.device, skip: bool | None = None) -> None:
+    def __init__(
+        self,
+        units: int,
+        native: tuple[int, int],
+        mask_size: tuple[int, int],
+        quantile: float,
+        n_images: int,
+        device: torch.device,
+        skip: bool | None = None,
+    ) -> None:
         self.skip = _SKIP_MAPS if skip is None else skip
         floor = np.full(units, -np.inf, np.float32) if self.skip else None
         self.sketch = QuantileSketch(units, floor=floor, device=device)
@@ -760,8 +784,12 @@ class _RisingFloorSketch:
             bound, zero = self.bound.segments(native, nonneg=nonneg)
             level = self.sketch.floor.index_select(0, u).to(torch.float64)[:, None, None]
             seg = (~(bound <= level) & ~zero).contiguous()
-            zero_count = torch.zeros(a.shape[1], dtype=torch.int64, device=u.device).index_add_(
-                0, u, torch.count_nonzero(zero, dim=(1, 2))) * seg_width
+            zero_count = (
+                torch.zeros(a.shape[1], dtype=torch.int64, device=u.device).index_add_(
+                    0, u, torch.count_nonzero(zero, dim=(1, 2))
+                )
+                * seg_width
+            )
             kept_segments.append((seg, zero_count))
             return seg.any(2)
 
@@ -817,9 +845,16 @@ class _LayerCounter:
     everything, which ``skip=False`` does.
     """
 
-    def __init__(self, units: int, num_concepts: int, top_k: int, device: torch.device,
-                 thresholds: np.ndarray | None = None, bracket: QuantileBracket | None = None,
-                 skip: bool | None = None) -> None:
+    def __init__(
+        self,
+        units: int,
+        num_concepts: int,
+        top_k: int,
+        device: torch.device,
+        thresholds: np.ndarray | None = None,
+        bracket: QuantileBracket | None = None,
+        skip: bool | None = None,
+    ) -> None:
         self.counts = ConceptCounts(units, num_concepts, top_k=top_k, device=device)
         self.bracket = bracket
         self.thresholds = thresholds
@@ -837,8 +872,9 @@ class _LayerCounter:
             cand = np.where(resolved, exact, np.nextafter(lo_val, np.float32(-np.inf))).astype(np.float32)
             sure = np.where(resolved, exact, keys_to_float(bracket.key_hi[1]).astype(np.float32))
             self.sure = torch.as_tensor(sure, device=device)
-            self.collect_lo, self.collect_hi = (torch.as_tensor(v.astype(np.int64), device=device)
-                                                for v in self.refiner.collect_ranges())
+            self.collect_lo, self.collect_hi = (
+                torch.as_tensor(v.astype(np.int64), device=device) for v in self.refiner.collect_ranges()
+            )
         self.cand = torch.as_tensor(cand, device=device)
         self.skip = _SKIP_MAPS if skip is None else skip
         self.bound: _MapBound | None = None
@@ -850,8 +886,9 @@ class _LayerCounter:
         bi, ui, pi = (up > self.cand[None, :, None]).nonzero(as_tuple=True)
         self._add_on(bi + offset, ui, pi, up[bi, ui, pi] if self.sure is not None else None, labels)
 
-    def add_batch(self, a: torch.Tensor, labels: PixelLabels, mask_size: tuple[int, int],
-                  peaks: torch.Tensor | None = None) -> None:
+    def add_batch(
+        self, a: torch.Tensor, labels: PixelLabels, mask_size: tuple[int, int], peaks: torch.Tensor | None = None
+    ) -> None:
         """Count a batch of native maps [B, U, h, w], upsampling only the maps that can hold
         a pixel above ``cand`` (see :class:`_MapBound`)."""
         if not self.skip:
@@ -878,8 +915,9 @@ class _LayerCounter:
             vals = rows.view(-1).index_select(0, flat) if self.sure is not None else None
             self._add_on(b.index_select(0, mi), u.index_select(0, mi), pi, vals, labels)
 
-    def _add_on(self, bi: torch.Tensor, ui: torch.Tensor, pi: torch.Tensor, vals: torch.Tensor | None,
-                labels: PixelLabels) -> None:
+    def _add_on(
+        self, bi: torch.Tensor, ui: torch.Tensor, pi: torch.Tensor, vals: torch.Tensor | None, labels: PixelLabels
+    ) -> None:
         """Count pixels above ``cand`` given as (image, unit, pixel) and, while thresholds are
         unresolved, their values."""
         if self.sure is None:
@@ -934,14 +972,14 @@ class _Cache:
         b = int(prepared.indices.shape[0])
         for i, (layer, a) in enumerate(prepared.acts.items()):
             if layer not in self.files:
-                self.files[layer] = open(self.root / f"layer{i}.f32", "w+b")  # noqa: SIM115
+                self.files[layer] = open(self.root / f"layer{i}.f32", "w+b")
                 self.shapes[layer] = tuple(a.shape[1:])
                 self.offsets[layer] = []
             f = self.files[layer]
             self.offsets[layer].append(f.tell())
             f.write(memoryview(a.detach().to("cpu").contiguous().numpy()).cast("B"))
         if self.label_file is None:
-            self.label_file = open(self.root / "labels.bin", "w+b")  # noqa: SIM115
+            self.label_file = open(self.root / "labels.bin", "w+b")
         maps = prepared.label_maps.to("cpu")
         dtype = np.dtype(np.int16 if (maps.numel() == 0 or int(maps.max()) < 32767) else np.int32)
         maps_np = np.ascontiguousarray(maps.numpy().astype(dtype, copy=False))
@@ -1063,8 +1101,16 @@ def dissect(
     """
     if not 0.0 <= quantile <= 1.0:
         raise DissectError(f"quantile must lie in [0, 1], got {quantile}")
-    src = _make_source(model, dataset, layers, indices=indices, batch_size=batch_size, device=device,
-                       num_workers=num_workers, segmenter=segmenter)
+    src = _make_source(
+        model,
+        dataset,
+        layers,
+        indices=indices,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        segmenter=segmenter,
+    )
     root = Path(tempfile.mkdtemp(prefix="dissect-", dir=cache_dir))
     cache = _Cache(root)
     try:
@@ -1077,8 +1123,9 @@ def dissect(
             assert src.mask_size is not None
             for layer, a in prepared.acts.items():
                 if layer not in sketches:
-                    sketches[layer] = _RisingFloorSketch(a.shape[1], a.shape[-2:], src.mask_size, quantile,
-                                                         len(src.indices), src.device)
+                    sketches[layer] = _RisingFloorSketch(
+                        a.shape[1], a.shape[-2:], src.mask_size, quantile, len(src.indices), src.device
+                    )
                     top[layer] = TopActivations(a.shape[1], top_k_images) if top_k_images else None
                 peaks = a.amax(dim=(2, 3))
                 sketches[layer].add(a, peaks)
@@ -1108,8 +1155,11 @@ def dissect(
         brackets = {layer: s.sketch.bracket(quantile) for layer, s in sketches.items()}
         sketches.clear()
         while True:
-            crowded = {layer: QuantileRefiner(b, max_values=max_collect) for layer, b in brackets.items()
-                       if not b.done and QuantileRefiner(b, max_values=max_collect).narrowing}
+            crowded = {
+                layer: QuantileRefiner(b, max_values=max_collect)
+                for layer, b in brackets.items()
+                if not b.done and QuantileRefiner(b, max_values=max_collect).narrowing
+            }
             if not crowded:
                 break
             batches = _cached_batches(cache, list(crowded), src.device, "quantile", progress, should_stop)
@@ -1119,8 +1169,9 @@ def dissect(
         for layer in src.layers:
             units = cache.shapes[layer][0]
             b = brackets[layer]
-            counters[layer] = _LayerCounter(units, src.num_concepts, 0, src.device,
-                                            thresholds=b.values() if b.done else None, bracket=b)
+            counters[layer] = _LayerCounter(
+                units, src.num_concepts, 0, src.device, thresholds=b.values() if b.done else None, bracket=b
+            )
         for prepared in _cached_batches(cache, src.layers, src.device, "count", progress, should_stop):
             labels = _labels_of(src, prepared)
             for layer, a in prepared.acts.items():
@@ -1161,8 +1212,16 @@ def quantile_pass(
     Returns:
         layer -> :class:`QuantileSketch` of the upsampled activations (on the CPU).
     """
-    src = _make_source(model, dataset, layers, indices=indices, batch_size=batch_size, device=device,
-                       num_workers=num_workers, segmenter=segmenter)
+    src = _make_source(
+        model,
+        dataset,
+        layers,
+        indices=indices,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        segmenter=segmenter,
+    )
     sketches: dict[str, QuantileSketch] = {}
     for layer, up in _upsampled(_forward_batches(src, progress, should_stop, phase="quantile"), src):
         if layer not in sketches:
@@ -1201,8 +1260,16 @@ def refine_pass(
     refiners = {layer: QuantileRefiner(brackets[layer], max_values=max_collect) for layer in todo}
     if not todo:
         return refiners
-    src = _make_source(model, dataset, todo, indices=indices, batch_size=batch_size, device=device,
-                       num_workers=num_workers, segmenter=segmenter)
+    src = _make_source(
+        model,
+        dataset,
+        todo,
+        indices=indices,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        segmenter=segmenter,
+    )
     for layer, up in _upsampled(_forward_batches(src, progress, should_stop, phase="quantile"), src):
         refiners[layer].add_batch(up)
     return refiners
@@ -1257,8 +1324,16 @@ def count_pass(
     Returns:
         layer -> :class:`ConceptCounts` (on the CPU; ``.top`` holds the top images).
     """
-    src = _make_source(model, dataset, layers, indices=indices, batch_size=batch_size, device=device,
-                       num_workers=num_workers, segmenter=segmenter)
+    src = _make_source(
+        model,
+        dataset,
+        layers,
+        indices=indices,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        segmenter=segmenter,
+    )
     counters: dict[str, _LayerCounter] = {}
     for prepared in _forward_batches(src, progress, should_stop, phase="count"):
         labels = _labels_of(src, prepared)
@@ -1267,8 +1342,7 @@ def count_pass(
                 t = np.asarray(torch.as_tensor(thresholds[layer]).cpu().numpy(), dtype=np.float64)
                 if t.shape != (a.shape[1],):
                     raise DissectError(f"layer {layer!r} has {a.shape[1]} units, got {t.shape} thresholds")
-                counters[layer] = _LayerCounter(a.shape[1], src.num_concepts, top_k_images, src.device,
-                                                thresholds=t)
+                counters[layer] = _LayerCounter(a.shape[1], src.num_concepts, top_k_images, src.device, thresholds=t)
             counter = counters[layer]
             counter.counts.add_area(labels)
             peaks = a.amax(dim=(2, 3))

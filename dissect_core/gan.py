@@ -72,14 +72,19 @@ class _ToMap(nn.Module):
         if z.dim() == 4 and z.shape[2:] == (1, 1):
             z = z.flatten(1)
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"expected a latent of shape [B, {self.latent_dim}] or [B, {self.latent_dim}, 1, 1], "
-                             f"got {tuple(z.shape)}")
+            raise ValueError(
+                f"expected a latent of shape [B, {self.latent_dim}] or [B, {self.latent_dim}, 1, 1], "
+                f"got {tuple(z.shape)}"
+            )
         return z[:, :, None, None]
 
 
 def _up(cin: int, cout: int, first: bool = False) -> nn.Sequential:
-    conv = nn.ConvTranspose2d(cin, cout, 4, 1, 0, bias=False) if first else nn.ConvTranspose2d(cin, cout, 4, 2, 1,
-                                                                                                bias=False)
+    conv = (
+        nn.ConvTranspose2d(cin, cout, 4, 1, 0, bias=False)
+        if first
+        else nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False)
+    )
     return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU())
 
 
@@ -96,14 +101,16 @@ class DCGANGenerator(nn.Sequential):
 
     def __init__(self, latent_dim: int = 128, widths: Sequence[int] = DCGAN_WIDTHS) -> None:
         c1, c2, c3, c4 = (int(w) for w in widths)
-        super().__init__(OrderedDict(
-            latent=_ToMap(latent_dim),
-            layer1=_up(latent_dim, c1, first=True),
-            layer2=_up(c1, c2),
-            layer3=_up(c2, c3),
-            layer4=_up(c3, c4),
-            output=nn.Sequential(nn.ConvTranspose2d(c4, 3, 4, 2, 1), nn.Tanh()),
-        ))
+        super().__init__(
+            OrderedDict(
+                latent=_ToMap(latent_dim),
+                layer1=_up(latent_dim, c1, first=True),
+                layer2=_up(c1, c2),
+                layer3=_up(c2, c3),
+                layer4=_up(c3, c4),
+                output=nn.Sequential(nn.ConvTranspose2d(c4, 3, 4, 2, 1), nn.Tanh()),
+            )
+        )
         self.latent_dim = latent_dim
         for m in self.modules():
             if isinstance(m, nn.ConvTranspose2d):
@@ -142,11 +149,16 @@ def _discriminator(widths: Sequence[int] = _DISC_WIDTHS) -> nn.Module:
     sn = nn.utils.spectral_norm
     c1, c2, c3, c4 = widths
     return nn.Sequential(
-        sn(nn.Conv2d(3, c1, 4, 2, 1)), nn.LeakyReLU(0.2),
-        sn(nn.Conv2d(c1, c2, 4, 2, 1)), nn.LeakyReLU(0.2),
-        sn(nn.Conv2d(c2, c3, 4, 2, 1)), nn.LeakyReLU(0.2),
-        sn(nn.Conv2d(c3, c4, 4, 2, 1)), nn.LeakyReLU(0.2),
-        nn.Flatten(), sn(nn.Linear(c4 * 16, 1)),
+        sn(nn.Conv2d(3, c1, 4, 2, 1)),
+        nn.LeakyReLU(0.2),
+        sn(nn.Conv2d(c1, c2, 4, 2, 1)),
+        nn.LeakyReLU(0.2),
+        sn(nn.Conv2d(c2, c3, 4, 2, 1)),
+        nn.LeakyReLU(0.2),
+        sn(nn.Conv2d(c3, c4, 4, 2, 1)),
+        nn.LeakyReLU(0.2),
+        nn.Flatten(),
+        sn(nn.Linear(c4 * 16, 1)),
     )
 
 
@@ -155,8 +167,9 @@ def _load_images(dataset: ConceptDataset) -> torch.Tensor:
     if len(dataset) == 0:
         raise DatasetError(f"dataset {dataset.name} is empty", path="")
     if len(dataset) * 3 * h * w > MAX_IN_MEMORY_BYTES:
-        raise DatasetError(f"dataset {dataset.name} is too large to train on in memory "
-                           f"({len(dataset)} images of {h}x{w})", path="")
+        raise DatasetError(
+            f"dataset {dataset.name} is too large to train on in memory ({len(dataset)} images of {h}x{w})", path=""
+        )
     images = np.empty((len(dataset), h, w, 3), np.uint8)
     for i in range(len(dataset)):
         images[i] = dataset[i].image
@@ -178,8 +191,9 @@ def _cpu_threads(n: int | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _standing_stats(generator: nn.Module, latent_dim: int, rng: torch.Generator, samples: int = 1024,
-                    batch_size: int = 64) -> None:
+def _standing_stats(
+    generator: nn.Module, latent_dim: int, rng: torch.Generator, samples: int = 1024, batch_size: int = 64
+) -> None:
     """Replace BatchNorm running statistics by exact averages over fresh samples."""
     norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
     saved = [m.momentum for m in norms]
@@ -265,15 +279,37 @@ def train_gan(
         Cancelled: ``should_stop`` said so.
     """
     with _cpu_threads(threads):
-        return _train_gan(dataset, arch=arch, latent_dim=latent_dim, steps=steps, batch_size=batch_size, lr=lr,
-                          ema_decay=ema_decay, seed=seed, stat_samples=stat_samples, device=device,
-                          progress=progress, should_stop=should_stop)
+        return _train_gan(
+            dataset,
+            arch=arch,
+            latent_dim=latent_dim,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            ema_decay=ema_decay,
+            seed=seed,
+            stat_samples=stat_samples,
+            device=device,
+            progress=progress,
+            should_stop=should_stop,
+        )
 
 
-def _train_gan(dataset: ConceptDataset, *, arch: str, latent_dim: int, steps: int, batch_size: int, lr: float,
-               ema_decay: float, seed: int, stat_samples: int, device: str | torch.device,
-               progress: Callable[[str], None] | None, should_stop: Callable[[], bool] | None
-               ) -> tuple[nn.Module, dict]:
+def _train_gan(
+    dataset: ConceptDataset,
+    *,
+    arch: str,
+    latent_dim: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    ema_decay: float,
+    seed: int,
+    stat_samples: int,
+    device: str | torch.device,
+    progress: Callable[[str], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[nn.Module, dict]:
     start = time.monotonic()
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
@@ -283,8 +319,11 @@ def _train_gan(dataset: ConceptDataset, *, arch: str, latent_dim: int, steps: in
     with torch.no_grad():
         out_size = tuple(generator.eval()(torch.zeros(1, latent_dim)).shape[-2:])
     if tuple(dataset.image_size) != out_size:
-        raise DatasetError(f"the generator makes {out_size[0]}x{out_size[1]} images, dataset {dataset.name} "
-                           f"holds {dataset.image_size[0]}x{dataset.image_size[1]}", path="")
+        raise DatasetError(
+            f"the generator makes {out_size[0]}x{out_size[1]} images, dataset {dataset.name} "
+            f"holds {dataset.image_size[0]}x{dataset.image_size[1]}",
+            path="",
+        )
     images = _load_images(dataset)
     average = copy.deepcopy(generator).to(device)
     generator.to(device).train()
@@ -317,11 +356,13 @@ def _train_gan(dataset: ConceptDataset, *, arch: str, latent_dim: int, steps: in
             for pa, p in zip(average.parameters(), generator.parameters()):
                 pa.lerp_(p, 1.0 - keep)
 
-        recent_d = (recent_d + [float(loss_d.detach())])[-100:]
-        recent_g = (recent_g + [float(loss_g.detach())])[-100:]
+        recent_d = ([*recent_d, float(loss_d.detach())])[-100:]
+        recent_g = ([*recent_g, float(loss_g.detach())])[-100:]
         if progress is not None and (step % 100 == 0 or step == steps):
-            progress(f"step {step}/{steps}: loss D {np.mean(recent_d):.3f} G {np.mean(recent_g):.3f} "
-                     f"({time.monotonic() - start:.0f}s)")
+            progress(
+                f"step {step}/{steps}: loss D {np.mean(recent_d):.3f} G {np.mean(recent_g):.3f} "
+                f"({time.monotonic() - start:.0f}s)"
+            )
     _standing_stats(average, latent_dim, rng, samples=stat_samples)
     info = {
         "arch": f"builtin:{arch.removeprefix('builtin:')}",
@@ -336,8 +377,9 @@ def _train_gan(dataset: ConceptDataset, *, arch: str, latent_dim: int, steps: in
     return average, info
 
 
-def load_category_arrays(dataset: ConceptDataset, category: str = "object"
-                         ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_category_arrays(
+    dataset: ConceptDataset, category: str = "object"
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Decode every image and its per-pixel labels of one category into memory.
 
     Args:
@@ -376,8 +418,15 @@ def _scores_at(scores: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_segmentation(module: nn.Module, images: torch.Tensor, targets: torch.Tensor, num_classes: int,
-                          mean: Sequence[float], std: Sequence[float], batch_size: int = 256) -> dict:
+def evaluate_segmentation(
+    module: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+) -> dict:
     """Pixel accuracy and IoU of a segmenter, the way :class:`~dissect_core.segmenter.Segmenter` labels.
 
     Predictions are the per-pixel argmax at the module's own output resolution
@@ -410,9 +459,10 @@ def evaluate_segmentation(module: nn.Module, images: torch.Tensor, targets: torc
     true_count = np.zeros(num_classes, np.int64)
     with evaluating(module):
         for s in range(0, len(images), batch_size):
-            pred = module(normalize(images[s:s + batch_size].to(device), list(mean), list(std))).argmax(1).cpu()
-            truth = torch.from_numpy(np.stack([resize_nearest(t, tuple(pred.shape[-2:]))
-                                               for t in targets[s:s + batch_size].numpy()]))
+            pred = module(normalize(images[s : s + batch_size].to(device), list(mean), list(std))).argmax(1).cpu()
+            truth = torch.from_numpy(
+                np.stack([resize_nearest(t, tuple(pred.shape[-2:])) for t in targets[s : s + batch_size].numpy()])
+            )
             pred_count += np.bincount(pred.flatten().numpy(), minlength=num_classes)
             true_count += np.bincount(truth.flatten().numpy(), minlength=num_classes)
             inter += np.bincount(truth[pred == truth].numpy(), minlength=num_classes)
@@ -499,23 +549,48 @@ def train_segmenter(
         Cancelled: ``should_stop`` said so.
     """
     with _cpu_threads(threads):
-        return _train_segmenter(dataset, category=category, val_dataset=val_dataset, val_fraction=val_fraction,
-                                epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment,
-                                device=device, progress=progress, should_stop=should_stop)
+        return _train_segmenter(
+            dataset,
+            category=category,
+            val_dataset=val_dataset,
+            val_fraction=val_fraction,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            augment=augment,
+            device=device,
+            progress=progress,
+            should_stop=should_stop,
+        )
 
 
-def _train_segmenter(dataset: ConceptDataset, *, category: str, val_dataset: ConceptDataset | None,
-                     val_fraction: float, epochs: int, batch_size: int, lr: float, seed: int, augment: bool,
-                     device: str | torch.device, progress: Callable[[str], None] | None,
-                     should_stop: Callable[[], bool] | None) -> tuple[nn.Module, dict]:
+def _train_segmenter(
+    dataset: ConceptDataset,
+    *,
+    category: str,
+    val_dataset: ConceptDataset | None,
+    val_fraction: float,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    augment: bool,
+    device: str | torch.device,
+    progress: Callable[[str], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[nn.Module, dict]:
     start = time.monotonic()
     images, targets, labels = load_category_arrays(dataset, category)
     rng = torch.Generator().manual_seed(seed)
     if val_dataset is not None:
         val_images, val_targets, val_labels = load_category_arrays(val_dataset, category)
         if val_labels != labels:
-            raise DatasetError(f"validation dataset {val_dataset.name} has other {category} concepts "
-                               f"({val_labels[1:]}) than {dataset.name} ({labels[1:]})", path="")
+            raise DatasetError(
+                f"validation dataset {val_dataset.name} has other {category} concepts "
+                f"({val_labels[1:]}) than {dataset.name} ({labels[1:]})",
+                path="",
+            )
     else:
         order = torch.randperm(len(images), generator=rng)
         n_val = round(len(images) * val_fraction) if len(images) > 1 else 0
@@ -536,8 +611,9 @@ def _train_segmenter(dataset: ConceptDataset, *, category: str, val_dataset: Con
     model.to(device)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch),
-                                                   pct_start=0.2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.2
+    )
     mask_size = tuple(targets.shape[-2:])
     val: dict | None = None
     for epoch in range(epochs):
@@ -546,7 +622,7 @@ def _train_segmenter(dataset: ConceptDataset, *, category: str, val_dataset: Con
         total_loss = 0.0
         for step in range(steps_per_epoch):
             check_stop(should_stop, "segmenter training")
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size]
             flip = (torch.rand(len(idx), generator=rng) < 0.5).view(-1, 1, 1, 1)
             x = torch.where(flip, images[idx].flip(3), images[idx])
             y = torch.where(flip[:, 0], targets[idx].flip(2), targets[idx])

@@ -188,11 +188,19 @@ def wrap_generator(
     if out is None:
         raise ModelLoadError(f"the generator does not run on a latent of size {z_dim}: {error}", arch=arch)
     if out.dim() != 4 or out.shape[0] != 1 or out.shape[1] != 3:
-        raise ModelLoadError(f"the generator returned {tuple(out.shape)}, expected an image batch [1, 3, H, W]",
-                             arch=arch)
-    return LoadedModel(module, arch, None, (int(out.shape[2]), int(out.shape[3])), kind="generator",
-                       latent_dim=z_dim, output_range=(lo, hi),
-                       latent_shape=None if shape == (z_dim,) else shape)
+        raise ModelLoadError(
+            f"the generator returned {tuple(out.shape)}, expected an image batch [1, 3, H, W]", arch=arch
+        )
+    return LoadedModel(
+        module,
+        arch,
+        None,
+        (int(out.shape[2]), int(out.shape[3])),
+        kind="generator",
+        latent_dim=z_dim,
+        output_range=(lo, hi),
+        latent_shape=None if shape == (z_dim,) else shape,
+    )
 
 
 def _gan_archs() -> tuple[Any, Any]:
@@ -284,8 +292,9 @@ def sample_latents(latent_dim: int, count: int, *, seed: int = 0, start: int = 0
         float32 tensor [count, Z].
     """
     if latent_dim < 1 or count < 0 or seed < 0 or start < 0:
-        raise ValueError(f"need latent_dim >= 1 and count, seed, start >= 0 (got {latent_dim}, {count}, "
-                         f"{seed}, {start})")
+        raise ValueError(
+            f"need latent_dim >= 1 and count, seed, start >= 0 (got {latent_dim}, {count}, {seed}, {start})"
+        )
     out = np.empty((count, latent_dim), np.float32)
     for i in range(count):
         out[i] = np.random.default_rng([seed, start + i]).standard_normal(latent_dim, dtype=np.float32)
@@ -534,14 +543,12 @@ class GeneratedDataset(ConceptDataset):
                 self._chunks.move_to_end(k)
                 return self._chunks[k]
             start = k * self.batch_size
-            z = sample_latents(self.latent_dim, min(self.batch_size, self.count - start), seed=self.seed,
-                               start=start)
+            z = sample_latents(self.latent_dim, min(self.batch_size, self.count - start), seed=self.seed, start=start)
             images = generate(self.gen, z, device=self.device, batch_size=self.batch_size)
             maps = self.source.segment(images.to(self.device))
             if maps.dim() == 3:
                 maps = maps[:, None]
-            chunk = (images.permute(0, 2, 3, 1).contiguous().numpy(), maps.to(torch.int32).cpu().numpy(),
-                     z.numpy())
+            chunk = (images.permute(0, 2, 3, 1).contiguous().numpy(), maps.to(torch.int32).cpu().numpy(), z.numpy())
             self._chunks[k] = chunk
             while len(self._chunks) > 2:
                 self._chunks.popitem(last=False)
@@ -570,15 +577,15 @@ def _mask_factor(mask: torch.Tensor | np.ndarray, out: torch.Tensor) -> torch.Te
     if m.dim() == 2:
         m = m[None]
     if m.dim() != 3 or tuple(m.shape[-2:]) != tuple(out.shape[-2:]) or m.shape[0] not in (1, out.shape[0]):
-        raise DissectError(f"an edit mask of shape {tuple(m.shape)} does not fit the layer output "
-                           f"{tuple(out.shape)} (give [h, w] or [B, h, w] at the layer's resolution)")
+        raise DissectError(
+            f"an edit mask of shape {tuple(m.shape)} does not fit the layer output "
+            f"{tuple(out.shape)} (give [h, w] or [B, h, w] at the layer's resolution)"
+        )
     m = m[:, None]
     return m if m.dtype == torch.bool else m.to(out.dtype)
 
 
-def remove_units_edit(
-    units: Sequence[int] | torch.Tensor, mask: torch.Tensor | np.ndarray | None = None
-) -> Edit:
+def remove_units_edit(units: Sequence[int] | torch.Tensor, mask: torch.Tensor | np.ndarray | None = None) -> Edit:
     """An edit callback that removes units (sets their channels to 0).
 
     Args:
@@ -623,8 +630,11 @@ def insert_units_edit(
         ``f(output [B, C, h, w]) -> edited copy``.
     """
     idx = _units(units)
-    vals = torch.as_tensor(np.asarray(values, dtype=np.float32) if not isinstance(values, torch.Tensor)
-                           else values).to(torch.float32).reshape(-1)
+    vals = (
+        torch.as_tensor(np.asarray(values, dtype=np.float32) if not isinstance(values, torch.Tensor) else values)
+        .to(torch.float32)
+        .reshape(-1)
+    )
     if vals.numel() != idx.numel():
         raise DissectError(f"{vals.numel()} values for {idx.numel()} units")
 
@@ -662,8 +672,10 @@ _SPLITS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], _Split]] = w
 def _split(gen: LoadedModel, layer: str, device: torch.device) -> _Split:
     module = gen.module
     if isinstance(module, torch.jit.ScriptModule):
-        raise DissectError("interventions edit layer outputs with hooks, which TorchScript generators do not run; "
-                           "register the generator as a builtin architecture with weights instead")
+        raise DissectError(
+            "interventions edit layer outputs with hooks, which TorchScript generators do not run; "
+            "register the generator as a builtin architecture with weights instead"
+        )
     get_module(module, layer)
     cache = _SPLITS.setdefault(module, {})
     key = (layer, str(device))
@@ -676,8 +688,7 @@ def _split(gen: LoadedModel, layer: str, device: torch.device) -> _Split:
         _check_image(full)
         if not isinstance(a, torch.Tensor) or a.dim() != 4:
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            raise LayerError(f"layer {layer!r} outputs {shape}, not a [B, C, h, w] feature map", layer=layer,
-                             valid=[])
+            raise LayerError(f"layer {layer!r} outputs {shape}, not a [B, C, h, w] feature map", layer=layer, valid=[])
 
     found = split_module(module, layer, x, ways=("chain",), check=check)
     shape = (int(found.activation.shape[1]), int(found.activation.shape[2]), int(found.activation.shape[3]))
@@ -702,8 +713,7 @@ class _Runner:
             return None
         return prefix(self.module, self.layer, self.gen.latent_input(z))
 
-    def images(self, z: torch.Tensor, acts: torch.Tensor | None, edit: Edit | None,
-               repeat: int = 1) -> torch.Tensor:
+    def images(self, z: torch.Tensor, acts: torch.Tensor | None, edit: Edit | None, repeat: int = 1) -> torch.Tensor:
         """uint8 [repeat * B, 3, H, W]; row ``r * B + b`` is latent b with the edit applied
         (the edit sees all rows at once)."""
         if self.split.mode == "chain":
@@ -786,8 +796,9 @@ def unit_quantiles(
                     tr(gen.latent_input(z))
                 a = tr[layer]
                 if not isinstance(a, torch.Tensor) or a.dim() != 4:
-                    raise LayerError(f"layer {layer!r} does not output a [B, C, h, w] feature map", layer=layer,
-                                     valid=[])
+                    raise LayerError(
+                        f"layer {layer!r} does not output a [B, C, h, w] feature map", layer=layer, valid=[]
+                    )
                 chunks.append(a.to(torch.float32).transpose(0, 1).reshape(a.shape[1], -1).cpu().numpy())
         values = np.concatenate(chunks, axis=1)
         cache[key] = np.quantile(values, q, axis=1, method="hazen").astype(np.float64)
@@ -833,8 +844,7 @@ class RemovalResult:
     baseline_pixels: int
     after_pixels: list[int]
     before_images: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 0, 0), np.uint8), repr=False)
-    after_images_by_k: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3, 0, 0), np.uint8),
-                                          repr=False)
+    after_images_by_k: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3, 0, 0), np.uint8), repr=False)
 
     @property
     def after_images(self) -> np.ndarray:
@@ -869,14 +879,28 @@ class RemovalResult:
             images of the run with the smaller start).
         """
         if (self.layer, self.concept_number, self.units, self.ks, self.seed) != (
-                other.layer, other.concept_number, other.units, other.ks, other.seed):
+            other.layer,
+            other.concept_number,
+            other.units,
+            other.ks,
+            other.seed,
+        ):
             raise DissectError("removal results of different experiments cannot be merged")
         first = self if self.start <= other.start else other
-        return RemovalResult(self.layer, self.concept_number, list(self.units), list(self.ks),
-                             self.count + other.count, self.seed, min(self.start, other.start),
-                             self.pixels + other.pixels, self.baseline_pixels + other.baseline_pixels,
-                             [a + b for a, b in zip(self.after_pixels, other.after_pixels)],
-                             first.before_images, first.after_images_by_k)
+        return RemovalResult(
+            self.layer,
+            self.concept_number,
+            list(self.units),
+            list(self.ks),
+            self.count + other.count,
+            self.seed,
+            min(self.start, other.start),
+            self.pixels + other.pixels,
+            self.baseline_pixels + other.baseline_pixels,
+            [a + b for a, b in zip(self.after_pixels, other.after_pixels)],
+            first.before_images,
+            first.after_images_by_k,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able numbers (no images)."""
@@ -948,7 +972,7 @@ def removal_curve(
         raise DissectError("no positive k to remove")
     dev = _resolve_device(device)
     runner = _Runner(gen, layer, dev)
-    units = _check_units(list(ranked_units)[:kk[-1]], runner.split.shape[0], "removal_curve")
+    units = _check_units(list(ranked_units)[: kk[-1]], runner.split.shape[0], "removal_curve")
     edits = [remove_units_edit(units[:k]) for k in kk]
     baseline, after, pixels = 0, [0] * len(kk), 0
     before_imgs: list[torch.Tensor] = []
@@ -977,10 +1001,14 @@ def removal_curve(
                 progress("removal", offset + n, count)
     h, w = gen.input_size
     before = torch.cat(before_imgs).numpy() if before_imgs else np.zeros((0, 3, h, w), np.uint8)
-    after_arr = (np.stack([torch.cat(a).numpy() for a in after_imgs]) if before_imgs
-                 else np.zeros((len(kk), 0, 3, h, w), np.uint8))
-    return RemovalResult(layer, c, units, kk, int(count), int(seed), int(start), pixels, baseline, after,
-                         before, after_arr)
+    after_arr = (
+        np.stack([torch.cat(a).numpy() for a in after_imgs])
+        if before_imgs
+        else np.zeros((len(kk), 0, 3, h, w), np.uint8)
+    )
+    return RemovalResult(
+        layer, c, units, kk, int(count), int(seed), int(start), pixels, baseline, after, before, after_arr
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1072,14 +1100,26 @@ class InsertionResult:
             the combined result (counts summed; images of the run with the smaller start).
         """
         same = ("layer", "concept_number", "units", "values", "seed", "size", "near", "grid", "mask_pixels")
-        if any(getattr(self, k) != getattr(other, k) for k in same) or not np.array_equal(self.tested,
-                                                                                           other.tested):
+        if any(getattr(self, k) != getattr(other, k) for k in same) or not np.array_equal(self.tested, other.tested):
             raise DissectError("insertion results of different experiments cannot be merged")
         first = self if self.start <= other.start else other
-        return InsertionResult(self.layer, self.concept_number, list(self.units), list(self.values),
-                               self.count + other.count, self.seed, min(self.start, other.start), self.size,
-                               self.near, self.grid, self.mask_pixels, self.tested.copy(),
-                               self.new_pixels + other.new_pixels, first.before_images, first.after_images)
+        return InsertionResult(
+            self.layer,
+            self.concept_number,
+            list(self.units),
+            list(self.values),
+            self.count + other.count,
+            self.seed,
+            min(self.start, other.start),
+            self.size,
+            self.near,
+            self.grid,
+            self.mask_pixels,
+            self.tested.copy(),
+            self.new_pixels + other.new_pixels,
+            first.before_images,
+            first.after_images,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able numbers (no images; untested map cells are None)."""
@@ -1242,9 +1282,21 @@ def insertion_map(
     for y, x in pos:
         tested[y, x] = True
     assert mask_hw is not None
-    result = InsertionResult(layer, c, unit_list, [float(v) for v in vals], int(count), int(seed), int(start),
-                             int(size), None if near is None else int(near), (h, w), mask_hw[0] * mask_hw[1],
-                             tested, new_pixels)
+    result = InsertionResult(
+        layer,
+        c,
+        unit_list,
+        [float(v) for v in vals],
+        int(count),
+        int(seed),
+        int(start),
+        int(size),
+        None if near is None else int(near),
+        (h, w),
+        mask_hw[0] * mask_hw[1],
+        tested,
+        new_pixels,
+    )
     best = result.best_position
     s = min(int(sample_images), count)
     if best is not None and s > 0:
@@ -1257,8 +1309,9 @@ def insertion_map(
     return result
 
 
-def _windows(pos: list[tuple[int, int]], size: int, near: int, grid: tuple[int, int],
-             mask_hw: tuple[int, int]) -> torch.Tensor:
+def _windows(
+    pos: list[tuple[int, int]], size: int, near: int, grid: tuple[int, int], mask_hw: tuple[int, int]
+) -> torch.Tensor:
     """bool [P, mh, mw]: the label pixels within ``near`` feature cells of each square."""
     out = torch.zeros((len(pos), *mask_hw), dtype=torch.bool)
     sy, sx = mask_hw[0] / grid[0], mask_hw[1] / grid[1]
@@ -1266,7 +1319,7 @@ def _windows(pos: list[tuple[int, int]], size: int, near: int, grid: tuple[int, 
         ry, rx = _square(y, x, size, grid)
         y0, y1 = max(ry.start - near, 0), min(ry.stop + near, grid[0])
         x0, x1 = max(rx.start - near, 0), min(rx.stop + near, grid[1])
-        out[i, math.floor(y0 * sy):math.ceil(y1 * sy), math.floor(x0 * sx):math.ceil(x1 * sx)] = True
+        out[i, math.floor(y0 * sy) : math.ceil(y1 * sy), math.floor(x0 * sx) : math.ceil(x1 * sx)] = True
     return out
 
 
@@ -1344,8 +1397,11 @@ def paint_pair(
     unit_list = _check_units(units, channels, "paint")
     m = resize_mask(mask, (h, w)).to(dev)
     if mode == "add":
-        vals = (unit_quantiles(gen, layer, q=0.995, units=unit_list, device=dev) if values is None
-                else np.asarray(values, dtype=np.float64).reshape(-1))
+        vals = (
+            unit_quantiles(gen, layer, q=0.995, units=unit_list, device=dev)
+            if values is None
+            else np.asarray(values, dtype=np.float64).reshape(-1)
+        )
         edit = insert_units_edit(unit_list, vals, m)
     else:
         edit = remove_units_edit(unit_list, m)
@@ -1379,6 +1435,16 @@ def paint(
     Returns:
         uint8 [H, W, 3]; with ``return_before``, (before, after).
     """
-    pair = paint_pair(gen, layer, units, seed=seed, index=index, mask=mask, mode=mode, values=values,
-                      device=device, num_threads=num_threads)
+    pair = paint_pair(
+        gen,
+        layer,
+        units,
+        seed=seed,
+        index=index,
+        mask=mask,
+        mode=mode,
+        values=values,
+        device=device,
+        num_threads=num_threads,
+    )
     return pair if return_before else pair[1]

@@ -52,8 +52,7 @@ def _image_size_of(path: Path) -> tuple[int, int]:
     except (OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"image {path} cannot be decoded: {exc}", path=str(path)) from None
     if w * h > MAX_IMAGE_PIXELS:
-        raise DatasetError(f"image {path} is {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS}",
-                           path=str(path))
+        raise DatasetError(f"image {path} is {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS}", path=str(path))
     return h, w
 
 
@@ -71,13 +70,13 @@ def _read_label_file(root: Path) -> list[tuple[int, str, str]] | None:
             raise DatasetError(f"label file {json_path} must hold a list of labels", path=str(json_path))
         for i, item in enumerate(data):
             if not isinstance(item, dict) or "number" not in item or "name" not in item:
-                raise DatasetError(f"label file {json_path}: entry {i} needs 'number' and 'name'",
-                                   path=str(json_path))
+                raise DatasetError(f"label file {json_path}: entry {i} needs 'number' and 'name'", path=str(json_path))
             try:
                 number = int(item["number"])
             except (TypeError, ValueError):
-                raise DatasetError(f"label file {json_path}: entry {i} has a non-integer number",
-                                   path=str(json_path)) from None
+                raise DatasetError(
+                    f"label file {json_path}: entry {i} has a non-integer number", path=str(json_path)
+                ) from None
             entries.append((number, str(item["name"]), str(item.get("category") or "object")))
         path = json_path
     elif csv_path.is_file():
@@ -92,8 +91,9 @@ def _read_label_file(root: Path) -> list[tuple[int, str, str]] | None:
             try:
                 number = int(r["number"])
             except ValueError:
-                raise DatasetError(f"label file {csv_path} line {line}: number {r['number']!r} is not an integer",
-                                   path=str(csv_path)) from None
+                raise DatasetError(
+                    f"label file {csv_path} line {line}: number {r['number']!r} is not an integer", path=str(csv_path)
+                ) from None
             entries.append((number, r["name"].strip(), (r.get("category") or "object").strip()))
         path = csv_path
     else:

@@ -207,7 +207,7 @@ def unwrap_state_dict(obj: Any, *, source: str = "weights") -> dict[str, torch.T
         raise ModelLoadError(f"{source} holds no tensors", path=source)
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -265,7 +265,8 @@ def infer_num_classes_from_state_dict(state: Mapping[str, torch.Tensor], arch: s
         if found is not None:
             return found
     weights = [
-        (k, v) for k, v in state.items()
+        (k, v)
+        for k, v in state.items()
         if k.endswith("weight") and (v.dim() == 2 or (v.dim() == 4 and tuple(v.shape[2:]) == (1, 1)))
     ]
     if not weights:
@@ -289,6 +290,7 @@ def _check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: s
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or mismatched:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
 
@@ -301,7 +303,9 @@ def _check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: s
             parts.append(f"shape mismatches: {show(mismatched)}")
         raise ModelLoadError(
             f"weights {source} do not fit the architecture; " + "; ".join(parts),
-            missing=missing, unexpected=unexpected, mismatched=mismatched,
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
         )
     module.load_state_dict(state, strict=False)
 
@@ -399,8 +403,7 @@ def load_model(
             raise ModelLoadError("a torchscript model needs its file as weights")
         module = _load_torchscript(weights)
         module.eval()
-        return LoadedModel(module, "torchscript", num_classes, size, mean_t, std_t, "torchscript",
-                           list(classes or []))
+        return LoadedModel(module, "torchscript", num_classes, size, mean_t, std_t, "torchscript", list(classes or []))
     build = _builder(arch)
     state = load_state_dict_file(weights) if weights is not None else None
     if num_classes is None and state is not None:
@@ -464,8 +467,7 @@ def list_layers(model: LoadedModel | nn.Module, input_size: int | Sequence[int] 
             module(x)
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(
-            f"the model does not run on a {'x'.join(str(v) for v in x.shape)} input: "
-            f"{str(exc).splitlines()[0][:300]}"
+            f"the model does not run on a {'x'.join(str(v) for v in x.shape)} input: {str(exc).splitlines()[0][:300]}"
         ) from None
     return [LayerInfo(n, shapes[n][0], shapes[n][1][1], shapes[n][1][2], shapes[n][1][3]) for n in order]
 

@@ -307,7 +307,8 @@ def _script_layers_fn(
             continue
         if found is None:
             raise LayerError(
-                f"layer {layer!r} produces no tensor in the TorchScript graph", layer=layer,
+                f"layer {layer!r} produces no tensor in the TorchScript graph",
+                layer=layer,
                 valid=module_names(model),
             )
         if clone:

@@ -316,7 +316,7 @@ class QuantileSketch:
             idx = torch.where(key > 0, pos_col, torch.where(key < 0, neg_col, base + w))
             hist = torch.bincount(idx.view(-1), minlength=self.units * (2 * w + 1)).view(self.units, 2 * w + 1)
             self.zeros += hist[:, w]
-            pos["counts"] += hist[:, w + 1:]
+            pos["counts"] += hist[:, w + 1 :]
             neg["counts"] += hist[:, :w].flip(1)
         self.n += x.shape[0] * x.shape[2]
 
@@ -382,8 +382,7 @@ class QuantileSketch:
             above = rows > floor.clamp(min=0)
             if bool((self.floor < 0).any()):
                 rest = (p - torch.count_nonzero(above, dim=1)) * (floor[:, 0] < 0)
-                zero_counts = torch.zeros(self.units, dtype=torch.int64, device=self.device).index_add_(
-                    0, units, rest)
+                zero_counts = torch.zeros(self.units, dtype=torch.int64, device=self.device).index_add_(0, units, rest)
                 self.zeros += zero_counts
                 self.floor_count -= zero_counts
         else:
@@ -393,7 +392,8 @@ class QuantileSketch:
                 above.logical_and_(~zero)
                 zero.logical_and_(floor < 0)
                 zero_counts = torch.zeros(self.units, dtype=torch.int64, device=self.device).index_add_(
-                    0, units, torch.count_nonzero(zero, dim=1))
+                    0, units, torch.count_nonzero(zero, dim=1)
+                )
                 del zero
                 self.zeros += zero_counts
                 self.floor_count -= zero_counts
@@ -402,7 +402,8 @@ class QuantileSketch:
             del above
             picked = units.index_select(0, flat // p)
             self.floor_count += torch.bincount(units, minlength=self.units) * p - torch.bincount(
-                picked, minlength=self.units)
+                picked, minlength=self.units
+            )
             self._add_pairs(picked, rows.view(-1).index_select(0, flat))
             return
         w, sh = self.max_buckets, self.shift
@@ -460,9 +461,9 @@ class QuantileSketch:
         del idx
         self.floor_count += hist[:, 0]
         if "neg" in self.stores:
-            self.stores["neg"]["counts"] += hist[:, 1:w + 1].flip(1)
+            self.stores["neg"]["counts"] += hist[:, 1 : w + 1].flip(1)
         if "pos" in self.stores:
-            self.stores["pos"]["counts"] += hist[:, w + 2:]
+            self.stores["pos"]["counts"] += hist[:, w + 2 :]
 
     def raise_floor(self, rank: int) -> None:
         """Raise each unit's floor to just below the bucket that holds the value of 0-based
@@ -496,8 +497,7 @@ class QuantileSketch:
             i = i.clamp(max=w - 1 - c0) + c0
             col = i + (w + 2)
             key_lo = torch.where(i > 0, (pos["offset"] + i) << s, torch.ones_like(i)).clamp(min=1)
-            folded = below_pos + torch.where(
-                i > c0, torch.gather(csum, 1, (i - 1 - c0).clamp(min=0)[:, None])[:, 0], 0)
+            folded = below_pos + torch.where(i > c0, torch.gather(csum, 1, (i - 1 - c0).clamp(min=0)[:, None])[:, 0], 0)
             if bool(in_low.any()):
                 # No negative store: the rank lies in the floor bucket (no raise) or among the zeros.
                 in_floor = self.floor_count > rank
@@ -586,9 +586,7 @@ class QuantileSketch:
         Returns:
             self.
         """
-        if (other.units, other.mantissa_bits, other.max_buckets) != (
-            self.units, self.mantissa_bits, self.max_buckets
-        ):
+        if (other.units, other.mantissa_bits, other.max_buckets) != (self.units, self.mantissa_bits, self.max_buckets):
             raise ValueError("cannot merge sketches with different shapes or resolutions")
         if (self.floor is None) != (other.floor is None) or (
             self.floor is not None and not torch.equal(self.floor.cpu(), other.floor.cpu())
@@ -728,9 +726,7 @@ class QuantileSketch:
         return state
 
     @classmethod
-    def from_state_dict(
-        cls, state: dict[str, np.ndarray], device: torch.device | str | None = None
-    ) -> QuantileSketch:
+    def from_state_dict(cls, state: dict[str, np.ndarray], device: torch.device | str | None = None) -> QuantileSketch:
         """Rebuild a sketch from :meth:`state_dict`.
 
         Args:
@@ -823,27 +819,38 @@ class QuantileBracket:
     def same(self, other: QuantileBracket) -> bool:
         """Whether two brackets describe the same refinement round."""
         return (
-            self.q == other.q and self.n == other.n
-            and np.array_equal(self.key_lo, other.key_lo) and np.array_equal(self.key_hi, other.key_hi)
+            self.q == other.q
+            and self.n == other.n
+            and np.array_equal(self.key_lo, other.key_lo)
+            and np.array_equal(self.key_hi, other.key_hi)
             and np.array_equal(self.below, other.below)
         )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain numpy arrays (see :meth:`from_state_dict`)."""
         return {
-            "q": np.array(self.q, dtype=np.float64), "n": np.array(self.n, dtype=np.int64),
-            "ranks": self.ranks, "gamma": np.array(self.gamma, dtype=np.float64),
-            "key_lo": self.key_lo, "key_hi": self.key_hi, "below": self.below, "inside": self.inside,
+            "q": np.array(self.q, dtype=np.float64),
+            "n": np.array(self.n, dtype=np.int64),
+            "ranks": self.ranks,
+            "gamma": np.array(self.gamma, dtype=np.float64),
+            "key_lo": self.key_lo,
+            "key_hi": self.key_hi,
+            "below": self.below,
+            "inside": self.inside,
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, np.ndarray]) -> QuantileBracket:
         """Rebuild a bracket from :meth:`state_dict`."""
         return cls(
-            q=float(state["q"]), n=int(state["n"]), ranks=np.asarray(state["ranks"], np.int64),
+            q=float(state["q"]),
+            n=int(state["n"]),
+            ranks=np.asarray(state["ranks"], np.int64),
             gamma=float(state["gamma"]),
-            key_lo=np.asarray(state["key_lo"], np.int64), key_hi=np.asarray(state["key_hi"], np.int64),
-            below=np.asarray(state["below"], np.int64), inside=np.asarray(state["inside"], np.int64),
+            key_lo=np.asarray(state["key_lo"], np.int64),
+            key_hi=np.asarray(state["key_hi"], np.int64),
+            below=np.asarray(state["below"], np.int64),
+            inside=np.asarray(state["inside"], np.int64),
         )
 
 
@@ -904,8 +911,10 @@ class QuantileRefiner:
             lo = np.clip(lo, -_ABS_MASK, _ABS_MASK).astype(np.int32)
             hi = np.clip(hi, -_ABS_MASK, _ABS_MASK).astype(np.int32)
             self._dev = {
-                "c_lo0": torch.as_tensor(lo[0], device=device), "c_hi0": torch.as_tensor(hi[0], device=device),
-                "c_lo1": torch.as_tensor(lo[1], device=device), "c_hi1": torch.as_tensor(hi[1], device=device),
+                "c_lo0": torch.as_tensor(lo[0], device=device),
+                "c_hi0": torch.as_tensor(hi[0], device=device),
+                "c_lo1": torch.as_tensor(lo[1], device=device),
+                "c_hi1": torch.as_tensor(hi[1], device=device),
                 "n_lo": torch.as_tensor(np.where(narrow, b.key_lo, 1), device=device),
                 "n_hi": torch.as_tensor(np.where(narrow, b.key_hi, 0), device=device),
                 "shift": torch.as_tensor(self.shift, device=device),
@@ -1020,7 +1029,7 @@ class QuantileRefiner:
             units, keys = units[order].astype(np.int64), keys[order].astype(np.int64)
             starts = np.searchsorted(units, np.arange(self.units + 1))
             for stat, u in zip(*np.nonzero(self.mode == _COLLECT)):
-                seg = keys[starts[u]:starts[u + 1]]
+                seg = keys[starts[u] : starts[u + 1]]
                 first = np.searchsorted(seg, b.key_lo[stat, u], side="left")
                 last = np.searchsorted(seg, b.key_hi[stat, u], side="right")
                 if last - first != b.inside[stat, u]:
@@ -1063,9 +1072,7 @@ class QuantileRefiner:
         state["collected_units"] = (
             np.concatenate(self.collected_units) if self.collected_units else np.zeros(0, np.int32)
         )
-        state["collected_keys"] = (
-            np.concatenate(self.collected_keys) if self.collected_keys else np.zeros(0, np.int32)
-        )
+        state["collected_keys"] = np.concatenate(self.collected_keys) if self.collected_keys else np.zeros(0, np.int32)
         if self.hist is not None:
             state["hist"] = self.hist.cpu().numpy().copy()
         return state
@@ -1074,7 +1081,7 @@ class QuantileRefiner:
     def from_state_dict(cls, state: dict[str, np.ndarray]) -> QuantileRefiner:
         """Rebuild a refiner from :meth:`state_dict`."""
         bracket = QuantileBracket.from_state_dict(
-            {k[len("bracket_"):]: v for k, v in state.items() if k.startswith("bracket_")}
+            {k[len("bracket_") :]: v for k, v in state.items() if k.startswith("bracket_")}
         )
         refiner = cls(bracket, max_values=int(state["max_values"]), bins=int(state["bins"]))
         refiner.collected_units = [np.asarray(state["collected_units"], np.int32)]

@@ -83,9 +83,7 @@ class Segmenter:
         with torch.no_grad():
             scores = self.module(x)
         if scores.dim() != 4 or scores.shape[1] != len(self.labels):
-            raise ValueError(
-                f"the segmenter returned {tuple(scores.shape)}, expected [B, {len(self.labels)}, h, w]"
-            )
+            raise ValueError(f"the segmenter returned {tuple(scores.shape)}, expected [B, {len(self.labels)}, h, w]")
         return scores.argmax(dim=1, keepdim=True).to(torch.int32).to(images.device)
 
 

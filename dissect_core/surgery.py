@@ -107,8 +107,12 @@ def _stages(module: nn.Module) -> list[tuple[str | None, nn.Module]] | None:
         return [(n, getattr(module, n)) for n in names] + [(None, nn.Flatten(1)), ("fc", module.fc)]
     for base in (VGG, AlexNet):
         if isinstance(module, base) and kind.forward is base.forward:
-            return [("features", module.features), ("avgpool", module.avgpool), (None, nn.Flatten(1)),
-                    ("classifier", module.classifier)]
+            return [
+                ("features", module.features),
+                ("avgpool", module.avgpool),
+                (None, nn.Flatten(1)),
+                ("classifier", module.classifier),
+            ]
     return None
 
 
@@ -143,7 +147,7 @@ def explicit_suffix(module: nn.Module, layer: str) -> nn.Sequential | None:
         names = [n for n, _ in stages]
         if name not in names:
             return None
-        rest.extend(m for _, m in stages[names.index(name) + 1:])
+        rest.extend(m for _, m in stages[names.index(name) + 1 :])
     return nn.Sequential(*rest)
 
 
@@ -173,8 +177,11 @@ def chain_suffix(module: nn.Module, layer: str, *inputs: Any) -> nn.Sequential |
 
         return hook
 
-    hooks = [(child, make_hook(j, name)) for j, container in enumerate(containers)
-             for name, child in container.named_children()]
+    hooks = [
+        (child, make_hook(j, name))
+        for j, container in enumerate(containers)
+        for name, child in container.named_children()
+    ]
     with forward_hooks(module, hooks, with_kwargs=True), torch.no_grad():
         result = module(*inputs)
     rest: list[nn.Module] = []
@@ -185,7 +192,7 @@ def chain_suffix(module: nn.Module, layer: str, *inputs: Any) -> nn.Sequential |
             return None
         k = names.index(parts[j])
         prev = calls[k][2]
-        for name, inp, out in calls[k + 1:]:
+        for name, inp, out in calls[k + 1 :]:
             if names.count(name) != 1 or inp is None or inp is not prev:
                 return None
             prev = out
@@ -198,7 +205,7 @@ def chain_suffix(module: nn.Module, layer: str, *inputs: Any) -> nn.Sequential |
             container_out = parent[0][2]
         if container_out is not prev:
             return None
-        rest.extend(getattr(containers[j], name) for name, _, _ in calls[k + 1:])
+        rest.extend(getattr(containers[j], name) for name, _, _ in calls[k + 1 :])
     return nn.Sequential(*rest)
 
 

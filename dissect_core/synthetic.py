@@ -74,16 +74,48 @@ __all__ = [
 ]
 
 OBJECT_NAMES: tuple[str, ...] = (
-    "sky", "grass", "road", "water", "sand",
-    "house", "tree", "car", "person", "boat", "sun", "cloud",
+    "sky",
+    "grass",
+    "road",
+    "water",
+    "sand",
+    "house",
+    "tree",
+    "car",
+    "person",
+    "boat",
+    "sun",
+    "cloud",
 )
 PART_NAMES: tuple[str, ...] = (
-    "wall", "roof", "door", "window", "trunk", "crown", "body",
-    "wheel", "head", "torso", "leg", "hull", "sail",
+    "wall",
+    "roof",
+    "door",
+    "window",
+    "trunk",
+    "crown",
+    "body",
+    "wheel",
+    "head",
+    "torso",
+    "leg",
+    "hull",
+    "sail",
 )
 MATERIAL_NAMES: tuple[str, ...] = (
-    "brick", "plaster", "tile", "glass", "wood", "metal", "rubber",
-    "foliage", "fabric", "skin", "waves", "asphalt", "grit",
+    "brick",
+    "plaster",
+    "tile",
+    "glass",
+    "wood",
+    "metal",
+    "rubber",
+    "foliage",
+    "fabric",
+    "skin",
+    "waves",
+    "asphalt",
+    "grit",
 )
 SCENE_CLASSES: tuple[str, ...] = ("street", "park", "harbor", "countryside", "beach", "avenue")
 CATEGORIES: tuple[str, ...] = ("object", "part", "material", COLOR_CATEGORY, "scene")
@@ -116,11 +148,27 @@ _PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {
     "window": ((170, 210, 235), (120, 160, 200), (220, 230, 240)),
     "trunk": ((110, 75, 40), (90, 60, 35), (130, 100, 70)),
     "crown": ((40, 130, 40), (70, 160, 50), (30, 90, 35), (200, 120, 30), (180, 160, 40)),
-    "body": ((200, 30, 30), (30, 70, 180), (230, 200, 40), (240, 240, 240), (40, 40, 45),
-             (40, 140, 60), (150, 150, 155), (230, 120, 30)),
+    "body": (
+        (200, 30, 30),
+        (30, 70, 180),
+        (230, 200, 40),
+        (240, 240, 240),
+        (40, 40, 45),
+        (40, 140, 60),
+        (150, 150, 155),
+        (230, 120, 30),
+    ),
     "wheel": ((30, 30, 30), (50, 50, 55)),
-    "torso": ((200, 40, 40), (40, 80, 190), (40, 150, 60), (230, 200, 50), (150, 60, 160),
-              (240, 240, 240), (40, 40, 40), (240, 130, 40)),
+    "torso": (
+        (200, 40, 40),
+        (40, 80, 190),
+        (40, 150, 60),
+        (230, 200, 50),
+        (150, 60, 160),
+        (240, 240, 240),
+        (40, 40, 40),
+        (240, 130, 40),
+    ),
     "leg": ((40, 50, 110), (60, 60, 60), (120, 90, 60), (30, 30, 30)),
     "head": ((240, 200, 170), (200, 150, 110), (140, 100, 70), (90, 60, 40)),
     "hull": ((240, 240, 240), (40, 60, 140), (170, 40, 40), (120, 80, 45)),
@@ -197,8 +245,7 @@ class _Canvas:
         base = np.asarray(options[self.rng.integers(len(options))], np.float64)
         return base + self.rng.uniform(-18, 18, 3)
 
-    def paint(self, mask: np.ndarray, obj: str, part: str | None, material: str | None,
-              color: np.ndarray) -> None:
+    def paint(self, mask: np.ndarray, obj: str, part: str | None, material: str | None, color: np.ndarray) -> None:
         if not mask.any():
             return
         ys, xs = np.nonzero(mask)
@@ -221,8 +268,9 @@ class _Canvas:
         return ((s0 >= 0) & (s1 >= 0) & (s2 >= 0)) | ((s0 <= 0) & (s1 <= 0) & (s2 <= 0))
 
 
-def _texture(material: str | None, color: np.ndarray, ys: np.ndarray, xs: np.ndarray,
-             noise: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _texture(
+    material: str | None, color: np.ndarray, ys: np.ndarray, xs: np.ndarray, noise: np.ndarray, v: np.ndarray
+) -> np.ndarray:
     c = np.broadcast_to(color, (len(ys), 3)).copy()
     n = noise[:, None]
     if material is None:
@@ -284,8 +332,9 @@ def _draw_tree(cv: _Canvas, u: float, vb: float, s: float) -> None:
     th = 0.14 * s
     cv.paint(cv.rect(u - 0.025 * s, vb - th, u + 0.025 * s, vb), "tree", "trunk", "wood", cv.color("trunk"))
     if cv.rng.random() < 0.3:
-        crown = cv.triangle((u - 0.11 * s, vb - th + 0.02 * s), (u + 0.11 * s, vb - th + 0.02 * s),
-                            (u, vb - th - 0.30 * s))
+        crown = cv.triangle(
+            (u - 0.11 * s, vb - th + 0.02 * s), (u + 0.11 * s, vb - th + 0.02 * s), (u, vb - th - 0.30 * s)
+        )
     else:
         crown = cv.ellipse(u, vb - th - 0.10 * s, 0.11 * s, 0.13 * s)
     cv.paint(crown, "tree", "crown", "foliage", cv.color("crown"))
@@ -300,8 +349,9 @@ def _draw_car(cv: _Canvas, u: float, vb: float, s: float) -> None:
     cv.paint(window, "car", "window", "glass", cv.color("window"))
     wheel_color = cv.color("wheel")
     for side in (-1, 1):
-        cv.paint(cv.ellipse(u + side * 0.10 * s, vb - 0.035 * s, 0.035 * s, 0.035 * s),
-                 "car", "wheel", "rubber", wheel_color)
+        cv.paint(
+            cv.ellipse(u + side * 0.10 * s, vb - 0.035 * s, 0.035 * s, 0.035 * s), "car", "wheel", "rubber", wheel_color
+        )
 
 
 def _draw_person(cv: _Canvas, u: float, vb: float, s: float) -> None:
@@ -309,8 +359,13 @@ def _draw_person(cv: _Canvas, u: float, vb: float, s: float) -> None:
     for side in (-1, 1):
         lu = u + side * 0.016 * s
         cv.paint(cv.rect(lu - 0.012 * s, vb - 0.11 * s, lu + 0.012 * s, vb), "person", "leg", "fabric", leg_color)
-    cv.paint(cv.rect(u - 0.035 * s, vb - 0.20 * s, u + 0.035 * s, vb - 0.10 * s),
-             "person", "torso", "fabric", cv.color("torso"))
+    cv.paint(
+        cv.rect(u - 0.035 * s, vb - 0.20 * s, u + 0.035 * s, vb - 0.10 * s),
+        "person",
+        "torso",
+        "fabric",
+        cv.color("torso"),
+    )
     cv.paint(cv.ellipse(u, vb - 0.235 * s, 0.03 * s, 0.035 * s), "person", "head", "skin", cv.color("head"))
 
 
@@ -331,19 +386,28 @@ def _draw_sun(cv: _Canvas, u: float, v: float, s: float) -> None:
 
 
 def _draw_cloud(cv: _Canvas, u: float, v: float, s: float) -> None:
-    mask = (cv.ellipse(u, v, 0.10 * s, 0.04 * s) | cv.ellipse(u - 0.06 * s, v + 0.01 * s, 0.06 * s, 0.035 * s)
-            | cv.ellipse(u + 0.05 * s, v - 0.02 * s, 0.06 * s, 0.04 * s))
+    mask = (
+        cv.ellipse(u, v, 0.10 * s, 0.04 * s)
+        | cv.ellipse(u - 0.06 * s, v + 0.01 * s, 0.06 * s, 0.035 * s)
+        | cv.ellipse(u + 0.05 * s, v - 0.02 * s, 0.06 * s, 0.04 * s)
+    )
     cv.paint(mask, "cloud", None, None, cv.color("cloud"))
 
 
 _DRAW: dict[str, Callable[[_Canvas, float, float, float], None]] = {
-    "house": _draw_house, "tree": _draw_tree, "car": _draw_car, "person": _draw_person,
-    "boat": _draw_boat, "sun": _draw_sun, "cloud": _draw_cloud,
+    "house": _draw_house,
+    "tree": _draw_tree,
+    "car": _draw_car,
+    "person": _draw_person,
+    "boat": _draw_boat,
+    "sun": _draw_sun,
+    "cloud": _draw_cloud,
 }
 
 
-def render_scene(seed: int, index: int, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
-                 split_fraction: float = 0.2) -> Scene:
+def render_scene(
+    seed: int, index: int, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, split_fraction: float = 0.2
+) -> Scene:
     """Render scene ``index`` of the scene family ``seed``.
 
     Args:
@@ -398,8 +462,9 @@ def render_scene(seed: int, index: int, image_size: tuple[int, int] = DEFAULT_IM
         _DRAW[thing](cv, u, v, scale)
 
     image = np.clip(np.rint(cv.image), 0, 255).astype(np.uint8)
-    return Scene(image=image, objects=cv.objects, parts=cv.parts, materials=cv.materials,
-                 class_label=class_label, split=split)
+    return Scene(
+        image=image, objects=cv.objects, parts=cv.parts, materials=cv.materials, class_label=class_label, split=split
+    )
 
 
 def _scene_sample(scene: Scene, mask_size: tuple[int, int]) -> Sample:
@@ -437,9 +502,15 @@ class SyntheticScenes(ConceptDataset):
         splits: the split of every kept sample.
     """
 
-    def __init__(self, n_images: int = 2000, seed: int = 0,
-                 image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, split: str | None = None,
-                 split_fraction: float = 0.2, max_images: int | None = None) -> None:
+    def __init__(
+        self,
+        n_images: int = 2000,
+        seed: int = 0,
+        image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+        split: str | None = None,
+        split_fraction: float = 0.2,
+        max_images: int | None = None,
+    ) -> None:
         if n_images < 1:
             raise ValueError("n_images must be positive")
         h, w = (int(v) for v in image_size)
@@ -489,8 +560,14 @@ class SyntheticScenes(ConceptDataset):
             yield self[i]
 
 
-def generate(out_dir: str | os.PathLike[str], *, n_images: int = 2000, seed: int = 0,
-             image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, split_fraction: float = 0.2) -> Path:
+def generate(
+    out_dir: str | os.PathLike[str],
+    *,
+    n_images: int = 2000,
+    seed: int = 0,
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    split_fraction: float = 0.2,
+) -> Path:
     """Write a synthetic scene family as a Broden directory.
 
     Args:

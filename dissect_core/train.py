@@ -43,8 +43,9 @@ def load_class_arrays(dataset: ConceptDataset) -> tuple[torch.Tensor, torch.Tens
     """
     h, w = dataset.image_size
     if len(dataset) * 3 * h * w > MAX_IN_MEMORY_BYTES:
-        raise DatasetError(f"dataset {dataset.name} is too large to train on in memory "
-                           f"({len(dataset)} images of {h}x{w})", path="")
+        raise DatasetError(
+            f"dataset {dataset.name} is too large to train on in memory ({len(dataset)} images of {h}x{w})", path=""
+        )
     images = np.empty((len(dataset), h, w, 3), np.uint8)
     labels = np.empty(len(dataset), np.int64)
     for i in range(len(dataset)):
@@ -74,8 +75,14 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: list[float],
-                      std: list[float], batch_size: int = 256) -> float:
+def evaluate_accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: list[float],
+    std: list[float],
+    batch_size: int = 256,
+) -> float:
     """Top-1 accuracy of a classifier.
 
     Args:
@@ -96,8 +103,8 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     correct = 0
     with evaluating(model):
         for start in range(0, len(labels), batch_size):
-            x = normalize(images[start:start + batch_size].to(device), mean, std)
-            correct += int((model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum())
+            x = normalize(images[start : start + batch_size].to(device), mean, std)
+            correct += int((model(x).argmax(1).cpu() == labels[start : start + batch_size]).sum())
     return correct / len(labels)
 
 
@@ -193,8 +200,7 @@ def train_classifier(
         hooks.append((target, lambda _m, _i, out: penalties.append(out.mean()) if model.training else None))
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(labels) / batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                                weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.25
     )
@@ -208,7 +214,7 @@ def train_classifier(
             correct = 0
             total_loss = 0.0
             for step in range(steps_per_epoch):
-                idx = order[step * batch_size:(step + 1) * batch_size]
+                idx = order[step * batch_size : (step + 1) * batch_size]
                 x = images[idx]
                 if augment:
                     flip = torch.rand(len(idx), generator=generator) < 0.5

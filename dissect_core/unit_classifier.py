@@ -42,8 +42,9 @@ class UnitClassifierResult:
     negative_peaks: np.ndarray
 
 
-def unit_classifier(peaks: np.ndarray | torch.Tensor | Sequence[float],
-                    has_concept: np.ndarray | torch.Tensor | Sequence[bool]) -> UnitClassifierResult:
+def unit_classifier(
+    peaks: np.ndarray | torch.Tensor | Sequence[float], has_concept: np.ndarray | torch.Tensor | Sequence[bool]
+) -> UnitClassifierResult:
     """Best balanced accuracy of a threshold on peak activations.
 
     Args:
@@ -106,8 +107,16 @@ def image_peaks(
     """
     from .dissect import _forward_batches, _make_source
 
-    src = _make_source(model, dataset, layers, indices=indices, batch_size=batch_size, device=device,
-                       num_workers=num_workers, segmenter=None)
+    src = _make_source(
+        model,
+        dataset,
+        layers,
+        indices=indices,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        segmenter=None,
+    )
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in src.layers}
     for prepared in _forward_batches(src, progress, should_stop, phase="peaks"):
         for layer, a in prepared.acts.items():

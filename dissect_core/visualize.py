@@ -43,8 +43,11 @@ def activation_mask(activation: torch.Tensor | np.ndarray, threshold: float, siz
     Returns:
         bool [H, W].
     """
-    a = torch.as_tensor(np.asarray(activation, dtype=np.float32) if isinstance(activation, np.ndarray)
-                        else activation.detach().to("cpu", torch.float32))
+    a = torch.as_tensor(
+        np.asarray(activation, dtype=np.float32)
+        if isinstance(activation, np.ndarray)
+        else activation.detach().to("cpu", torch.float32)
+    )
     return (upsample(a, size) > float(threshold)).numpy()
 
 
@@ -101,7 +104,7 @@ def unit_strip(
     tiles = [highlight(img, activation_mask(act, threshold, (h, w))) for img, act in zip(images, activations)]
     strip = np.full((h, len(tiles) * w + (len(tiles) - 1) * gap, 3), 255, dtype=np.uint8)
     for i, tile in enumerate(tiles):
-        strip[:, i * (w + gap): i * (w + gap) + w] = tile
+        strip[:, i * (w + gap) : i * (w + gap) + w] = tile
     picture = Image.fromarray(strip)
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
@@ -124,7 +127,7 @@ def _unit_activations(
     unit_index = torch.as_tensor(list(units), dtype=torch.int64)
     order = list(dict.fromkeys(int(i) for i in indices))
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         batch = [dataset[i].image for i in chunk]
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(device)
         x = preprocess_images(x, model.input_size, model.mean, model.std)
@@ -176,8 +179,9 @@ def top_images_strip(
     if kept is not None:
         return unit_strip([dataset[i].image for i in indices], kept, float(result.thresholds[unit]), scale=scale)
     images, acts = _unit_activations(model, dataset, result.layer, indices, [unit], device)
-    return unit_strip([images[i] for i in indices], [acts[i][0] for i in indices],
-                      float(result.thresholds[unit]), scale=scale)
+    return unit_strip(
+        [images[i] for i in indices], [acts[i][0] for i in indices], float(result.thresholds[unit]), scale=scale
+    )
 
 
 def save_unit_strips(
@@ -217,7 +221,7 @@ def save_unit_strips(
     for start in range(0, len(chosen), units_per_pass):
         if should_stop is not None and should_stop():
             raise Cancelled("stopped while drawing unit images")
-        group = chosen[start:start + units_per_pass]
+        group = chosen[start : start + units_per_pass]
         wanted = [int(i) for u in group for i in result.top_images[u]]
         kept = {u: _kept_maps(result, u, len(result.top_images[u])) for u in group}
         if all(maps is not None for maps in kept.values()):
@@ -233,8 +237,7 @@ def save_unit_strips(
             maps = kept.get(u)
             activations = maps if maps is not None else [acts[i][g] for i in indices]
             path = out / f"unit_{u:04d}.png"
-            unit_strip([images[i] for i in indices], activations, float(result.thresholds[u]),
-                       scale=scale).save(path)
+            unit_strip([images[i] for i in indices], activations, float(result.thresholds[u]), scale=scale).save(path)
             paths.append(path)
         if progress is not None:
             progress("images", start + len(group), len(chosen))

@@ -37,8 +37,19 @@ def try_start_postgres() -> None:
 def try_start_redis() -> None:
     if shutil.which("redis-server"):
         subprocess.run(
-            ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(urlparse(BROKER_URL).port or 6379),
-             "--save", "", "--appendonly", "no"],
+            [
+                "redis-server",
+                "--daemonize",
+                "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(urlparse(BROKER_URL).port or 6379),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
             capture_output=True,
         )
 
@@ -61,8 +72,12 @@ def ensure_database() -> str | None:
     parts = urlparse(DATABASE_URL)
     try:
         conn = psycopg2.connect(
-            host=parts.hostname, port=parts.port or 5432, user=parts.username or "postgres",
-            password=parts.password, dbname="postgres", connect_timeout=5,
+            host=parts.hostname,
+            port=parts.port or 5432,
+            user=parts.username or "postgres",
+            password=parts.password,
+            dbname="postgres",
+            connect_timeout=5,
         )
     except psycopg2.Error as exc:
         return f"Postgres at {parts.hostname}:{parts.port} refused the test user: {str(exc).strip().splitlines()[0]}"
@@ -71,7 +86,11 @@ def ensure_database() -> str | None:
 
 
 def main() -> int:
-    problems = [p for p in (ensure("Postgres", DATABASE_URL, try_start_postgres), ensure("Redis", BROKER_URL, try_start_redis)) if p]
+    problems = [
+        p
+        for p in (ensure("Postgres", DATABASE_URL, try_start_postgres), ensure("Redis", BROKER_URL, try_start_redis))
+        if p
+    ]
     if not problems:
         problem = ensure_database()
         problems = [problem] if problem else []

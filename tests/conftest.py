@@ -45,9 +45,25 @@ class WorkerPool:
         name = f"testworker{self.count}-{os.getpid()}"
         log = open(ARTIFACTS / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "celery"), "-A", "config", "worker", "--concurrency", "1",
-             "--pool", "prefork", "--loglevel", "INFO", "--hostname", f"{name}@%h"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(Path(sys.executable).parent / "celery"),
+                "-A",
+                "config",
+                "worker",
+                "--concurrency",
+                "1",
+                "--pool",
+                "prefork",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                f"{name}@%h",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         from api.models import WorkerHeartbeat
@@ -196,8 +212,14 @@ def register(api, scenes, demo_weights, *, public=False):
     weights, num_classes = demo_weights
     model = api.post(
         "/api/models/",
-        {"name": "scenecnn", "arch": "builtin:scenecnn", "num_classes": num_classes, "input_size": 64,
-         "weights_path": str(weights), "public": public},
+        {
+            "name": "scenecnn",
+            "arch": "builtin:scenecnn",
+            "num_classes": num_classes,
+            "input_size": 64,
+            "weights_path": str(weights),
+            "public": public,
+        },
         format="json",
     )
     assert model.status_code == 201, model.json()

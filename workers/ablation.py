@@ -53,16 +53,28 @@ def run_ablation(job: Job) -> None:
         reporter.progress("loading", 0, len(train))
         importance = with_batch_backoff(
             lambda batch_size: unit_importance(
-                model, train, layer, batch_size=batch_size, device=device,
-                progress=_staged(reporter, "importance"), should_stop=reporter.should_stop,
+                model,
+                train,
+                layer,
+                batch_size=batch_size,
+                device=device,
+                progress=_staged(reporter, "importance"),
+                should_stop=reporter.should_stop,
             ),
             params.batch_size,
         )
         sets = with_batch_backoff(
             lambda batch_size: ablate_sets(
-                model, val, layer, importance, classes=params.classes, ks=params.ks,
-                batch_size=batch_size, device=device,
-                progress=_staged(reporter, "sets"), should_stop=reporter.should_stop,
+                model,
+                val,
+                layer,
+                importance,
+                classes=params.classes,
+                ks=params.ks,
+                batch_size=batch_size,
+                device=device,
+                progress=_staged(reporter, "sets"),
+                should_stop=reporter.should_stop,
             ),
             params.batch_size,
         )
@@ -95,7 +107,10 @@ def run_ablation(job: Job) -> None:
                 "correlation": interp.correlation(),
             }
         services.ablation_store(
-            job=job, layer=layer, importance_rows=list(importance.rows()), curve_rows=list(sets.rows()),
+            job=job,
+            layer=layer,
+            importance_rows=list(importance.rows()),
+            curve_rows=list(sets.rows()),
             summary=_clean(summary),
         )
     services.job_succeed(job_id=job.pk)
@@ -113,10 +128,19 @@ def run_attack(job: Job) -> None:
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
         analysis = with_batch_backoff(
             lambda batch_size: attack_unit_changes(
-                model, dataset, params.layer, ranking, top_k=params.top_k, eps=params.eps,
-                iterations=params.iterations, max_images=params.max_images, seed=params.seed,
-                batch_size=batch_size, device=pick_device(),
-                progress=reporter.progress, should_stop=reporter.should_stop,
+                model,
+                dataset,
+                params.layer,
+                ranking,
+                top_k=params.top_k,
+                eps=params.eps,
+                iterations=params.iterations,
+                max_images=params.max_images,
+                seed=params.seed,
+                batch_size=batch_size,
+                device=pick_device(),
+                progress=reporter.progress,
+                should_stop=reporter.should_stop,
             ),
             params.batch_size,
         )
@@ -141,16 +165,25 @@ def run_unit_classifier(job: Job) -> None:
 
     params = params_of(job, UnitClassifierParams)
     model = load_network(job.model)
-    dataset = open_dataset(job.dataset.spec, split=params.split, max_images=params.max_images,
-                           colors=job.dataset.concepts_source == "colors")
+    dataset = open_dataset(
+        job.dataset.spec,
+        split=params.split,
+        max_images=params.max_images,
+        colors=job.dataset.concepts_source == "colors",
+    )
     numbers = {c.name: c.number for c in dataset.concepts}
     if params.concept not in numbers:
         raise DissectError(f"dataset {job.dataset.name} has no concept {params.concept!r}")
     with ProgressReporter(job.pk, settings.JOB_HEARTBEAT_SECONDS) as reporter:
         peaks = with_batch_backoff(
             lambda batch_size: image_peaks(
-                model, dataset, [params.layer], batch_size=batch_size, device=pick_device(),
-                progress=reporter.progress, should_stop=reporter.should_stop,
+                model,
+                dataset,
+                [params.layer],
+                batch_size=batch_size,
+                device=pick_device(),
+                progress=reporter.progress,
+                should_stop=reporter.should_stop,
             ),
             params.batch_size,
         )[params.layer][:, params.unit]
@@ -160,11 +193,17 @@ def run_unit_classifier(job: Job) -> None:
         except ValueError as exc:
             raise DissectError(f"cannot score unit {params.unit} on {params.concept!r}: {exc}") from exc
         summary = {
-            "layer": params.layer, "unit": params.unit, "concept": params.concept,
-            "threshold": result.threshold, "balanced_accuracy": result.balanced_accuracy,
-            "true_positive_rate": result.true_positive_rate, "true_negative_rate": result.true_negative_rate,
-            "images_with": int(len(result.positive_peaks)), "images_without": int(len(result.negative_peaks)),
-            "peaks_with": _spread(result.positive_peaks), "peaks_without": _spread(result.negative_peaks),
+            "layer": params.layer,
+            "unit": params.unit,
+            "concept": params.concept,
+            "threshold": result.threshold,
+            "balanced_accuracy": result.balanced_accuracy,
+            "true_positive_rate": result.true_positive_rate,
+            "true_negative_rate": result.true_negative_rate,
+            "images_with": len(result.positive_peaks),
+            "images_without": len(result.negative_peaks),
+            "peaks_with": _spread(result.positive_peaks),
+            "peaks_without": _spread(result.negative_peaks),
         }
         services.job_summary_store(job=job, summary=_clean(summary))
     services.job_succeed(job_id=job.pk)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -71,10 +72,8 @@ class _Heartbeat(threading.Thread):
         from api.services import worker_gone
 
         self.stopped.set()
-        try:
+        with contextlib.suppress(Exception):
             worker_gone(hostname=self.hostname)
-        except Exception:
-            pass
 
 
 _beat: _Heartbeat | None = None

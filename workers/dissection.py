@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 from django.conf import settings
@@ -62,9 +62,16 @@ class ProgressReporter(threading.Thread):
     with it, so the heartbeat stops and the job is requeued by a live worker.
     """
 
-    PHASE_SHARE = {"forward": (0.0, 0.6), "quantile": (0.6, 0.72), "refine": (0.72, 0.8), "count": (0.8, 0.9), "images": (0.9, 0.97),
-        "importance-cache": (0.0, 0.15), "importance-ablate": (0.15, 0.6),
-        "sets-cache": (0.6, 0.7), "sets-ablate": (0.7, 0.95),
+    PHASE_SHARE: ClassVar[dict[str, tuple[float, float]]] = {
+        "forward": (0.0, 0.6),
+        "quantile": (0.6, 0.72),
+        "refine": (0.72, 0.8),
+        "count": (0.8, 0.9),
+        "images": (0.9, 0.97),
+        "importance-cache": (0.0, 0.15),
+        "importance-ablate": (0.15, 0.6),
+        "sets-cache": (0.6, 0.7),
+        "sets-ablate": (0.7, 0.95),
     }
 
     def __init__(self, job_id: int, interval: float) -> None:
@@ -99,7 +106,7 @@ class ProgressReporter(threading.Thread):
         finally:
             connection.close()
 
-    def __enter__(self) -> "ProgressReporter":
+    def __enter__(self) -> ProgressReporter:
         self.start()
         return self
 
@@ -168,8 +175,13 @@ def store_results(job: Job, model, dataset, results: dict, reporter: ProgressRep
         for layer, result in results.items():
             reporter.progress("images", 0, result.units)
             save_unit_strips(
-                model, dataset, result, results_dir / layer, device=pick_device(),
-                progress=reporter.progress, should_stop=reporter.should_stop,
+                model,
+                dataset,
+                result,
+                results_dir / layer,
+                device=pick_device(),
+                progress=reporter.progress,
+                should_stop=reporter.should_stop,
             )
     reporter.progress("storing", len(dataset), len(dataset))
     for layer, result in results.items():

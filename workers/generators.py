@@ -29,11 +29,20 @@ def load_network(row: NetworkModel):
     if row.kind == NetworkModel.Kind.GENERATOR:
         from dissect_core.generators import load_generator
 
-        return load_generator(row.arch, Path(row.weights_path), latent_dim=row.latent_dim,
-                              output_range=tuple(row.output_range or (-1.0, 1.0)))
+        return load_generator(
+            row.arch,
+            Path(row.weights_path),
+            latent_dim=row.latent_dim,
+            output_range=tuple(row.output_range or (-1.0, 1.0)),
+        )
     return load_model(
-        row.arch, Path(row.weights_path), row.num_classes,
-        input_size=row.input_size, mean=row.mean or None, std=row.std or None, classes=row.classes or None,
+        row.arch,
+        Path(row.weights_path),
+        row.num_classes,
+        input_size=row.input_size,
+        mean=row.mean or None,
+        std=row.std or None,
+        classes=row.classes or None,
     )
 
 
@@ -48,16 +57,28 @@ def concept_source(value: str | int):
     row = NetworkModel.objects.get(pk=int(value), kind=NetworkModel.Kind.SEGMENTER)
     loaded = load_network(row)
     categories = list(row.categories) if row.categories else "object"
-    return Segmenter(loaded.module, row.classes, categories=categories, mean=loaded.mean, std=loaded.std,
-                     input_size=tuple(loaded.input_size))
+    return Segmenter(
+        loaded.module,
+        row.classes,
+        categories=categories,
+        mean=loaded.mean,
+        std=loaded.std,
+        input_size=tuple(loaded.input_size),
+    )
 
 
 def generated_dataset(model, params: GeneratorDissectParams):
     """The seeded generated images of a generator dissection, labelled by its concept source."""
     from dissect_core.generators import GeneratedDataset
 
-    return GeneratedDataset(model, concept_source(params.concepts), params.samples, seed=params.seed,
-                            batch_size=params.batch_size, device=pick_device())
+    return GeneratedDataset(
+        model,
+        concept_source(params.concepts),
+        params.samples,
+        seed=params.seed,
+        batch_size=params.batch_size,
+        device=pick_device(),
+    )
 
 
 def concept_number(source, name: str) -> int:
@@ -100,7 +121,7 @@ def _grid_png(images: np.ndarray, path: Path, columns: int = 8) -> None:
     canvas = np.full((rows * (h + 2) - 2, cols * (w + 2) - 2, 3), 255, np.uint8)
     for i, image in enumerate(images):
         r, c = divmod(i, cols)
-        canvas[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = image
+        canvas[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = image
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas).save(path)
 
@@ -136,20 +157,37 @@ def run_generator_remove(job: Job) -> None:
         model, source, number, units, ious = _edit_inputs(job, params)
         result = with_batch_backoff(
             lambda batch_size: removal_curve(
-                model, source, params.layer, units, number, ks=params.ks, count=params.samples,
-                seed=params.seed, batch_size=batch_size, sample_images=params.sample_images,
-                device=pick_device(), progress=reporter.progress, should_stop=reporter.should_stop,
+                model,
+                source,
+                params.layer,
+                units,
+                number,
+                ks=params.ks,
+                count=params.samples,
+                seed=params.seed,
+                batch_size=batch_size,
+                sample_images=params.sample_images,
+                device=pick_device(),
+                progress=reporter.progress,
+                should_stop=reporter.should_stop,
             ),
             params.batch_size,
         )
         reporter.progress("storing", 1, 1)
         top = max(params.ks)
         summary = {
-            "concept": params.concept, "layer": params.layer, "dissection": params.dissection,
-            "units": units[:top], "unit_iou": ious[:top], "samples": result.count, "seed": result.seed,
+            "concept": params.concept,
+            "layer": params.layer,
+            "dissection": params.dissection,
+            "units": units[:top],
+            "unit_iou": ious[:top],
+            "samples": result.count,
+            "seed": result.seed,
             "baseline": result.baseline,
-            "curve": [{"k": k, "share": share, "change": change}
-                      for k, share, change in zip(result.ks, result.fractions, result.relative_change)],
+            "curve": [
+                {"k": k, "share": share, "change": change}
+                for k, share, change in zip(result.ks, result.fractions, result.relative_change)
+            ],
         }
         _store(job, summary, "removal", result.before_images, result.after_images)
 
@@ -163,22 +201,40 @@ def run_generator_insert(job: Job) -> None:
         reporter.progress("loading", 0, params.samples)
         model, source, number, units, ious = _edit_inputs(job, params)
         chosen = units[: params.k]
-        values = unit_quantiles(model, params.layer, q=params.quantile, seed=params.seed + 7919,
-                                units=chosen, device=pick_device())
+        values = unit_quantiles(
+            model, params.layer, q=params.quantile, seed=params.seed + 7919, units=chosen, device=pick_device()
+        )
         result = with_batch_backoff(
             lambda batch_size: insertion_map(
-                model, source, params.layer, chosen, number, values=values, count=params.samples,
-                seed=params.seed, stride=params.stride, size=params.size, batch_size=batch_size,
+                model,
+                source,
+                params.layer,
+                chosen,
+                number,
+                values=values,
+                count=params.samples,
+                seed=params.seed,
+                stride=params.stride,
+                size=params.size,
+                batch_size=batch_size,
                 sample_images=8,
-                device=pick_device(), progress=reporter.progress, should_stop=reporter.should_stop,
+                device=pick_device(),
+                progress=reporter.progress,
+                should_stop=reporter.should_stop,
             ),
             params.batch_size,
         )
         reporter.progress("storing", 1, 1)
         summary = {
-            "concept": params.concept, "layer": params.layer, "dissection": params.dissection,
-            "units": chosen, "unit_iou": ious[: params.k], "values": [float(v) for v in np.asarray(values)],
-            "samples": result.count, "seed": result.seed, **insertion_grid(result, params.stride, params.size),
+            "concept": params.concept,
+            "layer": params.layer,
+            "dissection": params.dissection,
+            "units": chosen,
+            "unit_iou": ious[: params.k],
+            "values": [float(v) for v in np.asarray(values)],
+            "samples": result.count,
+            "seed": result.seed,
+            **insertion_grid(result, params.stride, params.size),
         }
         _store(job, summary, "insert", result.before_images, result.after_images)
 
@@ -193,8 +249,14 @@ def insertion_grid(result, stride: int, size: int) -> dict[str, Any]:
     best = result.best_position
     return {
         "map": grid,
-        "positions": {"stride": stride, "size": size, "height": int(full.shape[0]), "width": int(full.shape[1]),
-                      "rows": rows, "cols": cols},
+        "positions": {
+            "stride": stride,
+            "size": size,
+            "height": int(full.shape[0]),
+            "width": int(full.shape[1]),
+            "rows": rows,
+            "cols": cols,
+        },
         "mean_added": float(result.mean_fraction),
         "best": {"y": best[0], "x": best[1], "added": float(full[best])} if best is not None else None,
     }
@@ -219,8 +281,7 @@ _PAINT_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=4)
-def _painter(model_id: int, weights_path: str, layer: str, concept: str, dissection: int, k: int,
-             quantile: float):
+def _painter(model_id: int, weights_path: str, layer: str, concept: str, dissection: int, k: int, quantile: float):
     """(loaded generator, the concept's top-k units, their insertion values), cached per process."""
     from dissect_core.generators import unit_quantiles
 
@@ -232,20 +293,42 @@ def _painter(model_id: int, weights_path: str, layer: str, concept: str, dissect
     return model, chosen, values
 
 
-def paint_png(*, model_id: int, layer: str, concept: str, dissection: int, k: int, quantile: float, seed: int,
-              index: int, mode: str, mask: list[list[int]]) -> dict[str, Any]:
+def paint_png(
+    *,
+    model_id: int,
+    layer: str,
+    concept: str,
+    dissection: int,
+    k: int,
+    quantile: float,
+    seed: int,
+    index: int,
+    mode: str,
+    mask: list[list[int]],
+) -> dict[str, Any]:
     """Edit one generated image: add or erase a concept inside a mask. PNGs as bytes."""
     import time
 
-    from dissect_core.generators import paint
     from PIL import Image
+
+    from dissect_core.generators import paint
 
     started = time.perf_counter()
     row = NetworkModel.objects.only("weights_path").get(pk=model_id)
     with _PAINT_LOCK:
         model, units, values = _painter(model_id, row.weights_path, layer, concept, dissection, k, quantile)
-        before, after = paint(model, layer, units, seed=seed, index=index, mask=np.asarray(mask, dtype=bool),
-                              mode=mode, values=values, return_before=True, device="cpu")
+        before, after = paint(
+            model,
+            layer,
+            units,
+            seed=seed,
+            index=index,
+            mask=np.asarray(mask, dtype=bool),
+            mode=mode,
+            values=values,
+            return_before=True,
+            device="cpu",
+        )
     encoded = {}
     for name, image in (("before", before), ("after", after)):
         buffer = io.BytesIO()

@@ -45,13 +45,17 @@ def _layer_rows(infos) -> list[dict]:
 
 def probe_generator(args: argparse.Namespace) -> dict:
     from dissect_core.generators import load_generator
-
     from dissect_core.models import list_layers
 
-    loaded = load_generator(args.arch, Path(args.weights), latent_dim=args.latent_dim,
-                            output_range=tuple(args.output_range))
-    return {"ok": True, "num_classes": None, "latent_dim": loaded.latent_dim,
-            "layers": _layer_rows(list_layers(loaded))}
+    loaded = load_generator(
+        args.arch, Path(args.weights), latent_dim=args.latent_dim, output_range=tuple(args.output_range)
+    )
+    return {
+        "ok": True,
+        "num_classes": None,
+        "latent_dim": loaded.latent_dim,
+        "layers": _layer_rows(list_layers(loaded)),
+    }
 
 
 def _segmenter_problem(loaded, labels: int | None) -> str:

@@ -82,7 +82,7 @@ class ShardReporter(threading.Thread):
         finally:
             connection.close()
 
-    def __enter__(self) -> "ShardReporter":
+    def __enter__(self) -> ShardReporter:
         self.start()
         return self
 
@@ -104,7 +104,9 @@ class JobInputs:
             self.dataset = generated_dataset(self.model, params)
         else:
             self.dataset = open_dataset(
-                job.dataset.spec, max_images=params.max_images, colors=job.dataset.concepts_source == "colors",
+                job.dataset.spec,
+                max_images=params.max_images,
+                colors=job.dataset.concepts_source == "colors",
             )
         self.layers = params.layers
         self.quantile = params.quantile
@@ -128,9 +130,14 @@ def run_shard(job: Job, shard: JobShard) -> bool:
     folder = work_dir(job.pk)
     path = folder / f"{shard.stage}-{shard.index}.npz"
     with ShardReporter(shard.pk, shard.start, settings.JOB_HEARTBEAT_SECONDS) as reporter:
-        common = dict(indices=indices, device=pick_device(), progress=reporter.progress,
-                      should_stop=reporter.should_stop)
+        common = {
+            "indices": indices,
+            "device": pick_device(),
+            "progress": reporter.progress,
+            "should_stop": reporter.should_stop,
+        }
         if shard.stage == "quantile":
+
             def run(batch_size: int) -> dict:
                 return quantile_pass(inputs.model, inputs.dataset, inputs.layers, batch_size=batch_size, **common)
         elif shard.stage.startswith("refine"):
@@ -140,14 +147,23 @@ def run_shard(job: Job, shard: JobShard) -> bool:
             }
 
             def run(batch_size: int) -> dict:
-                return refine_pass(inputs.model, inputs.dataset, list(brackets), brackets, batch_size=batch_size,
-                                   **common)
+                return refine_pass(
+                    inputs.model, inputs.dataset, list(brackets), brackets, batch_size=batch_size, **common
+                )
         else:
             thresholds = {k: v["t"] for k, v in load_states(folder / "thresholds.npz").items()}
 
             def run(batch_size: int) -> dict:
-                return count_pass(inputs.model, inputs.dataset, inputs.layers, thresholds, batch_size=batch_size,
-                                  top_k_images=inputs.params.top_k_images, **common)
+                return count_pass(
+                    inputs.model,
+                    inputs.dataset,
+                    inputs.layers,
+                    thresholds,
+                    batch_size=batch_size,
+                    top_k_images=inputs.params.top_k_images,
+                    **common,
+                )
+
         out = with_batch_backoff(run, inputs.batch_size)
         save_states(path, {layer: state.state_dict() for layer, state in out.items()})
     return services.shard_done(shard_id=shard.pk, path=str(path))
@@ -178,10 +194,14 @@ def advance(job: Job, reporter) -> None:
             resolved: dict = {}
             round_no = 0
         else:
-            round_no = int(stage[len("refine"):])
+            round_no = int(stage[len("refine") :])
             refined = _merge_stage(job, stage, QuantileRefiner)
             brackets = {layer: r.bracket() for layer, r in refined.items()}
-            resolved = {k: v["t"] for k, v in load_states(folder / "resolved.npz").items()} if (folder / "resolved.npz").exists() else {}
+            resolved = (
+                {k: v["t"] for k, v in load_states(folder / "resolved.npz").items()}
+                if (folder / "resolved.npz").exists()
+                else {}
+            )
         for layer, bracket in brackets.items():
             if bracket.done:
                 resolved[layer] = bracket.values()

@@ -51,8 +51,11 @@ def run_job(*, job_id: int) -> None:
         from workers.generators import run_generator_insert, run_generator_remove
 
         body = {
-            "ablate": run_ablation, "attack": run_attack, "unit_classifier": run_unit_classifier,
-            "generator_remove": run_generator_remove, "generator_insert": run_generator_insert,
+            "ablate": run_ablation,
+            "attack": run_attack,
+            "unit_classifier": run_unit_classifier,
+            "generator_remove": run_generator_remove,
+            "generator_insert": run_generator_insert,
         }.get(job.type, run_dissection)
         _guarded(job_id, lambda: body(job))
 

@@ -36,14 +36,16 @@ def model_page(request, pk: int):
     sections = []
     for result in dissected:
         rows = counts[(result.job_id, result.layer)]
-        sections.append({
-            "result": result,
-            "detectors": sum(n for _, _, n in rows),
-            "unique": len(rows),
-            "chart": _bar_chart(rows),
-            "categories": _category_bars(rows, unique=False),
-            "legend": [{"name": c["name"], "colour": c["colour"]} for c in _category_bars(rows, unique=True)],
-        })
+        sections.append(
+            {
+                "result": result,
+                "detectors": sum(n for _, _, n in rows),
+                "unique": len(rows),
+                "chart": _bar_chart(rows),
+                "categories": _category_bars(rows, unique=False),
+                "legend": [{"name": c["name"], "colour": c["colour"]} for c in _category_bars(rows, unique=True)],
+            }
+        )
     layers = []
     for entry in model.layers or []:
         result = latest.get(entry["name"])
@@ -53,20 +55,32 @@ def model_page(request, pk: int):
     labels = []
     if model.kind == NetworkModel.Kind.SEGMENTER:
         categories = model.categories or []
-        labels = [{"index": i, "name": name, "category": categories[i] if i < len(categories) else "",
-                   "colour": category_colour(categories[i]) if i < len(categories) else "#9ca3af"}
-                  for i, name in enumerate(model.classes or [])]
-    return render(request, "dashboard/model.html", {
-        "model": model,
-        "is_generator": model.kind == NetworkModel.Kind.GENERATOR,
-        "labels": labels,
-        "layers": layers,
-        "sections": sections,
-        "network_chart": _layers_chart([(r.layer, counts[(r.job_id, r.layer)]) for r in dissected]) if dissected else None,
-        "jobs": jobs,
-        "min_iou": selectors.DETECTOR_MIN_IOU,
-        "is_owner": model.owner_id == user.pk,
-    })
+        labels = [
+            {
+                "index": i,
+                "name": name,
+                "category": categories[i] if i < len(categories) else "",
+                "colour": category_colour(categories[i]) if i < len(categories) else "#9ca3af",
+            }
+            for i, name in enumerate(model.classes or [])
+        ]
+    return render(
+        request,
+        "dashboard/model.html",
+        {
+            "model": model,
+            "is_generator": model.kind == NetworkModel.Kind.GENERATOR,
+            "labels": labels,
+            "layers": layers,
+            "sections": sections,
+            "network_chart": _layers_chart([(r.layer, counts[(r.job_id, r.layer)]) for r in dissected])
+            if dissected
+            else None,
+            "jobs": jobs,
+            "min_iou": selectors.DETECTOR_MIN_IOU,
+            "is_owner": model.owner_id == user.pk,
+        },
+    )
 
 
 @login_required
@@ -77,9 +91,14 @@ def model_new(request):
             data = form.cleaned_data
             try:
                 model = services.model_register(
-                    owner=request.user, name=data["name"], arch=data["arch"], kind=data["kind"],
-                    num_classes=data["num_classes"], input_size=data["input_size"],
-                    weights_file=data["weights"] or None, weights_path=(data["weights_path"] or "").strip() or None,
+                    owner=request.user,
+                    name=data["name"],
+                    arch=data["arch"],
+                    kind=data["kind"],
+                    num_classes=data["num_classes"],
+                    input_size=data["input_size"],
+                    weights_file=data["weights"] or None,
+                    weights_path=(data["weights_path"] or "").strip() or None,
                     public=data["public"],
                 )
             except ApplicationError as exc:
@@ -89,11 +108,18 @@ def model_new(request):
                 return redirect("dashboard-model", pk=model.pk)
     else:
         form = ModelForm()
-    return render(request, "dashboard/form.html", {
-        "form": form, "title": "Register a model", "submit": "Register model", "multipart": True,
-        "intro": "The weights are loaded into the architecture in a separate process before the model is saved; "
-                 "files are never unpickled with code.",
-    })
+    return render(
+        request,
+        "dashboard/form.html",
+        {
+            "form": form,
+            "title": "Register a model",
+            "submit": "Register model",
+            "multipart": True,
+            "intro": "The weights are loaded into the architecture in a separate process before the model is saved; "
+            "files are never unpickled with code.",
+        },
+    )
 
 
 @login_required
@@ -109,23 +135,36 @@ def dataset_new(request):
             data = form.cleaned_data
             try:
                 dataset = services.dataset_register(
-                    owner=request.user, name=data["name"], format=data["format"],
-                    path=(data["path"] or "").strip() or None, archive=data["archive"] or None,
-                    concepts=data["concepts"], public=data["public"],
+                    owner=request.user,
+                    name=data["name"],
+                    format=data["format"],
+                    path=(data["path"] or "").strip() or None,
+                    archive=data["archive"] or None,
+                    concepts=data["concepts"],
+                    public=data["public"],
                 )
             except ApplicationError as exc:
                 _add_service_error(form, exc)
             else:
                 messages.success(
-                    request, f"Dataset {dataset.name} registered: {dataset.image_count} images, "
-                             f"{dataset.concept_count} concepts.")
+                    request,
+                    f"Dataset {dataset.name} registered: {dataset.image_count} images, "
+                    f"{dataset.concept_count} concepts.",
+                )
                 return redirect("dashboard-datasets")
     else:
         form = DatasetForm()
-    return render(request, "dashboard/form.html", {
-        "form": form, "title": "Register a dataset", "submit": "Register dataset", "multipart": True,
-        "intro": "The dataset is opened and checked (images, masks, concepts) before it is saved.",
-    })
+    return render(
+        request,
+        "dashboard/form.html",
+        {
+            "form": form,
+            "title": "Register a dataset",
+            "submit": "Register dataset",
+            "multipart": True,
+            "intro": "The dataset is opened and checked (images, masks, concepts) before it is saved.",
+        },
+    )
 
 
 @login_required

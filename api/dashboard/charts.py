@@ -20,9 +20,21 @@ def _bar_chart(counts: list[tuple[str, str, int]], *, room: int = 900) -> dict:
     for i, (name, category, n) in enumerate(bars_in):
         h = max(1.0, height * n / top)
         x = left + 6 + i * step
-        bars.append({"x": x, "y": round(base + height - h, 1), "h": round(h, 1), "w": width, "n": n, "name": name,
-                     "category": category, "colour": category_colour(category), "cx": x + width / 2,
-                     "ly": base + height + 8, "ny": round(base + height - h - 4, 1)})
+        bars.append(
+            {
+                "x": x,
+                "y": round(base + height - h, 1),
+                "h": round(h, 1),
+                "w": width,
+                "n": n,
+                "name": name,
+                "category": category,
+                "colour": category_colour(category),
+                "cx": x + width / 2,
+                "ly": base + height + 8,
+                "ny": round(base + height - h - 4, 1),
+            }
+        )
     return {
         "bars": bars,
         "width": left + 6 + max(1, len(bars_in)) * step + 4,
@@ -46,8 +58,10 @@ def _category_bars(counts: list[tuple[str, str, int]], *, unique: bool) -> list[
     for _, category, n in counts:
         totals[category] = totals.get(category, 0) + (1 if unique else n)
     top = max(totals.values(), default=1)
-    return [{"name": c, "n": totals[c], "pct": round(100 * totals[c] / top), "colour": category_colour(c)}
-            for c in sorted(totals, key=_category_key)]
+    return [
+        {"name": c, "n": totals[c], "pct": round(100 * totals[c] / top), "colour": category_colour(c)}
+        for c in sorted(totals, key=_category_key)
+    ]
 
 
 def _layers_chart(columns: list[tuple[str, list[tuple[str, str, int]]]]) -> dict:
@@ -73,11 +87,27 @@ def _layers_chart(columns: list[tuple[str, list[tuple[str, str, int]]]]) -> dict
         for category in sorted(per_cat, key=_category_key):
             h = height * per_cat[category] / top
             y -= h
-            parts.append({"y": round(y, 1), "h": round(h, 1), "colour": category_colour(category),
-                          "category": category, "n": per_cat[category]})
-        out.append({"layer": layer, "x": x, "w": width, "cx": x + width / 2, "parts": parts,
-                    "total": sum(per_cat.values()), "ty": round(y - 5, 1),
-                    "ly": base + height + (8 if rotate else 16)})
+            parts.append(
+                {
+                    "y": round(y, 1),
+                    "h": round(h, 1),
+                    "colour": category_colour(category),
+                    "category": category,
+                    "n": per_cat[category],
+                }
+            )
+        out.append(
+            {
+                "layer": layer,
+                "x": x,
+                "w": width,
+                "cx": x + width / 2,
+                "parts": parts,
+                "total": sum(per_cat.values()),
+                "ty": round(y - 5, 1),
+                "ly": base + height + (8 if rotate else 16),
+            }
+        )
     return {
         "stacks": out,
         "width": left + 12 + max(1, len(stacks)) * step,

@@ -12,7 +12,6 @@ from api import selectors
 from api.errors import ApplicationError
 from api.models import Job
 
-
 GALLERY_PAGE_SIZE = 256
 
 
@@ -109,6 +108,7 @@ def _decorate_unit(unit):
 
 def _page_links(request, page) -> dict:
     """Query strings of the previous and next pages, keeping the other parameters."""
+
     def link(number):
         query = request.GET.copy()
         query["page"] = number

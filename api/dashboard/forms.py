@@ -53,7 +53,13 @@ def _defaults_text(rows: list[tuple[type[JobParams], Any]]) -> str:
 
 
 def _plain(value: Any) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+    return (
+        ", ".join(map(str, value))
+        if isinstance(value, list)
+        else f"{value:g}"
+        if isinstance(value, float)
+        else str(value)
+    )
 
 
 def _form_field(name: str, hint: Any, meta: ParamMeta, help_text: str) -> forms.Field:
@@ -103,7 +109,8 @@ class JobForm(forms.Form):
     type = forms.ChoiceField(choices=JOB_TYPES, initial=Job.Type.DISSECT, required=False, label="Job type")
     model = forms.ModelChoiceField(queryset=NetworkModel.objects.none())
     dataset = forms.ModelChoiceField(
-        queryset=Dataset.objects.none(), required=False,
+        queryset=Dataset.objects.none(),
+        required=False,
         help_text="Classifier jobs run on a dataset; generator jobs generate their own images.",
     )
 
@@ -150,7 +157,8 @@ class JobForm(forms.Form):
 class ModelForm(forms.Form):
     name = forms.CharField(max_length=200)
     arch = forms.CharField(
-        max_length=200, label="Architecture",
+        max_length=200,
+        label="Architecture",
         help_text="torchvision:NAME (e.g. torchvision:resnet18), builtin:NAME (e.g. builtin:scenecnn) or torchscript.",
     )
     kind = forms.ChoiceField(choices=NetworkModel.Kind.choices, initial=NetworkModel.Kind.CLASSIFIER)
@@ -186,9 +194,11 @@ class DatasetForm(forms.Form):
     format = forms.ChoiceField(
         choices=Dataset.Format.choices,
         help_text="broden: a Broden directory (index.csv, label.csv, images/); imagefolder: class folders "
-                  "of images; synthetic: the demo scenes.",
+        "of images; synthetic: the demo scenes.",
     )
-    path = forms.CharField(required=False, max_length=1000, help_text="A directory on the server, inside the data roots.")
+    path = forms.CharField(
+        required=False, max_length=1000, help_text="A directory on the server, inside the data roots."
+    )
     archive = forms.FileField(required=False, help_text="Or upload a .zip or .tar(.gz) of the directory.")
     concepts = forms.ChoiceField(
         choices=[("masks", "masks (from the dataset's annotations)"), ("colors", "colors (computed from pixels)")],

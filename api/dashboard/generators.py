@@ -83,8 +83,10 @@ def dissected_layers(*, model: NetworkModel, user) -> list[dict]:
     for r in latest.values():
         which |= Q(job_id=r.job_id, layer=r.layer)
     rows = (
-        Unit.objects.filter(which, label__isnull=False).order_by()
-        .values_list("job_id", "layer", "label__name", "label__category").annotate(n=Count("id"))
+        Unit.objects.filter(which, label__isnull=False)
+        .order_by()
+        .values_list("job_id", "layer", "label__name", "label__category")
+        .annotate(n=Count("id"))
     )
     for job_id, layer, name, category, n in rows:
         labels[(job_id, layer)].append({"name": name, "category": category, "units": n})
@@ -94,8 +96,16 @@ def dissected_layers(*, model: NetworkModel, user) -> list[dict]:
         if result is None:
             continue
         concepts = sorted(labels[(result.job_id, name)], key=lambda c: (-c["units"], c["name"]))
-        out.append({"name": name, "height": entry.get("height"), "width": entry.get("width"),
-                    "units": entry.get("units") or result.units, "dissection": result.job_id, "concepts": concepts})
+        out.append(
+            {
+                "name": name,
+                "height": entry.get("height"),
+                "width": entry.get("width"),
+                "units": entry.get("units") or result.units,
+                "dissection": result.job_id,
+                "concepts": concepts,
+            }
+        )
     return out
 
 
@@ -125,7 +135,9 @@ def _percent(value: float | None, top: float = 1.0) -> str:
 def _removal_rows(summary: dict, params: dict) -> list[dict]:
     """[{"k", "share", "change"}], from ``curve`` or from the core's lists (ks, fractions, relative_change)."""
     if summary.get("curve"):
-        return [{"k": int(row["k"]), "share": row.get("share"), "change": row.get("change")} for row in summary["curve"]]
+        return [
+            {"k": int(row["k"]), "share": row.get("share"), "change": row.get("change")} for row in summary["curve"]
+        ]
     ks = summary.get("ks") or params.get("ks") or []
     shares = summary.get("fractions") or []
     changes = summary.get("relative_change") or [None] * len(shares)
@@ -151,13 +163,25 @@ def removal_chart(rows: list[dict], baseline: float) -> dict:
     else:
         _, kstep = nice_top(kmax)
         xticks = [round(i * kstep) for i in range(int(kmax // kstep) + 1)]
-    yticks = [i * step for i in range(int(round(top / step)) + 1)]
+    yticks = [i * step for i in range(round(top / step) + 1)]
     return {
-        "width": LEFT + PLOT_W + 24, "height": TOP + PLOT_H + 40, "left": LEFT, "right": LEFT + PLOT_W,
-        "axis_y": TOP + PLOT_H, "mid_y": TOP + PLOT_H / 2,
+        "width": LEFT + PLOT_W + 24,
+        "height": TOP + PLOT_H + 40,
+        "left": LEFT,
+        "right": LEFT + PLOT_W,
+        "axis_y": TOP + PLOT_H,
+        "mid_y": TOP + PLOT_H / 2,
         "line": " ".join(f"{x(k)},{y(v)}" for k, v in points),
-        "dots": [{"x": x(k), "y": y(v), "k": k, "share": _percent(v, top),
-                  "change": _percent((v - baseline) / baseline) if baseline else "–"} for k, v in points[1:]],
+        "dots": [
+            {
+                "x": x(k),
+                "y": y(v),
+                "k": k,
+                "share": _percent(v, top),
+                "change": _percent((v - baseline) / baseline) if baseline else "–",
+            }
+            for k, v in points[1:]
+        ],
         "start": {"x": x(0), "y": y(baseline), "share": _percent(baseline, top)},
         "baseline": y(baseline),
         "xticks": [{"x": x(k), "k": k} for k in xticks],
@@ -179,8 +203,16 @@ def _unit_rows(*, user, summary: dict, params: dict, values: list | None = None)
     rows = []
     for rank, unit in enumerate(units):
         pk, label = pages.get(unit, (None, ""))
-        rows.append({"rank": rank + 1, "unit": unit, "iou": ious[rank] if rank < len(ious) else None,
-                     "value": values[rank] if values and rank < len(values) else None, "pk": pk, "label": label})
+        rows.append(
+            {
+                "rank": rank + 1,
+                "unit": unit,
+                "iou": ious[rank] if rank < len(ious) else None,
+                "value": values[rank] if values and rank < len(values) else None,
+                "pk": pk,
+                "label": label,
+            }
+        )
     return rows
 
 
@@ -233,7 +265,7 @@ def _heat_colour(t: float) -> str:
     i = min(int(t), len(HEAT_STOPS) - 2)
     f = t - i
     a, b = HEAT_STOPS[i], HEAT_STOPS[i + 1]
-    channels = [round(int(a[j:j + 2], 16) * (1 - f) + int(b[j:j + 2], 16) * f) for j in (1, 3, 5)]
+    channels = [round(int(a[j : j + 2], 16) * (1 - f) + int(b[j : j + 2], 16) * f) for j in (1, 3, 5)]
     return "#" + "".join(f"{c:02x}" for c in channels)
 
 
@@ -261,8 +293,10 @@ def insertion_map(summary: dict, params: dict) -> dict | None:
     by = ys.index(best["y"]) if best.get("y") in ys else None
     bx = xs.index(best["x"]) if best.get("x") in xs else None
     if (by is None or bx is None or bx >= len(grid[by]) or grid[by][bx] is None) and values:
-        by, bx = max(((r, c) for r in range(rows) for c in range(len(grid[r])) if grid[r][c] is not None),
-                     key=lambda rc: (grid[rc[0]][rc[1]], -rc[0], -rc[1]))
+        by, bx = max(
+            ((r, c) for r in range(rows) for c in range(len(grid[r])) if grid[r][c] is not None),
+            key=lambda rc: (grid[rc[0]][rc[1]], -rc[0], -rc[1]),
+        )
         best = {}
     cell = max(3, min(72, HEAT_SIDE // max(rows, cols)))
     left, top_pad = 34, 6
@@ -274,25 +308,55 @@ def insertion_map(summary: dict, params: dict) -> dict | None:
                 colour, text = UNTESTED, "not tested"
             else:
                 colour, text = _heat_colour(v / top if top > 0 else 0.0), f"added {_percent(v, top)}"
-            parts.append(f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{colour}">'
-                         f"<title>y {ys[r]}, x {xs[c]}: {text}</title></rect>")
+            parts.append(
+                f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{colour}">'
+                f"<title>y {ys[r]}, x {xs[c]}: {text}</title></rect>"
+            )
     best_cell = None
     if by is not None and bx is not None and top > 0:
-        best_cell = {"x": left + bx * cell, "y": top_pad + by * cell, "size": cell, "row": by, "col": bx,
-                     "fy": ys[by], "fx": xs[bx], "added": _percent(best.get("added", grid[by][bx]), top)}
+        best_cell = {
+            "x": left + bx * cell,
+            "y": top_pad + by * cell,
+            "size": cell,
+            "row": by,
+            "col": bx,
+            "fy": ys[by],
+            "fx": xs[bx],
+            "added": _percent(best.get("added", grid[by][bx]), top),
+        }
     width, height = left + cols * cell, top_pad + rows * cell
     legend_y = height + 30
     return {
         "cells": mark_safe("".join(parts)),
-        "rows": rows, "cols": cols, "cell": cell, "left": left, "top": top_pad, "right": width,
-        "bottom": height, "mid_y": top_pad + rows * cell / 2, "mid_x": left + cols * cell / 2,
-        "width": max(width, left + 240) + 12, "height": legend_y + 34,
-        "stride": stride, "size": size, "tested": len(values),
+        "rows": rows,
+        "cols": cols,
+        "cell": cell,
+        "left": left,
+        "top": top_pad,
+        "right": width,
+        "bottom": height,
+        "mid_y": top_pad + rows * cell / 2,
+        "mid_x": left + cols * cell / 2,
+        "width": max(width, left + 240) + 12,
+        "height": legend_y + 34,
+        "stride": stride,
+        "size": size,
+        "tested": len(values),
         "feature": {"height": positions.get("height") or ys[-1] + 1, "width": positions.get("width") or xs[-1] + 1},
-        "max": _percent(top, top) if top > 0 else "0%", "best": best_cell,
-        "legend": {"x": left, "y": legend_y, "w": 200, "stops": [
-            {"offset": round(100 * i / (len(HEAT_STOPS) - 1)), "colour": c} for i, c in enumerate(HEAT_STOPS)]},
-        "first_y": ys[0], "first_x": xs[0], "last_y": ys[-1], "last_x": xs[-1],
+        "max": _percent(top, top) if top > 0 else "0%",
+        "best": best_cell,
+        "legend": {
+            "x": left,
+            "y": legend_y,
+            "w": 200,
+            "stops": [
+                {"offset": round(100 * i / (len(HEAT_STOPS) - 1)), "colour": c} for i, c in enumerate(HEAT_STOPS)
+            ],
+        },
+        "first_y": ys[0],
+        "first_x": xs[0],
+        "last_y": ys[-1],
+        "last_x": xs[-1],
     }
 
 
@@ -340,10 +404,18 @@ def paint_page(request, pk: int):
         "seed": request.GET.get("seed", "0") if request.GET.get("seed", "0").isdigit() else "0",
         "index": request.GET.get("index", "0") if request.GET.get("index", "0").isdigit() else "0",
     }
-    return render(request, "dashboard/paint.html", {
-        "model": model,
-        "is_generator": model.kind == NetworkModel.Kind.GENERATOR,
-        "layers": layers,
-        "paint_data": {"model": model.pk, "endpoint": reverse("model-paint", kwargs={"pk": model.pk}) + "?as=json",
-                       "layers": layers, "wanted": wanted},
-    })
+    return render(
+        request,
+        "dashboard/paint.html",
+        {
+            "model": model,
+            "is_generator": model.kind == NetworkModel.Kind.GENERATOR,
+            "layers": layers,
+            "paint_data": {
+                "model": model.pk,
+                "endpoint": reverse("model-paint", kwargs={"pk": model.pk}) + "?as=json",
+                "layers": layers,
+                "wanted": wanted,
+            },
+        },
+    )

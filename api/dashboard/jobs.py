@@ -28,8 +28,10 @@ def _job_rows(request):
 def _jobs_context(request) -> dict:
     status, jobs = _job_rows(request)
     counts = selectors.dashboard_job_counts(user=request.user)
-    filters = [("", "all", sum(counts.values())),
-               ("active", "active", counts.get("queued", 0) + counts.get("running", 0))]
+    filters = [
+        ("", "all", sum(counts.values())),
+        ("active", "active", counts.get("queued", 0) + counts.get("running", 0)),
+    ]
     filters += [(s, s, counts.get(s, 0)) for s in ("succeeded", "failed", "cancelled")]
     return {"jobs": jobs, "status": status, "filters": filters, "shown": JOBS_SHOWN}
 
@@ -56,34 +58,48 @@ def job_page(request, pk: int):
             by_category = summary.get("detectors_by_category", {})
             unique = summary.get("unique_concepts_by_category", {})
             top = sorted((summary.get("concept_units") or {}).items(), key=lambda kv: (-kv[1], kv[0]))[:6]
-            layers.append({
-                "name": row.layer,
-                "units": row.units,
-                "detectors": summary.get("detectors", 0),
-                "unique": summary.get("unique_concepts", 0),
-                "min_iou": summary.get("min_iou", selectors.DETECTOR_MIN_IOU),
-                "categories": [
-                    {"name": c, "detectors": by_category[c], "unique": unique.get(c, 0), "colour": category_colour(c)}
-                    for c in sorted(by_category, key=_category_key)
-                ],
-                "top": top,
-            })
-    params = [(key, ", ".join(map(str, value)) if isinstance(value, list) else value)
-              for key, value in sorted(job.params.items())]
+            layers.append(
+                {
+                    "name": row.layer,
+                    "units": row.units,
+                    "detectors": summary.get("detectors", 0),
+                    "unique": summary.get("unique_concepts", 0),
+                    "min_iou": summary.get("min_iou", selectors.DETECTOR_MIN_IOU),
+                    "categories": [
+                        {
+                            "name": c,
+                            "detectors": by_category[c],
+                            "unique": unique.get(c, 0),
+                            "colour": category_colour(c),
+                        }
+                        for c in sorted(by_category, key=_category_key)
+                    ],
+                    "top": top,
+                }
+            )
+    params = [
+        (key, ", ".join(map(str, value)) if isinstance(value, list) else value)
+        for key, value in sorted(job.params.items())
+    ]
     roles = {}
     if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.ABLATE:
         roles = ablation_context(job, request.GET.get("class"))
-    return render(request, "dashboard/job.html", {
-        "job": job,
-        "params": params,
-        "layers": layers,
-        "roles": roles,
-        "attack": job.summary if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.ATTACK else None,
-        "unit_classifier": unit_classifier_context(job.summary)
-        if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.UNIT_CLASSIFIER else None,
-        "generator": generator_context(job, user=request.user),
-        "can_cancel": job.owner_id == request.user.pk and not job.is_final,
-    })
+    return render(
+        request,
+        "dashboard/job.html",
+        {
+            "job": job,
+            "params": params,
+            "layers": layers,
+            "roles": roles,
+            "attack": job.summary if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.ATTACK else None,
+            "unit_classifier": unit_classifier_context(job.summary)
+            if job.status == Job.Status.SUCCEEDED and job.type == Job.Type.UNIT_CLASSIFIER
+            else None,
+            "generator": generator_context(job, user=request.user),
+            "can_cancel": job.owner_id == request.user.pk and not job.is_final,
+        },
+    )
 
 
 @login_required
@@ -125,11 +141,14 @@ def _job_form_spec(form: JobForm, user) -> dict:
     layout = job_form_layout()
     models = {}
     for m in form.fields["model"].queryset.select_related(None).only("id", "kind", "layers"):
-        entry = {"kind": m.kind, "layers": [{"name": e["name"], "type": e.get("type", ""), "units": e.get("units")}
-                                            for e in m.layers or []]}
+        entry = {
+            "kind": m.kind,
+            "layers": [{"name": e["name"], "type": e.get("type", ""), "units": e.get("units")} for e in m.layers or []],
+        }
         if m.kind == NetworkModel.Kind.GENERATOR:
-            entry["dissected"] = {layer["name"]: [c["name"] for c in layer["concepts"]]
-                                  for layer in dissected_layers(model=m, user=user)}
+            entry["dissected"] = {
+                layer["name"]: [c["name"] for c in layer["concepts"]] for layer in dissected_layers(model=m, user=user)
+            }
         models[str(m.pk)] = entry
     return {
         "models": models,
@@ -147,7 +166,10 @@ def job_new(request):
             data = form.cleaned_data
             try:
                 job = services.job_create(
-                    owner=user, type=data["type"], model=data["model"], dataset=data["dataset"],
+                    owner=user,
+                    type=data["type"],
+                    model=data["model"],
+                    dataset=data["dataset"],
                     params=form.params(),
                 )
             except ApplicationError as exc:

@@ -21,11 +21,16 @@ def curve_chart(ks: list[int], series: list[dict], *, baseline: float | None) ->
     lines = []
     for s in series:
         points = [(x, _y(v, lo, hi)) for x, v in zip(xs, s["values"]) if v is not None]
-        lines.append({**s, "points": " ".join(f"{x},{y}" for x, y in points),
-                      "dots": [{"x": x, "y": y} for x, y in points]})
+        lines.append(
+            {**s, "points": " ".join(f"{x},{y}" for x, y in points), "dots": [{"x": x, "y": y} for x, y in points]}
+        )
     return {
-        "width": LEFT + PLOT_W + 20, "height": TOP + PLOT_H + 34, "lines": lines,
-        "xticks": [{"x": x, "k": k} for x, k in zip(xs, ks)], "axis_y": TOP + PLOT_H, "left": LEFT,
+        "width": LEFT + PLOT_W + 20,
+        "height": TOP + PLOT_H + 34,
+        "lines": lines,
+        "xticks": [{"x": x, "k": k} for x, k in zip(xs, ks)],
+        "axis_y": TOP + PLOT_H,
+        "left": LEFT,
         "right": LEFT + PLOT_W,
         "yticks": [{"y": _y(v, lo, hi), "v": f"{v:.1f}"} for v in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)],
         "baseline": _y(baseline, lo, hi) if baseline is not None else None,
@@ -40,11 +45,22 @@ def scatter_chart(xs: list[int], ys: list[float]) -> dict:
     points = []
     for i, (x, y) in enumerate(zip(xs, ys)):
         jitter = ((i * 37) % 11 - 5) * 1.2
-        points.append({"x": round(LEFT + 10 + (PLOT_W - 20) * x / top_x + jitter, 1),
-                       "y": _y(y, 0.0, top_y), "unit": i, "n": x, "iou": y})
+        points.append(
+            {
+                "x": round(LEFT + 10 + (PLOT_W - 20) * x / top_x + jitter, 1),
+                "y": _y(y, 0.0, top_y),
+                "unit": i,
+                "n": x,
+                "iou": y,
+            }
+        )
     return {
-        "width": LEFT + PLOT_W + 20, "height": TOP + PLOT_H + 34, "points": points, "axis_y": TOP + PLOT_H,
-        "left": LEFT, "right": LEFT + PLOT_W,
+        "width": LEFT + PLOT_W + 20,
+        "height": TOP + PLOT_H + 34,
+        "points": points,
+        "axis_y": TOP + PLOT_H,
+        "left": LEFT,
+        "right": LEFT + PLOT_W,
         "xticks": [{"x": round(LEFT + 10 + (PLOT_W - 20) * n / top_x, 1), "n": n} for n in range(top_x + 1)],
         "yticks": [{"y": _y(top_y * f, 0.0, top_y), "v": f"{top_y * f:.2f}"} for f in (0, 0.5, 1.0)],
     }
@@ -66,10 +82,18 @@ def ablation_context(job: Job, chosen: str | None) -> dict:
         rows = by_class[chosen]
         context["curve"] = curve_chart(
             ks,
-            [{"name": "remove the k most important", "colour": "#b91c1c",
-              "values": [rows[k].removed_top for k in ks]},
-             {"name": "remove all but the k most important", "colour": "#1d4ed8",
-              "values": [rows[k].kept_top for k in ks]}],
+            [
+                {
+                    "name": "remove the k most important",
+                    "colour": "#b91c1c",
+                    "values": [rows[k].removed_top for k in ks],
+                },
+                {
+                    "name": "remove all but the k most important",
+                    "colour": "#1d4ed8",
+                    "values": [rows[k].kept_top for k in ks],
+                },
+            ],
             baseline=next(iter(rows.values())).baseline,
         )
         context["important"] = selectors.important_units(job=job, class_name=chosen, limit=8)
@@ -82,17 +106,27 @@ def ablation_context(job: Job, chosen: str | None) -> dict:
     if ks:
         context["mean_curve"] = curve_chart(
             ks,
-            [{"name": "remove the k most important", "colour": "#b91c1c", "values": [m[1] for m in mean]},
-             {"name": "remove all but the k most important", "colour": "#1d4ed8", "values": [m[2] for m in mean]}],
+            [
+                {"name": "remove the k most important", "colour": "#b91c1c", "values": [m[1] for m in mean]},
+                {"name": "remove all but the k most important", "colour": "#1d4ed8", "values": [m[2] for m in mean]},
+            ],
             baseline=sum(base) / len(base) if base else None,
         )
     k20 = max((k for k in ks if k <= 20), default=None)
     context["k20"] = k20
-    context["per_class"] = [
-        {"name": n, "baseline": by_class[n][k20].baseline, "removed": by_class[n][k20].removed_top,
-         "kept": by_class[n][k20].kept_top}
-        for n in tested
-    ] if k20 else []
+    context["per_class"] = (
+        [
+            {
+                "name": n,
+                "baseline": by_class[n][k20].baseline,
+                "removed": by_class[n][k20].removed_top,
+                "kept": by_class[n][k20].kept_top,
+            }
+            for n in tested
+        ]
+        if k20
+        else []
+    )
     interp = summary.get("interpretability")
     if interp:
         context["scatter"] = scatter_chart(interp["classes_in_top4"], interp["iou"])
@@ -113,9 +147,25 @@ def unit_classifier_context(summary: dict) -> dict:
     rows = []
     for r, (name, peaks) in enumerate((("with", with_), ("without", without))):
         y0 = TOP + 20 + r * 80
-        rows.append({"name": name, "y": y0 + 30, "points": [
-            {"x": x(v), "y": round(y0 + ((i * 37) % 41) * 1.4, 1)} for i, v in enumerate(peaks)
-        ]})
-    return {**summary, "plot": {"width": LEFT + PLOT_W + 20, "height": TOP + 200, "rows": rows,
-                                "tx": x(summary.get("threshold", 0.0)), "top": TOP, "bottom": TOP + 180,
-                                "lo": lo, "hi": hi, "left": LEFT + 10, "right": LEFT + PLOT_W - 10}}
+        rows.append(
+            {
+                "name": name,
+                "y": y0 + 30,
+                "points": [{"x": x(v), "y": round(y0 + ((i * 37) % 41) * 1.4, 1)} for i, v in enumerate(peaks)],
+            }
+        )
+    return {
+        **summary,
+        "plot": {
+            "width": LEFT + PLOT_W + 20,
+            "height": TOP + 200,
+            "rows": rows,
+            "tx": x(summary.get("threshold", 0.0)),
+            "top": TOP,
+            "bottom": TOP + 180,
+            "lo": lo,
+            "hi": hi,
+            "left": LEFT + 10,
+            "right": LEFT + PLOT_W - 10,
+        },
+    }

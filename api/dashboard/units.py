@@ -49,20 +49,28 @@ def layer_units_page(request, pk: int, layer: str):
     for name, cat, n in labels:
         concept_counts[name] = concept_counts.get(name, 0) + n
         categories[cat] = categories.get(cat, 0) + n
-    return render(request, "dashboard/units.html", {
-        "job": job,
-        "layer": layer,
-        "result": result,
-        "page": page,
-        "links": _page_links(request, page),
-        "concepts": sorted(concept_counts.items()),
-        "categories": [(c, categories[c]) for c in sorted(categories, key=_category_key)],
-        "sorts": SORTS,
-        "selected": {"concept": concept, "category": category, "min_iou": "" if min_iou is None else min_iou,
-                     "sort": sort},
-        "filtered": bool(concept or category or min_iou is not None),
-        "detector_iou": selectors.DETECTOR_MIN_IOU,
-    })
+    return render(
+        request,
+        "dashboard/units.html",
+        {
+            "job": job,
+            "layer": layer,
+            "result": result,
+            "page": page,
+            "links": _page_links(request, page),
+            "concepts": sorted(concept_counts.items()),
+            "categories": [(c, categories[c]) for c in sorted(categories, key=_category_key)],
+            "sorts": SORTS,
+            "selected": {
+                "concept": concept,
+                "category": category,
+                "min_iou": "" if min_iou is None else min_iou,
+                "sort": sort,
+            },
+            "filtered": bool(concept or category or min_iou is not None),
+            "detector_iou": selectors.DETECTOR_MIN_IOU,
+        },
+    )
 
 
 @login_required
@@ -74,13 +82,17 @@ def unit_page(request, pk: int):
     for score in scores:
         score["colour"] = category_colour(score["category"])
         score["pct"] = round(100 * score["iou"] / top, 1) if top > 0 else 0
-    return render(request, "dashboard/unit.html", {
-        "unit": unit,
-        "scores": scores,
-        "neighbours": selectors.dashboard_unit_neighbours(user=user, unit=unit),
-        "detector_iou": selectors.DETECTOR_MIN_IOU,
-        "generated": unit.model.kind == NetworkModel.Kind.GENERATOR,
-    })
+    return render(
+        request,
+        "dashboard/unit.html",
+        {
+            "unit": unit,
+            "scores": scores,
+            "neighbours": selectors.dashboard_unit_neighbours(user=user, unit=unit),
+            "detector_iou": selectors.DETECTOR_MIN_IOU,
+            "generated": unit.model.kind == NetworkModel.Kind.GENERATOR,
+        },
+    )
 
 
 @login_required
@@ -103,11 +115,15 @@ def search_page(request):
     suggestions = [] if found else selectors.dashboard_concept_suggestions(user=user, text=concept)
     for suggestion in suggestions:
         suggestion.colour = category_colour(suggestion.category)
-    return render(request, "dashboard/search.html", {
-        "concept": concept,
-        "min_iou": "" if min_iou is None else min_iou,
-        "page": page,
-        "links": links,
-        "suggestions": suggestions,
-        "detector_iou": selectors.DETECTOR_MIN_IOU,
-    })
+    return render(
+        request,
+        "dashboard/search.html",
+        {
+            "concept": concept,
+            "min_iou": "" if min_iou is None else min_iou,
+            "page": page,
+            "links": links,
+            "suggestions": suggestions,
+            "detector_iou": selectors.DETECTOR_MIN_IOU,
+        },
+    )

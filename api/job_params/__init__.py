@@ -74,8 +74,9 @@ def _first_error(errors: Any) -> str:
     return str(errors)
 
 
-def job_params_clean(*, type: str, owner, model: NetworkModel, dataset: Dataset | None,  # noqa: A002
-                     params: dict[str, Any]) -> dict[str, Any]:
+def job_params_clean(
+    *, type: str, owner, model: NetworkModel, dataset: Dataset | None, params: dict[str, Any]
+) -> dict[str, Any]:
     """A job's params, checked and completed; raises ApplicationError naming the first problem.
 
     Returns:

@@ -19,6 +19,7 @@ class JobContext:
     model: NetworkModel
     dataset: Dataset | None
 
+
 def layer_names(model: NetworkModel) -> list[str]:
     return [entry["name"] for entry in model.layers]
 
@@ -28,8 +29,9 @@ def layer_entry(model: NetworkModel, name: Any, *, verb: str = "be one layer") -
     for entry in model.layers:
         if entry["name"] == name:
             return entry
-    raise ApplicationError(f"params.layer must {verb} of model {model.name}, not {name!r}",
-                           extra={"valid": layer_names(model)})
+    raise ApplicationError(
+        f"params.layer must {verb} of model {model.name}, not {name!r}", extra={"valid": layer_names(model)}
+    )
 
 
 def concept_source_check(*, owner, value: Any) -> str | int:
@@ -40,14 +42,18 @@ def concept_source_check(*, owner, value: Any) -> str | int:
         visible = Q(owner=owner) | Q(public=True)
         if NetworkModel.objects.filter(visible, pk=value, kind=NetworkModel.Kind.SEGMENTER).exists():
             return value
-    raise ApplicationError('params.concepts must be "colors" or the id of a segmenter model you can see '
-                           "(register one with kind=segmenter)")
+    raise ApplicationError(
+        'params.concepts must be "colors" or the id of a segmenter model you can see (register one with kind=segmenter)'
+    )
 
 
 def dissection_job(*, owner, model: NetworkModel, layer: str, value: int | None) -> Job:
     """The succeeded dissection of ``layer`` that ranks units for removal, insertion and painting."""
     jobs = Job.objects.filter(
-        Q(owner=owner) | Q(model__public=True), model=model, type=Job.Type.DISSECT, status=Job.Status.SUCCEEDED,
+        Q(owner=owner) | Q(model__public=True),
+        model=model,
+        type=Job.Type.DISSECT,
+        status=Job.Status.SUCCEEDED,
         layer_results__layer=layer,
     )
     if value is None:
@@ -73,8 +79,9 @@ def dissection_concept(*, job: Job, layer: str, value: str) -> str:
     with np.load(job_matrix_path(job=job, layer=layer), allow_pickle=False) as data:
         names = [str(n) for n in data["concept_names"]]
     if value not in names:
-        raise ApplicationError(f"dissection job {job.pk} knows no concept {value!r}",
-                               extra={"concepts": sorted(set(names))})
+        raise ApplicationError(
+            f"dissection job {job.pk} knows no concept {value!r}", extra={"concepts": sorted(set(names))}
+        )
     return value
 
 

@@ -49,7 +49,7 @@ class ParamMeta:
     stored: bool = True
 
 
-def param(default: Any = MISSING, *, help: str, setting: str | None = None, **meta: Any) -> Any:  # noqa: A002
+def param(default: Any = MISSING, *, help: str, setting: str | None = None, **meta: Any) -> Any:
     """A dataclass field of a job's parameters.
 
     Args:
@@ -70,13 +70,22 @@ def param(default: Any = MISSING, *, help: str, setting: str | None = None, **me
 
 
 def _layers() -> Any:
-    return param([], help="Layer names to dissect. Empty: the model's last convolution.",
-                 message="params.layers must be a list of layer names")
+    return param(
+        [],
+        help="Layer names to dissect. Empty: the model's last convolution.",
+        message="params.layers must be a list of layer names",
+    )
 
 
 def _quantile() -> Any:
-    return param(0.99, low=0.0, high=1.0, open_low=True, open_high=True,
-                 help="A unit is on where its activation exceeds this quantile of its activations (paper: 0.99).")
+    return param(
+        0.99,
+        low=0.0,
+        high=1.0,
+        open_low=True,
+        open_high=True,
+        help="A unit is on where its activation exceeds this quantile of its activations (paper: 0.99).",
+    )
 
 
 def _batch_size(default: int | None = None) -> Any:
@@ -88,7 +97,7 @@ def _max_images(default: int | None = None) -> Any:
     return param(default, low=1, help="Use only the first N images." + ("" if default else " Empty: all."))
 
 
-def _seed(default: int, help: str = "Seed of the latents.") -> Any:  # noqa: A002
+def _seed(default: int, help: str = "Seed of the latents.") -> Any:
     return param(default, low=0, high=MAX_SEED, help=help)
 
 
@@ -101,19 +110,30 @@ def _layer() -> Any:
 
 
 def _concept() -> Any:
-    return param(help="A concept name; for removal and insertion one of the layer's dissection (e.g. a colour).",
-                 message="params.concept must be a concept name")
+    return param(
+        help="A concept name; for removal and insertion one of the layer's dissection (e.g. a colour).",
+        message="params.concept must be a concept name",
+    )
 
 
 def _dissection() -> Any:
-    return param(None, low=1, label="Dissection job", message="params.dissection must be a job id",
-                 help="The dissection job that ranks the units by IoU (default: the layer's latest).")
+    return param(
+        None,
+        low=1,
+        label="Dissection job",
+        message="params.dissection must be a job id",
+        help="The dissection job that ranks the units by IoU (default: the layer's latest).",
+    )
 
 
 def _concepts(form: bool = True) -> Any:
-    return param("colors", form=form, label="Concepts from",
-                 help='What labels the generated pixels: "colors" (computed from the pixels) or the id of a '
-                      "registered segmenter model. Removal and insertion take the dissection's.")
+    return param(
+        "colors",
+        form=form,
+        label="Concepts from",
+        help='What labels the generated pixels: "colors" (computed from the pixels) or the id of a '
+        "registered segmenter model. Removal and insertion take the dissection's.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,18 +158,25 @@ class DissectBase(JobParams):
     layers: list[str] = _layers()
     quantile: float = _quantile()
     batch_size: int = _batch_size()
-    top_k_images: int = param(5, low=0, high=50, form=False, stored=False,
-                              help="Top-activating images drawn per unit (0: none).")
-    shard_size: int = param(setting="JOB_SHARD_SIZE", low=1, form=False, stored=False,
-                            message="params.shard_size must be a positive integer (images per shard)",
-                            help="Images per shard: a job over more images is split over the workers.")
+    top_k_images: int = param(
+        5, low=0, high=50, form=False, stored=False, help="Top-activating images drawn per unit (0: none)."
+    )
+    shard_size: int = param(
+        setting="JOB_SHARD_SIZE",
+        low=1,
+        form=False,
+        stored=False,
+        message="params.shard_size must be a positive integer (images per shard)",
+        help="Images per shard: a job over more images is split over the workers.",
+    )
 
     def _checked_layers(self, model: NetworkModel) -> list[str]:
         names = layer_names(model)
         missing = [x for x in self.layers if x not in names]
         if missing:
-            raise ApplicationError(f"unknown layer(s) {', '.join(missing)} for model {model.name}",
-                                   extra={"valid": names})
+            raise ApplicationError(
+                f"unknown layer(s) {', '.join(missing)} for model {model.name}", extra={"valid": names}
+            )
         return self.layers
 
 
@@ -183,8 +210,9 @@ class GeneratorDissectParams(DissectBase):
 
     def resolve(self, ctx: JobContext) -> Self:
         if not self.layers:
-            raise ApplicationError('params.layers is required for a generator (e.g. ["layer3"])',
-                                   extra={"valid": layer_names(ctx.model)})
+            raise ApplicationError(
+                'params.layers is required for a generator (e.g. ["layer3"])', extra={"valid": layer_names(ctx.model)}
+            )
         self._checked_layers(ctx.model)
         return dataclasses.replace(self, concepts=concept_source_check(owner=ctx.owner, value=self.concepts))
 
@@ -195,15 +223,27 @@ class AblateParams(JobParams):
 
     type: ClassVar[str] = Job.Type.ABLATE
     layer: str = _layer()
-    ks: list[int] | None = param(None, low=1, label="k values",
-                                 message="params.ks must be a list of positive integers (set sizes)",
-                                 help="Sizes of the unit sets removed (default 1, 2, 3, 4, 5, 20, 64, 128, 256).")
+    ks: list[int] | None = param(
+        None,
+        low=1,
+        label="k values",
+        message="params.ks must be a list of positive integers (set sizes)",
+        help="Sizes of the unit sets removed (default 1, 2, 3, 4, 5, 20, 64, 128, 256).",
+    )
     max_images: int | None = _max_images()
     classes: list[int] | None = param(None, low=0, form=False, help="Class indices to rank (default: all).")
-    train_split: str = param("train", form=False, message="params.train_split must be a split name",
-                             help="Split whose images rank the units (a value of the dataset's split column).")
-    val_split: str = param("val", form=False, message="params.val_split must be a split name",
-                           help="Split on which the unit sets are evaluated.")
+    train_split: str = param(
+        "train",
+        form=False,
+        message="params.train_split must be a split name",
+        help="Split whose images rank the units (a value of the dataset's split column).",
+    )
+    val_split: str = param(
+        "val",
+        form=False,
+        message="params.val_split must be a split name",
+        help="Split on which the unit sets are evaluated.",
+    )
     batch_size: int = _batch_size(64)
 
     def resolve(self, ctx: JobContext) -> Self:
@@ -229,24 +269,43 @@ class AttackParams(JobParams):
 
     type: ClassVar[str] = Job.Type.ATTACK
     layer: str = _layer()
-    eps: float = param(8 / 255, low=0.0, high=1.0, open_low=True, message="params.eps must be in (0, 1] (pixel scale)",
-                       help="L-inf budget in pixel scale (default 8/255).")
+    eps: float = param(
+        8 / 255,
+        low=0.0,
+        high=1.0,
+        open_low=True,
+        message="params.eps must be in (0, 1] (pixel scale)",
+        help="L-inf budget in pixel scale (default 8/255).",
+    )
     iterations: int = param(20, low=1, high=1000, help="PGD steps.")
     max_images: int = _max_images(200)
     seed: int = _seed(0, help="Seed of the attack's target classes.")
-    split: str = param("val", form=False, message="params.split must be a split name",
-                       help="Split whose correctly classified images are attacked.")
+    split: str = param(
+        "val",
+        form=False,
+        message="params.split must be a split name",
+        help="Split whose correctly classified images are attacked.",
+    )
     top_k: int = param(4, low=1, form=False, help="Most important units per class compared.")
     batch_size: int = _batch_size(32)
-    ablation_job: int | None = param(None, low=1, form=False, message="params.ablation_job must be a job id",
-                                     help="The ablate job whose unit importance is compared (default: the latest "
-                                          "succeeded one on the same layer).")
+    ablation_job: int | None = param(
+        None,
+        low=1,
+        form=False,
+        message="params.ablation_job must be a job id",
+        help="The ablate job whose unit importance is compared (default: the latest succeeded one on the same layer).",
+    )
 
     def resolve(self, ctx: JobContext) -> Self:
         if not ctx.dataset.classes:
             raise ApplicationError(f"attack needs a dataset with class labels; dataset {ctx.dataset.name} has none")
-        jobs = Job.objects.filter(owner=ctx.owner, model=ctx.model, type=Job.Type.ABLATE,
-                                  status=Job.Status.SUCCEEDED, params__layer=self.layer)
+        jobs = Job.objects.filter(
+            owner=ctx.owner,
+            model=ctx.model,
+            type=Job.Type.ABLATE,
+            status=Job.Status.SUCCEEDED,
+            params__layer=self.layer,
+        )
         if self.ablation_job is not None:
             jobs = jobs.filter(pk=self.ablation_job)
         ablation = jobs.order_by("-finished", "-id").first()
@@ -267,14 +326,19 @@ class UnitClassifierParams(JobParams):
     unit: int = param(low=0, help="The unit number.")
     concept: str = param(message="params.concept must be a concept name of the dataset", help="A concept name.")
     max_images: int | None = _max_images()
-    split: str | None = param(None, form=False, message="params.split must be a split name",
-                              help="Only the images of this split (default: all).")
+    split: str | None = param(
+        None,
+        form=False,
+        message="params.split must be a split name",
+        help="Only the images of this split (default: all).",
+    )
     batch_size: int = _batch_size()
 
     def resolve(self, ctx: JobContext) -> Self:
         entry = layer_entry(ctx.model, self.layer, verb="be a layer")
-        in_range(self.unit, 0, entry["units"] - 1, f"params.unit must be a unit of {self.layer}: "
-                                                   f"0..{entry['units'] - 1}")
+        in_range(
+            self.unit, 0, entry["units"] - 1, f"params.unit must be a unit of {self.layer}: 0..{entry['units'] - 1}"
+        )
         return self
 
 
@@ -296,14 +360,16 @@ class GeneratorRemoveParams(_GeneratorEdit):
     """``generator_remove`` (Figure 4a-b): zero the concept's top ``ks`` units, measure its pixel share."""
 
     type: ClassVar[str] = Job.Type.GENERATOR_REMOVE
-    ks: list[int] | None = param(None, low=1, label="k values",
-                                 message="params.ks must be a list of unit counts (positive integers)",
-                                 help="Numbers of units to remove (default 1, 2, 4, 8, 12, 16, 20, up to the "
-                                      "layer's units).")
+    ks: list[int] | None = param(
+        None,
+        low=1,
+        label="k values",
+        message="params.ks must be a list of unit counts (positive integers)",
+        help="Numbers of units to remove (default 1, 2, 4, 8, 12, 16, 20, up to the layer's units).",
+    )
     samples: int = _samples(200)
     seed: int = _seed(1)
-    sample_images: int = param(8, low=0, high=64, label="Sample images",
-                               help="How many before/after samples to draw.")
+    sample_images: int = param(8, low=0, high=64, label="Sample images", help="How many before/after samples to draw.")
     dissection: int | None = _dissection()
     batch_size: int = _batch_size(32)
     concepts: str | int = _concepts(form=False)
@@ -314,8 +380,9 @@ class GeneratorRemoveParams(_GeneratorEdit):
         ks = self.ks if self.ks is not None else [k for k in DEFAULT_REMOVE_KS if k <= units]
         if not ks or not all(1 <= k <= units for k in ks):
             raise ApplicationError(f"params.ks must be a list of unit counts in 1..{units}")
-        return dataclasses.replace(self, ks=sorted(set(ks)), dissection=job.pk,
-                                   concepts=job.params.get("concepts", "colors"))
+        return dataclasses.replace(
+            self, ks=sorted(set(ks)), dissection=job.pk, concepts=job.params.get("concepts", "colors")
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -323,12 +390,23 @@ class GeneratorInsertParams(_GeneratorEdit):
     """``generator_insert`` (Figure 4d): set the concept's top ``k`` units at each position, count new pixels."""
 
     type: ClassVar[str] = Job.Type.GENERATOR_INSERT
-    k: int | None = param(None, low=1, label="k (units)",
-                          help="How many of the concept's best units to set (default 20, or the layer's units).")
-    quantile: float = param(0.995, low=0.0, high=1.0, open_low=True, open_high=True, form_name="insert_quantile",
-                            label="Insertion quantile",
-                            message="params.quantile must be a number strictly between 0 and 1 (insertion value)",
-                            help="Each unit is set to this quantile of its activations (the reference code: 0.995).")
+    k: int | None = param(
+        None,
+        low=1,
+        label="k (units)",
+        help="How many of the concept's best units to set (default 20, or the layer's units).",
+    )
+    quantile: float = param(
+        0.995,
+        low=0.0,
+        high=1.0,
+        open_low=True,
+        open_high=True,
+        form_name="insert_quantile",
+        label="Insertion quantile",
+        message="params.quantile must be a number strictly between 0 and 1 (insertion value)",
+        help="Each unit is set to this quantile of its activations (the reference code: 0.995).",
+    )
     samples: int = _samples(32, high=10_000)
     seed: int = _seed(1)
     stride: int = param(1, low=1, help="Test every stride-th feature-map position.")
@@ -340,20 +418,28 @@ class GeneratorInsertParams(_GeneratorEdit):
     def resolve(self, ctx: JobContext) -> Self:
         entry, job = self._resolve_edit(ctx)
         units, side = entry["units"], max(entry["height"], entry["width"])
-        k = min(20, units) if self.k is None else in_range(self.k, 1, units, f"params.k must be an integer in "
-                                                                              f"1..{units}")
+        k = (
+            min(20, units)
+            if self.k is None
+            else in_range(self.k, 1, units, f"params.k must be an integer in 1..{units}")
+        )
         in_range(self.stride, 1, side, f"params.stride must be an integer in 1..{side}")
         in_range(self.size, 1, side, f"params.size must be an integer in 1..{side}")
         return dataclasses.replace(self, k=k, dissection=job.pk, concepts=job.params.get("concepts", "colors"))
 
 
 PARAMS: tuple[type[JobParams], ...] = (
-    DissectParams, GeneratorDissectParams, AblateParams, AttackParams, UnitClassifierParams,
-    GeneratorRemoveParams, GeneratorInsertParams,
+    DissectParams,
+    GeneratorDissectParams,
+    AblateParams,
+    AttackParams,
+    UnitClassifierParams,
+    GeneratorRemoveParams,
+    GeneratorInsertParams,
 )
 
 
-def params_class(*, type: str, kind: str) -> type[JobParams]:  # noqa: A002
+def params_class(*, type: str, kind: str) -> type[JobParams]:
     """The definition of a job type's params on a model kind (segmenters take the classifier's)."""
     wanted = GENERATOR if kind == NetworkModel.Kind.GENERATOR else CLASSIFIER
     matches = [cls for cls in PARAMS if cls.type == type]

@@ -53,8 +53,21 @@ def error_message(name: str, hint: Any, meta: ParamMeta) -> str:
     return f"params.{name} must be a non-empty string"
 
 
-ERROR_KEYS = ("invalid", "required", "null", "blank", "max_value", "min_value", "max_string_length", "max_length",
-              "min_length", "not_a_list", "empty", "invalid_choice", "not_a_dict")
+ERROR_KEYS = (
+    "invalid",
+    "required",
+    "null",
+    "blank",
+    "max_value",
+    "min_value",
+    "max_string_length",
+    "max_length",
+    "min_length",
+    "not_a_list",
+    "empty",
+    "invalid_choice",
+    "not_a_dict",
+)
 
 
 class _Bounded:
@@ -63,7 +76,9 @@ class _Bounded:
     open_low = open_high = False
 
     def _check(self, value):
-        if isinstance(value, bool) or (self.low is not None and (value <= self.low if self.open_low else value < self.low)):
+        if isinstance(value, bool) or (
+            self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        ):
             self.fail("invalid")
         if self.high is not None and (value >= self.high if self.open_high else value > self.high):
             self.fail("invalid")

@@ -21,9 +21,7 @@ GENERATOR_JOBS = (Job.Type.DISSECT, Job.Type.GENERATOR_REMOVE, Job.Type.GENERATO
 
 
 @transaction.atomic
-def job_create(
-    *, owner, type: str, model: NetworkModel, dataset: Dataset | None, params: dict[str, Any]
-) -> Job:
+def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset | None, params: dict[str, Any]) -> Job:
     """Create a job and enqueue it once the transaction commits.
 
     Classifier (and segmenter) jobs run on a dataset. Generator jobs have none: they
@@ -37,9 +35,7 @@ def job_create(
         raise ApplicationError("params must not contain NUL characters (\\u0000)")
     if model.kind == NetworkModel.Kind.GENERATOR:
         if type not in GENERATOR_JOBS:
-            raise ApplicationError(
-                f"model {model.name} is a generator; its job types are {', '.join(GENERATOR_JOBS)}"
-            )
+            raise ApplicationError(f"model {model.name} is a generator; its job types are {', '.join(GENERATOR_JOBS)}")
         if dataset is not None:
             raise ApplicationError(
                 "generator jobs take no dataset: they generate their images and label them with params.concepts"
@@ -120,7 +116,11 @@ def job_start(*, job_id: int, worker: str) -> Job | None:
     if job.is_final:
         return None
     now = timezone.now()
-    if job.status == Job.Status.RUNNING and job.heartbeat and (now - job.heartbeat).total_seconds() < settings.JOB_STALE_SECONDS:
+    if (
+        job.status == Job.Status.RUNNING
+        and job.heartbeat
+        and (now - job.heartbeat).total_seconds() < settings.JOB_STALE_SECONDS
+    ):
         return None
     job.status = Job.Status.RUNNING
     job.started = job.started or now
@@ -167,8 +167,7 @@ def job_succeed(*, job_id: int, results_path: str = "") -> Job | None:
     job.results_path = results_path
     # Progress reports are throttled and per stage, so the last one can be short ("192 / 614").
     job.images_done = job.images_total
-    job.save(update_fields=["status", "progress", "phase", "eta_seconds", "finished", "results_path",
-                            "images_done"])
+    job.save(update_fields=["status", "progress", "phase", "eta_seconds", "finished", "results_path", "images_done"])
     if Unit.objects.filter(job=job).exists():
         concept_stats_refresh(model_id=job.model_id)
     return job

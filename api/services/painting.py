@@ -15,8 +15,18 @@ from api.services import queue
 
 
 def generator_paint(
-    *, user, model: NetworkModel, layer: str, concept: str, seed: int, index: int, mode: str,
-    mask: list[list[int]], k: int = 20, quantile: float = 0.995, dissection: int | None = None,
+    *,
+    user,
+    model: NetworkModel,
+    layer: str,
+    concept: str,
+    seed: int,
+    index: int,
+    mode: str,
+    mask: list[list[int]],
+    k: int = 20,
+    quantile: float = 0.995,
+    dissection: int | None = None,
 ) -> dict[str, Any]:
     """Add or erase a concept inside a mask of one generated image, on a worker (queue "interactive").
 
@@ -34,8 +44,16 @@ def generator_paint(
     job = dissection_job(owner=user, model=model, layer=layer, value=dissection)
     dissection_concept(job=job, layer=layer, value=concept)
     result = queue.paint_send(
-        model_id=model.pk, layer=layer, concept=concept, dissection=job.pk, k=k, quantile=quantile,
-        seed=seed, index=index, mode=mode, mask=mask,
+        model_id=model.pk,
+        layer=layer,
+        concept=concept,
+        dissection=job.pk,
+        k=k,
+        quantile=quantile,
+        seed=seed,
+        index=index,
+        mode=mode,
+        mask=mask,
     )
     try:
         out = result.get(timeout=settings.PAINT_TIMEOUT_SECONDS, propagate=True, disable_sync_subtasks=False)
@@ -43,11 +61,17 @@ def generator_paint(
         result.revoke()
         raise ApplicationError(
             f"no worker answered within {settings.PAINT_TIMEOUT_SECONDS:.0f} s (painting runs on a worker that "
-            "consumes the 'interactive' queue; make serve starts one)", status=503,
+            "consumes the 'interactive' queue; make serve starts one)",
+            status=503,
         ) from None
     finally:
         result.forget()
     if "error" in out:
         raise ApplicationError(out["error"])
-    return {"before": base64.b64decode(out["before"]), "after": base64.b64decode(out["after"]),
-            "units": out["units"], "milliseconds": out["milliseconds"], "dissection": job.pk}
+    return {
+        "before": base64.b64decode(out["before"]),
+        "after": base64.b64decode(out["after"]),
+        "units": out["units"],
+        "milliseconds": out["milliseconds"],
+        "dissection": job.pk,
+    }

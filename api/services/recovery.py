@@ -34,9 +34,7 @@ def jobs_recover_stale(*, older_than: timedelta, max_attempts: int) -> list[int]
     cutoff = timezone.now() - older_than
     touched: list[int] = []
     with transaction.atomic():
-        stale = Job.objects.select_for_update(skip_locked=True).filter(
-            status=Job.Status.RUNNING, heartbeat__lt=cutoff
-        )
+        stale = Job.objects.select_for_update(skip_locked=True).filter(status=Job.Status.RUNNING, heartbeat__lt=cutoff)
         for job in stale:
             touched.append(job.pk)
             reason = f"no heartbeat from worker {job.worker or '?'} for over {older_than.total_seconds():.0f} s"

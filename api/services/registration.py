@@ -16,7 +16,6 @@ from api.errors import ApplicationError
 from api.models import Dataset, NetworkModel
 from api.storage import extract_archive, new_upload_dir, path_in_data_roots, remove_tree, save_upload
 
-
 PROBE_TIMEOUT_SECONDS = int(os.environ.get("PROBE_TIMEOUT_SECONDS", 300))
 
 

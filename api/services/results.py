@@ -106,9 +106,18 @@ def _copy_into(cursor, model, fields: list[str], lines: list[str]) -> None:
     cursor.cursor.copy_expert(f"COPY {table} ({columns}) FROM STDIN", io.StringIO("".join(lines)))
 
 
-def _store_units_copy(*, job: Job, layer: str, label_ids: list, label_names: list[str], best_iou: list[float],
-                      thresholds: list[float], top_images: list[str], score_concepts: np.ndarray,
-                      score_iou: np.ndarray) -> None:
+def _store_units_copy(
+    *,
+    job: Job,
+    layer: str,
+    label_ids: list,
+    label_names: list[str],
+    best_iou: list[float],
+    thresholds: list[float],
+    top_images: list[str],
+    score_concepts: np.ndarray,
+    score_iou: np.ndarray,
+) -> None:
     """Postgres: the layer's units and scores by two COPYs, unit ids drawn from the sequence first."""
     units_count = len(label_ids)
     with transaction.get_connection().cursor() as cursor:
@@ -145,14 +154,32 @@ def _store_units_copy(*, job: Job, layer: str, label_ids: list, label_names: lis
         )
 
 
-def _store_units_orm(*, job: Job, layer: str, label_ids: list, label_names: list[str], best_iou: list[float],
-                     thresholds: list[float], top_images: list[list[int]], score_concepts: np.ndarray,
-                     score_iou: np.ndarray) -> None:
+def _store_units_orm(
+    *,
+    job: Job,
+    layer: str,
+    label_ids: list,
+    label_names: list[str],
+    best_iou: list[float],
+    thresholds: list[float],
+    top_images: list[list[int]],
+    score_concepts: np.ndarray,
+    score_iou: np.ndarray,
+) -> None:
     """Other databases (the embedded SQLite): batched bulk_create."""
     Unit.objects.bulk_create(
         [
-            Unit(job=job, model_id=job.model_id, layer=layer, unit=u, label_id=label_ids[u],
-                 label_name=label_names[u], iou=best_iou[u], threshold=thresholds[u], top_images=top_images[u])
+            Unit(
+                job=job,
+                model_id=job.model_id,
+                layer=layer,
+                unit=u,
+                label_id=label_ids[u],
+                label_name=label_names[u],
+                iou=best_iou[u],
+                threshold=thresholds[u],
+                top_images=top_images[u],
+            )
             for u in range(len(label_ids))
         ],
         batch_size=2000,
@@ -264,9 +291,16 @@ def ablation_store(*, job: Job, layer: str, importance_rows: list[dict], curve_r
         ClassUnitImportance.objects.bulk_create(
             [
                 ClassUnitImportance(
-                    job=job, model_id=job.model_id, layer=layer, class_index=row["class_index"],
-                    class_name=row["class"], rank=row["rank"], unit=row["unit"],
-                    balanced_accuracy=row["balanced_accuracy"], drop=row["drop"], margin_drop=row["margin_drop"],
+                    job=job,
+                    model_id=job.model_id,
+                    layer=layer,
+                    class_index=row["class_index"],
+                    class_name=row["class"],
+                    rank=row["rank"],
+                    unit=row["unit"],
+                    balanced_accuracy=row["balanced_accuracy"],
+                    drop=row["drop"],
+                    margin_drop=row["margin_drop"],
                 )
                 for row in importance_rows
                 if _finite(row["balanced_accuracy"]) is not None
@@ -276,9 +310,14 @@ def ablation_store(*, job: Job, layer: str, importance_rows: list[dict], curve_r
         AblationCurve.objects.bulk_create(
             [
                 AblationCurve(
-                    job=job, class_index=row["class_index"], class_name=row["class"], k=row["k"],
-                    baseline=_finite(row["baseline"]), removed_top=_finite(row["removed_top"]),
-                    kept_top=_finite(row["kept_top"]), removed_top_accuracy=row["removed_top_accuracy"],
+                    job=job,
+                    class_index=row["class_index"],
+                    class_name=row["class"],
+                    k=row["k"],
+                    baseline=_finite(row["baseline"]),
+                    removed_top=_finite(row["removed_top"]),
+                    kept_top=_finite(row["kept_top"]),
+                    removed_top_accuracy=row["removed_top_accuracy"],
                     kept_top_accuracy=row["kept_top_accuracy"],
                 )
                 for row in curve_rows

@@ -33,7 +33,9 @@ def shards_create(*, job: Job, stage: str, ranges: list[tuple[int, int]]) -> lis
 def shards_requeue_unfinished(*, job: Job) -> int:
     """Enqueue again every shard of the job's current stage that is not done."""
     pending = list(
-        JobShard.objects.filter(job=job, stage=job.stage).exclude(status=JobShard.Status.DONE).values_list("index", flat=True)
+        JobShard.objects.filter(job=job, stage=job.stage)
+        .exclude(status=JobShard.Status.DONE)
+        .values_list("index", flat=True)
     )
     for index in pending:
         transaction.on_commit(lambda i=index: queue.shard_enqueue(job.pk, job.stage, i))

@@ -21,7 +21,9 @@ from bench.campaign.table import latency_markdown, rows_table
 
 def parse(argv: list[str] | None = None) -> tuple[Options, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m bench.campaign", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a ~3.5 minute smoke run (short load and soak, fewer examples)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a ~3.5 minute smoke run (short load and soak, fewer examples)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock, printed)")
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes (plus a painter)")
     parser.add_argument("--web-workers", type=int, default=4, help="gunicorn processes")
@@ -31,10 +33,18 @@ def parse(argv: list[str] | None = None) -> tuple[Options, list[str]]:
     parser.add_argument("--worker-kills", type=int, help="kill -9 of a worker during the soak (default 3, quick 1)")
     parser.add_argument("--api-kills", type=int, help="kill -9 of the API during the soak (default 2, quick 1)")
     parser.add_argument("--schemathesis-examples", type=int, help="examples per operation (default 20, quick 3)")
-    parser.add_argument("--p95-limit", type=float, default=1.0,
-                        help="seconds: highest p95 latency that holds, endpoints the web process answers")
-    parser.add_argument("--paint-p95-limit", type=float, default=5.0,
-                        help="seconds: highest p95 latency of painting (a round trip to a worker) that holds")
+    parser.add_argument(
+        "--p95-limit",
+        type=float,
+        default=1.0,
+        help="seconds: highest p95 latency that holds, endpoints the web process answers",
+    )
+    parser.add_argument(
+        "--paint-p95-limit",
+        type=float,
+        default=5.0,
+        help="seconds: highest p95 latency of painting (a round trip to a worker) that holds",
+    )
     parser.add_argument("--media-mb", type=int, default=1536, help="size of the media tmpfs (MB)")
     parser.add_argument("--only", default="", help="comma-separated phases: auth,load,soak,disk,hostile")
     parser.add_argument("--keep", action="store_true", help="leave var/campaign (logs, database) after the run")
@@ -69,22 +79,33 @@ def main(argv: list[str] | None = None) -> int:
     harness.log(f"campaign {'(quick) ' if options.quick else ''}seed {options.seed}, phases {','.join(phases)}")
     try:
         harness.up()
-        runners = {"auth": auth.run, "load": load.run, "soak": faults.run_soak, "disk": faults.run_disk_full,
-                   "hostile": hostile.run}
+        runners = {
+            "auth": auth.run,
+            "load": load.run,
+            "soak": faults.run_soak,
+            "disk": faults.run_disk_full,
+            "hostile": hostile.run,
+        }
         for phase in phases:
             harness.log(f"--- {phase}")
             try:
                 runners[phase](harness)
             except Exception as exc:  # a phase that crashed is a row that failed, and the others still run
                 traceback.print_exc()
-                harness.add(f"{phase} phase", "ran the phase", "completes", f"crashed: {type(exc).__name__}: {exc}",
-                            False)
+                harness.add(
+                    f"{phase} phase", "ran the phase", "completes", f"crashed: {type(exc).__name__}: {exc}", False
+                )
         harness.log("--- integrity")
         integrity.run(harness)
     except Exception as exc:
         traceback.print_exc()
-        harness.add("campaign", "brought up the stack and ran the phases", "completes",
-                    f"crashed: {type(exc).__name__}: {exc}", False)
+        harness.add(
+            "campaign",
+            "brought up the stack and ran the phases",
+            "completes",
+            f"crashed: {type(exc).__name__}: {exc}",
+            False,
+        )
     finally:
         try:
             harness.down()
@@ -93,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     held = sum(r.held for r in harness.rows)
     minutes = (time.monotonic() - harness.started) / 60
     parts = [f"\n{title}\n\n{latency_markdown(table)}" for title, table in harness.latency_tables]
-    parts.append(f"\nReliability campaign, {datetime.date.today().isoformat()}, `{command.strip()}` "
-                 f"(seed {options.seed}, {minutes:.1f} min, {os.cpu_count()} CPUs): "
-                 f"{held} of {len(harness.rows)} held\n\n" + rows_table(harness.rows))
+    parts.append(
+        f"\nReliability campaign, {datetime.date.today().isoformat()}, `{command.strip()}` "
+        f"(seed {options.seed}, {minutes:.1f} min, {os.cpu_count()} CPUs): "
+        f"{held} of {len(harness.rows)} held\n\n" + rows_table(harness.rows)
+    )
     report = "\n".join(parts)
     # Written before the table is printed: the printed table stays the last thing on stdout.
     path = write_report(harness.top / REPORT_NAME, report)

@@ -45,7 +45,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
 
 
@@ -58,15 +58,17 @@ def latency_table(samples: list[Sample]) -> list[dict]:
     for endpoint in sorted(by):
         group = by[endpoint]
         times = [s.seconds for s in group if s.status]
-        rows.append({
-            "endpoint": endpoint,
-            "count": len(group),
-            "5xx": sum(1 for s in group if s.status >= 500),
-            "no_answer": sum(1 for s in group if s.status == 0),
-            "p50": percentile(times, 50),
-            "p95": percentile(times, 95),
-            "max": max(times) if times else float("nan"),
-        })
+        rows.append(
+            {
+                "endpoint": endpoint,
+                "count": len(group),
+                "5xx": sum(1 for s in group if s.status >= 500),
+                "no_answer": sum(1 for s in group if s.status == 0),
+                "p50": percentile(times, 50),
+                "p95": percentile(times, 95),
+                "max": max(times) if times else float("nan"),
+            }
+        )
     return rows
 
 
@@ -76,8 +78,7 @@ class Client:
     Failed connections are recorded (status 0) and returned as None, never raised.
     """
 
-    def __init__(self, base: str, token: str | None, recorder: Recorder | None = None,
-                 timeout: float = 60) -> None:
+    def __init__(self, base: str, token: str | None, recorder: Recorder | None = None, timeout: float = 60) -> None:
         self.base = base
         self.recorder = recorder
         self.timeout = timeout
@@ -93,13 +94,15 @@ class Client:
             response = self.session.request(method, self.base + path, **kwargs)
         except requests.RequestException as exc:
             if self.recorder is not None:
-                self.recorder.add(Sample(endpoint, method, path, 0, time.monotonic() - start, start,
-                                         type(exc).__name__))
+                self.recorder.add(
+                    Sample(endpoint, method, path, 0, time.monotonic() - start, start, type(exc).__name__)
+                )
             return None
         if self.recorder is not None:
             body = response.text[:300] if response.status_code >= 500 else ""
-            self.recorder.add(Sample(endpoint, method, path, response.status_code, time.monotonic() - start, start,
-                                     body))
+            self.recorder.add(
+                Sample(endpoint, method, path, response.status_code, time.monotonic() - start, start, body)
+            )
         return response
 
     def get(self, endpoint: str, path: str, **kwargs) -> requests.Response | None:

@@ -45,9 +45,16 @@ class SoakClient(LoadClient):
         if len(self.inflight) < 3 and rng.random() < 0.15:
             r = rng.random()
             if self.user == "alice" and r < 0.08:
-                body = {"type": "dissect", "model": fx.generator["id"],
-                        "params": {"layers": ["layer2"], "samples": 32, "concepts": "colors",
-                                   "top_k_images": rng.choice((0, 3))}}
+                body = {
+                    "type": "dissect",
+                    "model": fx.generator["id"],
+                    "params": {
+                        "layers": ["layer2"],
+                        "samples": 32,
+                        "concepts": "colors",
+                        "top_k_images": rng.choice((0, 3)),
+                    },
+                }
             else:
                 body = h.dissect_body(self.user, rng, sharded=r < 0.3)
             response = self.api.post("POST /api/jobs/", "/api/jobs/", json=body)
@@ -62,10 +69,14 @@ def _inflight(h: Harness) -> tuple[list[int], list[str]]:
     """Jobs queued or running now, and the workers running a job or shard."""
     try:
         jobs = [r[0] for r in h.sql("SELECT id FROM nd_job WHERE status IN ('queued', 'running') ORDER BY id")]
-        busy = [r[0] for r in h.sql(
-            "SELECT worker FROM nd_job WHERE status = 'running' AND stage = '' "
-            "UNION SELECT s.worker FROM nd_job_shard s JOIN nd_job j ON j.id = s.job_id "
-            "WHERE s.status = 'running' AND j.status = 'running'")]
+        busy = [
+            r[0]
+            for r in h.sql(
+                "SELECT worker FROM nd_job WHERE status = 'running' AND stage = '' "
+                "UNION SELECT s.worker FROM nd_job_shard s JOIN nd_job j ON j.id = s.job_id "
+                "WHERE s.status = 'running' AND j.status = 'running'"
+            )
+        ]
     except Exception:
         return [], []
     return jobs, [b.split("@", 1)[0] for b in busy if b]
@@ -115,8 +126,12 @@ def _inject(h: Harness, kind: str) -> Fault:
 
 def _schedule(h: Harness) -> list[tuple[float, str]]:
     o = h.options
-    kinds = (["worker"] * o.worker_kills + ["api"] * o.api_kills + ["redis"] * o.redis_restarts
-             + ["postgres"] * o.postgres_restarts)
+    kinds = (
+        ["worker"] * o.worker_kills
+        + ["api"] * o.api_kills
+        + ["redis"] * o.redis_restarts
+        + ["postgres"] * o.postgres_restarts
+    )
     h.random.shuffle(kinds)
     if not kinds:
         return []
@@ -138,8 +153,10 @@ def run_soak(h: Harness) -> None:
         time.sleep(max(0.0, started + offset - time.monotonic()))
         h.log(f"fault: {KIND_NAMES[kind]}")
         fault = _inject(h, kind)
-        h.log(f"  {fault.victim} ({fault.note}), {len(fault.inflight)} jobs in flight, healthy again "
-              f"after {fault.recovered and round(fault.recovered, 1)} s")
+        h.log(
+            f"  {fault.victim} ({fault.note}), {len(fault.inflight)} jobs in flight, healthy again "
+            f"after {fault.recovered and round(fault.recovered, 1)} s"
+        )
         faults.append(fault)
     for client in clients:
         client.join()
@@ -155,8 +172,10 @@ def run_soak(h: Harness) -> None:
         not_final = sum(1 for g in got if g[0] not in FINAL)
         unexplained = sum(1 for g in got if g[0] == "failed" and not g[1].strip())
         retried = sum(1 for g in got if g[2] and g[2] > 1)
-        text = (f"{len(ids)} jobs in flight: {counts['succeeded']} succeeded, {counts['failed']} failed, "
-                f"{counts['cancelled']} cancelled, {not_final} not final, {retried} ran more than once")
+        text = (
+            f"{len(ids)} jobs in flight: {counts['succeeded']} succeeded, {counts['failed']} failed, "
+            f"{counts['cancelled']} cancelled, {not_final} not final, {retried} ran more than once"
+        )
         return text, not_final == 0 and unexplained == 0
 
     for kind, name in KIND_NAMES.items():
@@ -167,11 +186,13 @@ def run_soak(h: Harness) -> None:
         text, ok = outcome(ids)
         recovered = [f.recovered for f in mine]
         ok = ok and all(r is not None for r in recovered)
-        h.add(f"{name} (x{len(mine)})",
-              "; ".join(f"t={f.at - started:.0f} s {f.victim}" + (f" ({f.note})" if f.note else "") for f in mine),
-              "healthy again; every job in flight at the fault ends succeeded, cancelled or failed with a reason",
-              f"healthy after {', '.join('never' if r is None else f'{r:.1f} s' for r in recovered)}; {text}",
-              ok)
+        h.add(
+            f"{name} (x{len(mine)})",
+            "; ".join(f"t={f.at - started:.0f} s {f.victim}" + (f" ({f.note})" if f.note else "") for f in mine),
+            "healthy again; every job in flight at the fault ends succeeded, cancelled or failed with a reason",
+            f"healthy after {', '.join('never' if r is None else f'{r:.1f} s' for r in recovered)}; {text}",
+            ok,
+        )
     windows = [(f.at, f.at + (f.recovered or o.soak_seconds) + 5.0) for f in faults]
 
     def hit(s) -> bool:  # the request was in flight at some moment of a fault window
@@ -180,21 +201,28 @@ def run_soak(h: Harness) -> None:
     outside = [s for s in samples if s.status >= 500 and not hit(s)]
     inside = [s for s in samples if s.status >= 500 and hit(s)]
     silent = [s for s in samples if s.status == 0]
-    h.add("soak: no 5xx outside the faults",
-          f"6 clients through the soak ({len(samples)} requests)",
-          "no 5xx for a request that was not in flight during [fault, healthy again + 5 s]",
-          f"{len(outside)} outside; within the fault windows {len(inside)} 5xx and {len(silent)} without an answer"
-          + (f"; e.g. {outside[0].method} {outside[0].path} {outside[0].status} {outside[0].body[:80]}"
-             if outside else ""),
-          not outside)
+    h.add(
+        "soak: no 5xx outside the faults",
+        f"6 clients through the soak ({len(samples)} requests)",
+        "no 5xx for a request that was not in flight during [fault, healthy again + 5 s]",
+        f"{len(outside)} outside; within the fault windows {len(inside)} 5xx and {len(silent)} without an answer"
+        + (
+            f"; e.g. {outside[0].method} {outside[0].path} {outside[0].status} {outside[0].body[:80]}"
+            if outside
+            else ""
+        ),
+        not outside,
+    )
     all_ids = sorted(status)
     text, ok = outcome([i for i in all_ids if i in {j for c in clients for j in c.accepted}])
-    h.add("soak: every accepted job final",
-          f"{sum(len(c.accepted) for c in clients)} jobs accepted (202) during a {o.soak_seconds:.0f} s soak with "
-          f"{len(faults)} faults",
-          "each ends succeeded, cancelled, or failed with a reason; no job in the database left queued or running",
-          text + f"; {len(open_jobs)} jobs of the database not final",
-          ok and not open_jobs)
+    h.add(
+        "soak: every accepted job final",
+        f"{sum(len(c.accepted) for c in clients)} jobs accepted (202) during a {o.soak_seconds:.0f} s soak with "
+        f"{len(faults)} faults",
+        "each ends succeeded, cancelled, or failed with a reason; no job in the database left queued or running",
+        text + f"; {len(open_jobs)} jobs of the database not final",
+        ok and not open_jobs,
+    )
 
 
 # ---------------------------------------------------------------------- disk full
@@ -219,17 +247,26 @@ def _uploads(h: Harness) -> tuple[dict, dict]:
     with zipfile.ZipFile(archive, "w") as zf:
         for i in range(4):
             zf.writestr(f"images/{i}.png", _png())
-    model = {"data": {"name": "full-disk", "arch": "builtin:scenecnn", "num_classes": "6", "input_size": "64"},
-             "files": {"weights": ("w.safetensors", weights)}}
-    dataset = {"data": {"name": "full-disk", "format": "imagefolder", "concepts": "colors"},
-               "files": {"archive": ("d.zip", archive.getvalue())}}
+    model = {
+        "data": {"name": "full-disk", "arch": "builtin:scenecnn", "num_classes": "6", "input_size": "64"},
+        "files": {"weights": ("w.safetensors", weights)},
+    }
+    dataset = {
+        "data": {"name": "full-disk", "format": "imagefolder", "concepts": "colors"},
+        "files": {"archive": ("d.zip", archive.getvalue())},
+    }
     return model, dataset
 
 
 def run_disk_full(h: Harness) -> None:
     if not h.media.mounted:
-        h.add("disk full", "put MEDIA_ROOT on a small tmpfs", "a filesystem that fills",
-              f"could not mount a tmpfs: {h.media.why_not}", False)
+        h.add(
+            "disk full",
+            "put MEDIA_ROOT on a small tmpfs",
+            "a filesystem that fills",
+            f"could not mount a tmpfs: {h.media.why_not}",
+            False,
+        )
         return
     api = h.client("alice")
     model_upload, dataset_upload = _uploads(h)
@@ -256,16 +293,19 @@ def run_disk_full(h: Harness) -> None:
     finally:
         h.media.unfill()
     ok_jobs = all(j["status"] in FINAL for j in jobs) and len(ids) == 3
-    reasons = [j["error"].strip().splitlines()[0][:90] if j["error"].strip() else "" for j in jobs
-               if j["status"] == "failed"]
+    reasons = [
+        j["error"].strip().splitlines()[0][:90] if j["error"].strip() else "" for j in jobs if j["status"] == "failed"
+    ]
     unexplained = [j["id"] for j in jobs if j["status"] == "failed" and "space" not in j["error"].lower()]
-    h.add("disk full: jobs",
-          f"filled the {h.options.media_mb} MB media tmpfs ({left} bytes left), then submitted 3 dissections "
-          "(one sharded, two with unit images)",
-          "each ends failed with the reason (no space left) or succeeded with whole results; none stuck "
-          "(partial files: see 'no duplicate or partial results')",
-          "; ".join(f"job {j['id']} {j['status']}" for j in jobs) + (f"; reason: {reasons[0]}" if reasons else ""),
-          ok_jobs and not unexplained)
+    h.add(
+        "disk full: jobs",
+        f"filled the {h.options.media_mb} MB media tmpfs ({left} bytes left), then submitted 3 dissections "
+        "(one sharded, two with unit images)",
+        "each ends failed with the reason (no space left) or succeeded with whole results; none stuck "
+        "(partial files: see 'no duplicate or partial results')",
+        "; ".join(f"job {j['id']} {j['status']}" for j in jobs) + (f"; reason: {reasons[0]}" if reasons else ""),
+        ok_jobs and not unexplained,
+    )
 
     def shape(response) -> str:
         if response is None:
@@ -278,19 +318,27 @@ def run_disk_full(h: Harness) -> None:
             return f"{response.status_code} (id {body.get('id')})"
         return f"{response.status_code} {body.get('message', body)!s:.70}"
 
-    good = not left_files and all(r is not None and r.status_code == 507 and set(r.json()) == {"message", "extra"}
-                                  for _, r in answers)
-    h.add("disk full: uploads",
-          "uploaded a weights file and a dataset archive to the full media filesystem",
-          "507 with the error shape {message, extra} (no 500), nothing left under media/uploads",
-          "; ".join(f"{what}: {shape(r)}" for what, r in answers) + f"; files left under uploads: {len(left_files)}",
-          good)
+    good = not left_files and all(
+        r is not None and r.status_code == 507 and set(r.json()) == {"message", "extra"} for _, r in answers
+    )
+    h.add(
+        "disk full: uploads",
+        "uploaded a weights file and a dataset archive to the full media filesystem",
+        "507 with the error shape {message, extra} (no 500), nothing left under media/uploads",
+        "; ".join(f"{what}: {shape(r)}" for what, r in answers) + f"; files left under uploads: {len(left_files)}",
+        good,
+    )
     retry = api.post("POST /api/jobs/", "/api/jobs/", json=h.dissect_body("alice"))
-    job = h.wait_final(api, [retry.json()["id"]], timeout=300)[0] if retry is not None and retry.status_code == 202 \
+    job = (
+        h.wait_final(api, [retry.json()["id"]], timeout=300)[0]
+        if retry is not None and retry.status_code == 202
         else {"status": "not accepted", "error": shape(retry)}
+    )
     again = api.post("POST /api/models/", "/api/models/", data=model_upload["data"], files=model_upload["files"])
-    h.add("disk full: recovery",
-          "freed the space, then submitted a dissection and uploaded the weights again",
-          "the job succeeds and the upload registers (201)",
-          f"job {job['status']}{' ' + job['error'][:80] if job['status'] != 'succeeded' else ''}; upload {shape(again)}",
-          job["status"] == "succeeded" and again is not None and again.status_code == 201)
+    h.add(
+        "disk full: recovery",
+        "freed the space, then submitted a dissection and uploaded the weights again",
+        "the job succeeds and the upload registers (201)",
+        f"job {job['status']}{' ' + job['error'][:80] if job['status'] != 'succeeded' else ''}; upload {shape(again)}",
+        job["status"] == "succeeded" and again is not None and again.status_code == 201,
+    )

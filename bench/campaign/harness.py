@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -108,10 +109,8 @@ class Harness:
         if pids.exists():
             for pid, cmdline in json.loads(pids.read_text()):
                 if _cmdline(pid) == cmdline:  # still that very process, not a reused pid
-                    try:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
         old_pg = PrivatePostgres(self.top / "pg", 0)
         old_pg.stop("immediate")
         self.media.umount()
@@ -137,8 +136,10 @@ class Harness:
         self.redis.start()
         if not self.media.mount():
             self.log(f"no tmpfs for the media ({self.media.why_not}); MEDIA_ROOT is a plain folder")
-        self.log(f"private Postgres on {self.pg.port}, Redis on {self.redis.port} (append-only file), "
-                 f"media {'on a ' + str(self.options.media_mb) + ' MB tmpfs' if self.media.mounted else 'folder'}")
+        self.log(
+            f"private Postgres on {self.pg.port}, Redis on {self.redis.port} (append-only file), "
+            f"media {'on a ' + str(self.options.media_mb) + ' MB tmpfs' if self.media.mounted else 'folder'}"
+        )
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "config.settings",
@@ -167,8 +168,9 @@ class Harness:
         self.service.start_painter()
         self._save_pids()
         took = self.service.wait_healthy(timeout=240, workers=self.options.workers + 1)
-        self.log(f"service healthy after {took:.1f} s: API {self.service.base}, "
-                 f"{self.options.workers} workers and a painter")
+        self.log(
+            f"service healthy after {took:.1f} s: API {self.service.base}, {self.options.workers} workers and a painter"
+        )
         self._register()
 
     def _make_users(self) -> None:
@@ -204,23 +206,38 @@ class Harness:
         save_file({k: v.contiguous() for k, v in gen.state_dict().items()}, str(self.data / "dcgan.safetensors"))
 
     def client(self, user: str | None, recorder: Recorder | None = None, timeout: float = 60) -> Client:
-        return Client(self.service.base, self.tokens.get(user) if user else None,
-                      recorder if recorder is not None else None, timeout=timeout)
+        return Client(
+            self.service.base,
+            self.tokens.get(user) if user else None,
+            recorder if recorder is not None else None,
+            timeout=timeout,
+        )
 
     def _register(self) -> None:
         fx = self.fixtures
         for user in ("alice", "bob"):
             api = self.client(user)
-            response = api.post("models.create", "/api/models/", json={
-                "name": f"scenecnn-{user}", "arch": "builtin:scenecnn", "num_classes": 6, "input_size": 64,
-                "weights_path": str(self.data / "scenecnn.safetensors")})
+            response = api.post(
+                "models.create",
+                "/api/models/",
+                json={
+                    "name": f"scenecnn-{user}",
+                    "arch": "builtin:scenecnn",
+                    "num_classes": 6,
+                    "input_size": 64,
+                    "weights_path": str(self.data / "scenecnn.safetensors"),
+                },
+            )
             if response is None or response.status_code != 201:
                 raise RuntimeError(f"registering {user}'s model failed: {response and response.text[:500]}")
             fx.model[user] = response.json()
             fx.datasets[user] = []
             for n in (24, 40, 60):
-                response = api.post("datasets.create", "/api/datasets/", json={
-                    "name": f"scenes-{n}", "format": "synthetic", "path": str(self.data / f"scenes-{n}")})
+                response = api.post(
+                    "datasets.create",
+                    "/api/datasets/",
+                    json={"name": f"scenes-{n}", "format": "synthetic", "path": str(self.data / f"scenes-{n}")},
+                )
                 if response is None or response.status_code != 201:
                     raise RuntimeError(f"registering a dataset failed: {response and response.text[:500]}")
                 fx.datasets[user].append(response.json())
@@ -228,23 +245,38 @@ class Harness:
         fx.conv_layers = [entry["name"] for entry in layers if entry.get("type") == "Conv2d"]
         fx.units = {entry["name"]: entry["units"] for entry in layers}
         api = self.client("alice")
-        response = api.post("models.create", "/api/models/", json={
-            "name": "dcgan", "arch": "builtin:dcgan", "kind": "generator",
-            "weights_path": str(self.data / "dcgan.safetensors")})
+        response = api.post(
+            "models.create",
+            "/api/models/",
+            json={
+                "name": "dcgan",
+                "arch": "builtin:dcgan",
+                "kind": "generator",
+                "weights_path": str(self.data / "dcgan.safetensors"),
+            },
+        )
         if response is None or response.status_code != 201:
             raise RuntimeError(f"registering the generator failed: {response and response.text[:500]}")
         fx.generator = response.json()
-        response = api.post("jobs.create", "/api/jobs/", json={
-            "type": "dissect", "model": fx.generator["id"],
-            "params": {"layers": ["layer3"], "samples": 48, "concepts": "colors", "top_k_images": 0}})
+        response = api.post(
+            "jobs.create",
+            "/api/jobs/",
+            json={
+                "type": "dissect",
+                "model": fx.generator["id"],
+                "params": {"layers": ["layer3"], "samples": 48, "concepts": "colors", "top_k_images": 0},
+            },
+        )
         job = self.wait_final(api, [response.json()["id"]], timeout=300)[0]
         if job["status"] != "succeeded":
             raise RuntimeError(f"the generator dissection failed: {job['error']}")
         fx.generator_job = job
         rows = api.get("units.list", f"/api/units/?job={job['id']}&page_size=20").json()["results"]
         fx.paint_concept = next((row["label"] for row in rows if row.get("label")), None)
-        self.log(f"registered: scenecnn ({len(fx.conv_layers)} conv layers) and 3 datasets per user, "
-                 f"a dcgan generator (dissected, paint concept {fx.paint_concept!r})")
+        self.log(
+            f"registered: scenecnn ({len(fx.conv_layers)} conv layers) and 3 datasets per user, "
+            f"a dcgan generator (dissected, paint concept {fx.paint_concept!r})"
+        )
 
     # ------------------------------------------------------------------ helpers for phases
 
@@ -282,8 +314,10 @@ class Harness:
             try:
                 conn = self.pg.connect()
                 with conn.cursor() as cursor:
-                    cursor.execute("SELECT id, status, phase, attempts FROM nd_job "
-                                   "WHERE status NOT IN ('succeeded', 'failed', 'cancelled') ORDER BY id")
+                    cursor.execute(
+                        "SELECT id, status, phase, attempts FROM nd_job "
+                        "WHERE status NOT IN ('succeeded', 'failed', 'cancelled') ORDER BY id"
+                    )
                     open_jobs = cursor.fetchall()
                 conn.close()
             except Exception:

@@ -37,8 +37,9 @@ class LoadClient(threading.Thread):
         if response is None:
             return False
         if response.status_code not in allowed:
-            self.unexpected.append(f"{response.request.method} {response.request.path_url} -> "
-                                   f"{response.status_code} {response.text[:120]}")
+            self.unexpected.append(
+                f"{response.request.method} {response.request.path_url} -> {response.status_code} {response.text[:120]}"
+            )
             return False
         return True
 
@@ -88,8 +89,19 @@ class LoadClient(threading.Thread):
                 self.expect(api.get("GET /api/jobs/{id}/matrix/", f"/api/jobs/{job_id}/matrix/?layer={layer}"))
         elif r < 0.945 and self.user == "alice" and fx.paint_concept:
             mask = [[1 if 1 <= x < 3 and 1 <= y < 3 else 0 for x in range(4)] for y in range(4)]
-            self.expect(api.post(PAINT, f"/api/models/{fx.generator['id']}/paint/", json={
-                "layer": "layer3", "concept": fx.paint_concept, "mask": mask, "seed": rng.randrange(1000), "k": 4}))
+            self.expect(
+                api.post(
+                    PAINT,
+                    f"/api/models/{fx.generator['id']}/paint/",
+                    json={
+                        "layer": "layer3",
+                        "concept": fx.paint_concept,
+                        "mask": mask,
+                        "seed": rng.randrange(1000),
+                        "k": 4,
+                    },
+                )
+            )
         elif r < 0.96:
             self.expect(api.get("GET /api/health/", "/api/health/"))
         elif r < 0.975 and self.inflight:
@@ -126,35 +138,45 @@ def run(h: Harness) -> None:
     elapsed = time.monotonic() - started
     samples = recorder.snapshot()
     table = latency_table(samples)
-    h.latency_tables.append((f"Load phase: {o.load_clients} clients for {o.load_seconds:.0f} s, latency per endpoint",
-                             table))
+    h.latency_tables.append(
+        (f"Load phase: {o.load_clients} clients for {o.load_seconds:.0f} s, latency per endpoint", table)
+    )
     five = [s for s in samples if s.status >= 500]
     lost = [s for s in samples if s.status == 0]
     unexpected = [u for c in clients for u in c.unexpected]
-    h.add("load: no 5xx",
-          f"{o.load_clients} concurrent clients for {o.load_seconds:.0f} s: submit, poll, cancel, list and read "
-          "jobs, units, unit images, matrices, layers, concepts, paint",
-          "0 answers 5xx, 0 requests without an answer",
-          f"{len(samples)} requests ({len(samples) / elapsed:.0f}/s): {len(five)} 5xx, {len(lost)} without an answer"
-          + (f"; e.g. {five[0].method} {five[0].path} {five[0].status}" if five else ""),
-          not five and not lost)
-    h.add("load: answers as expected",
-          "every answer of the load phase checked against its endpoint",
-          "2xx (409 for a cancel that lost the race to a finished job, 404 for the image of a unit without one)",
-          f"{len(unexpected)} unexpected" + (f"; e.g. {unexpected[0]}" if unexpected else ""),
-          not unexpected)
+    h.add(
+        "load: no 5xx",
+        f"{o.load_clients} concurrent clients for {o.load_seconds:.0f} s: submit, poll, cancel, list and read "
+        "jobs, units, unit images, matrices, layers, concepts, paint",
+        "0 answers 5xx, 0 requests without an answer",
+        f"{len(samples)} requests ({len(samples) / elapsed:.0f}/s): {len(five)} 5xx, {len(lost)} without an answer"
+        + (f"; e.g. {five[0].method} {five[0].path} {five[0].status}" if five else ""),
+        not five and not lost,
+    )
+    h.add(
+        "load: answers as expected",
+        "every answer of the load phase checked against its endpoint",
+        "2xx (409 for a cancel that lost the race to a finished job, 404 for the image of a unit without one)",
+        f"{len(unexpected)} unexpected" + (f"; e.g. {unexpected[0]}" if unexpected else ""),
+        not unexpected,
+    )
     web = [r for r in table if r["endpoint"] != PAINT]
     paint = [r for r in table if r["endpoint"] == PAINT]
     worst = max(web, key=lambda r: r["p95"]) if web else None
     paint_p95 = paint[0]["p95"] if paint else float("nan")
-    h.add("load: p95 latency per endpoint",
-          f"latency of every answered request, per endpoint ({len(table)} endpoints, table above)",
-          f"p95 < {o.p95_limit:.1f} s on every endpoint the web process answers itself; < {o.paint_p95_limit:.1f} s "
-          "for painting (a round trip to the painter worker, which shares the CPUs with the job workers)",
-          (f"highest p95 {worst['p95'] * 1000:.0f} ms ({worst['endpoint']}), painting {paint_p95 * 1000:.0f} ms "
-           f"(median of all {percentile([s.seconds for s in samples if s.status], 50) * 1000:.0f} ms)")
-          if worst else "none",
-          worst is not None and worst["p95"] < o.p95_limit and (not paint or paint_p95 < o.paint_p95_limit))
+    h.add(
+        "load: p95 latency per endpoint",
+        f"latency of every answered request, per endpoint ({len(table)} endpoints, table above)",
+        f"p95 < {o.p95_limit:.1f} s on every endpoint the web process answers itself; < {o.paint_p95_limit:.1f} s "
+        "for painting (a round trip to the painter worker, which shares the CPUs with the job workers)",
+        (
+            f"highest p95 {worst['p95'] * 1000:.0f} ms ({worst['endpoint']}), painting {paint_p95 * 1000:.0f} ms "
+            f"(median of all {percentile([s.seconds for s in samples if s.status], 50) * 1000:.0f} ms)"
+        )
+        if worst
+        else "none",
+        worst is not None and worst["p95"] < o.p95_limit and (not paint or paint_p95 < o.paint_p95_limit),
+    )
     accepted = [j for c in clients for j in c.accepted]
     cancelled = {j for c in clients for j in c.cancelled}
     drain_start = time.monotonic()
@@ -169,11 +191,13 @@ def run(h: Harness) -> None:
     not_final = [j["id"] for j in jobs if j["status"] not in FINAL]
     wrong = [j["id"] for j in jobs if j["status"] in FINAL and (j["status"] == "cancelled") != (j["id"] in cancelled)]
     failed = [f"{j['id']}: {j['error'][:80]}" for j in jobs if j["status"] == "failed"]
-    h.add("load: nothing lost",
-          f"{len(accepted)} jobs accepted (202) during the load, {len(cancelled)} of them cancelled (200); "
-          f"then waited for all to finish",
-          "every accepted job final: cancelled exactly when its cancel was answered 200, else succeeded",
-          f"{counts['succeeded']} succeeded, {counts['cancelled']} cancelled, {counts['failed']} failed, "
-          f"{len(not_final)} not final, {len(wrong)} in the wrong state; drained {drained:.0f} s after the load"
-          + (f"; failed: {failed[0]}" if failed else ""),
-          accepted and not not_final and not wrong and not failed)
+    h.add(
+        "load: nothing lost",
+        f"{len(accepted)} jobs accepted (202) during the load, {len(cancelled)} of them cancelled (200); "
+        f"then waited for all to finish",
+        "every accepted job final: cancelled exactly when its cancel was answered 200, else succeeded",
+        f"{counts['succeeded']} succeeded, {counts['cancelled']} cancelled, {counts['failed']} failed, "
+        f"{len(not_final)} not final, {len(wrong)} in the wrong state; drained {drained:.0f} s after the load"
+        + (f"; failed: {failed[0]}" if failed else ""),
+        accepted and not not_final and not wrong and not failed,
+    )

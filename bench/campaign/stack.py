@@ -9,6 +9,7 @@ and one worker on the ``interactive`` queue (the painter).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -68,19 +69,32 @@ class PrivatePostgres:
         if self.user:
             entry = pwd.getpwnam(self.user)
             os.chown(self.folder, entry.pw_uid, entry.pw_gid)
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-sync")
+        self._run(
+            str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"
+        )
 
     def start(self) -> None:
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.folder} "
-                   "-c max_connections=300")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "postgres.log"),
-                  "-o", options, "-w", "-t", "60", "start")
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.folder} "
+            "-c max_connections=300"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.folder / "postgres.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data / "postmaster.pid").exists():
-            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop",
-                      check=False)
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
 
     def create_database(self) -> None:
         conn = self.connect("postgres")
@@ -91,8 +105,7 @@ class PrivatePostgres:
     def connect(self, dbname: str = "netdissect"):
         import psycopg2
 
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname,
-                                connect_timeout=5)
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, connect_timeout=5)
         conn.autocommit = True
         return conn
 
@@ -110,9 +123,24 @@ class PrivateRedis:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder / "redis.log", "ab")
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--save", "", "--daemonize", "no"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + 30
@@ -169,7 +197,8 @@ class MediaFs:
             subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
         done = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={self.size_mb}m,mode=0755", "tmpfs", str(self.path)],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         self.mounted = done.returncode == 0
         self.why_not = (done.stderr or done.stdout).strip()
@@ -222,22 +251,39 @@ class Service:
 
     def _spawn(self, args: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(args, cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         return proc
 
     def manage(self, *args: str, timeout: float = 300) -> str:
-        done = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"manage.py {args[0]} failed: {(done.stderr or done.stdout)[-1500:]}")
         return done.stdout
 
     def start_api(self) -> None:
         self.api = self._spawn(
-            [str(BIN / "gunicorn"), "config.wsgi:application", "--bind", f"127.0.0.1:{self.api_port}",
-             "--workers", str(self.web_workers), "--timeout", "120", "--access-logfile", "-"],
+            [
+                str(BIN / "gunicorn"),
+                "config.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{self.api_port}",
+                "--workers",
+                str(self.web_workers),
+                "--timeout",
+                "120",
+                "--access-logfile",
+                "-",
+            ],
             "api",
         )
 
@@ -246,17 +292,45 @@ class Service:
         name = f"campaign-w{self.started_workers}"
         env = {**self.env, "OMP_NUM_THREADS": "1"}
         self.workers[name] = self._spawn(
-            [str(BIN / "celery"), "-A", "config", "worker", "--concurrency", "1", "--pool", "prefork",
-             "--loglevel", "INFO", "--hostname", f"{name}@%h"],
-            name, env,
+            [
+                str(BIN / "celery"),
+                "-A",
+                "config",
+                "worker",
+                "--concurrency",
+                "1",
+                "--pool",
+                "prefork",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                f"{name}@%h",
+            ],
+            name,
+            env,
         )
         return name
 
     def start_painter(self) -> None:
         self.painter = self._spawn(
-            [str(BIN / "celery"), "-A", "config", "worker", "-Q", "interactive", "--concurrency", "1",
-             "--pool", "prefork", "--loglevel", "INFO", "--hostname", "campaign-painter@%h"],
-            "painter", {**self.env, "OMP_NUM_THREADS": "1"},
+            [
+                str(BIN / "celery"),
+                "-A",
+                "config",
+                "worker",
+                "-Q",
+                "interactive",
+                "--concurrency",
+                "1",
+                "--pool",
+                "prefork",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                "campaign-painter@%h",
+            ],
+            "painter",
+            {**self.env, "OMP_NUM_THREADS": "1"},
         )
 
     @staticmethod
@@ -264,14 +338,10 @@ class Service:
         """kill -9 the process and its children (its session)."""
         if proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
     def kill_api(self) -> None:
         self._kill(self.api)
@@ -308,10 +378,8 @@ class Service:
         procs = [self.api, self.painter, *self.workers.values()]
         for proc in procs:
             if proc is not None and proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         deadline = time.monotonic() + 20
         for proc in procs:
             if proc is None:

@@ -38,6 +38,16 @@ def rows_table(rows: list[Row]) -> str:
 def latency_markdown(table: list[dict]) -> str:
     return markdown(
         ["endpoint", "requests", "5xx", "no answer", "p50 ms", "p95 ms", "max ms"],
-        [[r["endpoint"], str(r["count"]), str(r["5xx"]), str(r["no_answer"]), f"{r['p50'] * 1000:.0f}",
-          f"{r['p95'] * 1000:.0f}", f"{r['max'] * 1000:.0f}"] for r in table],
+        [
+            [
+                r["endpoint"],
+                str(r["count"]),
+                str(r["5xx"]),
+                str(r["no_answer"]),
+                f"{r['p50'] * 1000:.0f}",
+                f"{r['p95'] * 1000:.0f}",
+                f"{r['max'] * 1000:.0f}",
+            ]
+            for r in table
+        ],
     )

@@ -38,8 +38,9 @@ def test_the_lying_zip_lies_and_does_not_extract(tmp_path):
 def test_hostile_archive_members_are_what_their_names_say():
     from bench.campaign.hostile import _tar, _tar_member, _zip
 
-    with tarfile.open(fileobj=io.BytesIO(_tar(_tar_member("images/b.png", kind=tarfile.SYMTYPE,
-                                                          link="/etc/passwd")))) as tf:
+    with tarfile.open(
+        fileobj=io.BytesIO(_tar(_tar_member("images/b.png", kind=tarfile.SYMTYPE, link="/etc/passwd")))
+    ) as tf:
         assert tf.getmember("images/b.png").issym()
     with zipfile.ZipFile(io.BytesIO(_zip([("../escape.txt", b"x")], symlinks={"l": "/etc"}))) as zf:
         assert zf.namelist() == ["../escape.txt", "l"]
@@ -58,13 +59,17 @@ def test_pixel_bomb_is_small_and_over_the_limit():
         assert image.size == PIXEL_BOMB and image.size[0] * image.size[1] > MAX_IMAGE_PIXELS
 
 
-@pytest.mark.skipif(os.environ.get("CAMPAIGN") != "1" or os.geteuid() != 0,
-                    reason="a few minutes and root: CAMPAIGN=1 (as root) runs the quick campaign")
+@pytest.mark.skipif(
+    os.environ.get("CAMPAIGN") != "1" or os.geteuid() != 0,
+    reason="a few minutes and root: CAMPAIGN=1 (as root) runs the quick campaign",
+)
 def test_quick_campaign_holds_on_every_row():
-    done = subprocess.run([sys.executable, "-m", "bench.campaign", "--quick"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.campaign", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=1800
+    )
     lines = done.stdout.strip().splitlines()
-    table = [line for line in lines[lines.index("| check | what was done | expected | observed | result |"):]]
-    assert table and all(line.endswith(("| HELD |", "|---|---|---|---|---|")) or line.startswith("| check")
-                         for line in table), "\n".join(table)
+    table = list(lines[lines.index("| check | what was done | expected | observed | result |") :])
+    assert table and all(
+        line.endswith(("| HELD |", "|---|---|---|---|---|")) or line.startswith("| check") for line in table
+    ), "\n".join(table)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -27,8 +27,9 @@ def test_archives_broken_inside_are_400(api, settings, tmp_path):
     for name, data in (("liar.zip", _lying_zip()), ("cut.tar.gz", cut[: len(cut) * 2 // 3])):
         archive = io.BytesIO(data)
         archive.name = name
-        response = api.post("/api/datasets/", {"name": "d", "format": "imagefolder", "archive": archive},
-                            format="multipart")
+        response = api.post(
+            "/api/datasets/", {"name": "d", "format": "imagefolder", "archive": archive}, format="multipart"
+        )
         assert "not a valid" in _error(response, 400)
     assert not [p for p in (tmp_path / "uploads").rglob("*") if p.is_file()]
 
@@ -55,8 +56,9 @@ def test_a_full_disk_is_507(api, monkeypatch):
     monkeypatch.setattr(registration, "save_upload", full)
     weights = io.BytesIO(b"\0" * 64)
     weights.name = "w.safetensors"
-    response = api.post("/api/models/", {"name": "m", "arch": "builtin:scenecnn", "weights": weights},
-                        format="multipart")
+    response = api.post(
+        "/api/models/", {"name": "m", "arch": "builtin:scenecnn", "weights": weights}, format="multipart"
+    )
     assert "storage is full" in _error(response, 507)
 
 
@@ -65,14 +67,14 @@ def rows(user):
     from api.models import Dataset, NetworkModel
 
     layers = [{"name": "conv5", "type": "Conv2d", "units": 8, "height": 4, "width": 4}]
-    model = NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x",
-                                        layers=layers)
+    model = NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x", layers=layers)
     dataset = Dataset.objects.create(owner=user, name="d", format="broden", path="/y")
     return model, dataset
 
 
-def test_a_job_created_while_the_broker_is_down_is_accepted_and_sent_again(api, rows, monkeypatch,
-                                                                          django_capture_on_commit_callbacks):
+def test_a_job_created_while_the_broker_is_down_is_accepted_and_sent_again(
+    api, rows, monkeypatch, django_capture_on_commit_callbacks
+):
     from django.utils import timezone
     from kombu.exceptions import OperationalError
 
@@ -88,8 +90,7 @@ def test_a_job_created_while_the_broker_is_down_is_accepted_and_sent_again(api, 
     monkeypatch.setattr(queue.app, "send_task", down)
     model, dataset = rows
     with django_capture_on_commit_callbacks(execute=True):
-        response = api.post("/api/jobs/", {"type": "dissect", "model": model.pk, "dataset": dataset.pk},
-                            format="json")
+        response = api.post("/api/jobs/", {"type": "dissect", "model": model.pk, "dataset": dataset.pk}, format="json")
     assert response.status_code == 202, response.json()
     job = Job.objects.get(pk=response.json()["id"])
     assert job.status == "queued"
@@ -104,8 +105,9 @@ def test_a_job_created_while_the_broker_is_down_is_accepted_and_sent_again(api, 
         assert services.jobs_requeue_lost(older_than=stale) == [job.pk]
     assert sent == [job.pk]
     # Sent at age 40 s: the next send waits until the job is twice as old, not one per sweep.
-    Job.objects.filter(pk=job.pk).update(created=created - timedelta(seconds=35),
-                                         heartbeat=timezone.now() - timedelta(seconds=35))
+    Job.objects.filter(pk=job.pk).update(
+        created=created - timedelta(seconds=35), heartbeat=timezone.now() - timedelta(seconds=35)
+    )
     assert services.jobs_requeue_lost(older_than=stale) == []
     Job.objects.filter(pk=job.pk).update(heartbeat=timezone.now() - timedelta(seconds=80))
     with django_capture_on_commit_callbacks(execute=True):
@@ -120,8 +122,10 @@ def test_files_a_stopped_job_wrote_after_its_stop_are_removed(user, rows, settin
 
     settings.MEDIA_ROOT = tmp_path
     model, dataset = rows
-    jobs = {status: Job.objects.create(owner=user, type="dissect", model=model, dataset=dataset, status=status)
-            for status in ("cancelled", "failed", "running", "succeeded")}
+    jobs = {
+        status: Job.objects.create(owner=user, type="dissect", model=model, dataset=dataset, status=status)
+        for status in ("cancelled", "failed", "running", "succeeded")
+    }
     for job in jobs.values():
         (tmp_path / "results" / f"job-{job.pk}").mkdir(parents=True)
         (tmp_path / "results" / f"job-{job.pk}" / "conv5.npz").write_bytes(b"x")
@@ -142,9 +146,12 @@ def test_nul_characters_are_400_not_500(api, rows):
     assert api.get(f"/api/jobs/{job.pk}/matrix/?layer=conv%00").status_code == 400
     assert api.get(f"/api/models/{model.pk}/classes/a/important-units/?layer=conv%00").status_code == 400
     for params in ({"layer": "conv5", "train_split": "tr\x00ain"}, {"layer": "conv5", "val_split": "\x00"}):
-        response = api.post("/api/jobs/", {"type": "ablate", "model": model.pk, "dataset": dataset.pk,
-                                           "params": params}, format="json")
+        response = api.post(
+            "/api/jobs/", {"type": "ablate", "model": model.pk, "dataset": dataset.pk, "params": params}, format="json"
+        )
         assert "NUL" in _error(response, 400)
-    assert api.post("/api/datasets/", {"name": "d\x00", "format": "broden", "path": "/x"},
-                    format="json").status_code == 400
+    assert (
+        api.post("/api/datasets/", {"name": "d\x00", "format": "broden", "path": "/x"}, format="json").status_code
+        == 400
+    )
     job.delete()

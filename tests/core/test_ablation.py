@@ -68,13 +68,22 @@ def hand_net() -> nn.Module:
             fc.weight[c, 2 * c + 1] = 0.6
         fc.weight[0, 6] = 0.1
         fc.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.8]))
-    return nn.Sequential(OrderedDict(units=nn.Sequential(conv), pool=nn.AdaptiveAvgPool2d(1),
-                                     flatten=nn.Flatten(), fc=fc)).eval()
+    return nn.Sequential(
+        OrderedDict(units=nn.Sequential(conv), pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=fc)
+    ).eval()
 
 
 def hand_model(module: nn.Module | None = None) -> LoadedModel:
-    return LoadedModel(module if module is not None else hand_net(), "test:hand", 4, (8, 8), (0.0, 0.0, 0.0),
-                       (1.0, 1.0, 1.0), "builtin", list(CLASSES))
+    return LoadedModel(
+        module if module is not None else hand_net(),
+        "test:hand",
+        4,
+        (8, 8),
+        (0.0, 0.0, 0.0),
+        (1.0, 1.0, 1.0),
+        "builtin",
+        list(CLASSES),
+    )
 
 
 class Colours(ConceptDataset):
@@ -233,8 +242,9 @@ def test_batched_ablation_equals_naive_forward_per_unit(train: Colours, importan
 def test_disk_cache_hook_and_full_paths_agree(train: Colours, importance: UnitImportance, tmp_path) -> None:
     removed = unit_ablations(8)
     model = hand_model()
-    disk = ablation_counts(model, train, "units", removed, batch_size=10, device="cpu", memory_budget=0,
-                           cache_dir=tmp_path, chunk_bytes=1)
+    disk = ablation_counts(
+        model, train, "units", removed, batch_size=10, device="cpu", memory_budget=0, cache_dir=tmp_path, chunk_bytes=1
+    )
     assert list(tmp_path.iterdir()) == []
     np.testing.assert_array_equal(disk.balanced_accuracy()[1:], importance.balanced_accuracy)
 
@@ -290,8 +300,9 @@ def test_sets_known_answers(val: Colours, importance: UnitImportance) -> None:
     assert summary["k"] == 8 and summary["baseline"] == 1.0 and summary["removed_top"] == 0.5
     assert SetAblation.from_state_dict(sets.state_dict()).rows().__next__() == next(sets.rows())
     table = set_ablations(importance.ranking, 8, [1], [2])
-    np.testing.assert_array_equal(table.numpy(), [[False] * 8, [False, False, True, True] + [False] * 4,
-                                                  [True, True, False, False] + [True] * 4])
+    np.testing.assert_array_equal(
+        table.numpy(), [[False] * 8, [False, False, True, True] + [False] * 4, [True, True, False, False] + [True] * 4]
+    )
 
 
 def test_state_dicts_round_trip(importance: UnitImportance) -> None:
@@ -303,8 +314,9 @@ def test_state_dicts_round_trip(importance: UnitImportance) -> None:
 
 
 def test_importance_vs_interpretability(importance: UnitImportance) -> None:
-    iou = np.array([[0.1, 0.2], [0.05, 0.0], [0.3, 0.1], [0.0, 0.02], [0.12, 0.0], [0.0, 0.0], [0.01, 0.0],
-                    [0.0, 0.03]])
+    iou = np.array(
+        [[0.1, 0.2], [0.05, 0.0], [0.3, 0.1], [0.0, 0.02], [0.12, 0.0], [0.0, 0.0], [0.01, 0.0], [0.0, 0.03]]
+    )
     joined = importance_interpretability(importance, iou, top_k=2, classes=[0, 1, 2])
     np.testing.assert_array_equal(joined.classes_in_top, [1, 1, 1, 1, 1, 1, 0, 0])
     np.testing.assert_allclose(joined.iou, iou.max(1))
@@ -350,9 +362,30 @@ def test_cli_ablate_writes_tables(tmp_path) -> None:
     net = ARCHS["scenecnn"](6)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
     out = tmp_path / "out"
-    code = main(["ablate", "--model", "builtin:scenecnn", "--weights", str(tmp_path / "w.safetensors"),
-                 "--input-size", "32", "--dataset", "synthetic:40", "--layer", "conv5", "--ks", "1,20",
-                 "--attack-images", "3", "--device", "cpu", "--no-progress", "--out", str(out)])
+    code = main(
+        [
+            "ablate",
+            "--model",
+            "builtin:scenecnn",
+            "--weights",
+            str(tmp_path / "w.safetensors"),
+            "--input-size",
+            "32",
+            "--dataset",
+            "synthetic:40",
+            "--layer",
+            "conv5",
+            "--ks",
+            "1,20",
+            "--attack-images",
+            "3",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     with open(out / "conv5" / "importance.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -362,6 +395,28 @@ def test_cli_ablate_writes_tables(tmp_path) -> None:
     assert report["headline"]["k"] == 20 and report["units"] == 128 and "attack" in report
     arrays = np.load(out / "conv5" / "ablation.npz")
     assert arrays["importance.balanced_accuracy"].shape == (128, 6)
-    assert main(["ablate", "--model", "builtin:scenecnn", "--weights", str(tmp_path / "w.safetensors"),
-                 "--input-size", "32", "--dataset", "synthetic:8", "--layer", "conv5", "--ks", "x",
-                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "ablate",
+                "--model",
+                "builtin:scenecnn",
+                "--weights",
+                str(tmp_path / "w.safetensors"),
+                "--input-size",
+                "32",
+                "--dataset",
+                "synthetic:8",
+                "--layer",
+                "conv5",
+                "--ks",
+                "x",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )

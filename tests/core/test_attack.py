@@ -45,13 +45,22 @@ def hand_net() -> nn.Module:
             fc.weight[c, 2 * c + 1] = 0.6
         fc.weight[0, 6] = 0.1
         fc.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.8]))
-    return nn.Sequential(OrderedDict(units=nn.Sequential(conv), pool=nn.AdaptiveAvgPool2d(1),
-                                     flatten=nn.Flatten(), fc=fc)).eval()
+    return nn.Sequential(
+        OrderedDict(units=nn.Sequential(conv), pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=fc)
+    ).eval()
 
 
 def hand_model(module: nn.Module | None = None) -> LoadedModel:
-    return LoadedModel(module if module is not None else hand_net(), "test:hand", 4, (8, 8), (0.0, 0.0, 0.0),
-                       (1.0, 1.0, 1.0), "builtin", list(CLASSES))
+    return LoadedModel(
+        module if module is not None else hand_net(),
+        "test:hand",
+        4,
+        (8, 8),
+        (0.0, 0.0, 0.0),
+        (1.0, 1.0, 1.0),
+        "builtin",
+        list(CLASSES),
+    )
 
 
 class Colours(ConceptDataset):
@@ -130,8 +139,19 @@ def test_attack_unit_changes_on_the_hand_network() -> None:
     model = hand_model()
     train, val = Colours(48, 1), Colours(24, 5)
     importance = unit_importance(model, train, "units", device="cpu")
-    result = attack_unit_changes(model, val, "units", importance, targets=3, top_k=2, eps=0.6, step=0.05,
-                                 iterations=20, batch_size=8, device="cpu")
+    result = attack_unit_changes(
+        model,
+        val,
+        "units",
+        importance,
+        targets=3,
+        top_k=2,
+        eps=0.6,
+        step=0.05,
+        iterations=20,
+        batch_size=8,
+        device="cpu",
+    )
     assert result.n_images == 24
     np.testing.assert_array_equal(result.source, val.labels[result.image_indices])
     assert set(result.source.tolist()) == {0, 1, 2}
@@ -161,6 +181,17 @@ def test_attack_unit_changes_on_the_hand_network() -> None:
     again = AttackAnalysis.from_state_dict(result.state_dict())
     np.testing.assert_array_equal(again.peak_change, result.peak_change)
 
-    random = attack_unit_changes(model, val, "units", importance.ranking, top_k=2, eps=0.6, step=0.05,
-                                 iterations=20, max_images=7, seed=3, device="cpu")
+    random = attack_unit_changes(
+        model,
+        val,
+        "units",
+        importance.ranking,
+        top_k=2,
+        eps=0.6,
+        step=0.05,
+        iterations=20,
+        max_images=7,
+        seed=3,
+        device="cpu",
+    )
     assert len(random.source) == 7 and (random.target != random.source).all()

@@ -35,9 +35,17 @@ def _samples(n: int, rng: np.random.Generator) -> list[tuple[str, Sample]]:
             second[1:3, 2:4] = 2
             maps.append(second)
         maps = sorted(maps, key=lambda m: 0 if m.max() <= 3 else 1)
-        out.append(("train" if i < n - 2 else "val",
-                    Sample(image=image, label_maps=np.stack(maps), image_labels=np.array([6 + (i % 2)], np.int32),
-                           class_label=i % 2)))
+        out.append(
+            (
+                "train" if i < n - 2 else "val",
+                Sample(
+                    image=image,
+                    label_maps=np.stack(maps),
+                    image_labels=np.array([6 + (i % 2)], np.int32),
+                    class_label=i % 2,
+                ),
+            )
+        )
     return out
 
 
@@ -54,8 +62,9 @@ CONCEPTS = [
 
 def test_round_trip_is_exact(tmp_path: Path) -> None:
     samples = _samples(6, np.random.default_rng(0))
-    root = write_broden(tmp_path / "b", samples, CONCEPTS, ["object", "part", "scene"], (8, 12), (4, 6),
-                        classes=["street", "park"])
+    root = write_broden(
+        tmp_path / "b", samples, CONCEPTS, ["object", "part", "scene"], (8, 12), (4, 6), classes=["street", "park"]
+    )
     ds = BrodenDataset(root)
     assert len(ds) == 6
     assert ds.concepts == CONCEPTS
@@ -82,8 +91,7 @@ def test_writer_splits_mixed_maps_and_adds_scene_concepts(tmp_path: Path) -> Non
     concepts = CONCEPTS[:5]
     mixed = np.array([[1, 4], [5, 0]], np.int32)
     sample = Sample(image=np.zeros((4, 4, 3), np.uint8), label_maps=mixed[None], class_label=0)
-    write_broden(tmp_path / "m", [("train", sample)], concepts, ["object", "part"], (4, 4), (2, 2),
-                 classes=["street"])
+    write_broden(tmp_path / "m", [("train", sample)], concepts, ["object", "part"], (4, 4), (2, 2), classes=["street"])
     ds = BrodenDataset(tmp_path / "m")
     assert ds.concepts[-1] == Concept(6, "street-s", "scene")
     got = ds[0]
@@ -121,21 +129,30 @@ def tiny(tmp_path: Path) -> Path:
     labels, a whole-image scene column, a texture column, and two mask files in one cell."""
     root = tmp_path / "tiny"
     (root / "images" / "set").mkdir(parents=True)
-    _write_csv(root / "label.csv", [
-        ["number", "name", "category", "frequency", "coverage", "syns"],
-        [0, "-", "", 0, 0, ""],
-        [3, "sky", "object(2)", 2, 1.0, ""],
-        [7, "wheel", "object(1);part(2)", 2, 0.1, ""],
-        [300, "window", "part(1)", 1, 0.1, "pane"],
-        [12, "street-s", "object(1);scene(1)", 1, 1.0, ""],
-        [13, "park-s", "scene(1)", 1, 1.0, ""],
-        [20, "banded", "texture(1)", 1, 1.0, ""],
-        [21, "red-c", "", 0, 0, ""],
-    ])
-    _write_csv(root / "category.csv", [
-        ["name", "first", "last", "count", "frequency"],
-        ["object", 3, 7, 2, 2], ["part", 7, 300, 2, 2], ["scene", 12, 13, 2, 2], ["texture", 20, 20, 1, 1],
-    ])
+    _write_csv(
+        root / "label.csv",
+        [
+            ["number", "name", "category", "frequency", "coverage", "syns"],
+            [0, "-", "", 0, 0, ""],
+            [3, "sky", "object(2)", 2, 1.0, ""],
+            [7, "wheel", "object(1);part(2)", 2, 0.1, ""],
+            [300, "window", "part(1)", 1, 0.1, "pane"],
+            [12, "street-s", "object(1);scene(1)", 1, 1.0, ""],
+            [13, "park-s", "scene(1)", 1, 1.0, ""],
+            [20, "banded", "texture(1)", 1, 1.0, ""],
+            [21, "red-c", "", 0, 0, ""],
+        ],
+    )
+    _write_csv(
+        root / "category.csv",
+        [
+            ["name", "first", "last", "count", "frequency"],
+            ["object", 3, 7, 2, 2],
+            ["part", 7, 300, 2, 2],
+            ["scene", 12, 13, 2, 2],
+            ["texture", 20, 20, 1, 1],
+        ],
+    )
     _write_csv(root / "c_color.csv", [["code", "number", "name", "frequency", "coverage"], [1, 21, "red-c", 0, 0]])
     Image.fromarray(np.full((4, 4, 3), 10, np.uint8)).save(root / "images" / "set" / "a.png")
     Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).save(root / "images" / "set" / "b.png")
@@ -143,11 +160,14 @@ def tiny(tmp_path: Path) -> Path:
     _rgb_mask(np.array([[0, 300], [7, 0]])).save(root / "images" / "set" / "a_part.png")
     _rgb_mask(np.array([[7, 0], [0, 0]])).save(root / "images" / "set" / "a_part2.png")
     _rgb_mask(np.array([[3, 3, 3, 3]] * 4)).save(root / "images" / "set" / "b_object.png")
-    _write_csv(root / "index.csv", [
-        ["image", "split", "ih", "iw", "sh", "sw", "object", "part", "scene", "texture"],
-        ["set/a.png", "train", 4, 4, 2, 2, "set/a_object.png", "set/a_part.png;set/a_part2.png", "12", "20"],
-        ["set/b.png", "val", 4, 4, 4, 4, "set/b_object.png", "", "13", ""],
-    ])
+    _write_csv(
+        root / "index.csv",
+        [
+            ["image", "split", "ih", "iw", "sh", "sw", "object", "part", "scene", "texture"],
+            ["set/a.png", "train", 4, 4, 2, 2, "set/a_object.png", "set/a_part.png;set/a_part2.png", "12", "20"],
+            ["set/b.png", "val", 4, 4, 4, 4, "set/b_object.png", "", "13", ""],
+        ],
+    )
     return root
 
 

@@ -28,9 +28,17 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     net = ARCHS["scenecnn"](4)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "classifier.safetensors"))
-    (root / "classifier.json").write_text(json.dumps(
-        {"arch": "builtin:scenecnn", "num_classes": 4, "input_size": [32, 32], "mean": [0.5, 0.5, 0.5],
-         "std": [0.25, 0.25, 0.25]}))
+    (root / "classifier.json").write_text(
+        json.dumps(
+            {
+                "arch": "builtin:scenecnn",
+                "num_classes": 4,
+                "input_size": [32, 32],
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.25, 0.25, 0.25],
+            }
+        )
+    )
     return root
 
 
@@ -43,11 +51,35 @@ def test_dissect_writes_units_and_iou_csvs(workdir: Path) -> None:
     out = workdir / "out"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, "-m", "dissect_core", "dissect", "--model", "builtin:scenecnn",
-         "--weights", str(workdir / "classifier.safetensors"), "--dataset", f"broden:{workdir / 'data'}",
-         "--layer", "conv5", "--layer", "conv3", "--quantile", "0.99", "--batch-size", "5", "--device", "cpu",
-         "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "dissect_core",
+            "dissect",
+            "--model",
+            "builtin:scenecnn",
+            "--weights",
+            str(workdir / "classifier.safetensors"),
+            "--dataset",
+            f"broden:{workdir / 'data'}",
+            "--layer",
+            "conv5",
+            "--layer",
+            "conv3",
+            "--quantile",
+            "0.99",
+            "--batch-size",
+            "5",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "forward" in proc.stderr and "count" in proc.stderr and "12/12" in proc.stderr
@@ -82,32 +114,60 @@ def test_layers_table(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
     conv5 = next(line.split() for line in lines if line.startswith("conv5 "))
     assert conv5 == ["conv5", "Sequential", "128", "4", "4"]
     assert main(["layers", "--model", "torchvision:resnet18", "--num-classes", "3", "--input-size", "64"]) == 0
-    assert any(line.split()[:5] == ["layer4", "Sequential", "512", "2", "2"] for line in capsys.readouterr().out.splitlines())
+    assert any(
+        line.split()[:5] == ["layer4", "Sequential", "512", "2", "2"] for line in capsys.readouterr().out.splitlines()
+    )
 
 
 def test_errors_are_one_line_and_exit_2(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     wrong = workdir / "wrong.safetensors"
     save_file({"fc.weight": torch.zeros(4, 128), "bogus.weight": torch.zeros(2)}, str(wrong))
-    base = ["dissect", "--model", "builtin:scenecnn", "--dataset", f"broden:{workdir / 'data'}", "--out",
-            str(workdir / "err")]
-    assert main(base + ["--weights", str(wrong), "--layer", "conv5"]) == 2
+    base = [
+        "dissect",
+        "--model",
+        "builtin:scenecnn",
+        "--dataset",
+        f"broden:{workdir / 'data'}",
+        "--out",
+        str(workdir / "err"),
+    ]
+    assert main([*base, "--weights", str(wrong), "--layer", "conv5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert "unexpected keys: bogus.weight" in err[0] and "missing keys: conv1.0.weight" in err[0]
-    assert main(base + ["--weights", str(workdir / "classifier.safetensors"), "--layer", "conv9"]) == 2
+    assert main([*base, "--weights", str(workdir / "classifier.safetensors"), "--layer", "conv9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown layer 'conv9'" in err[0] and "conv5" in err[0]
-    assert main(["dissect", "--model", "builtin:scenecnn", "--weights", str(workdir / "classifier.safetensors"),
-                 "--dataset", f"broden:{workdir / 'absent'}", "--layer", "conv5", "--out", str(workdir / "e")]) == 2
+    assert (
+        main(
+            [
+                "dissect",
+                "--model",
+                "builtin:scenecnn",
+                "--weights",
+                str(workdir / "classifier.safetensors"),
+                "--dataset",
+                f"broden:{workdir / 'absent'}",
+                "--layer",
+                "conv5",
+                "--out",
+                str(workdir / "e"),
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("error: ")
     assert not (workdir / "err").exists()
 
 
 def test_make_synthetic_and_make_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["make-synthetic", "--out", str(tmp_path / "syn"), "--n", "6", "--seed", "2", "--image-size", "32"]) == 0
+    assert (
+        main(["make-synthetic", "--out", str(tmp_path / "syn"), "--n", "6", "--seed", "2", "--image-size", "32"]) == 0
+    )
     assert (tmp_path / "syn" / "index.csv").is_file()
-    assert main(["make-demo", "--out", str(tmp_path / "demo"), "--n-images", "40", "--epochs", "1",
-                 "--no-generator"]) == 0
+    assert (
+        main(["make-demo", "--out", str(tmp_path / "demo"), "--n-images", "40", "--epochs", "1", "--no-generator"]) == 0
+    )
     config = json.loads((tmp_path / "demo" / "classifier.json").read_text())
     assert config["arch"] == "builtin:scenecnn" and (tmp_path / "demo" / "classifier.safetensors").is_file()
     assert "demo ready" in capsys.readouterr().out

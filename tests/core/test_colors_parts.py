@@ -42,11 +42,22 @@ def test_prototype_colours_get_their_own_names() -> None:
     assert [COLOR_NAMES[i - 1] for i in got] == [name for name, _ in COLOR_PROTOTYPES]
 
 
-@pytest.mark.parametrize("rgb,name", [
-    ((255, 0, 0), "red"), ((0, 255, 0), "green"), ((0, 0, 255), "blue"), ((255, 255, 0), "yellow"),
-    ((0, 0, 0), "black"), ((255, 255, 255), "white"), ((128, 128, 128), "grey"), ((255, 128, 0), "orange"),
-    ((128, 0, 128), "purple"), ((255, 105, 180), "pink"), ((139, 69, 19), "brown"),
-])
+@pytest.mark.parametrize(
+    "rgb,name",
+    [
+        ((255, 0, 0), "red"),
+        ((0, 255, 0), "green"),
+        ((0, 0, 255), "blue"),
+        ((255, 255, 0), "yellow"),
+        ((0, 0, 0), "black"),
+        ((255, 255, 255), "white"),
+        ((128, 128, 128), "grey"),
+        ((255, 128, 0), "orange"),
+        ((128, 0, 128), "purple"),
+        ((255, 105, 180), "pink"),
+        ((139, 69, 19), "brown"),
+    ],
+)
 def test_obvious_colours(rgb: tuple[int, int, int], name: str) -> None:
     image = np.array(rgb, np.uint8).reshape(1, 1, 3)
     assert COLOR_NAMES[color_index_map(image, (1, 1))[0, 0] - 1] == name
@@ -91,8 +102,9 @@ def test_with_color_concepts_appends_numbers_and_a_map() -> None:
     assert not again.added and again.concepts == ds.concepts
     assert again[0].label_maps.shape == (2, 2, 2)
 
-    empty = _Tiny([Concept(1, "sky", "object")], [Sample(image=image, label_maps=np.zeros((0, 2, 2), np.int32))],
-                  (2, 2))
+    empty = _Tiny(
+        [Concept(1, "sky", "object")], [Sample(image=image, label_maps=np.zeros((0, 2, 2), np.int32))], (2, 2)
+    )
     assert WithColorConcepts(empty)[0].label_maps.shape == (1, 2, 2)
 
 
@@ -107,43 +119,53 @@ T, B, L, R = 10, 11, 12, 13
 
 def test_quad_parts_two_components_hand_checked() -> None:
     o = 1
-    label_map = np.array([
-        [o, o, o, 0, 0, 0, 0],
-        [o, o, o, 0, 0, 2, 0],
-        [o, o, o, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, o, o, 0],
-        [0, 0, 0, 0, o, 0, 0],
-    ])
+    label_map = np.array(
+        [
+            [o, o, o, 0, 0, 0, 0],
+            [o, o, o, 0, 0, 2, 0],
+            [o, o, o, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, o, o, 0],
+            [0, 0, 0, 0, o, 0, 0],
+        ]
+    )
     base = np.zeros(3, np.int32)
     base[o] = T
     got = quad_part_maps(label_map, base)
     assert got.shape == (2, 6, 7) and got.dtype == np.int32
-    np.testing.assert_array_equal(got[0], [
-        [T, T, T, 0, 0, 0, 0],
-        [B, B, B, 0, 0, 0, 0],
-        [B, B, B, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, T, T, 0],
-        [0, 0, 0, 0, B, 0, 0],
-    ])
-    np.testing.assert_array_equal(got[1], [
-        [L, R, R, 0, 0, 0, 0],
-        [L, R, R, 0, 0, 0, 0],
-        [L, R, R, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, L, R, 0],
-        [0, 0, 0, 0, L, 0, 0],
-    ])
+    np.testing.assert_array_equal(
+        got[0],
+        [
+            [T, T, T, 0, 0, 0, 0],
+            [B, B, B, 0, 0, 0, 0],
+            [B, B, B, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, T, T, 0],
+            [0, 0, 0, 0, B, 0, 0],
+        ],
+    )
+    np.testing.assert_array_equal(
+        got[1],
+        [
+            [L, R, R, 0, 0, 0, 0],
+            [L, R, R, 0, 0, 0, 0],
+            [L, R, R, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, L, R, 0],
+            [0, 0, 0, 0, L, 0, 0],
+        ],
+    )
 
 
 def test_diagonal_pixels_are_one_component() -> None:
-    label_map = np.array([
-        [1, 0, 0, 0],
-        [0, 1, 0, 0],
-        [0, 0, 1, 0],
-        [0, 0, 0, 1],
-    ])
+    label_map = np.array(
+        [
+            [1, 0, 0, 0],
+            [0, 1, 0, 0],
+            [0, 0, 1, 0],
+            [0, 0, 0, 1],
+        ]
+    )
     _, n = connected_components(label_map == 1)
     assert n == 1
     got = quad_part_maps(label_map, np.array([0, T]))
@@ -177,8 +199,14 @@ def test_with_part_concepts() -> None:
     sample = Sample(image=np.zeros((4, 4, 3), np.uint8), label_maps=np.stack([objects, roofs]), class_label=0)
     ds = WithPartConcepts(_Tiny(concepts, [sample], (2, 2)))
     assert [(c.number, c.name, c.category) for c in ds.concepts[3:]] == [
-        (4, "house-t", "part"), (5, "house-b", "part"), (6, "house-l", "part"), (7, "house-r", "part"),
-        (8, "tree-t", "part"), (9, "tree-b", "part"), (10, "tree-l", "part"), (11, "tree-r", "part"),
+        (4, "house-t", "part"),
+        (5, "house-b", "part"),
+        (6, "house-l", "part"),
+        (7, "house-r", "part"),
+        (8, "tree-t", "part"),
+        (9, "tree-b", "part"),
+        (10, "tree-l", "part"),
+        (11, "tree-r", "part"),
     ]
     got = ds[0]
     assert got.label_maps.shape == (4, 2, 2)

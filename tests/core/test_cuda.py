@@ -31,8 +31,9 @@ def test_known_answers_on_cuda(layer: str, q: float) -> None:
 def test_cuda_equals_cpu() -> None:
     model, ds = copy_model(), RectDataset(n=23)
     layers = ["coarse", "units"]
-    results = [dissect(model, ds, layers, quantile=0.95, batch_size=4, device=d, top_k_images=3)
-               for d in ("cpu", "cuda")]
+    results = [
+        dissect(model, ds, layers, quantile=0.95, batch_size=4, device=d, top_k_images=3) for d in ("cpu", "cuda")
+    ]
     for layer in layers:
         cpu, gpu = (r[layer] for r in results)
         for name in ("thresholds", "intersection", "act_area", "concept_area", "iou", "top_images"):

@@ -34,8 +34,12 @@ from dissect_core.visualize import (
     unit_strip,
 )
 
-SQUARES = [Concept(1, "red-square", "object"), Concept(2, "green-square", "object"),
-           Concept(3, "blue-square", "part"), Concept(4, "everything", "scene")]
+SQUARES = [
+    Concept(1, "red-square", "object"),
+    Concept(2, "green-square", "object"),
+    Concept(3, "blue-square", "part"),
+    Concept(4, "everything", "scene"),
+]
 
 
 class SquaresDataset(ConceptDataset):
@@ -61,7 +65,7 @@ class SquaresDataset(ConceptDataset):
     def masks(self, index: int) -> np.ndarray:
         m = np.zeros((3, 8, 8), dtype=bool)
         for k, (y, x) in enumerate(self.corners[index]):
-            m[k, y:y + 4, x:x + 4] = True
+            m[k, y : y + 4, x : x + 4] = True
         return m
 
     def __getitem__(self, index: int) -> Sample:
@@ -173,7 +177,10 @@ def test_copy_units_get_their_concept_with_iou_one() -> None:
     assert result.thresholds.shape == (5,) and result.iou.shape == (5, 4)
     labels = result.labels
     assert [(lab.concept, lab.category) for lab in labels[:3]] == [
-        ("red-square", "object"), ("green-square", "object"), ("blue-square", "part")]
+        ("red-square", "object"),
+        ("green-square", "object"),
+        ("blue-square", "part"),
+    ]
     assert [lab.iou for lab in labels[:3]] == [1.0, 1.0, 1.0]
     np.testing.assert_array_equal(result.thresholds[:3], [0.5, 0.5, 0.5])
     assert labels[3].concept == "-" and result.iou[3].max() == 0.0
@@ -183,8 +190,12 @@ def test_copy_units_get_their_concept_with_iou_one() -> None:
     rows = result.unit_rows()
     assert rows[0] == {"unit": 0, "label": "red-square", "category": "object", "iou": 1.0, "threshold": 0.5}
     pairs = list(result.iou_rows())
-    assert len(pairs) == 5 * 4 and pairs[1] == {"unit": 0, "concept": "green-square", "category": "object",
-                                                 "iou": result.iou[0, 1]}
+    assert len(pairs) == 5 * 4 and pairs[1] == {
+        "unit": 0,
+        "concept": "green-square",
+        "category": "object",
+        "iou": result.iou[0, 1],
+    }
     summary = result.summary(min_iou=0.04)
     assert summary["detectors_by_category"]["object"] >= 2 and summary["detectors_by_category"]["part"] >= 1
     assert summary["unique_concepts"] >= 3
@@ -211,8 +222,15 @@ def test_both_layers_from_one_forward_pass() -> None:
     calls = []
     model.module.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
     stages = []
-    results = dissect(model, ds, ["coarse", "units"], quantile=0.9, batch_size=8, device="cpu",
-                      progress=lambda phase, done, total: stages.append((phase, done, total)))
+    results = dissect(
+        model,
+        ds,
+        ["coarse", "units"],
+        quantile=0.9,
+        batch_size=8,
+        device="cpu",
+        progress=lambda phase, done, total: stages.append((phase, done, total)),
+    )
     assert sum(calls) == len(ds)
     assert set(results) == {"coarse", "units"}
     for layer in results:
@@ -235,10 +253,19 @@ def test_shards_merge_to_the_single_run() -> None:
         return total
 
     sketches = merged([quantile_pass(model, ds, layers, indices=s, batch_size=4, device="cpu") for s in shards])
-    thresholds = resolve_thresholds(sketches, 0.95, lambda brackets: merged(
-        [refine_pass(model, ds, list(brackets), brackets, indices=s, batch_size=3, device="cpu") for s in shards]))
-    counts = merged([count_pass(model, ds, layers, thresholds, indices=s, batch_size=5, device="cpu", top_k_images=3)
-                     for s in shards])
+    thresholds = resolve_thresholds(
+        sketches,
+        0.95,
+        lambda brackets: merged(
+            [refine_pass(model, ds, list(brackets), brackets, indices=s, batch_size=3, device="cpu") for s in shards]
+        ),
+    )
+    counts = merged(
+        [
+            count_pass(model, ds, layers, thresholds, indices=s, batch_size=5, device="cpu", top_k_images=3)
+            for s in shards
+        ]
+    )
     for layer in layers:
         res = finalize(layer, thresholds[layer], counts[layer], ds.concepts, quantile=0.95)
         np.testing.assert_array_equal(res.thresholds, single[layer].thresholds)
@@ -252,8 +279,9 @@ def test_shards_merge_to_the_single_run() -> None:
 
 def test_cached_passes_equal_fresh_forward_passes(tmp_path: Path) -> None:
     model, ds = copy_model(), RectDataset()
-    cached = dissect(model, ds, ["coarse"], quantile=0.9, batch_size=6, device="cpu", cache_dir=tmp_path,
-                     max_collect=50)["coarse"]
+    cached = dissect(
+        model, ds, ["coarse"], quantile=0.9, batch_size=6, device="cpu", cache_dir=tmp_path, max_collect=50
+    )["coarse"]
     assert list(tmp_path.iterdir()) == []
     fresh = count_pass(model, ds, ["coarse"], {"coarse": cached.thresholds}, batch_size=4, device="cpu")["coarse"]
     np.testing.assert_array_equal(cached.intersection, fresh.intersection.numpy()[:, 1:])

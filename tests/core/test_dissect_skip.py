@@ -121,8 +121,15 @@ def _count_maps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.mark.parametrize(
     "native_size,size",
-    [((8, 8), (32, 32)), ((3, 3), (7, 11)), ((4, 4), (8, 8)), ((7, 7), (56, 56)), ((13, 13), (56, 56)),
-     ((6, 9), (50, 37)), ((5, 5), (5, 5))],
+    [
+        ((8, 8), (32, 32)),
+        ((3, 3), (7, 11)),
+        ((4, 4), (8, 8)),
+        ((7, 7), (56, 56)),
+        ((13, 13), (56, 56)),
+        ((6, 9), (50, 37)),
+        ((5, 5), (5, 5)),
+    ],
 )
 def test_upsampling_a_subset_gives_the_same_values(native_size: tuple[int, int], size: tuple[int, int]) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -134,7 +141,9 @@ def test_upsampling_a_subset_gives_the_same_values(native_size: tuple[int, int],
         assert torch.equal(engine._upsample_maps(a[b, u], size), full[b, u])
 
 
-@pytest.mark.parametrize("native_size,size", [((4, 4), (8, 8)), ((3, 5), (10, 7)), ((6, 4), (13, 11)), ((4, 4), (4, 4))])
+@pytest.mark.parametrize(
+    "native_size,size", [((4, 4), (8, 8)), ((3, 5), (10, 7)), ((6, 4), (13, 11)), ((4, 4), (4, 4))]
+)
 def test_map_bound_is_an_upper_bound(native_size: tuple[int, int], size: tuple[int, int]) -> None:
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(50, 6, *native_size, generator=gen) * 3
@@ -154,8 +163,17 @@ def test_map_bound_is_an_upper_bound(native_size: tuple[int, int], size: tuple[i
     assert (rows.view(50, 6, -1).amax(dim=2) <= upper * (1 + 1e-12)).all()
 
 
-@pytest.mark.parametrize("native_size,size", [((4, 4), (64, 64)), ((8, 8), (32, 32)), ((7, 7), (112, 112)),
-                                               ((3, 5), (10, 7)), ((4, 4), (4, 4)), ((6, 4), (12, 48))])
+@pytest.mark.parametrize(
+    "native_size,size",
+    [
+        ((4, 4), (64, 64)),
+        ((8, 8), (32, 32)),
+        ((7, 7), (112, 112)),
+        ((3, 5), (10, 7)),
+        ((4, 4), (4, 4)),
+        ((6, 4), (12, 48)),
+    ],
+)
 def test_segment_bounds_bound_every_pixel_of_their_segment(native_size: tuple[int, int], size: tuple[int, int]) -> None:
     """Row segments (spans of columns that read a few native columns) have bounds at least
     each of their upsampled values and at most the row's bound; segments flagged as zeros
@@ -183,7 +201,9 @@ def test_segment_bounds_bound_every_pixel_of_their_segment(native_size: tuple[in
         assert zero.reshape(60, 6, -1)[:, 4].any() and (seg.amax(dim=2) < bounds.rows(maps)).any()
 
 
-@pytest.mark.parametrize("native_size,size", [((4, 4), (8, 8)), ((3, 5), (10, 7)), ((8, 8), (32, 32)), ((4, 4), (4, 4))])
+@pytest.mark.parametrize(
+    "native_size,size", [((4, 4), (8, 8)), ((3, 5), (10, 7)), ((8, 8), (32, 32)), ((4, 4), (4, 4))]
+)
 def test_zero_rows_are_exactly_the_all_zero_upsampled_rows(native_size: tuple[int, int], size: tuple[int, int]) -> None:
     """Rows the sketch only counts as zeros: every one flagged is all exact zeros, and on
     maps with whole zero native rows (post-ReLU units) the flag finds such rows."""
@@ -274,8 +294,10 @@ def test_maps_whose_max_is_the_threshold(monkeypatch: pytest.MonkeyPatch) -> Non
             upsampled.append(sum(maps))
             result = dissect(model, ds, [layer], quantile=q, batch_size=4, device="cpu")[layer]
             np.testing.assert_array_equal(result.thresholds, ref["t"])
-            for inter, act in ((counts.intersection.numpy()[:, 1:], counts.act_area.numpy()),
-                               (result.intersection, result.act_area)):
+            for inter, act in (
+                (counts.intersection.numpy()[:, 1:], counts.act_area.numpy()),
+                (result.intersection, result.act_area),
+            ):
                 np.testing.assert_array_equal(inter, ref["inter"])
                 np.testing.assert_array_equal(act, ref["act"])
         assert ref["act"][2] == 0
@@ -302,8 +324,10 @@ def test_a_counter_falls_back_when_the_subset_differs(monkeypatch: pytest.Monkey
     np.testing.assert_array_equal(counts.act_area.numpy(), ref["act"])
 
 
-@pytest.mark.parametrize("native_size,size", [((8, 8), (32, 32)), ((4, 4), (8, 8)), ((7, 7), (56, 56)),
-                                               ((6, 9), (50, 37)), ((3, 3), (7, 11))])
+@pytest.mark.parametrize(
+    "native_size,size",
+    [((8, 8), (32, 32)), ((4, 4), (8, 8)), ((7, 7), (56, 56)), ((6, 9), (50, 37)), ((3, 3), (7, 11))],
+)
 def test_upsampling_some_rows_gives_the_same_values(native_size: tuple[int, int], size: tuple[int, int]) -> None:
     """The kept rows of a map, computed alone, equal those rows of the whole batch upsampled."""
     gen = torch.Generator().manual_seed(3)
@@ -336,14 +360,14 @@ def test_the_subset_check_compares_the_first_chunk_only(monkeypatch: pytest.Monk
     later = torch.tensor([4, 7, 9]), torch.tensor([0, 3, 1])  # no map in the first chunk
     got = list(ups.rows(a, *later))
     assert not ups.checked and engine._MapUpsampler._verdicts == {}
-    for b, u, native, up in got:
+    for b, u, _native, up in got:
         assert torch.equal(up, full[b, u]) and torch.equal(native, a[b, u])
     assert sorted(torch.cat([b for b, *_ in got]).tolist()) == [4, 7, 9]
     bi, ui = torch.tensor([0, 2, 5, 9]), torch.tensor([1, 4, 2, 0])
     got = list(ups.rows(a, bi, ui))
     assert ups.checked and list(engine._MapUpsampler._verdicts.values()) == [True]
     assert got[0][0].tolist() == [0, 2]  # the first chunk's maps, compared, come first
-    for b, u, native, up in got:
+    for b, u, _native, up in got:
         assert torch.equal(up, full[b, u])
     assert sorted(torch.cat([b for b, *_ in got]).tolist()) == [0, 2, 5, 9]
 
@@ -409,10 +433,16 @@ def test_top_maps_merge_across_shards_like_a_single_run() -> None:
         return total
 
     sketches = merged([quantile_pass(model, ds, layers, indices=s, batch_size=4, device="cpu") for s in shards])
-    thresholds = resolve_thresholds(sketches, 0.95, lambda brackets: merged(
-        [refine_pass(model, ds, list(brackets), brackets, indices=s, batch_size=3, device="cpu") for s in shards]))
-    parts = [count_pass(model, ds, layers, thresholds, indices=s, batch_size=5, device="cpu", top_k_images=4)
-             for s in shards]
+    thresholds = resolve_thresholds(
+        sketches,
+        0.95,
+        lambda brackets: merged(
+            [refine_pass(model, ds, list(brackets), brackets, indices=s, batch_size=3, device="cpu") for s in shards]
+        ),
+    )
+    parts = [
+        count_pass(model, ds, layers, thresholds, indices=s, batch_size=5, device="cpu", top_k_images=4) for s in shards
+    ]
     parts = [{k: ConceptCounts.from_state_dict(v.state_dict()) for k, v in p.items()} for p in parts]
     counts = merged([{k: ConceptCounts(v.units, v.num_concepts) for k, v in parts[0].items()}, *parts])
     for layer in layers:
@@ -464,7 +494,6 @@ def test_pictures_from_top_maps_need_no_forward_pass(tmp_path: Path) -> None:
     assert [p.name for p in paths] == [p.name for p in again] == ["unit_0000.png", "unit_0002.png", "unit_0003.png"]
     for a, b in zip(paths, again):
         np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
-
 
 
 class Ragged(Blocks):

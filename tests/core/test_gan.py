@@ -127,11 +127,18 @@ def test_train_segmenter_beats_the_majority_class() -> None:
     assert info["val_images"] == len(val) and info["train_images"] == len(train)
     _, targets, _ = load_category_arrays(val)
     majority = np.bincount(np.stack([resize_nearest(t, (16, 16)) for t in targets.numpy()]).ravel()).max() / (
-        len(val) * 16 * 16)
+        len(val) * 16 * 16
+    )
     assert info["val_pixel_accuracy"] > majority + 0.1
     assert info["val_iou"][1] > 0.6  # sky
-    segmenter = Segmenter(module, info["labels"], categories=info["categories"], mean=info["mean"],
-                          std=info["std"], input_size=tuple(info["input_size"]))
+    segmenter = Segmenter(
+        module,
+        info["labels"],
+        categories=info["categories"],
+        mean=info["mean"],
+        std=info["std"],
+        input_size=tuple(info["input_size"]),
+    )
     images = torch.from_numpy(np.stack([val[i].image for i in range(3)])).permute(0, 3, 1, 2)
     labels = segmenter.segment(images)
     assert labels.shape == (3, 1, 16, 16) and labels.dtype == torch.int32
@@ -145,8 +152,9 @@ def test_train_segmenter_holds_out_a_fraction() -> None:
 
 def test_make_demo_generator_half(tmp_path: Path) -> None:
     lines: list[str] = []
-    paths = make_demo(tmp_path / "demo", n_images=40, epochs=1, gan_steps=2, segmenter_epochs=1, threads=1,
-                      progress=lines.append)
+    paths = make_demo(
+        tmp_path / "demo", n_images=40, epochs=1, gan_steps=2, segmenter_epochs=1, threads=1, progress=lines.append
+    )
     gen_config = json.loads(paths.generator_config.read_text())
     assert gen_config["threads"] == 1 and json.loads(paths.segmenter_config.read_text())["threads"] == 1
     assert gen_config["arch"] == "builtin:dcgan" and gen_config["output_range"] == [-1, 1]
@@ -157,8 +165,13 @@ def test_make_demo_generator_half(tmp_path: Path) -> None:
     assert seg_config["arch"] == "builtin:segnet" and seg_config["labels"] == ["-", *OBJECT_NAMES]
     assert len(seg_config["categories"]) == seg_config["num_classes"] == 13 and seg_config["categories"][0] == "-"
     assert seg_config["input_size"] == [64, 64] and 0 <= seg_config["val_miou"] <= 1
-    loaded = load_model(seg_config["arch"], paths.segmenter, input_size=seg_config["input_size"],
-                        mean=seg_config["mean"], std=seg_config["std"])
+    loaded = load_model(
+        seg_config["arch"],
+        paths.segmenter,
+        input_size=seg_config["input_size"],
+        mean=seg_config["mean"],
+        std=seg_config["std"],
+    )
     assert loaded.num_classes == 13
     stamps = [p.stat().st_mtime_ns for p in (paths.generator, paths.segmenter)]
     lines.clear()

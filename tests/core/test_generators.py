@@ -225,8 +225,18 @@ def test_dissection_with_a_segmenter_source(gen) -> None:
 
 def test_removal_curve(gen) -> None:
     seen = []
-    red = removal_curve(gen, "colors", "layer2", [0, 3], RED, ks=(1, 2, 5), count=20, batch_size=8,
-                        sample_images=3, progress=lambda *a: seen.append(a))
+    red = removal_curve(
+        gen,
+        "colors",
+        "layer2",
+        [0, 3],
+        RED,
+        ks=(1, 2, 5),
+        count=20,
+        batch_size=8,
+        sample_images=3,
+        progress=lambda *a: seen.append(a),
+    )
     assert red.ks == [1, 2] and red.units == [0, 3]
     assert red.pixels == 20 * 1024 and red.baseline_pixels == 20 * 16
     assert red.after_pixels == [0, 0] and red.relative_change == [-1.0, -1.0]
@@ -265,16 +275,17 @@ def test_unit_quantiles(gen) -> None:
 
 
 def test_insertion_map_follows_context(gen) -> None:
-    result = insertion_map(gen, "colors", "layer2", [0], RED, values=[1.0], count=10, seed=7, batch_size=48,
-                           sample_images=2)
+    result = insertion_map(
+        gen, "colors", "layer2", [0], RED, values=[1.0], count=10, seed=7, batch_size=48, sample_images=2
+    )
     assert result.grid == (8, 8) and result.tested.all() and result.mask_pixels == 1024
     assert np.array_equal(result.new_pixels, expected_insertion(10, 7))
     assert (result.new_pixels[:2] == 0).all()
     assert result.best_position is not None and result.best_position[0] >= 2
     y, x = result.best_position
     diff = (result.before_images != result.after_images).any(axis=1)
-    assert diff.shape == (2, 32, 32) and diff[:, 4 * y:4 * y + 4, 4 * x:4 * x + 4].all()
-    diff[:, 4 * y:4 * y + 4, 4 * x:4 * x + 4] = False
+    assert diff.shape == (2, 32, 32) and diff[:, 4 * y : 4 * y + 4, 4 * x : 4 * x + 4].all()
+    diff[:, 4 * y : 4 * y + 4, 4 * x : 4 * x + 4] = False
     assert not diff.any()
     m = result.to_dict()["map"]
     assert m[0][0] == 0.0 and m[7][7] == pytest.approx(result.new_pixels[7, 7] / (10 * 1024))
@@ -282,8 +293,9 @@ def test_insertion_map_follows_context(gen) -> None:
     strided = insertion_map(gen, "colors", "layer2", [0], RED, count=10, seed=7, stride=2)
     assert strided.values == [1.0] and strided.tested.sum() == 16 and strided.tested[0, 0]
     assert np.array_equal(strided.new_pixels[strided.tested], expected_insertion(10, 7)[strided.tested])
-    square = insertion_map(gen, "colors", "layer2", [0], RED, values=[1.0], count=3, positions=[(4, 4), (1, 4)],
-                           size=2, near=0)
+    square = insertion_map(
+        gen, "colors", "layer2", [0], RED, values=[1.0], count=3, positions=[(4, 4), (1, 4)], size=2, near=0
+    )
     cells = scene_cells(sample_latents(Z, 3, seed=0))
     # A 2x2 square at (1, 4) covers rows 1-2 and columns 4-5; only row 2 can turn red.
     assert square.new_pixels[1, 4] == 16 * sum((2, x) != cell for cell in cells for x in (4, 5))
@@ -313,7 +325,7 @@ def test_paint_changes_only_inside_the_mask(gen) -> None:
     r, c = scene_cells(z)[0]
     y, x = (3, 3) if (r, c) != (3, 3) else (4, 4)
     mask = np.zeros((32, 32), bool)
-    mask[4 * y:4 * y + 4, 4 * x:4 * x + 4] = True
+    mask[4 * y : 4 * y + 4, 4 * x : 4 * x + 4] = True
     before, after = paint_pair(gen, "layer2", [0], seed=4, index=3, mask=mask, mode="add", values=[1.0])
     assert before.shape == (32, 32, 3) and before.dtype == np.uint8
     assert np.array_equal(before, generate(gen, z)[0].permute(1, 2, 0).numpy())
@@ -327,7 +339,7 @@ def test_paint_changes_only_inside_the_mask(gen) -> None:
     cell[r, c] = True
     erased = paint(gen, "layer2", [0], seed=4, index=3, mask=cell, mode="erase")
     changed = (before != erased).any(axis=-1)
-    assert changed.sum() == 16 and changed[4 * r:4 * r + 4, 4 * c:4 * c + 4].all()
+    assert changed.sum() == 16 and changed[4 * r : 4 * r + 4, 4 * c : 4 * c + 4].all()
     # Painting in the sky does nothing.
     sky = np.zeros((32, 32), bool)
     sky[:8] = True
@@ -386,8 +398,9 @@ def test_load_torchscript_generator(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.script(net), str(path))
     g = load_generator("torchscript", path, latent_dim=Z)
     assert g.kind == "generator" and g.arch == "torchscript" and g.input_size == (16, 16)
-    assert {("layer1", 8, 4), ("layer2", 4, 8), ("output", 3, 16)} <= {(i.name, i.units, i.height)
-                                                                        for i in list_layers(g)}
+    assert {("layer1", 8, 4), ("layer2", 4, 8), ("output", 3, 16)} <= {
+        (i.name, i.units, i.height) for i in list_layers(g)
+    }
     z = sample_latents(Z, 3)
     assert torch.equal(generate(g, z), generate(wrap_generator(net, Z), z))
     ds = GeneratedDataset(g, "colors", 6, batch_size=4)
@@ -467,8 +480,11 @@ def test_paint_is_interactive_on_a_dcgan_sized_generator() -> None:
             super().__init__()
 
             def up(i: int, o: int, first: bool = False) -> nn.Sequential:
-                return nn.Sequential(nn.ConvTranspose2d(i, o, 4, 1 if first else 2, 0 if first else 1, bias=False),
-                                     nn.BatchNorm2d(o), nn.ReLU(True))
+                return nn.Sequential(
+                    nn.ConvTranspose2d(i, o, 4, 1 if first else 2, 0 if first else 1, bias=False),
+                    nn.BatchNorm2d(o),
+                    nn.ReLU(True),
+                )
 
             self.layer1 = up(z, ngf * 8, first=True)
             self.layer2 = up(ngf * 8, ngf * 4)
@@ -510,15 +526,51 @@ def test_cli_dissects_a_generator(tmp_path: Path, capsys: pytest.CaptureFixture[
     path = tmp_path / "g.pt"
     torch.jit.save(torch.jit.script(ConvGen().eval()), str(path))
     out = tmp_path / "out"
-    assert main(["dissect", "--model", "torchscript", "--weights", str(path), "--latent-dim", str(Z),
-                 "--generated", "6", "--layer", "layer2", "--out", str(out), "--no-progress",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "dissect",
+                "--model",
+                "torchscript",
+                "--weights",
+                str(path),
+                "--latent-dim",
+                str(Z),
+                "--generated",
+                "6",
+                "--layer",
+                "layer2",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "layer2: 4 units" in capsys.readouterr().out
     assert any(out.rglob("*.csv"))
     assert main(["layers", "--model", "torchscript", "--weights", str(path), "--latent-dim", str(Z)]) == 0
     assert "layer2" in capsys.readouterr().out
-    assert main(["dissect", "--model", "torchscript", "--weights", str(path), "--generated", "6",
-                 "--layer", "layer2", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "dissect",
+                "--model",
+                "torchscript",
+                "--weights",
+                str(path),
+                "--generated",
+                "6",
+                "--layer",
+                "layer2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "--latent-dim" in capsys.readouterr().err
 
 

@@ -31,11 +31,15 @@ def _folder(root: Path, masks: bool = True) -> Path:
     (root / "images" / "notes.txt").write_text("not an image")
     if masks:
         (root / "masks").mkdir()
-        (root / "labels.json").write_text(json.dumps([
-            {"number": 5, "name": "tree", "category": "object"},
-            {"number": 300, "name": "leaf", "category": "part"},
-            {"number": 2, "name": "sky"},
-        ]))
+        (root / "labels.json").write_text(
+            json.dumps(
+                [
+                    {"number": 5, "name": "tree", "category": "object"},
+                    {"number": 300, "name": "leaf", "category": "part"},
+                    {"number": 2, "name": "sky"},
+                ]
+            )
+        )
         _mask(root / "masks" / "a.png", np.array([[2, 5, 0], [300, 5, 2]]))
         _mask(root / "masks" / "b_part.png", np.array([[0, 300, 0], [0, 0, 0]]))
         _mask(root / "masks" / "b_object.png", np.array([[5, 5, 2], [0, 0, 0]]))
@@ -114,9 +118,13 @@ def test_open_dataset_specs(tmp_path: Path) -> None:
     assert "house-t" in names and "cloud-r" in names
     assert both[0].label_maps.shape[0] >= 5
 
-    for spec, needle in [("nope:x", "unknown dataset spec"), ("broden", "unknown dataset spec"),
-                         (f"broden:{tmp_path / 'missing'}", "missing"), ("imagefolder:", "names no directory"),
-                         (f"synthetic:{tmp_path / 'missing'}", "missing")]:
+    for spec, needle in [
+        ("nope:x", "unknown dataset spec"),
+        ("broden", "unknown dataset spec"),
+        (f"broden:{tmp_path / 'missing'}", "missing"),
+        ("imagefolder:", "names no directory"),
+        (f"synthetic:{tmp_path / 'missing'}", "missing"),
+    ]:
         with pytest.raises(DatasetError, match=needle):
             open_dataset(spec)
     with pytest.raises(DatasetError, match="no splits"):

@@ -20,7 +20,7 @@ def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     out, pos = [], 8
     while pos < len(data):
         length, kind = struct.unpack_from(">I4s", data, pos)
-        out.append((kind, data[pos + 8:pos + 8 + length]))
+        out.append((kind, data[pos + 8 : pos + 8 + length]))
         pos += 12 + length
     return out
 
@@ -35,7 +35,7 @@ def _labels(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     coarse = rng.integers(0, 700, size=(max(1, shape[0] // 4), max(1, shape[1] // 4)))
     big = np.kron(coarse, np.ones((4, 4), int))
     pad = np.zeros(shape, int)
-    pad[:min(shape[0], big.shape[0]), :min(shape[1], big.shape[1])] = big[:shape[0], :shape[1]]
+    pad[: min(shape[0], big.shape[0]), : min(shape[1], big.shape[1])] = big[: shape[0], : shape[1]]
     noise = rng.random(shape) < 0.1
     return np.where(noise, rng.integers(0, 65536, size=shape), pad)
 
@@ -59,9 +59,9 @@ def test_split_image_data_and_extra_chunks(tmp_path: Path) -> None:
     write_label_png(tmp_path / "m.png", labels)
     chunks = _chunks((tmp_path / "m.png").read_bytes())
     idat = b"".join(d for k, d in chunks if k == b"IDAT")
-    pieces = [(b"IDAT", idat[i:i + 7]) for i in range(0, len(idat), 7)]
+    pieces = [(b"IDAT", idat[i : i + 7]) for i in range(0, len(idat), 7)]
     ihdr = [c for c in chunks if c[0] == b"IHDR"]
-    split = _png(ihdr + [(b"tEXt", b"comment\x00hi")] + pieces + [(b"IEND", b"")])
+    split = _png([*ihdr, (b"tEXt", b"comment\x00hi"), *pieces, (b"IEND", b"")])
     (tmp_path / "split.png").write_bytes(split)
     assert broden._read_rgb8_png(tmp_path / "split.png") is not None
     np.testing.assert_array_equal(read_label_png(tmp_path / "split.png"), labels)
@@ -96,7 +96,7 @@ def test_damaged_files_give_errors_naming_them(tmp_path: Path) -> None:
     short = [(k, d if k != b"IDAT" else zlib.compress(zlib.decompress(d)[:-20])) for k, d in chunks]
     cases = {
         "crc.png": bytes(flipped),
-        "truncated.png": good[:len(good) // 2],
+        "truncated.png": good[: len(good) // 2],
         "zlib.png": _png(bad_zlib),
         "short.png": _png(short),
     }

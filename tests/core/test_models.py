@@ -105,7 +105,7 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path: Path) -> None:
     with open(legacy, "wb") as f:
         pickle.dump({"w": PlantFile(marker)}, f)
     for path in (zipped, legacy):
-        with pytest.raises(ModelLoadError, match="refusing|unreadable"):
+        with pytest.raises(ModelLoadError, match=r"refusing|unreadable"):
             load_model("torchvision:resnet18", path)
         assert not marker.exists()
 
@@ -196,7 +196,10 @@ def test_torchscript_models(tmp_path: Path, resnet: nn.Module, how: str) -> None
     assert (scripted["layer1.0.bn1"] < 0).any()
     by_name = {i.name: i for i in list_layers(loaded)}
     assert (by_name["layer4"].units, by_name["layer4"].height) == (512, 2)
-    with pytest.raises(DissectError, match="TorchScript"), trace(loaded.module, ["layer4"], edit={"layer4": lambda t: t}):
+    with (
+        pytest.raises(DissectError, match="TorchScript"),
+        trace(loaded.module, ["layer4"], edit={"layer4": lambda t: t}),
+    ):
         pass
     bad = tmp_path / "not_script.pt"
     torch.save(resnet.state_dict(), bad)

@@ -29,8 +29,9 @@ print(json.dumps({"modules": names, "loaded": sorted(sys.modules)}))
 def test_every_module_imports_without_frameworks() -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("DJANGO_SETTINGS_MODULE", None)
-    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = {"dissect_core." + m.name for m in pkgutil.iter_modules(dissect_core.__path__)}
@@ -40,7 +41,20 @@ def test_every_module_imports_without_frameworks() -> None:
 
 
 def test_public_api_is_listed() -> None:
-    for name in ("dissect", "quantile_pass", "count_pass", "finalize", "LayerResult", "load_model", "list_layers",
-                 "trace", "QuantileSketch", "ConceptCounts", "upsample", "Segmenter", "unit_classifier"):
+    for name in (
+        "dissect",
+        "quantile_pass",
+        "count_pass",
+        "finalize",
+        "LayerResult",
+        "load_model",
+        "list_layers",
+        "trace",
+        "QuantileSketch",
+        "ConceptCounts",
+        "upsample",
+        "Segmenter",
+        "unit_classifier",
+    ):
         assert name in dissect_core.__all__
         assert callable(getattr(dissect_core, name))

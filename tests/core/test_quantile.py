@@ -40,15 +40,17 @@ def test_keys_preserve_order_and_invert() -> None:
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 4001])
 def test_exact_equals_numpy_hazen(q: float, n: int) -> None:
     rng = np.random.default_rng(n)
-    x = np.stack([
-        rng.normal(size=n),
-        np.maximum(rng.normal(size=n), 0),
-        np.round(rng.normal(size=n) * 2),
-        np.zeros(n),
-        post_relu(rng, 1, n, 0.8)[0],
-        -rng.exponential(size=n),
-        np.full(n, 1.5),
-    ])
+    x = np.stack(
+        [
+            rng.normal(size=n),
+            np.maximum(rng.normal(size=n), 0),
+            np.round(rng.normal(size=n) * 2),
+            np.zeros(n),
+            post_relu(rng, 1, n, 0.8)[0],
+            -rng.exponential(size=n),
+            np.full(n, 1.5),
+        ]
+    )
     got = exact_quantiles(torch.from_numpy(x.astype(np.float32)), q)
     np.testing.assert_array_equal(got, hazen(x, q))
 
@@ -92,8 +94,7 @@ def test_zero_quantile_resolves_without_refinement() -> None:
 def test_shards_merge_exactly() -> None:
     rng = np.random.default_rng(3)
     shards = [
-        (rng.normal(size=(6, 3000)) * 10.0 ** rng.uniform(-3, 3, size=(6, 1))).astype(np.float32)
-        for _ in range(4)
+        (rng.normal(size=(6, 3000)) * 10.0 ** rng.uniform(-3, 3, size=(6, 1))).astype(np.float32) for _ in range(4)
     ]
     whole = QuantileSketch(6, max_buckets=64)
     for s in shards:

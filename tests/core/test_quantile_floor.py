@@ -70,8 +70,9 @@ def test_rising_floor_keeps_the_bracket_of_a_plain_sketch(
 def test_rows_left_out_are_counted_at_the_floor() -> None:
     sketch = QuantileSketch(2, floor=np.array([1.0, 0.0], np.float32))
     rows = torch.tensor([[0.5, 2.0, 3.0], [-1.0, 0.0, 4.0]])
-    sketch.add_rows(rows, torch.tensor([0, 1]), total=9, lower=torch.tensor([0.0, -1.0]),
-                    upper=torch.tensor([3.0, 4.0]))
+    sketch.add_rows(
+        rows, torch.tensor([0, 1]), total=9, lower=torch.tensor([0.0, -1.0]), upper=torch.tensor([3.0, 4.0])
+    )
     assert sketch.n == 9
     assert sketch.floor_count.tolist() == [7, 8]
     assert sketch.key_max.tolist()[1] == torch.tensor(4.0).view(torch.int32).item()
@@ -90,8 +91,13 @@ def test_rising_floor_survives_state_dict_and_detects_nonfinite() -> None:
     again = QuantileSketch.from_state_dict(sketch.state_dict())
     np.testing.assert_array_equal(again.bracket(0.95).key_lo, sketch.bracket(0.95).key_lo)
     assert sketch.finite
-    sketch.add_rows(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), total=4,
-                    lower=torch.tensor([0.0]), upper=torch.tensor([float("nan")]))
+    sketch.add_rows(
+        torch.zeros(0, 4),
+        torch.zeros(0, dtype=torch.int64),
+        total=4,
+        lower=torch.tensor([0.0]),
+        upper=torch.tensor([float("nan")]),
+    )
     assert not sketch.finite
 
 
@@ -126,8 +132,14 @@ def test_fast_floor_raise_matches_the_general_one(signed: bool, monkeypatch: pyt
 def test_zeros_given_as_counts_land_in_the_zero_bucket_only_above_the_floor() -> None:
     sketch = QuantileSketch(2, floor=np.array([-1e-3, 0.5], np.float32))
     rows = torch.tensor([[0.0, 2.0, 0.0, 3.0], [0.0, 0.25, 1.0, 0.0]])
-    sketch.add_rows(rows, torch.tensor([0, 1]), total=10, lower=torch.zeros(2), upper=torch.tensor([3.0, 1.0]),
-                    zeros=torch.tensor([4, 4]))
+    sketch.add_rows(
+        rows,
+        torch.tensor([0, 1]),
+        total=10,
+        lower=torch.zeros(2),
+        upper=torch.tensor([3.0, 1.0]),
+        zeros=torch.tensor([4, 4]),
+    )
     # unit 0 (floor < 0): 2 zeros in its row + 4 counted; unit 1 (floor 0.5): zeros are below the floor
     assert sketch.zeros.tolist() == [6, 0]
     assert sketch.floor_count.tolist() == [2, 9]

@@ -35,13 +35,15 @@ from dissect_core.surgery import (
 def small_net() -> nn.Module:
     """conv -> (conv, BN, in-place ReLU) -> pool -> flatten -> fc: [B, 3, 8, 8] -> [B, 5]."""
     torch.manual_seed(0)
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(3, 6, 3, padding=1),
-        block=nn.Sequential(nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)),
-        pool=nn.AdaptiveAvgPool2d(2),
-        flatten=nn.Flatten(),
-        fc=nn.Linear(16, 5),
-    )).eval()
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 6, 3, padding=1),
+            block=nn.Sequential(nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)),
+            pool=nn.AdaptiveAvgPool2d(2),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(16, 5),
+        )
+    ).eval()
 
 
 class Chain(nn.Module):
@@ -99,12 +101,15 @@ def assert_split_reproduces(net: nn.Module, layer: str, size: int, ways: tuple[s
     assert hook_count(net) == 0
 
 
-@pytest.mark.parametrize(("layer", "ways", "kind"), [
-    ("conv1", ("explicit", "chain", "hook"), "explicit"),
-    ("block.0", ("explicit",), "explicit"),
-    ("block.1", ("chain",), "chain"),
-    ("block", ("hook",), "hook"),
-])
+@pytest.mark.parametrize(
+    ("layer", "ways", "kind"),
+    [
+        ("conv1", ("explicit", "chain", "hook"), "explicit"),
+        ("block.0", ("explicit",), "explicit"),
+        ("block.1", ("chain",), "chain"),
+        ("block", ("hook",), "hook"),
+    ],
+)
 def test_split_then_suffix_is_the_whole_sequential(layer: str, ways: tuple[str, ...], kind: str) -> None:
     assert_split_reproduces(small_net(), layer, 8, ways, kind)
 
@@ -116,15 +121,22 @@ def test_a_custom_forward_splits_as_a_chain_or_with_a_hook() -> None:
     assert_split_reproduces(net, "body.block.2", 8, ("explicit", "hook"), "hook")
     suffix = chain_suffix(net, "body.conv1", torch.zeros(1, 3, 8, 8))
     assert suffix is not None and [type(m).__name__ for m in suffix] == [
-        "Sequential", "AdaptiveAvgPool2d", "Flatten", "Linear"]
+        "Sequential",
+        "AdaptiveAvgPool2d",
+        "Flatten",
+        "Linear",
+    ]
 
 
-@pytest.mark.parametrize(("arch", "layer", "size"), [
-    ("resnet18", "layer2", 32),
-    ("resnet18", "layer4.0", 32),
-    ("vgg11", "features.10", 32),
-    ("alexnet", "features.3", 64),
-])
+@pytest.mark.parametrize(
+    ("arch", "layer", "size"),
+    [
+        ("resnet18", "layer2", 32),
+        ("resnet18", "layer4.0", 32),
+        ("vgg11", "features.10", 32),
+        ("alexnet", "features.3", 64),
+    ],
+)
 def test_split_then_suffix_is_the_whole_torchvision_network(arch: str, layer: str, size: int) -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -229,9 +241,9 @@ def test_forward_hooks_with_kwargs_and_replacement() -> None:
 def test_check_stop_names_the_work() -> None:
     check_stop(None)
     check_stop(lambda: False, "ablation")
-    with pytest.raises(Cancelled, match="^ablation cancelled$"):
+    with pytest.raises(Cancelled, match=r"^ablation cancelled$"):
         check_stop(lambda: True, "ablation")
-    with pytest.raises(Cancelled, match="^cancelled$"):
+    with pytest.raises(Cancelled, match=r"^cancelled$"):
         check_stop(lambda: True)
 
 

@@ -68,8 +68,7 @@ def test_masks_agree_with_pixels() -> None:
         assert sample.label_maps.dtype == np.int32 and sample.label_maps.shape[1:] == (32, 32)
         np.testing.assert_array_equal(sample.label_maps[0], resize_nearest(scene.objects, (32, 32)))
         assert (sample.label_maps[0] > 0).all()
-        np.testing.assert_array_equal(sample.label_maps[-1] - color_offset,
-                                      color_index_map(scene.image, (32, 32)))
+        np.testing.assert_array_equal(sample.label_maps[-1] - color_offset, color_index_map(scene.image, (32, 32)))
         expected = ["object", "part", "material", "color"]
         if not (scene.parts > 0).any():
             expected.remove("part")
@@ -85,8 +84,14 @@ def test_masks_agree_with_pixels() -> None:
 
 
 def test_scene_classes_follow_their_key_objects() -> None:
-    keys = {"street": ("house", "car"), "park": ("tree", "person"), "harbor": ("boat", "house"),
-            "countryside": ("house", "tree"), "beach": ("person", "sun"), "avenue": ("car", "tree")}
+    keys = {
+        "street": ("house", "car"),
+        "park": ("tree", "person"),
+        "harbor": ("boat", "house"),
+        "countryside": ("house", "tree"),
+        "beach": ("person", "sun"),
+        "avenue": ("car", "tree"),
+    }
     seen = {c: [0, 0] for c in SCENE_CLASSES}
     for i in range(300):
         scene = render_scene(0, i)

@@ -47,8 +47,9 @@ def test_training_smoke_is_deterministic() -> None:
     train = SyntheticScenes(48, seed=0, image_size=(32, 32), split="train")
     val = SyntheticScenes(48, seed=0, image_size=(32, 32), split="val")
     lines: list[str] = []
-    model, info = train_classifier(train, val_dataset=val, epochs=1, batch_size=16, lr=0.05, seed=1,
-                                   progress=lines.append)
+    model, info = train_classifier(
+        train, val_dataset=val, epochs=1, batch_size=16, lr=0.05, seed=1, progress=lines.append
+    )
     assert not model.training
     assert info["arch"] == "builtin:scenecnn" and info["num_classes"] == 6
     assert info["classes"] == train.classes and info["input_size"] == [32, 32]
@@ -77,7 +78,7 @@ def _conv5_mean(model: torch.nn.Module, images: torch.Tensor) -> float:
 
 def test_activation_l1_makes_the_layer_sparser() -> None:
     train = SyntheticScenes(48, seed=0, image_size=(32, 32), split="train")
-    kwargs = dict(epochs=3, batch_size=16, lr=0.05, seed=1)
+    kwargs = {"epochs": 3, "batch_size": 16, "lr": 0.05, "seed": 1}
     plain, info = train_classifier(train, **kwargs)
     sparse, sparse_info = train_classifier(train, activation_l1=50.0, l1_layer="conv5", **kwargs)
     assert info["activation_l1"] == 0.0 and info["l1_layer"] is None
@@ -102,8 +103,7 @@ def test_training_needs_classes() -> None:
 
 def test_make_demo_writes_and_reuses(tmp_path: Path) -> None:
     lines: list[str] = []
-    paths = make_demo(tmp_path / "demo", n_images=40, epochs=1, generator=False, segmenter=False,
-                      progress=lines.append)
+    paths = make_demo(tmp_path / "demo", n_images=40, epochs=1, generator=False, segmenter=False, progress=lines.append)
     assert (paths.data / "index.csv").is_file()
     config = json.loads(paths.config.read_text())
     assert config["arch"] == "builtin:scenecnn" and config["num_classes"] == 6
@@ -113,6 +113,5 @@ def test_make_demo_writes_and_reuses(tmp_path: Path) -> None:
     model.load_state_dict(load_file(str(paths.weights)))
     stamp = paths.weights.stat().st_mtime_ns
     lines.clear()
-    make_demo(tmp_path / "demo", n_images=40, epochs=1, generator=False, segmenter=False,
-                      progress=lines.append)
+    make_demo(tmp_path / "demo", n_images=40, epochs=1, generator=False, segmenter=False, progress=lines.append)
     assert lines == [] and paths.weights.stat().st_mtime_ns == stamp

@@ -33,8 +33,15 @@ def grid_sample_reference(x: torch.Tensor, size: tuple[int, int], align_corners:
 
 @pytest.mark.parametrize(
     "source,target",
-    [((4, 4), (8, 8)), ((7, 7), (112, 112)), ((3, 5), (10, 7)), ((2, 6), (16, 9)), ((5, 5), (5, 5)),
-     ((8, 8), (4, 4)), ((6, 4), (13, 11))],
+    [
+        ((4, 4), (8, 8)),
+        ((7, 7), (112, 112)),
+        ((3, 5), (10, 7)),
+        ((2, 6), (16, 9)),
+        ((5, 5), (5, 5)),
+        ((8, 8), (4, 4)),
+        ((6, 4), (13, 11)),
+    ],
 )
 def test_equals_grid_sample_zero_padding(source: tuple[int, int], target: tuple[int, int]) -> None:
     torch.manual_seed(0)

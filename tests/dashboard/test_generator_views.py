@@ -17,9 +17,11 @@ pytestmark = pytest.mark.django_db
 EVIL = "<script>alert(1)</script>"
 EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
 COLOURS = ["red-c", "green-c", "blue-c", "white-c", "black-c"]
-LAYERS = [{"name": "layer1", "type": "ConvTranspose2d", "units": 64, "height": 4, "width": 4},
-          {"name": "layer2", "type": "ConvTranspose2d", "units": 32, "height": 8, "width": 8},
-          {"name": "layer3", "type": "ConvTranspose2d", "units": 16, "height": 16, "width": 16}]
+LAYERS = [
+    {"name": "layer1", "type": "ConvTranspose2d", "units": 64, "height": 4, "width": 4},
+    {"name": "layer2", "type": "ConvTranspose2d", "units": 32, "height": 8, "width": 8},
+    {"name": "layer3", "type": "ConvTranspose2d", "units": 16, "height": 16, "width": 16},
+]
 
 
 def _png(path, size=(66, 34)) -> None:
@@ -29,36 +31,83 @@ def _png(path, size=(66, 34)) -> None:
     Image.new("RGB", size, (200, 30, 30)).save(path)
 
 
-def make_generator(owner, tmp_path, *, name="dcgan", units=16, concepts=None, public=False, layer="layer2",
-                   samples=48):
+def make_generator(owner, tmp_path, *, name="dcgan", units=16, concepts=None, public=False, layer="layer2", samples=48):
     """A generator, a succeeded dissection of one layer (units, layer result, IoU matrix file)."""
     from api.models import Concept, Job, LayerResult, NetworkModel, Unit
 
     concepts = concepts or COLOURS
     layers = [dict(entry, units=units) if entry["name"] == layer else entry for entry in LAYERS]
-    model = NetworkModel.objects.create(owner=owner, name=name, arch="builtin:dcgan", kind="generator",
-                                        weights_path="/x", latent_dim=16, output_range=[-1.0, 1.0],
-                                        input_size=64, layers=layers, public=public)
-    job = Job.objects.create(owner=owner, type="dissect", model=model, dataset=None, status="succeeded", progress=1.0,
-                             params={"layers": [layer], "quantile": 0.99, "batch_size": 32, "samples": samples,
-                                     "seed": 0, "concepts": "colors"})
+    model = NetworkModel.objects.create(
+        owner=owner,
+        name=name,
+        arch="builtin:dcgan",
+        kind="generator",
+        weights_path="/x",
+        latent_dim=16,
+        output_range=[-1.0, 1.0],
+        input_size=64,
+        layers=layers,
+        public=public,
+    )
+    job = Job.objects.create(
+        owner=owner,
+        type="dissect",
+        model=model,
+        dataset=None,
+        status="succeeded",
+        progress=1.0,
+        params={
+            "layers": [layer],
+            "quantile": 0.99,
+            "batch_size": 32,
+            "samples": samples,
+            "seed": 0,
+            "concepts": "colors",
+        },
+    )
     rows = [Concept.objects.get_or_create(name=n, category="color")[0] for n in concepts]
     # Unit u is labelled concepts[u % 3] or, every 4th unit, the first concept: the first concept has most units.
     labels = [rows[0] if u % 4 == 0 else rows[u % min(3, len(rows))] for u in range(units)]
-    units_rows = Unit.objects.bulk_create([
-        Unit(job=job, model=model, layer=layer, unit=u, label=labels[u], label_name=labels[u].name,
-             iou=0.02 + 0.1 * ((u * 7) % units) / units, threshold=1.0, top_images=[0, 1, 2])
-        for u in range(units)
-    ])
+    units_rows = Unit.objects.bulk_create(
+        [
+            Unit(
+                job=job,
+                model=model,
+                layer=layer,
+                unit=u,
+                label=labels[u],
+                label_name=labels[u].name,
+                iou=0.02 + 0.1 * ((u * 7) % units) / units,
+                threshold=1.0,
+                top_images=[0, 1, 2],
+            )
+            for u in range(units)
+        ]
+    )
     matrix = tmp_path / f"job-{job.pk}" / f"{layer}.npz"
     matrix.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(matrix, iou=np.zeros((units, len(concepts)), np.float32), concept_names=np.array(concepts),
-             concept_categories=np.array(["color"] * len(concepts)))
-    LayerResult.objects.create(job=job, layer=layer, units=units, matrix_path=str(matrix), summary={
-        "layer": layer, "units": units, "min_iou": 0.04, "detectors": units, "unique_concepts": 3,
-        "detectors_by_category": {"color": units}, "unique_concepts_by_category": {"color": 3},
-        "concept_units": {c.name: labels.count(c) for c in rows},
-    })
+    np.savez(
+        matrix,
+        iou=np.zeros((units, len(concepts)), np.float32),
+        concept_names=np.array(concepts),
+        concept_categories=np.array(["color"] * len(concepts)),
+    )
+    LayerResult.objects.create(
+        job=job,
+        layer=layer,
+        units=units,
+        matrix_path=str(matrix),
+        summary={
+            "layer": layer,
+            "units": units,
+            "min_iou": 0.04,
+            "detectors": units,
+            "unique_concepts": 3,
+            "detectors_by_category": {"color": units},
+            "unique_concepts_by_category": {"color": 3},
+            "concept_units": {c.name: labels.count(c) for c in rows},
+        },
+    )
     return {"model": model, "job": job, "units": units_rows, "layer": layer, "concepts": concepts}
 
 
@@ -71,13 +120,34 @@ def make_removal(owner, base, tmp_path, *, concept="red-c", ks=(1, 2, 4, 8), uni
     curve = [{"k": k, "share": baseline * (1 - 0.5 * k / max(ks)), "change": -0.5 * k / max(ks)} for k in ks]
     folder = tmp_path / "removal"
     job = Job.objects.create(
-        owner=owner, type="generator_remove", model=base["model"], dataset=None, status="succeeded", progress=1.0,
-        params={"layer": base["layer"], "concept": concept, "dissection": base["job"].pk, "concepts": "colors",
-                "seed": 1, "batch_size": 32, "ks": list(ks), "samples": 200, "sample_images": 8},
+        owner=owner,
+        type="generator_remove",
+        model=base["model"],
+        dataset=None,
+        status="succeeded",
+        progress=1.0,
+        params={
+            "layer": base["layer"],
+            "concept": concept,
+            "dissection": base["job"].pk,
+            "concepts": "colors",
+            "seed": 1,
+            "batch_size": 32,
+            "ks": list(ks),
+            "samples": 200,
+            "sample_images": 8,
+        },
         results_path=str(folder),
-        summary={"concept": concept, "layer": base["layer"], "units": ranked,
-                 "unit_iou": [0.3 - 0.001 * i for i in range(len(ranked))], "baseline": baseline, "samples": 200,
-                 "curve": curve, "images": {"before": "removal-before", "after": "removal-after"}},
+        summary={
+            "concept": concept,
+            "layer": base["layer"],
+            "units": ranked,
+            "unit_iou": [0.3 - 0.001 * i for i in range(len(ranked))],
+            "baseline": baseline,
+            "samples": 200,
+            "curve": curve,
+            "images": {"before": "removal-before", "after": "removal-after"},
+        },
     )
     _png(folder / "removal-before.png")
     _png(folder / "removal-after.png")
@@ -94,17 +164,44 @@ def make_insertion(owner, base, tmp_path, *, concept="red-c", rows=4, cols=4, k=
     grid[2][3] = 0.5
     folder = tmp_path / "insertion"
     job = Job.objects.create(
-        owner=owner, type="generator_insert", model=base["model"], dataset=None, status="succeeded", progress=1.0,
-        params={"layer": base["layer"], "concept": concept, "dissection": base["job"].pk, "concepts": "colors",
-                "seed": 1, "batch_size": 32, "k": k, "quantile": 0.995, "samples": 32, "stride": 2, "size": 1},
+        owner=owner,
+        type="generator_insert",
+        model=base["model"],
+        dataset=None,
+        status="succeeded",
+        progress=1.0,
+        params={
+            "layer": base["layer"],
+            "concept": concept,
+            "dissection": base["job"].pk,
+            "concepts": "colors",
+            "seed": 1,
+            "batch_size": 32,
+            "k": k,
+            "quantile": 0.995,
+            "samples": 32,
+            "stride": 2,
+            "size": 1,
+        },
         results_path=str(folder),
-        summary={"concept": concept, "layer": base["layer"], "units": list(range(k)),
-                 "unit_iou": [0.2] * k, "values": [3.5 + i for i in range(k)], "map": grid,
-                 "positions": {"stride": 2, "size": 1, "height": rows * 2, "width": cols * 2,
-                               **({"rows": [2 * r for r in range(rows)], "cols": [2 * c for c in range(cols)]}
-                                  if listed else {})},
-                 "mean_added": 0.07, "best": {"y": 4, "x": 6, "added": 0.5},
-                 "images": {"before": "insert-before", "after": "insert-after"}},
+        summary={
+            "concept": concept,
+            "layer": base["layer"],
+            "units": list(range(k)),
+            "unit_iou": [0.2] * k,
+            "values": [3.5 + i for i in range(k)],
+            "map": grid,
+            "positions": {
+                "stride": 2,
+                "size": 1,
+                "height": rows * 2,
+                "width": cols * 2,
+                **({"rows": [2 * r for r in range(rows)], "cols": [2 * c for c in range(cols)]} if listed else {}),
+            },
+            "mean_added": 0.07,
+            "best": {"y": 4, "x": 6, "added": 0.5},
+            "images": {"before": "insert-before", "after": "insert-after"},
+        },
     )
     _png(folder / "insert-before.png")
     _png(folder / "insert-after.png")
@@ -122,11 +219,24 @@ def test_generator_jobs_show_where_their_images_come_from(alice, user, tmp_path)
 
     base = make_generator(user, tmp_path)
     job, model = base["job"], base["model"]
-    segmenter = NetworkModel.objects.create(owner=user, name="segnet " + EVIL, arch="builtin:segnet", kind="segmenter",
-                                            weights_path="/s", classes=["-", "blob", "spot"],
-                                            categories=["-", "object", "part"], layers=[])
-    seg_job = Job.objects.create(owner=user, type="dissect", model=model, dataset=None, status="queued",
-                                 params={"layers": ["layer1"], "samples": 16, "concepts": segmenter.pk})
+    segmenter = NetworkModel.objects.create(
+        owner=user,
+        name="segnet " + EVIL,
+        arch="builtin:segnet",
+        kind="segmenter",
+        weights_path="/s",
+        classes=["-", "blob", "spot"],
+        categories=["-", "object", "part"],
+        layers=[],
+    )
+    seg_job = Job.objects.create(
+        owner=user,
+        type="dissect",
+        model=model,
+        dataset=None,
+        status="queued",
+        params={"layers": ["layer1"], "samples": 16, "concepts": segmenter.pk},
+    )
     text = "generated: 48 samples, concepts: colours"
     for url in ("/", "/jobs/live/", f"/jobs/{job.pk}/", f"/models/{model.pk}/", f"/jobs/{job.pk}/layers/layer2/"):
         response = alice.get(url)
@@ -186,10 +296,24 @@ def test_removal_page_without_unit_rows_or_images_and_with_the_cores_field_names
 
     base = make_generator(user, tmp_path)
     job = Job.objects.create(
-        owner=user, type="generator_remove", model=base["model"], dataset=None, status="succeeded",
+        owner=user,
+        type="generator_remove",
+        model=base["model"],
+        dataset=None,
+        status="succeeded",
         params={"layer": "layer2", "concept": "red-c", "dissection": 999999, "ks": [1, 2], "samples": 10},
-        summary={"concept": "red-c", "layer": "layer2", "units": [3, 1], "unit_iou": [0.2, 0.1], "baseline": 0.0,
-                 "ks": [1, 2], "fractions": [0.0, 0.0], "relative_change": [None, None], "count": 10, "images": {}},
+        summary={
+            "concept": "red-c",
+            "layer": "layer2",
+            "units": [3, 1],
+            "unit_iou": [0.2, 0.1],
+            "baseline": 0.0,
+            "ks": [1, 2],
+            "fractions": [0.0, 0.0],
+            "relative_change": [None, None],
+            "count": 10,
+            "images": {},
+        },
     )
     page = alice.get(f"/jobs/{job.pk}/").content.decode()
     assert page.count("<circle") == 3 and "Figure 4b" not in page and "/units/" not in page
@@ -203,14 +327,16 @@ def test_insertion_job_page_draws_the_map_with_legend_and_best_position(alice, u
     page = alice.get(f"/jobs/{job.pk}/").content.decode()
     assert "Figure 4d" in page
     svg = re.search(r'<svg class="chart heatmap" id="insertion-map".*?</svg>', page, flags=re.DOTALL).group(0)
-    cells = re.findall(r'<rect x="(\d+)" y="(\d+)" width="(\d+)" height="\d+" fill="(#[0-9a-f]{6})"><title>([^<]*)</title>', svg)
+    cells = re.findall(
+        r'<rect x="(\d+)" y="(\d+)" width="(\d+)" height="\d+" fill="(#[0-9a-f]{6})"><title>([^<]*)</title>', svg
+    )
     assert len(cells) == 16
     by_title = {title: fill for *_, fill, title in cells}
     assert by_title["y 4, x 6: added 50.0%"] == "#800026"  # the largest value: the darkest colour
     assert by_title["y 0, x 0: added 0.0%"] == "#ffffcc"
     assert by_title["y 0, x 2: not tested"] == "#e5e7eb"
     best = re.search(r'<rect class="best" x="(\d+)" y="(\d+)"', svg).groups()
-    cell = [c for c in cells if c[4].startswith("y 4, x 6:")][0]
+    cell = next(c for c in cells if c[4].startswith("y 4, x 6:"))
     assert best == cell[:2]
     assert "<linearGradient" in svg and "pixels newly showing red-c" in svg and ">50.0%</text>" in svg
     assert "on average <strong>7.0%</strong>" in page and "most at y 4, x 6 (50.0%)" in page
@@ -234,9 +360,16 @@ def test_user_strings_are_escaped_on_the_generator_pages(alice, user, tmp_path):
     removal = make_removal(user, base, tmp_path, concept=EVIL)
     insertion = make_insertion(user, base, tmp_path, concept=EVIL)
     model = base["model"]
-    urls = [f"/jobs/{removal.pk}/", f"/jobs/{insertion.pk}/", f"/models/{model.pk}/paint/",
-            f"/models/{model.pk}/paint/?concept={EVIL}&layer={EVIL}", f"/models/{model.pk}/", "/jobs/new/", "/models/",
-            f"/jobs/new/?model={model.pk}&type=generator_remove&concept={EVIL}"]
+    urls = [
+        f"/jobs/{removal.pk}/",
+        f"/jobs/{insertion.pk}/",
+        f"/models/{model.pk}/paint/",
+        f"/models/{model.pk}/paint/?concept={EVIL}&layer={EVIL}",
+        f"/models/{model.pk}/",
+        "/jobs/new/",
+        "/models/",
+        f"/jobs/new/?model={model.pk}&type=generator_remove&concept={EVIL}",
+    ]
     for url in urls:
         page = alice.get(url).content.decode()
         assert EVIL not in page, url
@@ -254,24 +387,45 @@ def test_paint_page_offers_dissected_layers_and_their_concepts(alice, user, tmp_
     model = base["model"]
     page = alice.get(f"/models/{model.pk}/paint/?layer=layer2&concept=green-c&seed=7").content.decode()
     data = json.loads(re.search(r'<script id="paint-data" type="application/json">(.*?)</script>', page).group(1))
-    assert data["model"] == model.pk and data["wanted"] == {"layer": "layer2", "concept": "green-c", "seed": "7",
-                                                            "index": "0"}
+    assert data["model"] == model.pk and data["wanted"] == {
+        "layer": "layer2",
+        "concept": "green-c",
+        "seed": "7",
+        "index": "0",
+    }
     [layer] = data["layers"]
     assert (layer["name"], layer["height"], layer["width"], layer["units"], layer["dissection"]) == (
-        "layer2", 8, 8, 12, base["job"].pk)
+        "layer2",
+        8,
+        8,
+        12,
+        base["job"].pk,
+    )
     labels = [(c["name"], c["units"]) for c in layer["concepts"]]
     assert labels == sorted(labels, key=lambda c: (-c[1], c[0])) and labels[0][0] == "red-c"
     assert sum(n for _, n in labels) == 12
-    assert 'id="paint-grid"' in page and 'id="paint-csrf"' in page and data["endpoint"] == f"/api/models/{model.pk}/paint/?as=json"
+    assert (
+        'id="paint-grid"' in page
+        and 'id="paint-csrf"' in page
+        and data["endpoint"] == f"/api/models/{model.pk}/paint/?as=json"
+    )
     assert f'href="/models/{model.pk}/paint/"' in alice.get(f"/models/{model.pk}/").content.decode()
 
-    bare = NetworkModel.objects.create(owner=user, name="fresh", arch="builtin:dcgan", kind="generator",
-                                       weights_path="/x", latent_dim=16, layers=LAYERS)
+    bare = NetworkModel.objects.create(
+        owner=user,
+        name="fresh",
+        arch="builtin:dcgan",
+        kind="generator",
+        weights_path="/x",
+        latent_dim=16,
+        layers=LAYERS,
+    )
     page = alice.get(f"/models/{bare.pk}/paint/").content.decode()
     assert "No layer of fresh has a succeeded dissection yet" in page and "paint-data" not in page
     assert "Paint</a>" not in alice.get(f"/models/{bare.pk}/").content.decode()
-    classifier = NetworkModel.objects.create(owner=user, name="cnn", arch="builtin:scenecnn", weights_path="/x",
-                                             layers=LAYERS)
+    classifier = NetworkModel.objects.create(
+        owner=user, name="cnn", arch="builtin:scenecnn", weights_path="/x", layers=LAYERS
+    )
     assert "Painting needs a generator" in alice.get(f"/models/{classifier.pk}/paint/").content.decode()
 
 
@@ -284,8 +438,12 @@ def test_other_users_generator_pages_are_404(client, user, other_user, tmp_path)
     assert client.get(reverse("job-images", kwargs={"pk": removal.pk, "name": "removal-before"})).status_code == 404
     public = make_generator(user, tmp_path / "public", name="shared", public=True)
     page = client.get(f"/models/{public['model'].pk}/paint/").content.decode()
-    assert public["job"].pk in [layer["dissection"] for layer in json.loads(
-        re.search(r'<script id="paint-data" type="application/json">(.*?)</script>', page).group(1))["layers"]]
+    assert public["job"].pk in [
+        layer["dissection"]
+        for layer in json.loads(
+            re.search(r'<script id="paint-data" type="application/json">(.*?)</script>', page).group(1)
+        )["layers"]
+    ]
 
 
 def test_job_form_submits_every_type_and_shows_the_service_errors(alice, user, tmp_path, monkeypatch):
@@ -306,22 +464,38 @@ def test_job_form_submits_every_type_and_shows_the_service_errors(alice, user, t
     def post(**fields):
         return alice.post("/jobs/new/", {"model": model, **fields})
 
-    response = post(type="dissect", layers="layer1 layer2", samples="64", seed="3", concepts="colors", quantile="0.99",
-                    ks="1, 2", max_images="5")
+    response = post(
+        type="dissect",
+        layers="layer1 layer2",
+        samples="64",
+        seed="3",
+        concepts="colors",
+        quantile="0.99",
+        ks="1, 2",
+        max_images="5",
+    )
     job = Job.objects.latest("id")
     assert response["Location"] == f"/jobs/{job.pk}/", response.content.decode()[-3000:]
     assert job.dataset is None and job.params["layers"] == ["layer1", "layer2"]
     assert (job.params["samples"], job.params["seed"], job.params["concepts"]) == (64, 3, "colors")
     assert "ks" not in job.params and "max_images" not in job.params
 
-    response = post(type="generator_remove", layer="layer2", concept="red-c", ks="1 2, 4", samples="16",
-                    sample_images="4", layers="ignored")
+    response = post(
+        type="generator_remove",
+        layer="layer2",
+        concept="red-c",
+        ks="1 2, 4",
+        samples="16",
+        sample_images="4",
+        layers="ignored",
+    )
     job = Job.objects.latest("id")
     assert response.status_code == 302 and job.type == "generator_remove"
     assert job.params["ks"] == [1, 2, 4] and job.params["dissection"] == base["job"].pk and job.params["samples"] == 16
 
-    response = post(type="generator_insert", layer="layer2", concept="red-c", k="4", insert_quantile="0.99",
-                    stride="2", samples="8")
+    response = post(
+        type="generator_insert", layer="layer2", concept="red-c", k="4", insert_quantile="0.99", stride="2", samples="8"
+    )
     job = Job.objects.latest("id")
     assert response.status_code == 302 and job.type == "generator_insert"
     assert (job.params["k"], job.params["quantile"], job.params["stride"]) == (4, 0.99, 2)
@@ -331,8 +505,14 @@ def test_job_form_submits_every_type_and_shows_the_service_errors(alice, user, t
     errors = [
         ({"type": "dissect", "layers": "", "dataset": dataset.pk}, "generator jobs take no dataset"),
         ({"type": "dissect", "layers": ""}, "params.layers is required"),
-        ({"type": "generator_remove", "layer": "layer2", "concept": "purple-c"}, "knows no concept &#x27;purple-c&#x27;"),
-        ({"type": "generator_insert", "layer": "layer1", "concept": "red-c"}, "no succeeded dissection of layer layer1"),
+        (
+            {"type": "generator_remove", "layer": "layer2", "concept": "purple-c"},
+            "knows no concept &#x27;purple-c&#x27;",
+        ),
+        (
+            {"type": "generator_insert", "layer": "layer1", "concept": "red-c"},
+            "no succeeded dissection of layer layer1",
+        ),
         ({"type": "ablate", "layer": "layer2"}, "is a generator; its job types are"),
         ({"type": "generator_remove", "layer": "layer2", "concept": "red-c", "ks": "1, two"}, "Whole numbers"),
     ]
@@ -358,11 +538,16 @@ def test_rerun_of_generator_jobs_without_a_dataset(alice, user, tmp_path, monkey
 
 def test_500_units_and_a_64x64_map_render_fast(alice, user, tmp_path):
     base = make_generator(user, tmp_path, units=500)
-    removal = make_removal(user, base, tmp_path, ks=tuple(range(1, 501, 10)) + (500,))
+    removal = make_removal(user, base, tmp_path, ks=(*tuple(range(1, 501, 10)), 500))
     insertion = make_insertion(user, base, tmp_path, rows=64, cols=64, k=500, listed=False)
     timings = {}
-    for url in (f"/jobs/{removal.pk}/", f"/jobs/{insertion.pk}/", f"/models/{base['model'].pk}/paint/", "/jobs/new/",
-                f"/models/{base['model'].pk}/"):
+    for url in (
+        f"/jobs/{removal.pk}/",
+        f"/jobs/{insertion.pk}/",
+        f"/models/{base['model'].pk}/paint/",
+        "/jobs/new/",
+        f"/models/{base['model'].pk}/",
+    ):
         alice.get(url)
         start = time.perf_counter()
         response = alice.get(url)
@@ -383,15 +568,22 @@ def test_degenerate_results_read_honestly(alice, user, tmp_path):
 
     base = make_generator(user, tmp_path)
     removal = make_removal(user, base, tmp_path)
-    removal.summary = {**removal.summary, "baseline": 1.0,
-                       "curve": [{"k": k, "share": 1.0, "change": 0.0} for k in (1, 2, 4, 8)]}
+    removal.summary = {
+        **removal.summary,
+        "baseline": 1.0,
+        "curve": [{"k": k, "share": 1.0, "change": 0.0} for k in (1, 2, 4, 8)],
+    }
     removal.save()
     page = alice.get(f"/jobs/{removal.pk}/").content.decode()
     assert ">100.0%</text>" in page and "125" not in page and "-0.0%" not in page
     assert "<strong>no change</strong>" in page and page.count(">+0.0%</td>") == 4
     insertion = make_insertion(user, base, tmp_path)
-    insertion.summary = {**insertion.summary, "map": [[0.0] * 4 for _ in range(4)], "mean_added": 0.0,
-                         "best": {"y": 0, "x": 0, "added": 0.0}}
+    insertion.summary = {
+        **insertion.summary,
+        "map": [[0.0] * 4 for _ in range(4)],
+        "mean_added": 0.0,
+        "best": {"y": 0, "x": 0, "added": 0.0},
+    }
     insertion.save()
     page = alice.get(f"/jobs/{insertion.pk}/").content.decode()
     assert 'class="best"' not in page and "no position added any pixels of red-c" in page

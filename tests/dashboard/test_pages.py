@@ -12,8 +12,14 @@ import pytest
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.service]
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 
 
@@ -177,15 +183,28 @@ def test_dissect_watch_browse_and_search(live_server, celery_worker_process, use
 
     done = Job.objects.get(pk=job_id)
     failed = Job.objects.create(
-        owner=done.owner, type="dissect", model=done.model, dataset=done.dataset, params=done.params,
-        status="failed", phase="failed", progress=0.4, attempts=1, started=timezone.now(),
+        owner=done.owner,
+        type="dissect",
+        model=done.model,
+        dataset=done.dataset,
+        params=done.params,
+        status="failed",
+        phase="failed",
+        progress=0.4,
+        attempts=1,
+        started=timezone.now(),
         finished=timezone.now() + timedelta(seconds=4),
-        error="Traceback (most recent call last):\n" + '  File "dissect.py", line 1, in run\n' * 12
+        error="Traceback (most recent call last):\n"
+        + '  File "dissect.py", line 1, in run\n' * 12
         + "DissectError: the images folder is empty <b>not bold</b>",
     )
     connections.close_all()  # opened inside Playwright's greenlet, which pytest-django does not clean up
-    for name, path in (("11-models", "/models/"), ("12-datasets", "/datasets/"), ("13-token", "/token/"),
-                       ("14-job-failed", f"/jobs/{failed.pk}/")):
+    for name, path in (
+        ("11-models", "/models/"),
+        ("12-datasets", "/datasets/"),
+        ("13-token", "/token/"),
+        ("14-job-failed", f"/jobs/{failed.pk}/"),
+    ):
         page.goto(base + path)
         shot(page, name, full_page=False)
     expect(page.locator("pre.error")).to_contain_text("DissectError: the images folder is empty <b>not bold</b>")
@@ -255,8 +274,16 @@ def test_generator_dissect_paint_remove_insert(live_server, celery_worker_proces
 def generator_flow(base, api, generator_weights, page) -> None:
     from playwright.sync_api import expect
 
-    response = api.post("/api/models/", {"name": "dcgan <b>toy</b>", "arch": "builtin:dcgan", "kind": "generator",
-                                         "weights_path": str(generator_weights)}, format="json")
+    response = api.post(
+        "/api/models/",
+        {
+            "name": "dcgan <b>toy</b>",
+            "arch": "builtin:dcgan",
+            "kind": "generator",
+            "weights_path": str(generator_weights),
+        },
+        format="json",
+    )
     assert response.status_code == 201, response.json()
     model = response.json()
     layer3 = next(entry for entry in model["layers"] if entry["name"] == "layer3")
@@ -327,7 +354,9 @@ def generator_flow(base, api, generator_weights, page) -> None:
     wait_succeeded(page)
     expect(page.locator("#removal-chart circle")).to_have_count(4)
     expect(page.locator("#removal-table tbody tr")).to_have_count(4)
-    page.wait_for_function("() => [...document.querySelectorAll('img.samples')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img.samples')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     assert page.locator(".units-ranked a[href^='/units/']").count() == 16
     shot(page, "25-generator-removal")
 
@@ -341,7 +370,9 @@ def generator_flow(base, api, generator_weights, page) -> None:
     expect(page.locator("#insertion-map .cells rect")).to_have_count(16)
     if page.locator("#insertion-map rect.best").count() == 0:  # a random generator may add nothing anywhere
         expect(page.locator("#insertion")).to_contain_text(f"no position added any pixels of {concept}")
-    page.wait_for_function("() => [...document.querySelectorAll('img.samples')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img.samples')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     shot(page, "26-generator-insertion")
 
     page.goto(base + "/")

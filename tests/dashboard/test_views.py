@@ -14,8 +14,9 @@ EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
 CONCEPTS = [("tree", "object"), ("sky", "object"), ("wheel", "part"), ("brick", "material"), ("red-c", "color")]
 
 
-def make_dissection(owner, *, units: int = 8, layer: str = "conv5", name: str = "net", public: bool = False,
-                    status: str = "succeeded"):
+def make_dissection(
+    owner, *, units: int = 8, layer: str = "conv5", name: str = "net", public: bool = False, status: str = "succeeded"
+):
     """A model, a dataset and a job with one dissected layer, written directly as rows."""
     from api.models import (
         Concept,
@@ -28,30 +29,65 @@ def make_dissection(owner, *, units: int = 8, layer: str = "conv5", name: str = 
     )
 
     model = NetworkModel.objects.create(
-        owner=owner, name=name, arch="builtin:scenecnn", weights_path="/x", public=public,
-        layers=[{"name": "conv4", "type": "Conv2d", "units": units, "height": 8, "width": 8},
-                {"name": layer, "type": "Conv2d", "units": units, "height": 4, "width": 4}],
+        owner=owner,
+        name=name,
+        arch="builtin:scenecnn",
+        weights_path="/x",
+        public=public,
+        layers=[
+            {"name": "conv4", "type": "Conv2d", "units": units, "height": 8, "width": 8},
+            {"name": layer, "type": "Conv2d", "units": units, "height": 4, "width": 4},
+        ],
     )
     dataset = Dataset.objects.create(owner=owner, name=f"{name}-data", format="broden", path="/y", public=public)
-    job = Job.objects.create(owner=owner, type="dissect", model=model, dataset=dataset, status=status,
-                             params={"layers": [layer], "quantile": 0.99, "batch_size": 32})
+    job = Job.objects.create(
+        owner=owner,
+        type="dissect",
+        model=model,
+        dataset=dataset,
+        status=status,
+        params={"layers": [layer], "quantile": 0.99, "batch_size": 32},
+    )
     concepts = [Concept.objects.get_or_create(name=n, category=c)[0] for n, c in CONCEPTS]
-    rows = Unit.objects.bulk_create([
-        Unit(job=job, model=model, layer=layer, unit=u, label=concepts[u % len(concepts)],
-             label_name=concepts[u % len(concepts)].name, iou=0.01 + 0.2 * ((u * 37) % units) / units,
-             threshold=1.0, top_images=[0, 1, 2, 3, 4])
-        for u in range(units)
-    ])
-    UnitConcept.objects.bulk_create([
-        UnitConcept(unit=row, concept=concepts[(row.unit + r) % len(concepts)], rank=r, iou=row.iou / (r + 1))
-        for row in rows for r in range(3)
-    ])
+    rows = Unit.objects.bulk_create(
+        [
+            Unit(
+                job=job,
+                model=model,
+                layer=layer,
+                unit=u,
+                label=concepts[u % len(concepts)],
+                label_name=concepts[u % len(concepts)].name,
+                iou=0.01 + 0.2 * ((u * 37) % units) / units,
+                threshold=1.0,
+                top_images=[0, 1, 2, 3, 4],
+            )
+            for u in range(units)
+        ]
+    )
+    UnitConcept.objects.bulk_create(
+        [
+            UnitConcept(unit=row, concept=concepts[(row.unit + r) % len(concepts)], rank=r, iou=row.iou / (r + 1))
+            for row in rows
+            for r in range(3)
+        ]
+    )
     labels = [concepts[u % len(concepts)] for u in range(units)]
-    LayerResult.objects.create(job=job, layer=layer, units=units, summary={
-        "layer": layer, "units": units, "min_iou": 0.04, "detectors": units, "unique_concepts": len(CONCEPTS),
-        "detectors_by_category": {"object": 2, "part": 1}, "unique_concepts_by_category": {"object": 2, "part": 1},
-        "concept_units": {c.name: labels.count(c) for c in concepts},
-    })
+    LayerResult.objects.create(
+        job=job,
+        layer=layer,
+        units=units,
+        summary={
+            "layer": layer,
+            "units": units,
+            "min_iou": 0.04,
+            "detectors": units,
+            "unique_concepts": len(CONCEPTS),
+            "detectors_by_category": {"object": 2, "part": 1},
+            "unique_concepts_by_category": {"object": 2, "part": 1},
+            "concept_units": {c.name: labels.count(c) for c in concepts},
+        },
+    )
     return {"model": model, "dataset": dataset, "job": job, "unit": rows[0], "layer": layer}
 
 
@@ -70,14 +106,35 @@ def test_pages_need_login(client):
 def test_every_page_renders_with_the_nav(alice, user):
     rows = make_dissection(user)
     job, unit, model = rows["job"], rows["unit"], rows["model"]
-    urls = ["/", "/jobs/live/", "/jobs/new/", f"/jobs/{job.pk}/", f"/jobs/{job.pk}/layers/conv5/", "/models/",
-            "/models/new/", f"/models/{model.pk}/", "/datasets/", "/datasets/new/", f"/units/{unit.pk}/",
-            "/search/", "/search/?concept=TREE", "/token/"]
+    urls = [
+        "/",
+        "/jobs/live/",
+        "/jobs/new/",
+        f"/jobs/{job.pk}/",
+        f"/jobs/{job.pk}/layers/conv5/",
+        "/models/",
+        "/models/new/",
+        f"/models/{model.pk}/",
+        "/datasets/",
+        "/datasets/new/",
+        f"/units/{unit.pk}/",
+        "/search/",
+        "/search/?concept=TREE",
+        "/token/",
+    ]
     for url in urls:
         response = alice.get(url)
         assert response.status_code == 200, url
         if url != "/jobs/live/":
-            for link in ("/jobs/new/", "/models/", "/models/new/", "/datasets/", "/datasets/new/", "/search/", "/token/"):
+            for link in (
+                "/jobs/new/",
+                "/models/",
+                "/models/new/",
+                "/datasets/",
+                "/datasets/new/",
+                "/search/",
+                "/token/",
+            ):
                 assert f'href="{link}"' in response.content.decode(), (url, link)
 
 
@@ -138,14 +195,17 @@ def test_job_form_shows_the_service_error(alice, user, monkeypatch):
 
 
 def test_model_form_errors_are_shown_escaped(alice, data_root):
-    page = alice.post("/models/new/", {"name": EVIL, "arch": "builtin:scenecnn", "kind": "classifier",
-                                       "weights_path": f"/elsewhere/{EVIL}.pt"}).content.decode()
+    page = alice.post(
+        "/models/new/",
+        {"name": EVIL, "arch": "builtin:scenecnn", "kind": "classifier", "weights_path": f"/elsewhere/{EVIL}.pt"},
+    ).content.decode()
     assert "Not saved" in page and "is outside the configured data roots" in page
     assert EVIL not in page and EVIL_ESCAPED in page
     page = alice.post("/models/new/", {"name": "m", "arch": "resnet", "kind": "classifier"}).content.decode()
     assert "arch must be" in page and "exactly one of a weights file or a weights path" in page
-    page = alice.post("/datasets/new/", {"name": "d", "format": "broden", "concepts": "masks",
-                                         "path": str(data_root / "missing")}).content.decode()
+    page = alice.post(
+        "/datasets/new/", {"name": "d", "format": "broden", "concepts": "masks", "path": str(data_root / "missing")}
+    ).content.decode()
     assert "path does not exist" in page
 
 
@@ -156,9 +216,19 @@ def test_user_text_is_escaped_everywhere(alice, user):
     evil_concept = Concept.objects.create(name=EVIL, category=EVIL)
     Unit.objects.filter(pk=rows["unit"].pk).update(label=evil_concept, label_name=EVIL, iou=0.5)
     job, model, unit = rows["job"], rows["model"], rows["unit"]
-    urls = ["/", "/jobs/live/", f"/jobs/{job.pk}/", f"/models/{model.pk}/", "/models/", "/datasets/",
-            f"/jobs/{job.pk}/layers/conv5/", f"/units/{unit.pk}/", "/search/?concept=" + EVIL, "/search/?concept=scr",
-            "/jobs/new/"]
+    urls = [
+        "/",
+        "/jobs/live/",
+        f"/jobs/{job.pk}/",
+        f"/models/{model.pk}/",
+        "/models/",
+        "/datasets/",
+        f"/jobs/{job.pk}/layers/conv5/",
+        f"/units/{unit.pk}/",
+        "/search/?concept=" + EVIL,
+        "/search/?concept=scr",
+        "/jobs/new/",
+    ]
     for url in urls:
         page = alice.get(url).content.decode()
         assert EVIL not in page, url
@@ -177,7 +247,9 @@ def test_other_users_pages_are_404(client, user, other_user):
         assert client.post(url).status_code == 404, url
     for url in ("/", "/jobs/live/", "/models/", "/datasets/", "/search/?concept=tree", "/search/", "/jobs/new/"):
         page = client.get(url).content.decode()
-        assert "net-data" not in page and f'href="/jobs/{job.pk}/"' not in page and f"/units/{unit.pk}/" not in page, url
+        assert "net-data" not in page and f'href="/jobs/{job.pk}/"' not in page and f"/units/{unit.pk}/" not in page, (
+            url
+        )
     public = make_dissection(user, name="shared", public=True)
     assert client.get(f"/models/{public['model'].pk}/").status_code == 200
     assert client.get(f"/units/{public['unit'].pk}/").status_code == 200
@@ -240,9 +312,14 @@ def test_a_500_unit_layer_renders_in_under_a_second(alice, user):
     job = rows["job"]
     alice.get(f"/jobs/{job.pk}/layers/conv5/")
     timings = {}
-    for url in (f"/jobs/{job.pk}/layers/conv5/", f"/jobs/{job.pk}/layers/conv5/?category=object&sort=unit",
-                f"/jobs/{job.pk}/", f"/models/{rows['model'].pk}/", "/search/?concept=tree",
-                f"/units/{rows['unit'].pk}/"):
+    for url in (
+        f"/jobs/{job.pk}/layers/conv5/",
+        f"/jobs/{job.pk}/layers/conv5/?category=object&sort=unit",
+        f"/jobs/{job.pk}/",
+        f"/models/{rows['model'].pk}/",
+        "/search/?concept=tree",
+        f"/units/{rows['unit'].pk}/",
+    ):
         start = time.perf_counter()
         response = alice.get(url)
         timings[url] = time.perf_counter() - start
@@ -258,22 +335,53 @@ def test_ablate_and_attack_jobs_show_the_figure_2_and_5_views(alice, user):
     base = make_dissection(user, units=4, layer="conv5")
     classes = ["street", EVIL]
     ablate = Job.objects.create(
-        owner=user, type="ablate", model=base["model"], dataset=base["dataset"], status="succeeded",
+        owner=user,
+        type="ablate",
+        model=base["model"],
+        dataset=base["dataset"],
+        status="succeeded",
         params={"layer": "conv5"},
-        summary={"layer": "conv5", "classes": classes, "train_images": 10, "val_images": 5, "tied_units": [2, 1],
-                 "interpretability": {"dissection_job": base["job"].pk, "units": [0, 1, 2, 3],
-                                      "classes_in_top4": [2, 1, 0, 1], "iou": [0.2, 0.1, 0.0, 0.05],
-                                      "correlation": 0.9}},
+        summary={
+            "layer": "conv5",
+            "classes": classes,
+            "train_images": 10,
+            "val_images": 5,
+            "tied_units": [2, 1],
+            "interpretability": {
+                "dissection_job": base["job"].pk,
+                "units": [0, 1, 2, 3],
+                "classes_in_top4": [2, 1, 0, 1],
+                "iou": [0.2, 0.1, 0.0, 0.05],
+                "correlation": 0.9,
+            },
+        },
     )
     for c, name in enumerate(classes):
         for k, (removed, kept) in {1: (0.8, 0.6), 2: (0.5, 0.9)}.items():
-            AblationCurve.objects.create(job=ablate, class_index=c, class_name=name, k=k, baseline=0.9,
-                                         removed_top=removed, kept_top=kept, removed_top_accuracy=0.5,
-                                         kept_top_accuracy=0.6)
+            AblationCurve.objects.create(
+                job=ablate,
+                class_index=c,
+                class_name=name,
+                k=k,
+                baseline=0.9,
+                removed_top=removed,
+                kept_top=kept,
+                removed_top_accuracy=0.5,
+                kept_top_accuracy=0.6,
+            )
         for rank, unit in enumerate([1, 0, 3, 2]):
-            ClassUnitImportance.objects.create(job=ablate, model=base["model"], layer="conv5", class_index=c,
-                                               class_name=name, rank=rank, unit=unit, balanced_accuracy=0.5 + rank / 10,
-                                               drop=0.4 - rank / 10, margin_drop=1.0)
+            ClassUnitImportance.objects.create(
+                job=ablate,
+                model=base["model"],
+                layer="conv5",
+                class_index=c,
+                class_name=name,
+                rank=rank,
+                unit=unit,
+                balanced_accuracy=0.5 + rank / 10,
+                drop=0.4 - rank / 10,
+                margin_drop=1.0,
+            )
     page = alice.get(f"/jobs/{ablate.pk}/?class=street").content.decode()
     assert page.count("<polyline") == 4
     assert "Figure 2e" in page and page.count("<circle") >= 4 + 2 * 2 * 2
@@ -282,11 +390,24 @@ def test_ablate_and_attack_jobs_show_the_figure_2_and_5_views(alice, user):
     assert [u for _, u in important[:4]] == ["1", "0", "3", "2"]
 
     attack = Job.objects.create(
-        owner=user, type="attack", model=base["model"], dataset=base["dataset"], status="succeeded",
+        owner=user,
+        type="attack",
+        model=base["model"],
+        dataset=base["dataset"],
+        status="succeeded",
         params={"layer": "conv5", "ablation_job": ablate.pk},
-        summary={"layer": "conv5", "ablation_job": ablate.pk, "eps": 0.03, "success_rate": 0.75, "attacked": 8,
-                 "images": 6, "confidence": 0.99, "source": {"mean": 0.9, "low": 0.8, "high": 1.0},
-                 "target": {"mean": 0.7, "low": 0.6, "high": 0.8}, "other": {"mean": 0.3, "low": 0.2, "high": 0.4}},
+        summary={
+            "layer": "conv5",
+            "ablation_job": ablate.pk,
+            "eps": 0.03,
+            "success_rate": 0.75,
+            "attacked": 8,
+            "images": 6,
+            "confidence": 0.99,
+            "source": {"mean": 0.9, "low": 0.8, "high": 1.0},
+            "target": {"mean": 0.7, "low": 0.6, "high": 0.8},
+            "other": {"mean": 0.3, "low": 0.2, "high": 0.4},
+        },
     )
     page = alice.get(f"/jobs/{attack.pk}/").content.decode()
     assert "Figure 5c" in page and "0.750 succeeded" in page and "0.900" in page
@@ -297,11 +418,25 @@ def test_unit_classifier_jobs_show_the_figure_1f_plot(alice, user):
 
     base = make_dissection(user, units=4)
     job = Job.objects.create(
-        owner=user, type="unit_classifier", model=base["model"], dataset=base["dataset"], status="succeeded",
+        owner=user,
+        type="unit_classifier",
+        model=base["model"],
+        dataset=base["dataset"],
+        status="succeeded",
         params={"layer": "conv5", "unit": 2, "concept": EVIL},
-        summary={"layer": "conv5", "unit": 2, "concept": EVIL, "threshold": 1.5, "balanced_accuracy": 0.856,
-                 "true_positive_rate": 0.9, "true_negative_rate": 0.812, "images_with": 3, "images_without": 2,
-                 "peaks_with": [1.6, 2.0, 3.0], "peaks_without": [0.1, 1.0]},
+        summary={
+            "layer": "conv5",
+            "unit": 2,
+            "concept": EVIL,
+            "threshold": 1.5,
+            "balanced_accuracy": 0.856,
+            "true_positive_rate": 0.9,
+            "true_negative_rate": 0.812,
+            "images_with": 3,
+            "images_without": 2,
+            "peaks_with": [1.6, 2.0, 3.0],
+            "peaks_without": [0.1, 1.0],
+        },
     )
     page = alice.get(f"/jobs/{job.pk}/").content.decode()
     assert "Figure 1f" in page and "0.856" in page

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import register, wait_final
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.service]
@@ -22,8 +21,12 @@ def test_ablate_job_end_to_end(api, other_api, celery_worker_process, scenes, de
 
     response = api.post(
         "/api/jobs/",
-        {"type": "ablate", "model": model["id"], "dataset": dataset["id"],
-         "params": {"layer": "conv5.0", "ks": [1, 2, 20]}},
+        {
+            "type": "ablate",
+            "model": model["id"],
+            "dataset": dataset["id"],
+            "params": {"layer": "conv5.0", "ks": [1, 2, 20]},
+        },
         format="json",
     )
     assert response.status_code == 202, response.json()
@@ -52,8 +55,12 @@ def test_ablate_job_end_to_end(api, other_api, celery_worker_process, scenes, de
 
     attack = api.post(
         "/api/jobs/",
-        {"type": "attack", "model": model["id"], "dataset": dataset["id"],
-         "params": {"layer": "conv5.0", "split": "train", "max_images": 6, "iterations": 5}},
+        {
+            "type": "attack",
+            "model": model["id"],
+            "dataset": dataset["id"],
+            "params": {"layer": "conv5.0", "split": "train", "max_images": 6, "iterations": 5},
+        },
         format="json",
     )
     assert attack.status_code == 202, attack.json()
@@ -66,8 +73,12 @@ def test_ablate_job_end_to_end(api, other_api, celery_worker_process, scenes, de
     best = api.get(f"/api/units/?job={dissect['id']}&page_size=1").json()["results"][0]
     scored = api.post(
         "/api/jobs/",
-        {"type": "unit_classifier", "model": model["id"], "dataset": dataset["id"],
-         "params": {"layer": "conv5.0", "unit": best["unit"], "concept": best["label"]}},
+        {
+            "type": "unit_classifier",
+            "model": model["id"],
+            "dataset": dataset["id"],
+            "params": {"layer": "conv5.0", "unit": best["unit"], "concept": best["label"]},
+        },
         format="json",
     )
     assert scored.status_code == 202, scored.json()
@@ -80,8 +91,12 @@ def test_ablate_job_end_to_end(api, other_api, celery_worker_process, scenes, de
     assert len(verdict["peaks_with"]) == verdict["images_with"]
     missing_concept = api.post(
         "/api/jobs/",
-        {"type": "unit_classifier", "model": model["id"], "dataset": dataset["id"],
-         "params": {"layer": "conv5.0", "unit": 0, "concept": "unicorn"}},
+        {
+            "type": "unit_classifier",
+            "model": model["id"],
+            "dataset": dataset["id"],
+            "params": {"layer": "conv5.0", "unit": 0, "concept": "unicorn"},
+        },
         format="json",
     ).json()
     failed = wait_final(api, missing_concept["id"])
@@ -109,7 +124,8 @@ def test_ablate_params_are_checked(api, user):
         (scenes, {"layer": "conv5.0", "classes": [5]}, "params.classes"),
     ]
     response = api.post(
-        "/api/jobs/", {"type": "attack", "model": model.pk, "dataset": scenes.pk, "params": {"layer": "conv5.0"}},
+        "/api/jobs/",
+        {"type": "attack", "model": model.pk, "dataset": scenes.pk, "params": {"layer": "conv5.0"}},
         format="json",
     )
     assert response.status_code == 400 and "succeeded ablate job" in response.json()["message"]

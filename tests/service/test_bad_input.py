@@ -191,29 +191,38 @@ def test_dataset_path_outside_data_roots(api, nothing_left, data_root, where):
 
 
 def test_dataset_path_that_is_missing_or_not_a_directory(api, nothing_left, data_root):
-    response = api.post("/api/datasets/", {"name": "d", "format": "broden", "path": str(data_root / "no-such")},
-                        format="json")
+    response = api.post(
+        "/api/datasets/", {"name": "d", "format": "broden", "path": str(data_root / "no-such")}, format="json"
+    )
     _bad(response, 400, "does not exist")
     (data_root / "a-file.txt").write_text("x")
-    response = api.post("/api/datasets/", {"name": "d", "format": "broden", "path": str(data_root / "a-file.txt")},
-                        format="json")
+    response = api.post(
+        "/api/datasets/", {"name": "d", "format": "broden", "path": str(data_root / "a-file.txt")}, format="json"
+    )
     _bad(response, 400, "not a directory")
 
 
 def test_dataset_archive_of_an_unknown_kind_or_corrupt(api, nothing_left):
-    response = api.post("/api/datasets/", {"name": "d", "format": "imagefolder",
-                                           "archive": _upload(b"Rar!\x1a\x07\x00", "data.rar")}, format="multipart")
+    response = api.post(
+        "/api/datasets/",
+        {"name": "d", "format": "imagefolder", "archive": _upload(b"Rar!\x1a\x07\x00", "data.rar")},
+        format="multipart",
+    )
     _bad(response, 400, "data.rar", ".zip")
-    response = api.post("/api/datasets/", {"name": "d", "format": "imagefolder",
-                                           "archive": _upload(b"not a zip at all", "data.zip")}, format="multipart")
+    response = api.post(
+        "/api/datasets/",
+        {"name": "d", "format": "imagefolder", "archive": _upload(b"not a zip at all", "data.zip")},
+        format="multipart",
+    )
     _bad(response, 400, "not a valid zip")
 
 
 def test_oversized_dataset_upload(api, nothing_left, settings):
     settings.FILE_UPLOAD_MAX_BYTES = 1000
     archive = _zip({"d/images/a.png": _png(8, 8), "d/notes.bin": __import__("os").urandom(4000)})
-    response = api.post("/api/datasets/", {"name": "d", "format": "imagefolder", "archive": archive},
-                        format="multipart")
+    response = api.post(
+        "/api/datasets/", {"name": "d", "format": "imagefolder", "archive": archive}, format="multipart"
+    )
     _bad(response, 413, "larger than 1000 bytes")
 
 
@@ -246,8 +255,9 @@ BOMB = (9000, 9000)
 def test_an_image_over_the_pixel_limit_is_refused(api, nothing_left):
     assert BOMB[0] * BOMB[1] > PIXEL_LIMIT
     archive = _zip({"folder/images/a.png": _png(*BOMB), "folder/images/b.png": _png(16, 16)})
-    response = api.post("/api/datasets/", {"name": "d", "format": "imagefolder", "archive": archive},
-                        format="multipart")
+    response = api.post(
+        "/api/datasets/", {"name": "d", "format": "imagefolder", "archive": archive}, format="multipart"
+    )
     _bad(response, 400, "a.png", "9000x9000", "over the limit")
 
 
@@ -263,16 +273,18 @@ def test_an_image_over_the_pixel_limit_anywhere_in_the_dataset_is_refused(api, m
             "d/images/ok.png": _png(16, 16),
             "d/images/c.png": _png(*BOMB),
         }
-    response = api.post("/api/datasets/", {"name": "d", "format": layout, "archive": _zip(members)},
-                        format="multipart")
+    response = api.post("/api/datasets/", {"name": "d", "format": layout, "archive": _zip(members)}, format="multipart")
     _bad(response, 400, "c.png", "over the limit")
     _assert_nothing_left(media)
 
 
 def test_an_image_folder_archive_with_images_at_the_top_registers(api):
     archive = _zip({"images/a.png": _png(16, 16), "images/b.png": _png(16, 16)})
-    response = api.post("/api/datasets/", {"name": "top", "format": "imagefolder", "archive": archive,
-                                           "concepts": "colors"}, format="multipart")
+    response = api.post(
+        "/api/datasets/",
+        {"name": "top", "format": "imagefolder", "archive": archive, "concepts": "colors"},
+        format="multipart",
+    )
     assert response.status_code == 201, response.json()
     assert response.json()["image_count"] == 2
 
@@ -285,10 +297,11 @@ def registered(user):
     """A model and a dataset as registration leaves them (rows made directly: no probe needed)."""
     from api.models import Dataset, NetworkModel
 
-    layers = [{"name": "conv5", "type": "Conv2d", "units": 8, "height": 4, "width": 4},
-              {"name": "fc", "type": "Linear", "units": 6, "height": 1, "width": 1}]
-    model = NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x",
-                                        layers=layers)
+    layers = [
+        {"name": "conv5", "type": "Conv2d", "units": 8, "height": 4, "width": 4},
+        {"name": "fc", "type": "Linear", "units": 6, "height": 1, "width": 1},
+    ]
+    model = NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x", layers=layers)
     dataset = Dataset.objects.create(owner=user, name="d", format="broden", path="/y")
     yield model, dataset
     from api.models import Job
@@ -310,15 +323,19 @@ def registered(user):
 )
 def test_job_params_that_cannot_run(api, registered, params, needles):
     model, dataset = registered
-    response = api.post("/api/jobs/", {"type": "dissect", "model": model.pk, "dataset": dataset.pk, "params": params},
-                        format="json")
+    response = api.post(
+        "/api/jobs/", {"type": "dissect", "model": model.pk, "dataset": dataset.pk, "params": params}, format="json"
+    )
     _bad(response, 400, *needles)
 
 
 @pytest.mark.parametrize(
     ("payload", "needle"),
-    [({"model": 1, "dataset": 1}, "type"), ({"type": "dissect", "dataset": 1}, "model"),
-     ({"type": "dissect", "model": "one", "dataset": 1}, "model")],
+    [
+        ({"model": 1, "dataset": 1}, "type"),
+        ({"type": "dissect", "dataset": 1}, "model"),
+        ({"type": "dissect", "model": "one", "dataset": 1}, "model"),
+    ],
 )
 def test_job_fields_missing_or_malformed(api, registered, payload, needle):
     _bad(api.post("/api/jobs/", payload, format="json"), 400, needle)

@@ -29,7 +29,14 @@ def test_schema_and_docs_are_public(client):
     schema = client.get("/api/schema/")
     assert schema.status_code == 200
     text = schema.content.decode()
-    for path in ("/api/models/", "/api/datasets/", "/api/jobs/", "/api/jobs/{id}/cancel/", "/api/units/", "/api/health/"):
+    for path in (
+        "/api/models/",
+        "/api/datasets/",
+        "/api/jobs/",
+        "/api/jobs/{id}/cancel/",
+        "/api/units/",
+        "/api/health/",
+    ):
         assert path in text
     assert client.get("/api/docs/").status_code == 200
 
@@ -63,12 +70,19 @@ def test_dashboard_needs_login(client):
 def test_superuser_and_token_commands_work_as_documented(tmp_path):
     import os
 
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "VAR_DIR": str(tmp_path),
-           "DJANGO_SUPERUSER_USERNAME": "root", "DJANGO_SUPERUSER_PASSWORD": "pw-root-1234",
-           "DJANGO_SUPERUSER_EMAIL": "root@example.com"}
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "VAR_DIR": str(tmp_path),
+        "DJANGO_SUPERUSER_USERNAME": "root",
+        "DJANGO_SUPERUSER_PASSWORD": "pw-root-1234",
+        "DJANGO_SUPERUSER_EMAIL": "root@example.com",
+    }
     env.pop("DATABASE_URL", None)
     for args in (["migrate", "--noinput"], ["createsuperuser", "--noinput"]):
         done = subprocess.run([sys.executable, "manage.py", *args], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
-    done = subprocess.run([sys.executable, "manage.py", "drf_create_token", "root"], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "manage.py", "drf_create_token", "root"], capture_output=True, text=True, env=env
+    )
     assert done.returncode == 0 and "Generated token" in done.stdout, done.stdout + done.stderr

@@ -16,7 +16,11 @@ def _compose() -> dict:
 
 def _env_names_read_by_code() -> set[str]:
     names: set[str] = set()
-    for path in list((ROOT / "config").glob("*.py")) + list((ROOT / "api").rglob("*.py")) + list((ROOT / "workers").rglob("*.py")):
+    for path in (
+        list((ROOT / "config").glob("*.py"))
+        + list((ROOT / "api").rglob("*.py"))
+        + list((ROOT / "workers").rglob("*.py"))
+    ):
         names |= set(re.findall(r"os\.environ(?:\.get|\.setdefault)?\(\s*\"([A-Z_]+)\"", path.read_text()))
         names |= set(re.findall(r"_env_bool\(\s*\"([A-Z_]+)\"", path.read_text()))
     return names

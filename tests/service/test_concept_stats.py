@@ -39,16 +39,26 @@ def zoo(user, other_user):
     concepts = [Concept.objects.get_or_create(name=n, category=c)[0] for n, c in CONCEPTS]
     dataset = Dataset.objects.create(owner=user, name="d", format="broden", path="/y", public=True)
     models = {
-        name: NetworkModel.objects.create(owner=owner, name=name, arch="builtin:scenecnn", weights_path="/x",
-                                          public=public)
-        for name, owner, public in [("alice-private", user, False), ("alice-public", user, True),
-                                    ("bob-public", other_user, True), ("bob-private", other_user, False)]
+        name: NetworkModel.objects.create(
+            owner=owner, name=name, arch="builtin:scenecnn", weights_path="/x", public=public
+        )
+        for name, owner, public in [
+            ("alice-private", user, False),
+            ("alice-public", user, True),
+            ("bob-public", other_user, True),
+            ("bob-private", other_user, False),
+        ]
     }
     jobs = [
-        ("alice-private", user, "succeeded"), ("alice-private", user, "failed"), ("alice-public", user, "succeeded"),
-        ("alice-public", user, "succeeded"), ("alice-public", other_user, "succeeded"),
-        ("alice-public", other_user, "running"), ("bob-public", other_user, "succeeded"),
-        ("bob-private", other_user, "succeeded"), ("bob-private", user, "cancelled"),
+        ("alice-private", user, "succeeded"),
+        ("alice-private", user, "failed"),
+        ("alice-public", user, "succeeded"),
+        ("alice-public", user, "succeeded"),
+        ("alice-public", other_user, "succeeded"),
+        ("alice-public", other_user, "running"),
+        ("bob-public", other_user, "succeeded"),
+        ("bob-private", other_user, "succeeded"),
+        ("bob-private", user, "cancelled"),
     ]
     rng = np.random.default_rng(7)
     rows = []
@@ -58,9 +68,18 @@ def zoo(user, other_user):
         for u in range(40):
             label = concepts[int(rng.integers(0, len(concepts)))] if u % 9 else None
             iou = [0.0399, 0.04, 0.0401, 0.01, 0.3][u % 5] if u < 10 else float(rng.uniform(0.0, 0.2))
-            rows.append(Unit(job=job, model=model, layer=f"layer{i % 2}", unit=u, label=label,
-                             label_name=label.name if label else "", iou=iou if label else 0.1,
-                             threshold=1.0))
+            rows.append(
+                Unit(
+                    job=job,
+                    model=model,
+                    layer=f"layer{i % 2}",
+                    unit=u,
+                    label=label,
+                    label_name=label.name if label else "",
+                    iou=iou if label else 0.1,
+                    threshold=1.0,
+                )
+            )
     Unit.objects.bulk_create(rows)
     call_command("concept_stats_rebuild", stdout=io.StringIO())
     return models
@@ -87,14 +106,29 @@ def test_the_summary_counts_exactly_the_detectors_of_succeeded_jobs(zoo, user):
     units = Unit.objects.filter(job__status="succeeded", label__isnull=False, iou__gte=0.04)
     visible = units.filter(job__owner=user) | units.filter(model__public=True)
     assert sum(r[3] for r in _rows(selectors.concept_list(user=user))) == visible.count()
-    assert Unit.objects.filter(job__status__in=["failed", "running", "cancelled"], iou__gte=0.04,
-                               label__isnull=False).exists()
+    assert Unit.objects.filter(
+        job__status__in=["failed", "running", "cancelled"], iou__gte=0.04, label__isnull=False
+    ).exists()
     assert Unit.objects.filter(iou=0.04, label__isnull=False, job__status="succeeded").exists()
 
 
-@pytest.mark.parametrize("query", ["", "category=object", "category=part", "name=TRE", "name=o&category=material",
-                                   "ordering=models", "ordering=-models", "ordering=name", "ordering=units",
-                                   "ordering=-name", "limit=2", "limit=2&offset=2"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "category=object",
+        "category=part",
+        "name=TRE",
+        "name=o&category=material",
+        "ordering=models",
+        "ordering=-models",
+        "ordering=name",
+        "ordering=units",
+        "ordering=-name",
+        "limit=2",
+        "limit=2&offset=2",
+    ],
+)
 def test_the_endpoint_gives_the_same_page_either_way(zoo, api, other_api, monkeypatch, query):
     from api import selectors
 
@@ -186,7 +220,7 @@ def test_two_refreshes_of_one_model_at_once_take_turns(zoo):
                 services.concept_stats_refresh(model_id=model_id)
                 held.set()
                 release.wait(30)
-        except Exception as exc:  # noqa: BLE001 (reported below)
+        except Exception as exc:
             errors.append(exc)
         finally:
             connection.close()
@@ -195,7 +229,7 @@ def test_two_refreshes_of_one_model_at_once_take_turns(zoo):
         try:
             services.concept_stats_refresh(model_id=model_id)
             second_done.set()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(exc)
         finally:
             connection.close()
@@ -242,8 +276,9 @@ def _run(owner, model, seed: int, *, finish: str = "succeed"):
     iou = rng.uniform(0.0, 0.08, size=(30, len(CONCEPTS)))
     iou[0] = 0.0
     for layer in ("conv4", "conv5"):
-        services.layer_result_store(job=job, layer=layer, thresholds=np.ones(30), iou=iou, concepts=CONCEPTS,
-                                    summary={})
+        services.layer_result_store(
+            job=job, layer=layer, thresholds=np.ones(30), iou=iou, concepts=CONCEPTS, summary={}
+        )
     if finish == "succeed":
         services.job_succeed(job_id=job.pk)
     else:

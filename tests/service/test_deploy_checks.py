@@ -50,7 +50,12 @@ def _bare_env(**variables: str) -> dict[str, str]:
 def _manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "manage.py", *args],
-        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -62,8 +67,15 @@ def _settings(**variables: str) -> dict:
         "'SECURE_HSTS_INCLUDE_SUBDOMAINS', 'SECURE_HSTS_PRELOAD', 'SECURE_PROXY_SSL_HEADER', "
         "'SILENCED_SYSTEM_CHECKS')}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=_bare_env(**variables),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=ROOT,
+        env=_bare_env(**variables),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -110,14 +122,23 @@ def test_a_warning_is_silenced_only_where_its_setting_is_explicitly_off():
     assert set(_settings(TLS="false")["SILENCED_SYSTEM_CHECKS"]) == TLS_CHECKS
     assert _settings(TLS="true", SECURE_SSL_REDIRECT="false")["SILENCED_SYSTEM_CHECKS"] == ["security.W008"]
     assert _settings(TLS="true", SECURE_HSTS_SECONDS="86400")["SILENCED_SYSTEM_CHECKS"] == []
-    assert _settings(TLS="true", SECURE_HSTS_PRELOAD="true", SECURE_HSTS_INCLUDE_SUBDOMAINS="true")[
-        "SILENCED_SYSTEM_CHECKS"
-    ] == []
+    assert (
+        _settings(TLS="true", SECURE_HSTS_PRELOAD="true", SECURE_HSTS_INCLUDE_SUBDOMAINS="true")[
+            "SILENCED_SYSTEM_CHECKS"
+        ]
+        == []
+    )
 
 
 def test_a_malformed_proxy_header_is_refused():
-    out = subprocess.run([sys.executable, "-c", "import config.settings"], check=False, cwd=ROOT,
-                         env=_bare_env(SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto"), capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import config.settings"],
+        check=False,
+        cwd=ROOT,
+        env=_bare_env(SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto"),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0 and "SECURE_PROXY_SSL_HEADER must be" in out.stderr
 
 
@@ -143,8 +164,9 @@ def test_behind_the_proxy_http_redirects_https_gets_hsts_and_health_answers_plai
 def spectacular(tmp_path_factory):
     path = tmp_path_factory.mktemp("schema") / "schema.json"
     env = _bare_env(**_compose_api_environment({"SECRET_KEY": secrets.token_urlsafe(50)}))
-    result = _manage("spectacular", "--validate", "--fail-on-warn", "--format", "openapi-json", "--file", str(path),
-                     env=env)
+    result = _manage(
+        "spectacular", "--validate", "--fail-on-warn", "--format", "openapi-json", "--file", str(path), env=env
+    )
     return result, path
 
 

@@ -11,7 +11,6 @@ import base64
 import io
 
 import pytest
-
 from conftest import wait_final
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.service]
@@ -99,8 +98,12 @@ def test_generator_dissect_remove_insert_paint(api, other_api, celery_worker_pro
     assert len(unit_page["results"]) == 5
     assert other_api.get(f"/api/jobs/{job['id']}/").status_code == 404
 
-    remove = submit(api, model["id"], "generator_remove",
-                    {"layer": "layer3", "concept": concept, "ks": [1, 4], "samples": 16, "sample_images": 4})
+    remove = submit(
+        api,
+        model["id"],
+        "generator_remove",
+        {"layer": "layer3", "concept": concept, "ks": [1, 4], "samples": 16, "sample_images": 4},
+    )
     assert remove.status_code == 202, remove.json()
     removed = wait_final(api, remove.json()["id"])
     assert removed["status"] == "succeeded", removed["error"]
@@ -118,8 +121,9 @@ def test_generator_dissect_remove_insert_paint(api, other_api, celery_worker_pro
     assert wait_final(api, rerun.json()["id"])["status"] == "succeeded"
     assert other_api.get(f"/api/jobs/{removed['id']}/images/removal-after/").status_code == 404
 
-    insert = submit(api, model["id"], "generator_insert",
-                    {"layer": "layer3", "concept": concept, "k": 4, "samples": 4, "stride": 4})
+    insert = submit(
+        api, model["id"], "generator_insert", {"layer": "layer3", "concept": concept, "k": 4, "samples": 4, "stride": 4}
+    )
     assert insert.status_code == 202, insert.json()
     inserted = wait_final(api, insert.json()["id"])
     assert inserted["status"] == "succeeded", inserted["error"]
@@ -128,34 +132,46 @@ def test_generator_dissect_remove_insert_paint(api, other_api, celery_worker_pro
     assert len(inserted["summary"]["values"]) == 4
 
     mask = [[1 if 2 <= x < 6 and 2 <= y < 6 else 0 for x in range(8)] for y in range(8)]
-    painted = api.post(f"/api/models/{model['id']}/paint/",
-                       {"layer": "layer3", "concept": concept, "mask": mask, "seed": 3, "k": 4}, format="json")
+    painted = api.post(
+        f"/api/models/{model['id']}/paint/",
+        {"layer": "layer3", "concept": concept, "mask": mask, "seed": 3, "k": 4},
+        format="json",
+    )
     assert painted.status_code == 200, painted.content[:300]
     assert painted["Content-Type"] == "image/png"
     assert png_size(painted.content) == (64, 64)
-    both = api.post(f"/api/models/{model['id']}/paint/?as=json",
-                    {"layer": "layer3", "concept": concept, "mask": mask, "seed": 3, "k": 4, "mode": "erase"},
-                    format="json")
+    both = api.post(
+        f"/api/models/{model['id']}/paint/?as=json",
+        {"layer": "layer3", "concept": concept, "mask": mask, "seed": 3, "k": 4, "mode": "erase"},
+        format="json",
+    )
     assert both.status_code == 200
     body = both.json()
     assert png_size(base64.b64decode(body["before"])) == (64, 64)
     assert body["units"] == summary["units"][:4] and body["dissection"] == job["id"]
 
-    bad = api.post(f"/api/models/{model['id']}/paint/",
-                   {"layer": "layer3", "concept": concept, "mask": [[0, 0], [0, 0]]}, format="json")
+    bad = api.post(
+        f"/api/models/{model['id']}/paint/",
+        {"layer": "layer3", "concept": concept, "mask": [[0, 0], [0, 0]]},
+        format="json",
+    )
     assert bad.status_code == 400 and "mask" in str(bad.json())
-    unknown = api.post(f"/api/models/{model['id']}/paint/",
-                       {"layer": "layer3", "concept": "no-such-concept", "mask": mask}, format="json")
+    unknown = api.post(
+        f"/api/models/{model['id']}/paint/",
+        {"layer": "layer3", "concept": "no-such-concept", "mask": mask},
+        format="json",
+    )
     assert unknown.status_code == 400 and "no-such-concept" in unknown.json()["message"]
-    hidden = other_api.post(f"/api/models/{model['id']}/paint/",
-                            {"layer": "layer3", "concept": concept, "mask": mask}, format="json")
+    hidden = other_api.post(
+        f"/api/models/{model['id']}/paint/", {"layer": "layer3", "concept": concept, "mask": mask}, format="json"
+    )
     assert hidden.status_code == 404
 
 
 def test_generator_jobs_refuse_bad_params(api, generator_weights, demo_weights, scenes):
-    from api.models import Job, NetworkModel
-
     from conftest import register
+
+    from api.models import Job, NetworkModel
 
     model = register_generator(api, generator_weights)
     classifier, dataset = register(api, scenes, demo_weights)
@@ -168,7 +184,13 @@ def test_generator_jobs_refuse_bad_params(api, generator_weights, demo_weights, 
         (model["id"], "dissect", {"layers": ["layer3"], "max_images": 5}, None, "params.samples"),
         (model["id"], "ablate", {"layer": "layer3"}, None, "generator"),
         (model["id"], "generator_insert", {"layer": "layer3", "concept": "red-c", "bogus": 1}, None, "bogus"),
-        (classifier["id"], "generator_remove", {"layer": "conv5", "concept": "tree"}, dataset["id"], "needs a generator"),
+        (
+            classifier["id"],
+            "generator_remove",
+            {"layer": "conv5", "concept": "tree"},
+            dataset["id"],
+            "needs a generator",
+        ),
         (classifier["id"], "dissect", {}, None, "need a dataset"),
     ]
     for model_id, type_, params, ds, needle in cases:
@@ -177,11 +199,23 @@ def test_generator_jobs_refuse_bad_params(api, generator_weights, demo_weights, 
         assert needle in str(response.json()), (needle, response.json())
     assert Job.objects.count() == 0
 
-    no_latent = api.post("/api/models/", {"name": "g", "arch": "torchscript", "kind": "generator",
-                                          "weights_path": str(generator_weights)}, format="json")
+    no_latent = api.post(
+        "/api/models/",
+        {"name": "g", "arch": "torchscript", "kind": "generator", "weights_path": str(generator_weights)},
+        format="json",
+    )
     assert no_latent.status_code == 400 and "latent_dim" in no_latent.json()["message"]
-    wrong = api.post("/api/models/", {"name": "g", "arch": "builtin:dcgan", "kind": "generator", "latent_dim": 7,
-                                      "weights_path": str(generator_weights)}, format="json")
+    wrong = api.post(
+        "/api/models/",
+        {
+            "name": "g",
+            "arch": "builtin:dcgan",
+            "kind": "generator",
+            "latent_dim": 7,
+            "weights_path": str(generator_weights),
+        },
+        format="json",
+    )
     assert wrong.status_code == 400
     assert NetworkModel.objects.count() == 2
 
@@ -189,21 +223,46 @@ def test_generator_jobs_refuse_bad_params(api, generator_weights, demo_weights, 
 def test_segmenter_as_concept_source(api, celery_worker_process, generator_weights, segmenter_weights):
     from api.models import Unit
 
-    bad = api.post("/api/models/", {"name": "seg", "arch": "builtin:segnet", "kind": "segmenter",
-                                    "weights_path": str(segmenter_weights), "classes": ["-", "a"]}, format="json")
+    bad = api.post(
+        "/api/models/",
+        {
+            "name": "seg",
+            "arch": "builtin:segnet",
+            "kind": "segmenter",
+            "weights_path": str(segmenter_weights),
+            "classes": ["-", "a"],
+        },
+        format="json",
+    )
     assert bad.status_code == 400
-    unlabelled = api.post("/api/models/", {"name": "seg", "arch": "builtin:segnet", "kind": "segmenter",
-                                           "weights_path": str(segmenter_weights)}, format="json")
+    unlabelled = api.post(
+        "/api/models/",
+        {"name": "seg", "arch": "builtin:segnet", "kind": "segmenter", "weights_path": str(segmenter_weights)},
+        format="json",
+    )
     assert unlabelled.status_code == 400 and "classes" in unlabelled.json()["message"]
-    seg = api.post("/api/models/", {"name": "seg", "arch": "builtin:segnet", "kind": "segmenter", "input_size": 64,
-                                    "weights_path": str(segmenter_weights), "classes": ["-", "blob", "spot"]},
-                   format="json")
+    seg = api.post(
+        "/api/models/",
+        {
+            "name": "seg",
+            "arch": "builtin:segnet",
+            "kind": "segmenter",
+            "input_size": 64,
+            "weights_path": str(segmenter_weights),
+            "classes": ["-", "blob", "spot"],
+        },
+        format="json",
+    )
     assert seg.status_code == 201, seg.json()
     assert seg.json()["categories"] == ["-", "object", "object"]
 
     model = register_generator(api, generator_weights)
-    response = submit(api, model["id"], "dissect",
-                      {"layers": ["layer2"], "samples": 16, "concepts": seg.json()["id"], "top_k_images": 0})
+    response = submit(
+        api,
+        model["id"],
+        "dissect",
+        {"layers": ["layer2"], "samples": 16, "concepts": seg.json()["id"], "top_k_images": 0},
+    )
     assert response.status_code == 202, response.json()
     job = wait_final(api, response.json()["id"])
     assert job["status"] == "succeeded", job["error"]

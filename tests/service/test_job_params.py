@@ -18,13 +18,15 @@ def rows(user):
     """A classifier with two layers, a dataset with classes, and a generator (rows made directly)."""
     from api.models import Dataset, NetworkModel
 
-    layers = [{"name": "conv4", "type": "Conv2d", "units": 8, "height": 8, "width": 8},
-              {"name": "conv5", "type": "Conv2d", "units": 8, "height": 4, "width": 4}]
-    model = NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x",
-                                        layers=layers)
+    layers = [
+        {"name": "conv4", "type": "Conv2d", "units": 8, "height": 8, "width": 8},
+        {"name": "conv5", "type": "Conv2d", "units": 8, "height": 4, "width": 4},
+    ]
+    model = NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x", layers=layers)
     dataset = Dataset.objects.create(owner=user, name="d", format="broden", path="/y", classes=["a", "b"])
-    generator = NetworkModel.objects.create(owner=user, name="g", arch="builtin:dcgan", kind="generator",
-                                            weights_path="/x", latent_dim=16, layers=layers)
+    generator = NetworkModel.objects.create(
+        owner=user, name="g", arch="builtin:dcgan", kind="generator", weights_path="/x", latent_dim=16, layers=layers
+    )
     return model, dataset, generator
 
 
@@ -104,8 +106,12 @@ def test_the_worker_reads_what_the_api_stored_typed(api, rows, settings):
     response = _post(api, model, dataset, "dissect", {"layers": ["conv5"], "top_k_images": 0})
     assert response.status_code == 202, response.json()
     job = Job.objects.get(pk=response.json()["id"])
-    assert job.params == {"layers": ["conv5"], "quantile": 0.99, "batch_size": settings.DISSECT_BATCH_SIZE,
-                          "top_k_images": 0}
+    assert job.params == {
+        "layers": ["conv5"],
+        "quantile": 0.99,
+        "batch_size": settings.DISSECT_BATCH_SIZE,
+        "top_k_images": 0,
+    }
     params = params_of(job, DissectParams)
     assert (params.layers, params.quantile, params.top_k_images) == (["conv5"], 0.99, 0)
     settings.JOB_SHARD_SIZE = 123
@@ -153,8 +159,9 @@ def test_generator_dissections_default_their_batch_size_from_the_setting(api, ro
     assert response.status_code == 202, response.json()
     job = Job.objects.get(pk=response.json()["id"])
     assert job.params["batch_size"] == 7 and params_of(job).batch_size == 7
-    old = Job.objects.create(owner=job.owner, type="dissect", model=generator, params={"layers": ["conv5"],
-                                                                                          "samples": 10})
+    old = Job.objects.create(
+        owner=job.owner, type="dissect", model=generator, params={"layers": ["conv5"], "samples": 10}
+    )
     assert params_of(old).batch_size == 7  # a row stored without it: the same default, not 32
 
 

@@ -6,9 +6,7 @@ import io
 import shutil
 
 import numpy as np
-
 import pytest
-
 from conftest import register, wait_final
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.service]

@@ -9,8 +9,15 @@ from django.test.utils import CaptureQueriesContext
 
 pytestmark = pytest.mark.django_db
 
-CONCEPTS = [("tree", "object"), ("sky", "object"), ("grass", "object"), ("leg", "part"), ("wood", "material"),
-            ("red-c", "color"), ("tree", "part")]
+CONCEPTS = [
+    ("tree", "object"),
+    ("sky", "object"),
+    ("grass", "object"),
+    ("leg", "part"),
+    ("wood", "material"),
+    ("red-c", "color"),
+    ("tree", "part"),
+]
 
 
 @pytest.fixture()
@@ -34,8 +41,15 @@ def _layer(units: int = 12, seed: int = 0):
 def _store(job, iou, thresholds, top_images, layer="conv5"):
     from api import services
 
-    return services.layer_result_store(job=job, layer=layer, thresholds=thresholds, iou=iou, concepts=CONCEPTS,
-                                       summary={"units": len(iou)}, top_images=top_images)
+    return services.layer_result_store(
+        job=job,
+        layer=layer,
+        thresholds=thresholds,
+        iou=iou,
+        concepts=CONCEPTS,
+        summary={"units": len(iou)},
+        top_images=top_images,
+    )
 
 
 def _check_rows(job, iou, thresholds, top_images, layer="conv5", k=5):
@@ -103,8 +117,9 @@ def test_fewer_concepts_than_k_and_no_top_images(running_job, settings):
 
     settings.UNIT_TOP_CONCEPTS = 5
     iou = np.array([[0.1, 0.3], [0.0, 0.0]])
-    stored = services.layer_result_store(job=running_job, layer="c", thresholds=np.ones(2), iou=iou,
-                                         concepts=CONCEPTS[:2], summary={})
+    stored = services.layer_result_store(
+        job=running_job, layer="c", thresholds=np.ones(2), iou=iou, concepts=CONCEPTS[:2], summary={}
+    )
     assert stored == 2
     assert UnitConcept.objects.filter(unit__job=running_job).count() == 4
     assert list(Unit.objects.filter(job=running_job).order_by("unit").values_list("top_images", flat=True)) == [[], []]

@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import register, wait_final
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.service]
@@ -46,14 +45,18 @@ def resnet(api, data_root, big_scenes):
         format="json",
     )
     assert model.status_code == 201, model.json()
-    dataset = api.post("/api/datasets/", {"name": "s160", "format": "synthetic", "path": str(big_scenes)}, format="json")
+    dataset = api.post(
+        "/api/datasets/", {"name": "s160", "format": "synthetic", "path": str(big_scenes)}, format="json"
+    )
     assert dataset.status_code == 201, dataset.json()
     return model.json(), dataset.json()
 
 
 def _submit(api, model, dataset, **params) -> int:
     response = api.post(
-        "/api/jobs/", {"type": "dissect", "model": model["id"], "dataset": dataset["id"], "params": params}, format="json"
+        "/api/jobs/",
+        {"type": "dissect", "model": model["id"], "dataset": dataset["id"], "params": params},
+        format="json",
     )
     assert response.status_code == 202, response.json()
     return response.json()["id"]
@@ -100,7 +103,8 @@ def test_a_worker_killed_mid_shard_is_replaced_and_results_are_written_once(api,
     job_id = _submit(api, model, dataset, layers=["layer4"], shard_size=40, top_k_images=0)
     shard = _wait_for(
         lambda: JobShard.objects.filter(job_id=job_id, status="running", images_done__gt=0).first(),
-        120, "a shard to be running",
+        120,
+        "a shard to be running",
     )
     worker_pool.kill(shard.worker)
     job = wait_final(api, job_id, timeout=400)
@@ -135,12 +139,29 @@ def _restart_redis() -> None:
     subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=30)
     time.sleep(1.0)
     subprocess.run(
-        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
-         "--appendonly", "no"],
-        check=True, capture_output=True, timeout=30,
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "-::1",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
     )
-    _wait_for(lambda: subprocess.run(["redis-cli", "ping"], capture_output=True, text=True).stdout.strip() == "PONG",
-              30, "redis to come back")
+    _wait_for(
+        lambda: subprocess.run(["redis-cli", "ping"], capture_output=True, text=True).stdout.strip() == "PONG",
+        30,
+        "redis to come back",
+    )
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a local redis-server to restart")

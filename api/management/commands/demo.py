@@ -29,8 +29,11 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
         parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 1)))
         parser.add_argument("--no-serve", action="store_true", help="exit after the summary")
-        parser.add_argument("--no-generator", action="store_true",
-                            help="skip the generator half (GAN and segmenter training, removal and insertion jobs)")
+        parser.add_argument(
+            "--no-generator",
+            action="store_true",
+            help="skip the generator half (GAN and segmenter training, removal and insertion jobs)",
+        )
 
     def handle(self, *args, port: int, workers: int, no_serve: bool, no_generator: bool = False, **options):
         call_command("migrate", interactive=False, verbosity=0)
@@ -52,7 +55,9 @@ class Command(BaseCommand):
             self.stdout.write(f"API token: {token}")
             if no_serve:
                 return
-            self.stdout.write(f"serving at {base}/ with {workers} worker(s); logs in {settings.VAR_DIR / 'logs'}. Ctrl-C stops.")
+            self.stdout.write(
+                f"serving at {base}/ with {workers} worker(s); logs in {settings.VAR_DIR / 'logs'}. Ctrl-C stops."
+            )
             procs.wait()
         except KeyboardInterrupt:
             self.stdout.write("stopping")
@@ -79,7 +84,7 @@ class Command(BaseCommand):
         if done.returncode != 0:
             raise CommandError("making the demo data or training the demo classifier failed (see above)")
 
-    def _run_job(self, client: "_Client", demo_dir: Path) -> dict:
+    def _run_job(self, client: _Client, demo_dir: Path) -> dict:
         meta = json.loads((demo_dir / "classifier.json").read_text())
         model = client.find("models", "demo-scenecnn") or client.post(
             "/api/models/",
@@ -104,82 +109,137 @@ class Command(BaseCommand):
         names = [entry["name"] for entry in model["layers"]]
         layers = [name for name in ("conv4", layer) if name in names]
         job = client.post(
-            "/api/jobs/", {"type": "dissect", "model": model["id"], "dataset": dataset["id"], "params": {"layers": layers}}
+            "/api/jobs/",
+            {"type": "dissect", "model": model["id"], "dataset": dataset["id"], "params": {"layers": layers}},
         )
-        self.stdout.write(f"job {job['id']} submitted: dissect {', '.join(layers)} of {model['name']} on {dataset['name']} ({dataset['image_count']} images)")
+        self.stdout.write(
+            f"job {job['id']} submitted: dissect {', '.join(layers)} of {model['name']} on {dataset['name']} ({dataset['image_count']} images)"
+        )
         return self._wait(client, job)
 
-    def _wait(self, client: "_Client", job: dict) -> dict:
+    def _wait(self, client: _Client, job: dict) -> dict:
         while job["status"] in ("queued", "running"):
             time.sleep(1.0)
             job = client.get(f"/api/jobs/{job['id']}/")
             bar = "#" * int(30 * job["progress"])
             eta = f"{job['eta_seconds']:.0f} s left" if job.get("eta_seconds") is not None else ""
-            self.stdout.write(f"\r[{bar:<30}] {job['progress'] * 100:5.1f}% {job['status']:<9} {job['phase']:<10} {eta:<14}", ending="")
+            self.stdout.write(
+                f"\r[{bar:<30}] {job['progress'] * 100:5.1f}% {job['status']:<9} {job['phase']:<10} {eta:<14}",
+                ending="",
+            )
             self.stdout.flush()
         self.stdout.write("")
         if job["status"] != "succeeded":
             raise CommandError(f"job {job['id']} ended {job['status']}: {job['error']}")
         return job
 
-    def _ablation_demo(self, client: "_Client", dissection: dict, base: str) -> None:
+    def _ablation_demo(self, client: _Client, dissection: dict, base: str) -> None:
         """Figure 2d on the demo classifier: remove each class's most important units, or all but those."""
         layer = dissection["params"]["layers"][-1]
-        job = client.post("/api/jobs/", {"type": "ablate", "model": dissection["model"],
-                                         "dataset": dissection["dataset"], "params": {"layer": layer}})
+        job = client.post(
+            "/api/jobs/",
+            {
+                "type": "ablate",
+                "model": dissection["model"],
+                "dataset": dissection["dataset"],
+                "params": {"layer": layer},
+            },
+        )
         self.stdout.write(f"job {job['id']} submitted: ablate {layer} (each unit alone on train, sets on val)")
         job = self._wait(client, job)
         s = job["summary"]["sets_k20"]
         self.stdout.write(
             f"job {job['id']} succeeded in {job_seconds(job):.1f} s: mean balanced accuracy over {s['classes']} "
             f"classes {s['baseline']:.3f}; {s['k']} most important units removed {s['removed_top']:.3f}; all but "
-            f"those {s['k']} removed {s['kept_top']:.3f} (chance 0.5); curves at {base}/jobs/{job['id']}/")
+            f"those {s['k']} removed {s['kept_top']:.3f} (chance 0.5); curves at {base}/jobs/{job['id']}/"
+        )
 
-    def _generator_demo(self, client: "_Client", demo_dir: Path) -> None:
+    def _generator_demo(self, client: _Client, demo_dir: Path) -> None:
         """Figures 3-4 on the demo GAN: dissect a layer, remove and insert a concept's units."""
         gen_meta = json.loads((demo_dir / "generator.json").read_text())
         seg_meta = json.loads((demo_dir / "segmenter.json").read_text())
-        segmenter = client.find("models", "demo-segnet") or client.post("/api/models/", {
-            "name": "demo-segnet", "arch": seg_meta["arch"], "kind": "segmenter", "classes": seg_meta["labels"],
-            "categories": seg_meta["categories"], "input_size": seg_meta["input_size"][0],
-            "mean": seg_meta["mean"], "std": seg_meta["std"], "public": True,
-            "weights_path": str(demo_dir / "segmenter.safetensors"),
-        })
-        generator = client.find("models", "demo-dcgan") or client.post("/api/models/", {
-            "name": "demo-dcgan", "arch": gen_meta["arch"], "kind": "generator", "latent_dim": gen_meta["latent_dim"],
-            "output_range": gen_meta["output_range"], "public": True,
-            "weights_path": str(demo_dir / "generator.safetensors"),
-        })
+        segmenter = client.find("models", "demo-segnet") or client.post(
+            "/api/models/",
+            {
+                "name": "demo-segnet",
+                "arch": seg_meta["arch"],
+                "kind": "segmenter",
+                "classes": seg_meta["labels"],
+                "categories": seg_meta["categories"],
+                "input_size": seg_meta["input_size"][0],
+                "mean": seg_meta["mean"],
+                "std": seg_meta["std"],
+                "public": True,
+                "weights_path": str(demo_dir / "segmenter.safetensors"),
+            },
+        )
+        generator = client.find("models", "demo-dcgan") or client.post(
+            "/api/models/",
+            {
+                "name": "demo-dcgan",
+                "arch": gen_meta["arch"],
+                "kind": "generator",
+                "latent_dim": gen_meta["latent_dim"],
+                "output_range": gen_meta["output_range"],
+                "public": True,
+                "weights_path": str(demo_dir / "generator.safetensors"),
+            },
+        )
         layer = gen_meta.get("layer", "layer3")
-        job = client.post("/api/jobs/", {"type": "dissect", "model": generator["id"], "params": {
-            "layers": [layer], "samples": 1000, "concepts": segmenter["id"]}})
-        self.stdout.write(f"job {job['id']} submitted: dissect {layer} of {generator['name']} on 1000 generated "
-                          f"images labelled by {segmenter['name']}")
+        job = client.post(
+            "/api/jobs/",
+            {
+                "type": "dissect",
+                "model": generator["id"],
+                "params": {"layers": [layer], "samples": 1000, "concepts": segmenter["id"]},
+            },
+        )
+        self.stdout.write(
+            f"job {job['id']} submitted: dissect {layer} of {generator['name']} on 1000 generated "
+            f"images labelled by {segmenter['name']}"
+        )
         job = self._wait(client, job)
         units = client.get(f"/api/units/?job={job['id']}&page_size=1000")["results"]
         counts = Counter(u["label"] for u in units if u["iou"] >= 0.04 and u["label"])
-        self.stdout.write(f"job {job['id']} succeeded in {job_seconds(job):.1f} s: "
-                          + (", ".join(f"{c} x{n}" for c, n in counts.most_common(8)) or "no detectors"))
+        self.stdout.write(
+            f"job {job['id']} succeeded in {job_seconds(job):.1f} s: "
+            + (", ".join(f"{c} x{n}" for c, n in counts.most_common(8)) or "no detectors")
+        )
         concept = "tree" if "tree" in counts else (counts.most_common(1)[0][0] if counts else None)
         if concept is None:
             return
-        remove = self._wait(client, client.post("/api/jobs/", {"type": "generator_remove", "model": generator["id"],
-                                                              "params": {"layer": layer, "concept": concept}}))
+        remove = self._wait(
+            client,
+            client.post(
+                "/api/jobs/",
+                {"type": "generator_remove", "model": generator["id"], "params": {"layer": layer, "concept": concept}},
+            ),
+        )
         summary = remove["summary"]
-        self.stdout.write(f"removal (job {remove['id']}): {concept} covers {100 * summary['baseline']:.1f}% of the "
-                          f"pixels of {summary['samples']} samples")
+        self.stdout.write(
+            f"removal (job {remove['id']}): {concept} covers {100 * summary['baseline']:.1f}% of the "
+            f"pixels of {summary['samples']} samples"
+        )
         for row in summary["curve"]:
-            self.stdout.write(f"  remove top {row['k']:>3} {concept} units: {100 * row['share']:5.1f}% "
-                              f"({100 * row['change']:+.1f}%)")
-        insert = self._wait(client, client.post("/api/jobs/", {"type": "generator_insert", "model": generator["id"],
-                                                              "params": {"layer": layer, "concept": concept}}))
+            self.stdout.write(
+                f"  remove top {row['k']:>3} {concept} units: {100 * row['share']:5.1f}% ({100 * row['change']:+.1f}%)"
+            )
+        insert = self._wait(
+            client,
+            client.post(
+                "/api/jobs/",
+                {"type": "generator_insert", "model": generator["id"], "params": {"layer": layer, "concept": concept}},
+            ),
+        )
         best = insert["summary"]["best"]
-        self.stdout.write(f"insertion (job {insert['id']}): setting the top {len(insert['summary']['units'])} "
-                          f"{concept} units high adds {100 * insert['summary']['mean_added']:.2f}% {concept} "
-                          f"pixels on average; best position ({best['y']}, {best['x']}): "
-                          f"{100 * best['added']:.2f}%")
+        self.stdout.write(
+            f"insertion (job {insert['id']}): setting the top {len(insert['summary']['units'])} "
+            f"{concept} units high adds {100 * insert['summary']['mean_added']:.2f}% {concept} "
+            f"pixels on average; best position ({best['y']}, {best['x']}): "
+            f"{100 * best['added']:.2f}%"
+        )
 
-    def _summary(self, client: "_Client", job: dict) -> None:
+    def _summary(self, client: _Client, job: dict) -> None:
         units = client.get(f"/api/units/?job={job['id']}&page_size=1000")["results"]
         seconds = job_seconds(job)
         self.stdout.write(f"job {job['id']} succeeded in {seconds:.1f} s: {len(units)} units dissected")
@@ -190,7 +250,9 @@ class Command(BaseCommand):
             cats = ", ".join(f"{c}: {n}" for c, n in per_cat.most_common()) or "none"
             self.stdout.write(f"  {layer}: {len(detectors)}/{len(in_layer)} units labelled (IoU >= 0.04); {cats}")
             for u in in_layer[:5]:
-                self.stdout.write(f"    unit {u['unit']:>4}  {u['label'] or '-':<18} {u['category'] or '':<9} IoU {u['iou']:.3f}")
+                self.stdout.write(
+                    f"    unit {u['unit']:>4}  {u['label'] or '-':<18} {u['category'] or '':<9} IoU {u['iou']:.3f}"
+                )
 
 
 def job_seconds(job: dict) -> float:
@@ -214,7 +276,9 @@ class _Client:
             with urllib.request.urlopen(request, timeout=600) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            raise CommandError(f"{method} {path} answered {exc.code}: {exc.read().decode(errors='replace')[:500]}")
+            raise CommandError(
+                f"{method} {path} answered {exc.code}: {exc.read().decode(errors='replace')[:500]}"
+            ) from exc
 
     def get(self, path: str) -> dict:
         return self._call("GET", path)
