@@ -35,10 +35,12 @@ bench: install
 campaign: install
 	$(BIN)/python -m bench.campaign $(CAMPAIGN_ARGS)
 
-# ruff lint and format (rules and line length in pyproject.toml); `make test` runs it first.
+# ruff lint and format (rules and line length in pyproject.toml) and mypy on dissect_core;
+# `make test` runs it first.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -58,43 +58,9 @@ class ServiceProcesses:
             "api",
         )
         for i in range(self.workers):
-            self._spawn(
-                [
-                    str(bindir / "celery"),
-                    "-A",
-                    "config",
-                    "worker",
-                    "--concurrency",
-                    "1",
-                    "--pool",
-                    "prefork",
-                    "--loglevel",
-                    "INFO",
-                    "--hostname",
-                    f"worker{i + 1}@%h",
-                ],
-                f"worker{i + 1}",
-            )
+            self._spawn(_celery_worker(bindir, f"worker{i + 1}@%h"), f"worker{i + 1}")
         # The painting endpoint's worker: only the "interactive" queue, so long jobs never block it.
-        self._spawn(
-            [
-                str(bindir / "celery"),
-                "-A",
-                "config",
-                "worker",
-                "-Q",
-                "interactive",
-                "--concurrency",
-                "1",
-                "--pool",
-                "prefork",
-                "--loglevel",
-                "INFO",
-                "--hostname",
-                "painter@%h",
-            ],
-            "painter",
-        )
+        self._spawn(_celery_worker(bindir, "painter@%h", "-Q", "interactive"), "painter")
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
         """Wait until /api/health/ answers 200 (database, broker and a live worker)."""
@@ -131,6 +97,15 @@ class ServiceProcesses:
             if proc.poll() is None or proc.returncode is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _celery_worker(bindir: Path, hostname: str, *options: str) -> list[str]:
+    """The command line of one Celery worker process (one task at a time)."""
+    return [
+        str(bindir / "celery"),
+        *("-A", "config", "worker", *options, "--concurrency", "1", "--pool", "prefork"),
+        *("--loglevel", "INFO", "--hostname", hostname),
+    ]
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -346,7 +346,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     model = _load(args)
     train = open_dataset(args.dataset, split=args.train_split, max_images=args.max_images)
     val = open_dataset(args.dataset, split=args.val_split, max_images=args.max_images)
-    ks = None
+    ks: Sequence[int] | None = None
     if args.ks and args.ks != "all":
         try:
             ks = [int(k) for k in args.ks.split(",") if k.strip()]

@@ -1106,7 +1106,9 @@ def _clip_ks(ks: Sequence[int] | None, num_units: int) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def set_ablations(ranking: np.ndarray, num_units: int, classes: Sequence[int], ks: Sequence[int]) -> torch.Tensor:
+def set_ablations(
+    ranking: np.ndarray, num_units: int, classes: Sequence[int] | np.ndarray, ks: Sequence[int] | np.ndarray
+) -> torch.Tensor:
     """The ablation table of the set experiment.
 
     Args:
@@ -1164,8 +1166,8 @@ class SetAblation:
         cls,
         layer: str,
         classes: Sequence[str],
-        class_indices: Sequence[int],
-        ks: Sequence[int],
+        class_indices: Sequence[int] | np.ndarray,
+        ks: Sequence[int] | np.ndarray,
         ranking: np.ndarray,
         counts: AblationCounts,
     ) -> SetAblation:

@@ -49,7 +49,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from .concepts import Concept, ConceptDataset, Sample
+from .concepts import Concept, ConceptDataset, Sample, size_pair
 from .errors import DatasetError
 
 __all__ = [
@@ -116,7 +116,7 @@ def read_rgb(path: str | os.PathLike[str], size: tuple[int, int] | None = None) 
     try:
         im = im.convert("RGB")
         if size is not None and (im.height, im.width) != tuple(size):
-            im = im.resize((int(size[1]), int(size[0])), Image.BILINEAR)
+            im = im.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR)
         return np.asarray(im, dtype=np.uint8).copy()
     except (OSError, ValueError) as exc:
         raise DatasetError(f"image {path} cannot be decoded: {exc}", path=str(path)) from None
@@ -376,7 +376,8 @@ class BrodenDataset(ConceptDataset):
         self._class_of = {c.number: i for i, c in enumerate(scene)}
 
         first = self._rows[0]
-        self.image_size = tuple(int(v) for v in image_size) if image_size else self._first_image_size
+        assert self._first_image_size is not None  # set with the first row kept, and one was
+        self.image_size = size_pair(image_size) if image_size else self._first_image_size
         self.mask_size = first.mask_size
         self.splits = [r.split for r in self._rows]
         self.image_names = [r.image for r in self._rows]
@@ -639,12 +640,12 @@ def write_broden(
                 number = len(concepts) + 1
                 concepts.append(Concept(number, f"{cls}-s", "scene"))
             class_numbers.append(number)
-    for c in {c.category for c in concepts}:
-        if c not in categories:
-            categories.append(c)
-    for c in categories:
-        if not _SAFE_CATEGORY.match(c):
-            raise ValueError(f"category name {c!r} must match [A-Za-z0-9_-]+")
+    for cat in {c.category for c in concepts}:
+        if cat not in categories:
+            categories.append(cat)
+    for cat in categories:
+        if not _SAFE_CATEGORY.match(cat):
+            raise ValueError(f"category name {cat!r} must match [A-Za-z0-9_-]+")
     col = {c: i for i, c in enumerate(categories)}
     cat_of = np.array([-1] + [col[c.category] for c in concepts], dtype=np.int64)
     n_concepts = len(concepts)

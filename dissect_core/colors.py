@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .concepts import Concept, ConceptDataset, Sample
+from .concepts import Concept, ConceptDataset, Sample, size_pair
 
 __all__ = [
     "COLOR_CATEGORY",
@@ -198,8 +198,8 @@ class WithColorConcepts(ConceptDataset):
     def __init__(self, dataset: ConceptDataset) -> None:
         self.dataset = dataset
         self.name = dataset.name
-        self.image_size = tuple(dataset.image_size)
-        self.mask_size = tuple(dataset.mask_size)
+        self.image_size = size_pair(dataset.image_size)
+        self.mask_size = size_pair(dataset.mask_size)
         self.classes = list(getattr(dataset, "classes", []))
         self.added = not has_color_concepts(list(dataset.concepts))
         self.concepts = list(dataset.concepts)

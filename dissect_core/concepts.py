@@ -10,13 +10,20 @@ one per mask file in Broden).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import SupportsInt
 
 import numpy as np
 import torch
 
 __all__ = ["Batch", "Concept", "ConceptDataset", "Sample", "collate_samples"]
+
+
+def size_pair(size: Iterable[SupportsInt]) -> tuple[int, int]:
+    """A size ``(H, W)`` as two ints, from a tuple, list, ``torch.Size`` or array shape of two values."""
+    h, w = size
+    return int(h), int(w)
 
 
 @dataclass(frozen=True)
@@ -78,11 +85,16 @@ class Batch:
     latents: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        images, label_maps, image_labels, class_labels, indices = (
+            t.to(device, non_blocking=non_blocking)
+            for t in (self.images, self.label_maps, self.image_labels, self.class_labels, self.indices)
+        )
         return Batch(
-            *(
-                t.to(device, non_blocking=non_blocking)
-                for t in (self.images, self.label_maps, self.image_labels, self.class_labels, self.indices)
-            ),
+            images,
+            label_maps,
+            image_labels,
+            class_labels,
+            indices,
             latents=None if self.latents is None else self.latents.to(device, non_blocking=non_blocking),
         )
 

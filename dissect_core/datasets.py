@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .broden import BrodenDataset
 from .colors import WithColorConcepts
-from .concepts import ConceptDataset
+from .concepts import ConceptDataset, size_pair
 from .errors import DatasetError
 from .imagefolder import ImageFolderDataset
 from .parts import WithPartConcepts
@@ -76,14 +76,13 @@ def open_dataset(
             path="",
         )
     dataset: ConceptDataset
-    if scheme == "synthetic" and _IN_MEMORY.match(rest):
-        m = _IN_MEMORY.match(rest)
+    if scheme == "synthetic" and (m := _IN_MEMORY.match(rest)):
         n, seed = int(m.group(1)), int(m.group(2) or 0)
         if n < 1:
             raise DatasetError(f"dataset spec {spec!r}: the number of images must be positive", path="")
         try:
             dataset = SyntheticScenes(
-                n, seed, tuple(image_size) if image_size else DEFAULT_IMAGE_SIZE, split=split, max_images=max_images
+                n, seed, size_pair(image_size) if image_size else DEFAULT_IMAGE_SIZE, split=split, max_images=max_images
             )
         except ValueError as exc:
             raise DatasetError(f"dataset spec {spec!r}: {exc}", path="") from None

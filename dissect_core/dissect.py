@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .concepts import Concept, ConceptDataset, Sample, collate_samples
+from .concepts import Concept, ConceptDataset, Sample, collate_samples, size_pair
 from .counts import ConceptCounts, PixelLabels, TopActivations, prepare_labels
 from .errors import DatasetError, DissectError, LayerError
 from .models import LoadedModel
@@ -320,7 +320,7 @@ def _make_source(
     for i, concept in enumerate(concepts):
         if concept.number != i + 1:
             raise DatasetError(f"concept {concept.name!r} has number {concept.number}, expected {i + 1}")
-    mask = None if segmenter is not None else tuple(int(v) for v in dataset.mask_size)
+    mask = None if segmenter is not None else size_pair(dataset.mask_size)
     return _Source(
         model, dataset, layers, idx, batch_size, _resolve_device(device), num_workers, segmenter, concepts, mask
     )
@@ -385,7 +385,7 @@ def _forward_batches(
             else:
                 label_maps, image_labels = batch.label_maps, batch.image_labels
         if src.mask_size is None:
-            src.mask_size = tuple(int(v) for v in label_maps.shape[-2:])
+            src.mask_size = size_pair(label_maps.shape[-2:])
         if label_maps.shape[1] and tuple(label_maps.shape[-2:]) != src.mask_size:
             raise DatasetError(
                 f"label maps are {tuple(label_maps.shape[-2:])}, the dataset's mask size is {src.mask_size}"
@@ -594,7 +594,7 @@ class _MapBound:
     reads.
     """
 
-    def __init__(self, native: tuple[int, int], size: tuple[int, int], device: torch.device) -> None:
+    def __init__(self, native: Sequence[int], size: tuple[int, int], device: torch.device) -> None:
         wh, ww = (interpolation_matrix(n, t).to(torch.float64) for n, t in zip(native, size))
         if tuple(native) == tuple(size):
             self.scale, self.slack = 1.0, 0.0
@@ -735,7 +735,7 @@ class _RisingFloorSketch:
     def __init__(
         self,
         units: int,
-        native: tuple[int, int],
+        native: Sequence[int],
         mask_size: tuple[int, int],
         quantile: float,
         n_images: int,
@@ -757,7 +757,8 @@ class _RisingFloorSketch:
         lower, upper = self.bound.both(a, peaks) if self.skip else (None, None)
         if lower is not None and self.sketch.n == 0:
             self._first_floor(lower, pixels)
-        if lower is None or upper is None or bool(torch.isneginf(self.sketch.floor).all()):
+        floor_now = self.sketch.floor  # None only without skip, hence without bounds
+        if lower is None or upper is None or floor_now is None or bool(torch.isneginf(floor_now).all()):
             for _, up in _chunks(a, self.mask_size):
                 self.sketch.add_batch(up)
             self._raise()
@@ -768,7 +769,7 @@ class _RisingFloorSketch:
         # below 0) are counted as zeros; the rest are upsampled and their rows above it added.
         empty = (upper <= 0) & (lower >= 0)
         bi, ui = (~(upper <= floor[None, :]) & ~empty).nonzero(as_tuple=True)
-        zeros = (empty & (floor[None, :] < 0)).sum(0) * pixels
+        zeros: torch.Tensor | None = (empty & (floor[None, :] < 0)).sum(0) * pixels
         lo, hi = _to_float32(lower.amin(0), up=False), _to_float32(upper.amax(0), up=True)
         total = a.shape[0] * pixels
         first = self.sketch.n == 0
@@ -782,6 +783,7 @@ class _RisingFloorSketch:
             # are segments of exact zeros (most of a post-ReLU unit's early batches, while
             # its floor is still below 0).
             bound, zero = self.bound.segments(native, nonneg=nonneg)
+            assert self.sketch.floor is not None
             level = self.sketch.floor.index_select(0, u).to(torch.float64)[:, None, None]
             seg = (~(bound <= level) & ~zero).contiguous()
             zero_count = (
@@ -962,7 +964,7 @@ class _Cache:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.files: dict[str, Any] = {}
-        self.shapes: dict[str, tuple[int, int, int]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.batches: list[tuple[int, np.ndarray]] = []
         self.offsets: dict[str, list[int]] = {}
         self.label_file: Any = None
@@ -977,7 +979,7 @@ class _Cache:
                 self.offsets[layer] = []
             f = self.files[layer]
             self.offsets[layer].append(f.tell())
-            f.write(memoryview(a.detach().to("cpu").contiguous().numpy()).cast("B"))
+            f.write(a.detach().to("cpu").contiguous().numpy().data.cast("B"))
         if self.label_file is None:
             self.label_file = open(self.root / "labels.bin", "w+b")
         maps = prepared.label_maps.to("cpu")
@@ -1174,6 +1176,7 @@ def dissect(
             )
         for prepared in _cached_batches(cache, src.layers, src.device, "count", progress, should_stop):
             labels = _labels_of(src, prepared)
+            assert src.mask_size is not None
             for layer, a in prepared.acts.items():
                 counter = counters[layer]
                 counter.counts.add_area(labels)
@@ -1337,6 +1340,7 @@ def count_pass(
     counters: dict[str, _LayerCounter] = {}
     for prepared in _forward_batches(src, progress, should_stop, phase="count"):
         labels = _labels_of(src, prepared)
+        assert src.mask_size is not None
         for layer, a in prepared.acts.items():
             if layer not in counters:
                 t = np.asarray(torch.as_tensor(thresholds[layer]).cpu().numpy(), dtype=np.float64)

@@ -246,8 +246,8 @@ def load_generator(
             raise ModelLoadError("a torchscript generator needs latent_dim (its input size)", arch=arch)
         if weights is None:
             raise ModelLoadError("a torchscript generator needs its file as weights", arch=arch)
-        module = _load_torchscript(weights)
-        return wrap_generator(module, latent_dim, arch="torchscript", output_range=output_range)
+        script = _load_torchscript(weights)
+        return wrap_generator(script, latent_dim, arch="torchscript", output_range=output_range)
     if scheme != "builtin" or not name:
         raise ModelLoadError(f"unknown generator spec {arch!r}: expected builtin:NAME or torchscript", arch=arch)
     gan, archs = _gan_archs()
@@ -662,7 +662,7 @@ class _Split:
     """How to run a generator from one layer: ``"chain"`` (suffix modules) or ``"hook"``."""
 
     mode: str
-    suffix: nn.Module | None
+    suffix: Callable[[torch.Tensor], Any] | None
     shape: tuple[int, int, int]
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .broden import MAX_IMAGE_PIXELS, read_label_png, read_rgb, resize_nearest
-from .concepts import Concept, ConceptDataset, Sample
+from .concepts import Concept, ConceptDataset, Sample, size_pair
 from .errors import DatasetError
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolderDataset"]
@@ -180,9 +180,9 @@ class ImageFolderDataset(ConceptDataset):
                         found.append(masks_dir / f"{stem}_{cat}.png")
                 self._masks[i] = found
 
-        self.image_size = tuple(int(v) for v in image_size) if image_size else _image_size_of(self._images[0])
+        self.image_size = size_pair(image_size) if image_size else _image_size_of(self._images[0])
         if mask_size:
-            self.mask_size = tuple(int(v) for v in mask_size)
+            self.mask_size = size_pair(mask_size)
         else:
             first_mask = next((m[0] for m in self._masks if m), None)
             if first_mask is not None:

@@ -401,9 +401,9 @@ def load_model(
     if scheme == "torchscript":
         if weights is None:
             raise ModelLoadError("a torchscript model needs its file as weights")
-        module = _load_torchscript(weights)
-        module.eval()
-        return LoadedModel(module, "torchscript", num_classes, size, mean_t, std_t, "torchscript", list(classes or []))
+        script = _load_torchscript(weights)
+        script.eval()
+        return LoadedModel(script, "torchscript", num_classes, size, mean_t, std_t, "torchscript", list(classes or []))
     build = _builder(arch)
     state = load_state_dict_file(weights) if weights is not None else None
     if num_classes is None and state is not None:

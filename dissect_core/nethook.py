@@ -29,7 +29,7 @@ import difflib
 import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -280,7 +280,8 @@ def _script_layers_fn(
     key = (layers, keep_output, clone, strict)
     if key in cache:
         return cache[key]
-    graph = model.forward.graph.copy()
+    # torch types ScriptModule.forward as a plain callable; it is a ScriptMethod, with a graph.
+    graph = cast(torch._C.ScriptMethod, model.forward).graph.copy()
     torch._C._jit_pass_inline(graph)
     nodes = list(graph.nodes())
     paths = {node: _hierarchy_path(node) for node in nodes}
@@ -312,9 +313,9 @@ def _script_layers_fn(
                 valid=module_names(model),
             )
         if clone:
-            none = graph.insertConstant(None)
+            none = cast(Any, graph).insertConstant(None)  # missing from torch's stubs
             none.node().moveBefore(nodes[0])
-            copy = graph.create("aten::clone", [found, none])
+            copy = graph.create("aten::clone", [found, none], 1)
             copy.output().setType(found.type())
             copy.insertAfter(found.node())
             found = copy.output()
@@ -324,7 +325,7 @@ def _script_layers_fn(
     for i in reversed(range(len(originals))):
         graph.eraseOutput(i)
     outs = ([originals[0]] if keep_output else []) + values
-    tup = graph.create("prim::TupleConstruct", outs)
+    tup = graph.create("prim::TupleConstruct", outs, 1)
     tup.output().setType(torch._C.TupleType([v.type() for v in outs]))
     graph.appendNode(tup)
     graph.registerOutput(tup.output())

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .concepts import Concept, ConceptDataset, Sample
+from .concepts import Concept, ConceptDataset, Sample, size_pair
 
 try:
     from scipy import ndimage as _ndimage
@@ -145,8 +145,8 @@ class WithPartConcepts(ConceptDataset):
     def __init__(self, dataset: ConceptDataset, category: str = "object") -> None:
         self.dataset = dataset
         self.name = dataset.name
-        self.image_size = tuple(dataset.image_size)
-        self.mask_size = tuple(dataset.mask_size)
+        self.image_size = size_pair(dataset.image_size)
+        self.mask_size = size_pair(dataset.mask_size)
         self.classes = list(getattr(dataset, "classes", []))
         self.category = category
         self.concepts = list(dataset.concepts)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -352,7 +353,7 @@ class QuantileSketch:
         if rows.dim() != 2 or units.shape != rows.shape[:1]:
             raise ValueError(f"rows must be [M, P] with units [M], got {tuple(rows.shape)} and {tuple(units.shape)}")
         self._init(rows.device if rows.numel() else lower.device)
-        assert self.floor_count is not None and self.floor is not None
+        assert self.floor_count is not None and self.floor is not None and self.zeros is not None
         self._extremes(float_keys(lower.to(self.device)), float_keys(upper.to(self.device)))
         rows = rows.to(device=self.device, dtype=torch.float32).contiguous()
         units = units.to(self.device)
@@ -589,13 +590,15 @@ class QuantileSketch:
         if (other.units, other.mantissa_bits, other.max_buckets) != (self.units, self.mantissa_bits, self.max_buckets):
             raise ValueError("cannot merge sketches with different shapes or resolutions")
         if (self.floor is None) != (other.floor is None) or (
-            self.floor is not None and not torch.equal(self.floor.cpu(), other.floor.cpu())
+            self.floor is not None and other.floor is not None and not torch.equal(self.floor.cpu(), other.floor.cpu())
         ):
             raise ValueError("cannot merge sketches with different floors")
         if other.zeros is None:
             return self
         self._init(other.zeros.device)
-        assert self.floor_count is not None and self.key_min is not None and self.key_max is not None
+        assert self.zeros is not None and self.floor_count is not None
+        assert self.key_min is not None and self.key_max is not None
+        assert other.floor_count is not None and other.key_min is not None and other.key_max is not None
         self.zeros += other.zeros.to(self.device)
         self.floor_count += other.floor_count.to(self.device)
         self.key_min = torch.minimum(self.key_min, other.key_min.to(self.device))
@@ -881,7 +884,7 @@ class QuantileRefiner:
         mode = np.where(bracket.resolved, _RESOLVED, _NARROW)
         shared = bracket.key_lo[0] == bracket.key_lo[1]
         cost = np.where(shared, bracket.inside[0], bracket.inside[0] + bracket.inside[1])
-        unresolved = ~bracket.resolved.all(axis=0)
+        unresolved = np.asarray(~bracket.resolved.all(axis=0))
         order = np.argsort(np.where(unresolved, cost, 0), kind="stable")
         budget = self.max_values
         for u in order:
@@ -1091,7 +1094,16 @@ class QuantileRefiner:
         return refiner
 
 
-def exact_quantiles(x: torch.Tensor, q: float, **sketch_args: int) -> np.ndarray:
+class _SketchArgs(TypedDict, total=False):
+    """The keyword arguments of :class:`QuantileSketch`."""
+
+    mantissa_bits: int
+    max_buckets: int
+    floor: torch.Tensor | np.ndarray | None
+    device: torch.device | str | None
+
+
+def exact_quantiles(x: torch.Tensor, q: float, **sketch_args: Unpack[_SketchArgs]) -> np.ndarray:
     """Exact per-unit hazen quantiles of an in-memory tensor via sketch + refinement.
 
     Args:

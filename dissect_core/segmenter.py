@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .concepts import Concept, ConceptDataset, Sample
+from .concepts import Concept, ConceptDataset, Sample, size_pair
 from .models import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["SegmentedDataset", "Segmenter"]
@@ -61,7 +61,7 @@ class Segmenter:
         self.categories = list(dict.fromkeys(c.category for c in self.concepts))
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self.input_size = tuple(input_size) if input_size is not None else None
+        self.input_size = size_pair(input_size) if input_size is not None else None
         self.device = torch.device(device) if device is not None else None
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ class Segmenter:
         from .dissect import preprocess_images
 
         device = self.device or images.device
-        size = self.input_size or tuple(images.shape[-2:])
+        size = self.input_size or size_pair(images.shape[-2:])
         x = preprocess_images(images.to(device), size, self.mean, self.std)
         self.module.to(device)
         with torch.no_grad():
@@ -99,9 +99,9 @@ class SegmentedDataset(ConceptDataset):
         self.images = images
         self.segmenter = segmenter
         self.name = f"{images.name}+segmenter"
-        self.image_size = tuple(images.image_size)
+        self.image_size = size_pair(images.image_size)
         probe = segmenter.segment(torch.zeros((1, 3, *self.image_size), dtype=torch.uint8))
-        self.mask_size = tuple(int(v) for v in probe.shape[-2:])
+        self.mask_size = size_pair(probe.shape[-2:])
         self.concepts = list(segmenter.concepts)
         self.categories = list(segmenter.categories)
         self.classes = list(getattr(images, "classes", []))

@@ -102,7 +102,11 @@ def _stages(module: nn.Module) -> list[tuple[str | None, nn.Module]] | None:
     except ImportError:
         return None
     kind = type(module)
-    if isinstance(module, ResNet) and kind.forward is ResNet.forward and kind._forward_impl is ResNet._forward_impl:
+    if (
+        isinstance(module, ResNet)
+        and kind.forward is ResNet.forward
+        and getattr(kind, "_forward_impl", None) is ResNet._forward_impl
+    ):
         names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
         return [(n, getattr(module, n)) for n in names] + [(None, nn.Flatten(1)), ("fc", module.fc)]
     for base in (VGG, AlexNet):

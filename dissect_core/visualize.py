@@ -107,7 +107,7 @@ def unit_strip(
         strip[:, i * (w + gap) : i * (w + gap) + w] = tile
     picture = Image.fromarray(strip)
     if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     return picture
 
 

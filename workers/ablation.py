@@ -10,8 +10,9 @@ from django.conf import settings
 from api import selectors, services
 from api.job_params import AblateParams, AttackParams, UnitClassifierParams, params_of
 from api.models import Job
-from workers.dissection import ProgressReporter, pick_device, with_batch_backoff
+from workers.dissection import pick_device, with_batch_backoff
 from workers.generators import load_network
+from workers.reporting import ProgressReporter
 
 
 def _staged(reporter: ProgressReporter, stage: str):

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 
 from api import services
 from api.job_params import DissectBase, params_of
 from api.models import Job
+from workers.reporting import ProgressReporter
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,68 +51,6 @@ def with_batch_backoff(run: Callable[[int], T], batch_size: int) -> T:
             batch_size //= 2
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-
-class ProgressReporter(threading.Thread):
-    """Writes the job's progress and heartbeat every few seconds from a side thread.
-
-    dissect_core calls :meth:`progress` every batch (cheap: it only stores the
-    numbers) and :meth:`should_stop` every batch (cheap: it reads a flag the
-    thread refreshed from the job row). A worker killed with -9 takes this thread
-    with it, so the heartbeat stops and the job is requeued by a live worker.
-    """
-
-    PHASE_SHARE: ClassVar[dict[str, tuple[float, float]]] = {
-        "forward": (0.0, 0.6),
-        "quantile": (0.6, 0.72),
-        "refine": (0.72, 0.8),
-        "count": (0.8, 0.9),
-        "images": (0.9, 0.97),
-        "importance-cache": (0.0, 0.15),
-        "importance-ablate": (0.15, 0.6),
-        "sets-cache": (0.6, 0.7),
-        "sets-ablate": (0.7, 0.95),
-    }
-
-    def __init__(self, job_id: int, interval: float) -> None:
-        super().__init__(name=f"job-{job_id}-progress", daemon=True)
-        self.job_id = job_id
-        self.interval = interval
-        self.state = ("starting", 0, 0)
-        self.cancelled = threading.Event()
-        self.finished = threading.Event()
-
-    def progress(self, phase: str, done: int, total: int) -> None:
-        self.state = (phase, done, total)
-
-    def should_stop(self) -> bool:
-        return self.cancelled.is_set()
-
-    def _write(self) -> None:
-        phase, done, total = self.state
-        start, end = self.PHASE_SHARE.get(phase, (0.0, 0.0) if phase in ("starting", "loading") else (0.97, 0.99))
-        fraction = start + (end - start) * (done / total if total else 1.0)
-        status = services.job_progress(job_id=self.job_id, phase=phase, done=done, total=total, fraction=fraction)
-        if status == Job.Status.CANCELLED:
-            self.cancelled.set()
-
-    def run(self) -> None:
-        try:
-            while not self.finished.wait(self.interval):
-                try:
-                    self._write()
-                except Exception:  # a database hiccup: the next beat retries
-                    connection.close()
-        finally:
-            connection.close()
-
-    def __enter__(self) -> ProgressReporter:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.finished.set()
-        self.join(timeout=30)
 
 
 def run_dissection(job: Job) -> None:

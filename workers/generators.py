@@ -19,7 +19,8 @@ from django.conf import settings
 from api import services
 from api.job_params import GeneratorDissectParams, GeneratorInsertParams, GeneratorRemoveParams, params_of
 from api.models import Job, NetworkModel
-from workers.dissection import ProgressReporter, pick_device, with_batch_backoff
+from workers.dissection import pick_device, with_batch_backoff
+from workers.reporting import ProgressReporter
 
 
 def load_network(row: NetworkModel):

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 from django.conf import settings
-from django.db import connection
 
 from api import services
 from api.job_params import DissectBase, GeneratorDissectParams, params_of
 from api.models import Job, JobShard
+from workers.reporting import ShardReporter
 
 
 def work_dir(job_id: int) -> Path:
@@ -52,43 +51,6 @@ def load_states(path: Path) -> dict[str, dict[str, np.ndarray]]:
             layer, key = name.split("|", 1)
             out.setdefault(layer, {})[key] = data[name]
     return out
-
-
-class ShardReporter(threading.Thread):
-    """Heartbeat and progress of one shard, written from a side thread (see ProgressReporter)."""
-
-    def __init__(self, shard_id: int, offset: int, interval: float) -> None:
-        super().__init__(name=f"shard-{shard_id}", daemon=True)
-        self.shard_id = shard_id
-        self.done = 0
-        self.cancelled = threading.Event()
-        self.finished = threading.Event()
-        self.interval = interval
-
-    def progress(self, phase: str, done: int, total: int) -> None:
-        self.done = done
-
-    def should_stop(self) -> bool:
-        return self.cancelled.is_set()
-
-    def run(self) -> None:
-        try:
-            while not self.finished.wait(self.interval):
-                try:
-                    if services.shard_progress(shard_id=self.shard_id, done=self.done) == Job.Status.CANCELLED:
-                        self.cancelled.set()
-                except Exception:
-                    connection.close()
-        finally:
-            connection.close()
-
-    def __enter__(self) -> ShardReporter:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.finished.set()
-        self.join(timeout=30)
 
 
 class JobInputs:

@@ -64,7 +64,7 @@ def run_job(*, job_id: int) -> None:
 def run_shard(*, job_id: int, stage: str, index: int) -> None:
     """Run one shard of a sharded job; the last shard of a stage opens the next stage."""
     from workers import shards
-    from workers.dissection import ProgressReporter
+    from workers.reporting import ProgressReporter
 
     try:
         claimed = services.shard_start(

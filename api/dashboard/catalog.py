@@ -83,42 +83,55 @@ def model_page(request, pk: int):
     )
 
 
-@login_required
-def model_new(request):
-    if request.method == "POST":
-        form = ModelForm(request.POST, request.FILES)
-        if form.is_valid():
-            data = form.cleaned_data
-            try:
-                model = services.model_register(
-                    owner=request.user,
-                    name=data["name"],
-                    arch=data["arch"],
-                    kind=data["kind"],
-                    num_classes=data["num_classes"],
-                    input_size=data["input_size"],
-                    weights_file=data["weights"] or None,
-                    weights_path=(data["weights_path"] or "").strip() or None,
-                    public=data["public"],
-                )
-            except ApplicationError as exc:
-                _add_service_error(form, exc)
-            else:
-                messages.success(request, f"Model {model.name} registered with {len(model.layers)} layers.")
-                return redirect("dashboard-model", pk=model.pk)
-    else:
-        form = ModelForm()
+def _register_page(request, form_class, register, *, title: str, intro: str):
+    """A registration form: on a valid POST, ``register(cleaned_data)`` returns (message, redirect) or
+    raises the service's ApplicationError, which the form shows."""
+    form = form_class(request.POST, request.FILES) if request.method == "POST" else form_class()
+    if request.method == "POST" and form.is_valid():
+        try:
+            message, target = register(form.cleaned_data)
+        except ApplicationError as exc:
+            _add_service_error(form, exc)
+        else:
+            messages.success(request, message)
+            return target
     return render(
         request,
         "dashboard/form.html",
         {
             "form": form,
-            "title": "Register a model",
-            "submit": "Register model",
+            "title": f"Register a {title}",
+            "submit": f"Register {title}",
             "multipart": True,
-            "intro": "The weights are loaded into the architecture in a separate process before the model is saved; "
-            "files are never unpickled with code.",
+            "intro": intro,
         },
+    )
+
+
+@login_required
+def model_new(request):
+    def register(data: dict):
+        model = services.model_register(
+            owner=request.user,
+            name=data["name"],
+            arch=data["arch"],
+            kind=data["kind"],
+            num_classes=data["num_classes"],
+            input_size=data["input_size"],
+            weights_file=data["weights"] or None,
+            weights_path=(data["weights_path"] or "").strip() or None,
+            public=data["public"],
+        )
+        message = f"Model {model.name} registered with {len(model.layers)} layers."
+        return message, redirect("dashboard-model", pk=model.pk)
+
+    return _register_page(
+        request,
+        ModelForm,
+        register,
+        title="model",
+        intro="The weights are loaded into the architecture in a separate process before the model is saved; "
+        "files are never unpickled with code.",
     )
 
 
@@ -129,41 +142,25 @@ def datasets_page(request):
 
 @login_required
 def dataset_new(request):
-    if request.method == "POST":
-        form = DatasetForm(request.POST, request.FILES)
-        if form.is_valid():
-            data = form.cleaned_data
-            try:
-                dataset = services.dataset_register(
-                    owner=request.user,
-                    name=data["name"],
-                    format=data["format"],
-                    path=(data["path"] or "").strip() or None,
-                    archive=data["archive"] or None,
-                    concepts=data["concepts"],
-                    public=data["public"],
-                )
-            except ApplicationError as exc:
-                _add_service_error(form, exc)
-            else:
-                messages.success(
-                    request,
-                    f"Dataset {dataset.name} registered: {dataset.image_count} images, "
-                    f"{dataset.concept_count} concepts.",
-                )
-                return redirect("dashboard-datasets")
-    else:
-        form = DatasetForm()
-    return render(
+    def register(data: dict):
+        dataset = services.dataset_register(
+            owner=request.user,
+            name=data["name"],
+            format=data["format"],
+            path=(data["path"] or "").strip() or None,
+            archive=data["archive"] or None,
+            concepts=data["concepts"],
+            public=data["public"],
+        )
+        message = f"Dataset {dataset.name} registered: {dataset.image_count} images, {dataset.concept_count} concepts."
+        return message, redirect("dashboard-datasets")
+
+    return _register_page(
         request,
-        "dashboard/form.html",
-        {
-            "form": form,
-            "title": "Register a dataset",
-            "submit": "Register dataset",
-            "multipart": True,
-            "intro": "The dataset is opened and checked (images, masks, concepts) before it is saved.",
-        },
+        DatasetForm,
+        register,
+        title="dataset",
+        intro="The dataset is opened and checked (images, masks, concepts) before it is saved.",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import typing
+from dataclasses import MISSING
 from typing import Any
 
 from django import forms
@@ -42,14 +43,16 @@ def _form_name(name: str, meta: ParamMeta) -> str:
 
 
 def _defaults_text(rows: list[tuple[type[JobParams], Any]]) -> str:
-    """' Default: 20.' or, when job types differ, ' Default: 1000 (dissect), 200 (generator_remove).'"""
-    shown = [(cls, value) for cls, value in rows if value is not None and value != []]
-    values = {repr(value) for _, value in shown}
+    """' Default: 20.' or, when job types differ, ' Default: 0 (dissect, attack), 1 (generator_remove).'"""
+    shown: dict[str, list[str]] = {}  # each default, as text, with the job types that have it
+    for cls, value in rows:
+        if value is not None and value != [] and value is not MISSING:
+            shown.setdefault(_plain(value), []).append(cls.type)
     if not shown:
         return ""
-    if len(values) == 1 and len(shown) == len(rows):
-        return f" Default: {_plain(shown[0][1])}."
-    return " Default: " + ", ".join(f"{_plain(value)} ({cls.type})" for cls, value in shown) + "."
+    if len(shown) == 1 and len(next(iter(shown.values()))) == len(rows):
+        return f" Default: {next(iter(shown))}."
+    return " Default: " + ", ".join(f"{value} ({', '.join(types)})" for value, types in shown.items()) + "."
 
 
 def _plain(value: Any) -> str:

@@ -94,11 +94,13 @@ def _batch_size(default: int | None = None) -> Any:
 
 
 def _max_images(default: int | None = None) -> Any:
-    return param(default, low=1, help="Use only the first N images." + ("" if default else " Empty: all."))
+    return param(default, low=1, help="Use only the first N images.")
 
 
-def _seed(default: int, help: str = "Seed of the latents.") -> Any:
-    return param(default, low=0, high=MAX_SEED, help=help)
+def _seed(default: int) -> Any:
+    return param(
+        default, low=0, high=MAX_SEED, help="Seed of the random draws: a generator's latents, an attack's targets."
+    )
 
 
 def _samples(default: int, high: int = MAX_SAMPLES) -> Any:
@@ -109,9 +111,12 @@ def _layer() -> Any:
     return param(help="One layer of the model.", message="params.layer must be a layer name")
 
 
+CONCEPT_HELP = "A concept name: of the dataset, or for removal and insertion of the layer's dissection (e.g. a colour)."
+
+
 def _concept() -> Any:
     return param(
-        help="A concept name; for removal and insertion one of the layer's dissection (e.g. a colour).",
+        help=CONCEPT_HELP,
         message="params.concept must be a concept name",
     )
 
@@ -275,11 +280,11 @@ class AttackParams(JobParams):
         high=1.0,
         open_low=True,
         message="params.eps must be in (0, 1] (pixel scale)",
-        help="L-inf budget in pixel scale (default 8/255).",
+        help="L-inf budget in pixel scale (8/255 by default).",
     )
     iterations: int = param(20, low=1, high=1000, help="PGD steps.")
     max_images: int = _max_images(200)
-    seed: int = _seed(0, help="Seed of the attack's target classes.")
+    seed: int = _seed(0)
     split: str = param(
         "val",
         form=False,
@@ -324,7 +329,7 @@ class UnitClassifierParams(JobParams):
     type: ClassVar[str] = Job.Type.UNIT_CLASSIFIER
     layer: str = _layer()
     unit: int = param(low=0, help="The unit number.")
-    concept: str = param(message="params.concept must be a concept name of the dataset", help="A concept name.")
+    concept: str = param(message="params.concept must be a concept name of the dataset", help=CONCEPT_HELP)
     max_images: int | None = _max_images()
     split: str | None = param(
         None,

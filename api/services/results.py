@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -106,20 +107,22 @@ def _copy_into(cursor, model, fields: list[str], lines: list[str]) -> None:
     cursor.cursor.copy_expert(f"COPY {table} ({columns}) FROM STDIN", io.StringIO("".join(lines)))
 
 
-def _store_units_copy(
-    *,
-    job: Job,
-    layer: str,
-    label_ids: list,
-    label_names: list[str],
-    best_iou: list[float],
-    thresholds: list[float],
-    top_images: list[str],
-    score_concepts: np.ndarray,
-    score_iou: np.ndarray,
-) -> None:
+@dataclass(frozen=True)
+class _UnitRows:
+    """A layer's unit rows before they are written: label, best IoU and threshold per unit, and
+    the top-K concept ids [U, K] with their IoUs [U, K]."""
+
+    label_ids: list[int | None]
+    label_names: list[str]
+    best_iou: list[float]
+    thresholds: list[float]
+    score_concepts: np.ndarray
+    score_iou: np.ndarray
+
+
+def _store_units_copy(*, job: Job, layer: str, rows: _UnitRows, top_images: list[str]) -> None:
     """Postgres: the layer's units and scores by two COPYs, unit ids drawn from the sequence first."""
-    units_count = len(label_ids)
+    units_count = len(rows.label_ids)
     with transaction.get_connection().cursor() as cursor:
         cursor.execute(
             "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
@@ -129,19 +132,19 @@ def _store_units_copy(
         prefix = f"\t{job.pk}\t{job.model_id}\t{_copy_text(layer)}\t"
         labels = [
             "\\N\t" if label is None else f"{label}\t{_copy_text(name)}"
-            for label, name in zip(label_ids, label_names, strict=True)
+            for label, name in zip(rows.label_ids, rows.label_names, strict=True)
         ]
         _copy_into(
             cursor,
             Unit,
             ["id", "job", "model", "layer", "unit", "label", "label_name", "iou", "threshold", "top_images"],
             [
-                f"{ids[u]}{prefix}{u}\t{labels[u]}\t{best_iou[u]!r}\t{thresholds[u]!r}\t{top_images[u]}\n"
+                f"{ids[u]}{prefix}{u}\t{labels[u]}\t{rows.best_iou[u]!r}\t{rows.thresholds[u]!r}\t{top_images[u]}\n"
                 for u in range(units_count)
             ],
         )
-        concepts = score_concepts.tolist()
-        ious = score_iou.tolist()
+        concepts = rows.score_concepts.tolist()
+        ious = rows.score_iou.tolist()
         _copy_into(
             cursor,
             UnitConcept,
@@ -154,18 +157,7 @@ def _store_units_copy(
         )
 
 
-def _store_units_orm(
-    *,
-    job: Job,
-    layer: str,
-    label_ids: list,
-    label_names: list[str],
-    best_iou: list[float],
-    thresholds: list[float],
-    top_images: list[list[int]],
-    score_concepts: np.ndarray,
-    score_iou: np.ndarray,
-) -> None:
+def _store_units_orm(*, job: Job, layer: str, rows: _UnitRows, top_images: list[list[int]]) -> None:
     """Other databases (the embedded SQLite): batched bulk_create."""
     Unit.objects.bulk_create(
         [
@@ -174,23 +166,23 @@ def _store_units_orm(
                 model_id=job.model_id,
                 layer=layer,
                 unit=u,
-                label_id=label_ids[u],
-                label_name=label_names[u],
-                iou=best_iou[u],
-                threshold=thresholds[u],
+                label_id=rows.label_ids[u],
+                label_name=rows.label_names[u],
+                iou=rows.best_iou[u],
+                threshold=rows.thresholds[u],
                 top_images=top_images[u],
             )
-            for u in range(len(label_ids))
+            for u in range(len(rows.label_ids))
         ],
         batch_size=2000,
     )
     unit_ids = dict(Unit.objects.filter(job=job, layer=layer).values_list("unit", "id"))
-    concepts = score_concepts.tolist()
-    ious = score_iou.tolist()
+    concepts = rows.score_concepts.tolist()
+    ious = rows.score_iou.tolist()
     UnitConcept.objects.bulk_create(
         [
             UnitConcept(unit_id=unit_ids[u], concept_id=concept, rank=rank, iou=ious[u][rank])
-            for u in range(len(label_ids))
+            for u in range(len(rows.label_ids))
             for rank, concept in enumerate(concepts[u])
         ],
         batch_size=5000,
@@ -250,14 +242,14 @@ def layer_result_store(
     else:
         best = np.zeros(units_count)
         label_ids, label_names = [None] * units_count, [""] * units_count
-    rows = {
-        "label_ids": label_ids,
-        "label_names": label_names,
-        "best_iou": np.where(best > 0, best, 0.0).astype(float).tolist(),
-        "thresholds": thresholds.astype(float).tolist(),
-        "score_concepts": column_ids[order],
-        "score_iou": np.take_along_axis(iou, order, axis=1).astype(float),
-    }
+    rows = _UnitRows(
+        label_ids=label_ids,
+        label_names=label_names,
+        best_iou=np.where(best > 0, best, 0.0).astype(float).tolist(),
+        thresholds=thresholds.astype(float).tolist(),
+        score_concepts=column_ids[order],
+        score_iou=np.take_along_axis(iou, order, axis=1).astype(float),
+    )
     images = [[int(i) for i in row] for row in top_images] if top_images is not None else [[]] * units_count
     with transaction.atomic():
         locked = Job.objects.select_for_update().get(pk=job.pk)
@@ -265,9 +257,9 @@ def layer_result_store(
             return 0
         Unit.objects.filter(job=job, layer=layer).delete()
         if transaction.get_connection().vendor == "postgresql":
-            _store_units_copy(job=job, layer=layer, top_images=[_copy_text(json.dumps(i)) for i in images], **rows)
+            _store_units_copy(job=job, layer=layer, top_images=[_copy_text(json.dumps(i)) for i in images], rows=rows)
         else:
-            _store_units_orm(job=job, layer=layer, top_images=images, **rows)
+            _store_units_orm(job=job, layer=layer, top_images=images, rows=rows)
         LayerResult.objects.update_or_create(
             job=job,
             layer=layer,

@@ -360,7 +360,7 @@ def test_the_subset_check_compares_the_first_chunk_only(monkeypatch: pytest.Monk
     later = torch.tensor([4, 7, 9]), torch.tensor([0, 3, 1])  # no map in the first chunk
     got = list(ups.rows(a, *later))
     assert not ups.checked and engine._MapUpsampler._verdicts == {}
-    for b, u, _native, up in got:
+    for b, u, native, up in got:
         assert torch.equal(up, full[b, u]) and torch.equal(native, a[b, u])
     assert sorted(torch.cat([b for b, *_ in got]).tolist()) == [4, 7, 9]
     bi, ui = torch.tensor([0, 2, 5, 9]), torch.tensor([1, 4, 2, 0])
