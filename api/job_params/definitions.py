@@ -29,6 +29,7 @@ from api.models import Job, NetworkModel
 DEFAULT_REMOVE_KS = (1, 2, 4, 8, 12, 16, 20)
 MAX_SAMPLES = 100_000
 MAX_SEED = 2**31 - 1
+MAX_ID = 2**63 - 1  # a Postgres bigint: a larger id is bad input, not a database error
 CLASSIFIER, GENERATOR = "classifier", "generator"
 
 
@@ -125,6 +126,7 @@ def _dissection() -> Any:
     return param(
         None,
         low=1,
+        high=MAX_ID,
         label="Dissection job",
         message="params.dissection must be a job id",
         help="The dissection job that ranks the units by IoU (default: the layer's latest).",
@@ -296,6 +298,7 @@ class AttackParams(JobParams):
     ablation_job: int | None = param(
         None,
         low=1,
+        high=MAX_ID,
         form=False,
         message="params.ablation_job must be a job id",
         help="The ablate job whose unit importance is compared (default: the latest succeeded one on the same layer).",

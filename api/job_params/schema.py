@@ -14,7 +14,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from api.job_params.definitions import JobParams, ParamMeta, default_of, param_fields
+from api.job_params.definitions import MAX_ID, JobParams, ParamMeta, default_of, param_fields
 
 
 def parts(hint: Any) -> tuple[Any, bool]:
@@ -112,12 +112,14 @@ class StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
-@extend_schema_field({"oneOf": [{"type": "string", "enum": ["colors"]}, {"type": "integer", "minimum": 1}]})
+@extend_schema_field(
+    {"oneOf": [{"type": "string", "enum": ["colors"]}, {"type": "integer", "minimum": 1, "maximum": MAX_ID}]}
+)
 class ConceptSourceField(serializers.Field):
     """``"colors"`` or a segmenter model id."""
 
     def to_internal_value(self, data):
-        if data == "colors" or (isinstance(data, int) and not isinstance(data, bool)):
+        if data == "colors" or (isinstance(data, int) and not isinstance(data, bool) and 1 <= data <= MAX_ID):
             return data
         self.fail("invalid")
 

@@ -196,3 +196,20 @@ def test_workers_read_no_raw_params_and_api_never_imports_workers():
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any(n == "workers" or n.startswith("workers.") for n in names), path
+
+
+@pytest.mark.parametrize(
+    ("on", "type_", "params", "field"),
+    [
+        ("classifier", "attack", {"layer": "conv5", "ablation_job": 2**70}, "ablation_job"),
+        ("generator", "dissect", {"layers": ["conv5"], "concepts": 2**70}, "concepts"),
+        ("generator", "generator_remove", {"layer": "conv5", "concept": "red-c", "dissection": 2**70}, "dissection"),
+    ],
+)
+def test_ids_beyond_a_bigint_are_bad_input(api, rows, on, type_, params, field):
+    model, dataset, generator = rows
+    if on == "generator":
+        model, dataset = generator, None
+    response = _post(api, model, dataset, type_, params)
+    assert response.status_code == 400, response.json()
+    assert f"params.{field}" in response.json()["message"], response.json()
