@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from django.conf import settings
@@ -61,6 +62,19 @@ class ServiceProcesses:
             self._spawn(_celery_worker(bindir, f"worker{i + 1}@%h"), f"worker{i + 1}")
         # The painting endpoint's worker: only the "interactive" queue, so long jobs never block it.
         self._spawn(_celery_worker(bindir, "painter@%h", "-Q", "interactive"), "painter")
+
+    @contextlib.contextmanager
+    def running(self, say: Callable[[str], object]) -> Iterator[ServiceProcesses]:
+        """Start every child and wait until the service is healthy; Ctrl-C, SIGTERM or SIGHUP in the
+        block ends it quietly (``say("stopping")``), and every child is stopped however it ends."""
+        self.start()
+        try:
+            self.wait_ready()
+            yield self
+        except KeyboardInterrupt:
+            say("stopping")
+        finally:
+            self.stop()
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
         """Wait until /api/health/ answers 200 (database, broker and a live worker)."""

@@ -41,9 +41,7 @@ class Command(BaseCommand):
         demo_dir = settings.DATA_ROOTS[0] / "demo"
         self._make_demo(demo_dir, generator=not no_generator)
         procs = ServiceProcesses(port=port, workers=workers, log_dir=settings.VAR_DIR / "logs")
-        procs.start()
-        try:
-            procs.wait_ready()
+        with procs.running(self.stdout.write):
             base = f"http://127.0.0.1:{port}"
             client = _Client(base, token)
             job = self._run_job(client, demo_dir)
@@ -59,10 +57,6 @@ class Command(BaseCommand):
                 f"serving at {base}/ with {workers} worker(s); logs in {settings.VAR_DIR / 'logs'}. Ctrl-C stops."
             )
             procs.wait()
-        except KeyboardInterrupt:
-            self.stdout.write("stopping")
-        finally:
-            procs.stop()
 
     def _demo_user(self) -> str:
         users = get_user_model()

@@ -18,10 +18,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, port: int, workers: int, **options):
         call_command("migrate", interactive=False, verbosity=0)
-        procs = ServiceProcesses(port=port, workers=workers)
-        procs.start()
-        try:
-            procs.wait_ready()
+        with ServiceProcesses(port=port, workers=workers).running(self.stdout.write) as procs:
             self.stdout.write(
                 f"serving: API http://127.0.0.1:{port}/api/ (health /api/health/, docs /api/docs/), "
                 f"dashboard http://127.0.0.1:{port}/, {workers} worker process(es), "
@@ -29,7 +26,3 @@ class Command(BaseCommand):
                 f"broker {settings.CELERY_BROKER_URL.split('://')[0]}. Ctrl-C stops."
             )
             procs.wait()
-        except KeyboardInterrupt:
-            self.stdout.write("stopping")
-        finally:
-            procs.stop()
