@@ -9,6 +9,17 @@ from django.db.models import Q
 # A unit whose label has at least this IoU is a detector of that concept (the paper's 0.04):
 # GET /api/concepts/ counts them by default, from ConceptStat.
 DETECTOR_MIN_IOU = 0.04
+# How a layer's output is laid out as unit maps (dissect_core.layouts).
+LAYER_KINDS = ("map", "channels_last", "tokens", "vector")
+ARCH_SPECS = "torchvision:NAME, timm:NAME, builtin:NAME, torchscript or exported (a torch.export .pt2)"
+
+
+def arch_spec_problem(arch: str) -> str | None:
+    """Why ``arch`` is not an architecture spec the service loads (None when it is one)."""
+    scheme, _, name = arch.partition(":")
+    if arch in ("torchscript", "exported") or (scheme in ("torchvision", "timm", "builtin") and name):
+        return None
+    return f"arch must be {ARCH_SPECS}"
 
 
 class NetworkModel(models.Model):
@@ -38,6 +49,8 @@ class NetworkModel(models.Model):
     latent_dim = models.PositiveIntegerField(null=True, blank=True)
     output_range = models.JSONField(default=list, blank=True)
     layers = models.JSONField(default=list, blank=True)
+    # Layers that ran on the probe but cannot be laid out as unit maps: name -> why.
+    layer_problems = models.JSONField(default=dict, blank=True)
     public = models.BooleanField(default=False)
     created = models.DateTimeField(auto_now_add=True)
 

@@ -132,6 +132,34 @@ def layer_summaries(*, model: NetworkModel, user) -> QuerySet[LayerResult]:
     )
 
 
+def model_layer_rows(*, model: NetworkModel, user) -> list[dict]:
+    """Every dissectable layer of a model in execution order (name, type, units, map size, layout),
+    each with its latest visible dissection (``job``, ``summary``; None when it has none); then any
+    layer with results that the model's listing lacks (registered before it was listed)."""
+    latest: dict[str, LayerResult] = {}
+    for result in layer_summaries(model=model, user=user).only("job_id", "layer", "units", "summary"):
+        latest.setdefault(result.layer, result)
+    rows = []
+    for entry in model.layers or []:
+        result = latest.pop(entry["name"], None)
+        rows.append(
+            {
+                **entry,
+                "layer": entry["name"],
+                "kind": entry.get("kind", "map"),
+                "prefix": entry.get("prefix", []),
+                "element": entry.get("element"),
+                "job": result.job_id if result else None,
+                "summary": result.summary if result else None,
+            }
+        )
+    for name, result in latest.items():
+        rows.append(
+            {"layer": name, "name": name, "units": result.units, "job": result.job_id, "summary": result.summary}
+        )
+    return rows
+
+
 def latest_unit_iou(*, model_id: int, layer: str):
     """(job id, float [U] best-concept IoU per unit) of the latest succeeded dissection of a layer, or None."""
     import numpy as np

@@ -8,6 +8,7 @@ from rest_framework import serializers
 from api import selectors
 from api.job_params import PARAMS, params_serializer
 from api.models import (
+    LAYER_KINDS,
     AblationCurve,
     Concept,
     Dataset,
@@ -16,6 +17,7 @@ from api.models import (
     NetworkModel,
     Unit,
     UnitConcept,
+    arch_spec_problem,
 )
 
 
@@ -25,6 +27,18 @@ class LayerInfoSerializer(serializers.Serializer):
     units = serializers.IntegerField()
     height = serializers.IntegerField()
     width = serializers.IntegerField()
+    kind = serializers.ChoiceField(
+        choices=LAYER_KINDS,
+        default="map",
+        help_text="how the output is laid out as unit maps: [B, C, H, W], [B, H, W, C], transformer tokens "
+        "[B, N, C] on the patch grid, or a vector [B, C] (1 x 1 maps)",
+    )
+    prefix = serializers.ListField(
+        child=serializers.CharField(), default=list, help_text="tokens: the prefix tokens left out of the map"
+    )
+    element = serializers.IntegerField(
+        allow_null=True, default=None, help_text="for a layer that outputs a tuple: the element laid out"
+    )
 
 
 class NetworkModelSerializer(serializers.ModelSerializer):
@@ -94,8 +108,9 @@ class NetworkModelCreateSerializer(serializers.Serializer):
     public = serializers.BooleanField(default=False)
 
     def validate_arch(self, value: str) -> str:
-        if value != "torchscript" and not value.startswith(("torchvision:", "builtin:")):
-            raise serializers.ValidationError("arch must be torchvision:NAME, builtin:NAME or torchscript")
+        problem = arch_spec_problem(value)
+        if problem:
+            raise serializers.ValidationError(problem)
         return value
 
 
@@ -289,11 +304,33 @@ class ConceptSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class LayerResultSerializer(serializers.ModelSerializer):
-    class Meta:
-        model = LayerResult
-        fields = ["job", "layer", "units", "summary"]
-        read_only_fields = fields
+class Meta:
+    model = LayerResult
+    fields = ["job", "layer", "units", "summary"]
+    read_only_fields = fields
+
+
+class ModelLayerSerializer(serializers.Serializer):
+    """One dissectable layer of a model, with its latest dissection."""
+
+    layer = serializers.CharField(help_text="the dotted layer name (to pass as params.layers / params.layer)")
+    type = serializers.CharField(required=False, allow_null=True, default=None, help_text="the module's class")
+    units = serializers.IntegerField()
+    height = serializers.IntegerField(required=False, allow_null=True, default=None)
+    width = serializers.IntegerField(required=False, allow_null=True, default=None)
+    kind = serializers.CharField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="map, channels_last, tokens (on a height x width patch grid) or vector; null: not listed",
+    )
+    prefix = serializers.ListField(
+        child=serializers.CharField(), required=False, default=list, help_text="tokens left out of the map"
+    )
+    element = serializers.IntegerField(required=False, allow_null=True, default=None)
+    description = serializers.CharField(required=False, allow_null=True, default=None)
+    job = serializers.IntegerField(allow_null=True, help_text="the latest succeeded dissection of the layer")
+    summary = serializers.JSONField(allow_null=True, help_text="that dissection's layer summary")
 
 
 class HealthSerializer(serializers.Serializer):

@@ -30,7 +30,7 @@ from api.serializers import (
     ImportantUnitsSerializer,
     JobCreateSerializer,
     JobSerializer,
-    LayerResultSerializer,
+    ModelLayerSerializer,
     NetworkModelCreateSerializer,
     NetworkModelSerializer,
     PaintResultSerializer,
@@ -80,12 +80,13 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
         )
         return Response(NetworkModelSerializer(model).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(responses={200: LayerResultSerializer(many=True)})
+    @extend_schema(responses={200: ModelLayerSerializer(many=True)})
     @action(detail=True, methods=["get"], pagination_class=None)
     def layers(self, request, pk=None):
+        """Every dissectable layer in execution order, its shape and layout, and its latest dissection."""
         model = self.get_object()
-        rows = selectors.layer_summaries(model=model, user=request.user)
-        return Response(LayerResultSerializer(rows, many=True).data)
+        rows = selectors.model_layer_rows(model=model, user=request.user)
+        return Response(ModelLayerSerializer(rows, many=True).data)
 
     @extend_schema(
         request=PaintSerializer,

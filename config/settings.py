@@ -175,6 +175,7 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"KindEnum": "api.models.NetworkModel.Kind", "LayerKindEnum": "api.models.LAYER_KINDS"},
 }
 
 # Celery. State of a job lives in the Job row; Celery results are ignored.

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DissectError
+from .options import RunOptions
+from .progress import ProgressFn
 
 __all__ = ["build_parser", "main", "read_meta", "write_layer_csvs"]
 
@@ -213,6 +215,16 @@ def write_layer_csvs(result: Any, out_dir: Path) -> Path:
     return layer_dir
 
 
+def _run_options(args: argparse.Namespace, progress: ProgressFn) -> RunOptions:
+    """The run options every pass of a command gets: ``--batch-size``, ``--device``, ``--num-workers`` (0 where absent)."""
+    return {
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "num_workers": getattr(args, "num_workers", 0),
+        "progress": progress,
+    }
+
+
 class _Bars:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -259,16 +271,7 @@ def _cmd_dissect(args: argparse.Namespace) -> int:
         )
     bars = _Bars(not args.no_progress)
     try:
-        results = dissect(
-            model,
-            dataset,
-            args.layers,
-            quantile=args.quantile,
-            batch_size=args.batch_size,
-            device=args.device,
-            num_workers=args.num_workers,
-            progress=bars,
-        )
+        results = dissect(model, dataset, args.layers, quantile=args.quantile, **_run_options(args, bars))
     finally:
         bars.close()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -353,29 +356,17 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         except ValueError:
             raise DissectError(f"--ks must be comma-separated integers or 'all', got {args.ks!r}") from None
     bars = _Bars(not args.no_progress)
+    run = _run_options(args, bars)
     try:
-        importance = unit_importance(
-            model, train, args.layer, batch_size=args.batch_size, device=args.device, progress=bars
-        )
+        importance = unit_importance(model, train, args.layer, **run)
         if args.ks == "all":
             ks = range(1, len(importance.units) + 1)
-        sets = ablate_sets(
-            model, val, args.layer, importance, ks=ks, batch_size=args.batch_size, device=args.device, progress=bars
-        )
+        sets = ablate_sets(model, val, args.layer, importance, ks=ks, **run)
         attack = None
         if args.attack_images > 0:
             from .attack import attack_unit_changes
 
-            attack = attack_unit_changes(
-                model,
-                val,
-                args.layer,
-                importance,
-                max_images=args.attack_images,
-                batch_size=args.batch_size,
-                device=args.device,
-                progress=bars,
-            )
+            attack = attack_unit_changes(model, val, args.layer, importance, max_images=args.attack_images, **run)
     finally:
         bars.close()
     layer_dir = args.out / args.layer

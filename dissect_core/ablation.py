@@ -32,22 +32,24 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self, Unpack
 
 import numpy as np
 import torch
 
 from .concepts import ConceptDataset, collate_samples
-from .dissect import _dataset_indices, _resolve_device, preprocess_images
+from .dissect import _dataset_indices, preprocess_images
 from .errors import DatasetError, DissectError, LayerError
 from .models import LoadedModel
 from .nethook import evaluating, get_module, trace
-from .progress import ProgressFn, check_stop
+from .options import Run, RunOptions, resolve_device
+from .progress import check_stop
 from .surgery import prefix, split_module
 
 __all__ = [
     "DEFAULT_KS",
     "AblationCounts",
+    "AblationOptions",
     "ClassAccuracy",
     "ImportanceInterpretability",
     "LayerSplit",
@@ -75,6 +77,27 @@ _MEMORY_BUDGET = 2 << 30
 _CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 256 << 20}
 
 
+class AblationOptions(RunOptions, total=False):
+    """The keyword arguments of the ablation passes: every :class:`~dissect_core.options.RunOptions`, and these.
+
+    The batch size defaults to 64 images, per forward pass and per ablation chunk.
+
+    Attributes:
+        memory_budget: bytes of cached layer output kept in memory (default 2 GiB).
+        chunk_bytes: bytes of expanded layer output per suffix call (default 4 MiB
+            on the CPU, where staying in cache pays, 256 MiB on a GPU).
+        cache_dir: where the scratch file goes when the cache exceeds the budget
+            (default: the system's temporary directory).
+    """
+
+    memory_budget: int
+    chunk_bytes: int | None
+    cache_dir: str | os.PathLike[str] | None
+
+
+_ABLATION_KEYS = AblationOptions.__optional_keys__
+
+
 def _as_numpy(values: Any) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().numpy()
@@ -82,17 +105,14 @@ def _as_numpy(values: Any) -> np.ndarray:
 
 
 def _image_batches(
-    dataset: ConceptDataset,
-    indices: list[int],
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
+    dataset: ConceptDataset, indices: list[int], run: Run
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(uint8 images [B, 3, H, W] on device, class labels [B], dataset indices [B])."""
+    """(uint8 images [B, 3, H, W] on the run's device, class labels [B], dataset indices [B])."""
     from torch.utils.data import DataLoader, Dataset
 
-    if batch_size < 1:
-        raise DissectError(f"batch_size must be positive, got {batch_size}")
+    if run.batch_size < 1:
+        raise DissectError(f"batch_size must be positive, got {run.batch_size}")
+    device = run.device
 
     class _Rows(Dataset):
         def __len__(self) -> int:
@@ -103,9 +123,9 @@ def _image_batches(
 
     loader = DataLoader(
         _Rows(),
-        batch_size=batch_size,
+        batch_size=run.batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=run.num_workers,
         collate_fn=collate_samples,
         pin_memory=device.type == "cuda",
     )
@@ -148,26 +168,18 @@ def class_predictions(
     model: LoadedModel,
     dataset: ConceptDataset,
     *,
-    indices: Sequence[int] | None = None,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
     edit: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-    num_workers: int = 0,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    **options: Unpack[RunOptions],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The network's class scores on every image, optionally with edited layers.
 
     Args:
         model: the classifier.
         dataset: images whose samples carry ``class_label``.
-        indices: dataset indices (default: all), in output row order.
-        batch_size: images per forward pass.
-        device: where to run (default: cuda when available).
         edit: layer name -> output-editing callback (e.g. :func:`zero_units`).
-        num_workers: data loader workers.
-        progress: ``progress("predict", done, total)``.
-        should_stop: polled once per batch; True raises :class:`~dissect_core.errors.Cancelled`.
+        **options: the :class:`~dissect_core.options.RunOptions` (``batch_size``
+            default 64); output rows follow ``indices``; ``progress("predict",
+            done, total)`` counts images.
 
     Returns:
         (logits, labels): float32 [N, K] and int64 [N] (``-1`` where the image has
@@ -175,16 +187,17 @@ def class_predictions(
     """
     if edit:
         _check_hookable(model)
-    dev = _resolve_device(device)
-    idx = _dataset_indices(dataset, indices)
-    module = model.module.to(dev)
+    run = Run.of(options, batch_size=64)
+    progress = run.progress
+    idx = _dataset_indices(dataset, run.indices)
+    module = model.module.to(run.device)
     logits, labels = [], []
     if progress:
         progress("predict", 0, len(idx))
     done = 0
     with torch.no_grad(), evaluating(module):
-        for images, y, _ in _image_batches(dataset, idx, batch_size, num_workers, dev):
-            check_stop(should_stop, "ablation")
+        for images, y, _ in _image_batches(dataset, idx, run):
+            check_stop(run.should_stop, "ablation")
             x = preprocess_images(images, model.input_size, model.mean, model.std)
             if edit:
                 with trace(module, [], edit=edit) as tr:
@@ -556,7 +569,7 @@ def split_network(model: LoadedModel, layer: str, *, device: torch.device | str 
     _check_hookable(model)
     module = model.module
     get_module(module, layer)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     module.to(dev)
     h, w = model.input_size
     gen = torch.Generator().manual_seed(0)
@@ -664,16 +677,8 @@ def ablation_counts(
     layer: str,
     removed: torch.Tensor | np.ndarray,
     *,
-    indices: Sequence[int] | None = None,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-    memory_budget: int = _MEMORY_BUDGET,
-    chunk_bytes: int | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
     split: LayerSplit | None = None,
-    num_workers: int = 0,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    **options: Unpack[AblationOptions],
 ) -> AblationCounts:
     """Prediction counts of the network under many ablations of one layer.
 
@@ -692,19 +697,11 @@ def ablation_counts(
         dataset: the images, with ``class_label``.
         layer: dotted layer name.
         removed: bool [S, U], ``removed[s, u]``: ablation s zeroes unit u.
-        indices: dataset indices (default: all); shards of images merge with
-            :meth:`AblationCounts.merge`.
-        batch_size: images per forward pass and per ablation chunk.
-        device: where to run (default: cuda when available).
-        memory_budget: bytes of cached layer output kept in memory.
-        chunk_bytes: bytes of expanded layer output per suffix call (default 4 MiB
-            on the CPU, where staying in cache pays, 256 MiB on a GPU).
-        cache_dir: where the scratch file goes when the cache exceeds the budget.
         split: a :class:`LayerSplit` from :func:`split_network`, to reuse.
-        num_workers: data loader workers.
-        progress: ``progress(phase, done, total)`` with phase ``"cache"`` (images)
-            and ``"ablate"`` (image x ablation evaluations).
-        should_stop: polled between chunks; True raises :class:`~dissect_core.errors.Cancelled`.
+        **options: the :class:`AblationOptions`; shards of images (``indices``)
+            merge with :meth:`AblationCounts.merge`; ``progress(phase, done,
+            total)`` with phase ``"cache"`` (images) and ``"ablate"`` (image x
+            ablation evaluations); ``should_stop`` is polled between chunks.
 
     Returns:
         the :class:`AblationCounts` of the S ablations.
@@ -714,14 +711,16 @@ def ablation_counts(
         DatasetError: no labelled image, or a label the network has no output for.
         DissectError: a TorchScript model, or ``removed`` of the wrong width.
     """
-    dev = _resolve_device(device)
+    run = Run.of(options, batch_size=64, also=_ABLATION_KEYS)
+    dev, batch_size, progress = run.device, run.batch_size, run.progress
     split = split if split is not None else split_network(model, layer, device=dev)
     rem = torch.as_tensor(_as_numpy(removed)).to(torch.bool)
     units = split.shape[0]
     if rem.dim() != 2 or rem.shape[1] != units:
         raise DissectError(f"removed must be a bool [S, {units}] table for layer {layer!r}, got {tuple(rem.shape)}")
     rem = rem.to(dev)
-    idx = _dataset_indices(dataset, indices)
+    idx = _dataset_indices(dataset, run.indices)
+    chunk_bytes = options.get("chunk_bytes")
     if chunk_bytes is None:
         chunk_bytes = _CHUNK_BYTES.get(dev.type, _CHUNK_BYTES["cuda"])
     counts = AblationCounts.empty(rem.shape[0], split.num_classes)
@@ -729,26 +728,13 @@ def ablation_counts(
     module = model.module.to(dev)
     with torch.no_grad(), evaluating(module):
         if split.kind == "full":
-            _count_full(
-                model,
-                dataset,
-                layer,
-                rem,
-                idx,
-                counts,
-                batch_size,
-                dev,
-                row_bytes,
-                chunk_bytes,
-                num_workers,
-                progress,
-                should_stop,
-            )
+            _count_full(model, dataset, layer, rem, idx, counts, run, row_bytes, chunk_bytes)
         else:
             assert split.suffix is not None
-            cache = _ActivationCache(len(idx), split.shape, dev, memory_budget, cache_dir)
+            memory_budget = options.get("memory_budget", _MEMORY_BUDGET)
+            cache = _ActivationCache(len(idx), split.shape, dev, memory_budget, options.get("cache_dir"))
             try:
-                _fill_cache(model, dataset, layer, idx, cache, batch_size, dev, num_workers, progress, should_stop)
+                _fill_cache(model, dataset, layer, idx, cache, run)
                 if cache.n == 0:
                     raise DatasetError("no image of the selection has a class label")
                 _check_labels(cache.labels[: cache.n], split.num_classes)
@@ -761,7 +747,7 @@ def ablation_counts(
                     y = cache.labels[start : start + a.shape[0]].to(dev)
                     g = _group_size(a.shape[0], row_bytes, chunk_bytes, rem.shape[0])
                     for s0 in range(0, rem.shape[0], g):
-                        check_stop(should_stop, "ablation")
+                        check_stop(run.should_stop, "ablation")
                         group = rem[s0 : s0 + g]
                         out = split.suffix(_ablated(a, group))
                         counts._add_rows(out.float().view(group.shape[0], a.shape[0], -1), y, s0)
@@ -780,17 +766,14 @@ def _fill_cache(
     layer: str,
     idx: list[int],
     cache: _ActivationCache,
-    batch_size: int,
-    dev: torch.device,
-    num_workers: int,
-    progress: ProgressFn | None,
-    should_stop: Callable[[], bool] | None,
+    run: Run,
 ) -> None:
+    progress = run.progress
     if progress:
         progress("cache", 0, len(idx))
     done = 0
-    for images, y, _ in _image_batches(dataset, idx, batch_size, num_workers, dev):
-        check_stop(should_stop, "ablation")
+    for images, y, _ in _image_batches(dataset, idx, run):
+        check_stop(run.should_stop, "ablation")
         keep = y >= 0
         if keep.any():
             x = preprocess_images(images[keep], model.input_size, model.mean, model.std)
@@ -807,20 +790,17 @@ def _count_full(
     rem: torch.Tensor,
     idx: list[int],
     counts: AblationCounts,
-    batch_size: int,
-    dev: torch.device,
+    run: Run,
     row_bytes: int,
     chunk_bytes: int,
-    num_workers: int,
-    progress: ProgressFn | None,
-    should_stop: Callable[[], bool] | None,
 ) -> None:
+    progress = run.progress
     total = len(idx) * rem.shape[0]
     done = 0
     if progress:
         progress("ablate", 0, total)
     seen = 0
-    for images, y, _ in _image_batches(dataset, idx, batch_size, num_workers, dev):
+    for images, y, _ in _image_batches(dataset, idx, run):
         keep = y >= 0
         b_all = y.shape[0]
         if keep.any():
@@ -828,9 +808,9 @@ def _count_full(
             _check_labels(y, counts.num_classes)
             x = preprocess_images(images[keep], model.input_size, model.mean, model.std)
             b = x.shape[0]
-            g = max(1, min(rem.shape[0], batch_size // b, _group_size(b, row_bytes, chunk_bytes, rem.shape[0])))
+            g = max(1, min(rem.shape[0], run.batch_size // b, _group_size(b, row_bytes, chunk_bytes, rem.shape[0])))
             for s0 in range(0, rem.shape[0], g):
-                check_stop(should_stop, "ablation")
+                check_stop(run.should_stop, "ablation")
                 group = rem[s0 : s0 + g]
 
                 def edit(out: torch.Tensor, group: torch.Tensor = group) -> torch.Tensor:
@@ -907,6 +887,45 @@ def rank_units(
     return out
 
 
+class _LayerState:
+    """``state_dict`` and ``from_state_dict`` of a per-layer result dataclass.
+
+    The result has ``layer``, ``classes``, a :class:`ClassAccuracy` ``baseline``
+    and the arrays that ``_ARRAYS`` names, with their dtypes.
+    """
+
+    layer: str
+    classes: list[str]
+    baseline: ClassAccuracy
+    _ARRAYS: ClassVar[dict[str, type]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain arrays and strings (see :meth:`from_state_dict`).
+
+        Returns:
+            ``layer``, ``classes``, a copy of each array, and the baseline's
+            :meth:`ClassAccuracy.state_dict` under ``baseline.`` keys.
+        """
+        state: dict[str, Any] = {"layer": self.layer, "classes": list(self.classes)}
+        state.update({name: getattr(self, name).copy() for name in self._ARRAYS})
+        state.update({f"baseline.{k}": v for k, v in self.baseline.state_dict().items()})
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Self:
+        """Rebuild from :meth:`state_dict` (the arrays copied, in their dtypes)."""
+        prefix = "baseline."
+        fields: dict[str, Any] = {
+            "layer": str(state["layer"]),
+            "classes": [str(c) for c in state["classes"]],
+            "baseline": ClassAccuracy.from_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            ),
+        }
+        fields.update({name: np.array(state[name], dtype) for name, dtype in cls._ARRAYS.items()})
+        return cls(**fields)
+
+
 def _class_names(model: LoadedModel, dataset: ConceptDataset | None, k: int) -> list[str]:
     for names in (model.classes, getattr(dataset, "classes", None) or []):
         if len(names) == k:
@@ -915,7 +934,7 @@ def _class_names(model: LoadedModel, dataset: ConceptDataset | None, k: int) -> 
 
 
 @dataclass
-class UnitImportance:
+class UnitImportance(_LayerState):
     """How much each class depends on each unit of a layer (single-unit removal, training split).
 
     Attributes:
@@ -946,6 +965,17 @@ class UnitImportance:
     ranking: np.ndarray
     tied: np.ndarray
     unchanged: np.ndarray
+
+    _ARRAYS: ClassVar[dict[str, type]] = {
+        "units": np.int64,
+        "balanced_accuracy": np.float64,
+        "accuracy": np.float64,
+        "margin_drop": np.float64,
+        "baseline_margin": np.float64,
+        "ranking": np.int64,
+        "tied": np.int64,
+        "unchanged": np.int64,
+    }
 
     @classmethod
     def from_counts(
@@ -1008,43 +1038,6 @@ class UnitImportance:
                     "margin_drop": float(self.margin_drop[i, c]),
                 }
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain arrays and strings (see :meth:`from_state_dict`)."""
-        state: dict[str, Any] = {
-            "layer": self.layer,
-            "classes": list(self.classes),
-            "units": self.units.copy(),
-            "balanced_accuracy": self.balanced_accuracy.copy(),
-            "accuracy": self.accuracy.copy(),
-            "margin_drop": self.margin_drop.copy(),
-            "baseline_margin": self.baseline_margin.copy(),
-            "ranking": self.ranking.copy(),
-            "tied": self.tied.copy(),
-            "unchanged": self.unchanged.copy(),
-        }
-        state.update({f"baseline.{k}": v for k, v in self.baseline.state_dict().items()})
-        return state
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> UnitImportance:
-        """Rebuild from :meth:`state_dict`."""
-        base = ClassAccuracy.from_state_dict(
-            {k[len("baseline.") :]: v for k, v in state.items() if k.startswith("baseline.")}
-        )
-        return cls(
-            str(state["layer"]),
-            [str(c) for c in state["classes"]],
-            np.asarray(state["units"], np.int64),
-            np.asarray(state["balanced_accuracy"], np.float64),
-            np.asarray(state["accuracy"], np.float64),
-            np.asarray(state["margin_drop"], np.float64),
-            base,
-            np.asarray(state["baseline_margin"], np.float64),
-            np.asarray(state["ranking"], np.int64),
-            np.asarray(state["tied"], np.int64),
-            np.asarray(state["unchanged"], np.int64),
-        )
-
 
 def unit_importance(
     model: LoadedModel,
@@ -1052,15 +1045,7 @@ def unit_importance(
     layer: str,
     *,
     units: Sequence[int] | None = None,
-    indices: Sequence[int] | None = None,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-    memory_budget: int = _MEMORY_BUDGET,
-    chunk_bytes: int | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    num_workers: int = 0,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    **options: Unpack[AblationOptions],
 ) -> UnitImportance:
     """Remove each unit alone and measure every class's balanced accuracy (run it on the training split).
 
@@ -1069,32 +1054,15 @@ def unit_importance(
         dataset: the training images, with ``class_label``.
         layer: dotted layer name.
         units: the units to test (default: all).
-        indices, batch_size, device, memory_budget, chunk_bytes, cache_dir,
-            num_workers, progress, should_stop: as for :func:`ablation_counts`.
+        **options: as for :func:`ablation_counts`.
 
     Returns:
         the :class:`UnitImportance`.
     """
-    dev = _resolve_device(device)
-    split = split_network(model, layer, device=dev)
+    split = split_network(model, layer, device=options.get("device"))
     removed = unit_ablations(split.shape[0], units)
     ids = np.arange(split.shape[0]) if units is None else np.asarray([int(u) for u in units], np.int64)
-    counts = ablation_counts(
-        model,
-        dataset,
-        layer,
-        removed,
-        indices=indices,
-        batch_size=batch_size,
-        device=dev,
-        memory_budget=memory_budget,
-        chunk_bytes=chunk_bytes,
-        cache_dir=cache_dir,
-        split=split,
-        num_workers=num_workers,
-        progress=progress,
-        should_stop=should_stop,
-    )
+    counts = ablation_counts(model, dataset, layer, removed, split=split, **options)
     return UnitImportance.from_counts(layer, _class_names(model, dataset, split.num_classes), ids, counts)
 
 
@@ -1133,7 +1101,7 @@ def set_ablations(
 
 
 @dataclass
-class SetAblation:
+class SetAblation(_LayerState):
     """Removing a class's most important units together, or all units but those (validation split).
 
     Attributes:
@@ -1160,6 +1128,16 @@ class SetAblation:
     removed_top_accuracy: np.ndarray
     kept_top_accuracy: np.ndarray
     baseline: ClassAccuracy
+
+    _ARRAYS: ClassVar[dict[str, type]] = {
+        "class_indices": np.int64,
+        "ks": np.int64,
+        "ranking": np.int64,
+        "removed_top": np.float64,
+        "kept_top": np.float64,
+        "removed_top_accuracy": np.float64,
+        "kept_top_accuracy": np.float64,
+    }
 
     @classmethod
     def from_counts(
@@ -1245,53 +1223,6 @@ class SetAblation:
                     "kept_top_accuracy": float(self.kept_top_accuracy[i, j]),
                 }
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain arrays and strings (see :meth:`from_state_dict`)."""
-        state: dict[str, Any] = {
-            "layer": self.layer,
-            "classes": list(self.classes),
-            "class_indices": self.class_indices.copy(),
-            "ks": self.ks.copy(),
-            "ranking": self.ranking.copy(),
-            "removed_top": self.removed_top.copy(),
-            "kept_top": self.kept_top.copy(),
-            "removed_top_accuracy": self.removed_top_accuracy.copy(),
-            "kept_top_accuracy": self.kept_top_accuracy.copy(),
-        }
-        state.update({f"baseline.{k}": v for k, v in self.baseline.state_dict().items()})
-        return state
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> SetAblation:
-        """Rebuild from :meth:`state_dict`."""
-        base = ClassAccuracy.from_state_dict(
-            {k[len("baseline.") :]: v for k, v in state.items() if k.startswith("baseline.")}
-        )
-        arr = {
-            k: np.asarray(state[k])
-            for k in (
-                "class_indices",
-                "ks",
-                "ranking",
-                "removed_top",
-                "kept_top",
-                "removed_top_accuracy",
-                "kept_top_accuracy",
-            )
-        }
-        return cls(
-            str(state["layer"]),
-            [str(c) for c in state["classes"]],
-            arr["class_indices"].astype(np.int64),
-            arr["ks"].astype(np.int64),
-            arr["ranking"].astype(np.int64),
-            arr["removed_top"].astype(np.float64),
-            arr["kept_top"].astype(np.float64),
-            arr["removed_top_accuracy"].astype(np.float64),
-            arr["kept_top_accuracy"].astype(np.float64),
-            base,
-        )
-
 
 def ablate_sets(
     model: LoadedModel,
@@ -1301,15 +1232,7 @@ def ablate_sets(
     *,
     classes: Sequence[int] | None = None,
     ks: Sequence[int] | None = None,
-    indices: Sequence[int] | None = None,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-    memory_budget: int = _MEMORY_BUDGET,
-    chunk_bytes: int | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    num_workers: int = 0,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    **options: Unpack[AblationOptions],
 ) -> SetAblation:
     """Remove each class's k most important units, and all units but those (run it on the validation split).
 
@@ -1322,16 +1245,14 @@ def ablate_sets(
         ks: set sizes (default :data:`DEFAULT_KS`); each is clipped to the number of
             ranked units (the layer's unit count unless ``importance`` covers fewer)
             and duplicates are dropped; ``range(1, U + 1)`` gives every k.
-        indices, batch_size, device, memory_budget, chunk_bytes, cache_dir,
-            num_workers, progress, should_stop: as for :func:`ablation_counts`.
+        **options: as for :func:`ablation_counts`.
 
     Returns:
         the :class:`SetAblation`; all its networks are evaluated in one cached pass.
     """
     if layer != importance.layer:
         raise DissectError(f"the importance was measured on {importance.layer!r}, not {layer!r}")
-    dev = _resolve_device(device)
-    split = split_network(model, layer, device=dev)
+    split = split_network(model, layer, device=options.get("device"))
     num_units = split.shape[0]
     if len(importance.classes) != split.num_classes:
         raise DissectError(f"the importance has {len(importance.classes)} classes, the network {split.num_classes}")
@@ -1345,22 +1266,7 @@ def ablate_sets(
         raise DissectError(f"classes out of range 0..{split.num_classes - 1}: {bad[:5]}")
     sizes = _clip_ks(ks, len(importance.units))
     removed = set_ablations(importance.ranking, num_units, chosen, sizes)
-    counts = ablation_counts(
-        model,
-        dataset,
-        layer,
-        removed,
-        indices=indices,
-        batch_size=batch_size,
-        device=dev,
-        memory_budget=memory_budget,
-        chunk_bytes=chunk_bytes,
-        cache_dir=cache_dir,
-        split=split,
-        num_workers=num_workers,
-        progress=progress,
-        should_stop=should_stop,
-    )
+    counts = ablation_counts(model, dataset, layer, removed, split=split, **options)
     return SetAblation.from_counts(layer, importance.classes, chosen, sizes, importance.ranking, counts)
 
 

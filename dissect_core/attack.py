@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ from .concepts import ConceptDataset, collate_samples
 from .errors import DatasetError, DissectError
 from .models import LoadedModel
 from .nethook import evaluating, get_module, trace
-from .progress import ProgressFn, check_stop
+from .options import Run, RunOptions
+from .progress import check_stop
 
 __all__ = [
     "GROUPS",
@@ -327,7 +328,6 @@ def attack_unit_changes(
     layer: str,
     importance: UnitImportance | np.ndarray,
     *,
-    indices: Sequence[int] | None = None,
     targets: int | Sequence[int] | None = None,
     target_classes: Sequence[int] | None = None,
     top_k: int = 4,
@@ -337,11 +337,7 @@ def attack_unit_changes(
     stop_on_success: bool = True,
     max_images: int | None = None,
     seed: int = 0,
-    batch_size: int = 32,
-    device: torch.device | str | None = None,
-    num_workers: int = 0,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    **options: Unpack[RunOptions],
 ) -> AttackAnalysis:
     """Attack correctly classified images toward other classes and record every unit's peak change.
 
@@ -351,7 +347,6 @@ def attack_unit_changes(
         layer: dotted layer name.
         importance: the :class:`~dissect_core.ablation.UnitImportance` of that layer,
             or its ranking int [K, U'] (unit numbers per class, most important first).
-        indices: dataset indices to consider (default: all).
         targets: None (each image gets a uniformly random class other than its
             own, from ``target_classes``, seeded by ``seed``), one class for every
             image (images of that class are skipped), or one class per index.
@@ -361,11 +356,9 @@ def attack_unit_changes(
         eps, step, iterations, stop_on_success: as for :func:`pgd_attack`.
         max_images: stop after attacking this many images.
         seed: seeds the random targets.
-        batch_size: images per attack batch.
-        device: where to run (default: cuda when available).
-        num_workers: data loader workers.
-        progress: ``progress("attack", done, total)`` over the considered images.
-        should_stop: polled once per batch; True raises :class:`~dissect_core.errors.Cancelled`.
+        **options: the :class:`~dissect_core.options.RunOptions` (``batch_size``
+            default 32, images per attack batch); ``indices`` are the images to
+            consider; ``progress("attack", done, total)`` counts them.
 
     Returns:
         the :class:`AttackAnalysis`.
@@ -376,15 +369,14 @@ def attack_unit_changes(
     """
     from torch.utils.data import DataLoader, Dataset
 
-    from .dissect import _resolve_device
-
     if isinstance(model.module, torch.jit.ScriptModule):
         raise DissectError("the attack analysis records layers with hooks, which TorchScript models do not run")
     get_module(model.module, layer)
-    dev = _resolve_device(device)
+    run = Run.of(options, batch_size=32)
+    dev, progress = run.device, run.progress
     ranking = np.asarray(importance.ranking if isinstance(importance, UnitImportance) else importance, np.int64)
     n = len(dataset)
-    idx = list(range(n)) if indices is None else [int(i) for i in indices]
+    idx = list(range(n)) if run.indices is None else [int(i) for i in run.indices]
     if any(not 0 <= i < n for i in idx):
         raise DatasetError(f"image indices out of range 0..{n - 1}")
     if isinstance(targets, int | np.integer):
@@ -419,7 +411,7 @@ def attack_unit_changes(
             return i, dataset[idx[i]]
 
     loader = DataLoader(
-        _Rows(), batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_samples
+        _Rows(), batch_size=run.batch_size, shuffle=False, num_workers=run.num_workers, collate_fn=collate_samples
     )
     parts: dict[str, list[np.ndarray]] = {
         key: [] for key in ("index", "source", "target", "success", "clean", "change", "linf")
@@ -432,7 +424,7 @@ def attack_unit_changes(
         for batch in loader:
             if max_images is not None and attacked >= max_images:
                 break
-            check_stop(should_stop, "attack")
+            check_stop(run.should_stop, "attack")
             rows = batch.indices.numpy()
             y = batch.class_labels.to(dev)
             x = to_pixels(batch.images.to(dev), model.input_size)
@@ -446,8 +438,8 @@ def attack_unit_changes(
             else:
                 choice = []
                 for label in y.tolist():
-                    options = pool[pool != label]
-                    choice.append(int(options[rng.integers(len(options))]) if len(options) else -1)
+                    others = pool[pool != label]
+                    choice.append(int(others[rng.integers(len(others))]) if len(others) else -1)
                 t = torch.tensor(choice, dtype=torch.long, device=dev)
             keep = (y >= 0) & (logits.argmax(dim=1) == y) & (t != y) & (t >= 0)
             if max_images is not None:

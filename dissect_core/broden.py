@@ -56,6 +56,7 @@ __all__ = [
     "INDEX_COLUMNS",
     "MAX_IMAGE_PIXELS",
     "BrodenDataset",
+    "mask_concepts",
     "read_label_png",
     "read_rgb",
     "resize_nearest",
@@ -242,6 +243,37 @@ def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     rows = np.minimum(((np.arange(th) + 0.5) * h / th).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(tw) + 0.5) * w / tw).astype(np.int64), w - 1)
     return labels[rows[:, None], cols[None, :]]
+
+
+def mask_concepts(
+    labels: np.ndarray, lut: np.ndarray, path: str | os.PathLike[str], table: str, size: tuple[int, int]
+) -> np.ndarray:
+    """A mask's label numbers as concept numbers, at a dataset's mask size.
+
+    Args:
+        labels: int [h, w], the mask's label numbers (:func:`read_label_png`).
+        lut: int [65536], the concept number of each label number (-1: not a
+            concept of the dataset; 0 for 0).
+        path: the mask file (for errors).
+        table: the file that lists the dataset's labels (for errors).
+        size: the dataset's mask size (sh, sw).
+
+    Returns:
+        [sh, sw] concept numbers in ``lut``'s dtype (:func:`resize_nearest`).
+
+    Raises:
+        DatasetError: a label number outside 0..65535 or not in the table.
+    """
+    try:
+        dense = lut[labels]  # labels >= 65536 raise here, negative ones would wrap
+    except IndexError:
+        dense = None
+    if dense is None or labels.min(initial=0) < 0:
+        raise DatasetError(f"mask {path} holds label numbers outside 0..65535", path=str(path))
+    if dense.min(initial=0) < 0:
+        bad = sorted(set(np.unique(labels[dense < 0]).tolist()))[:10]
+        raise DatasetError(f"mask {path} holds label numbers not in {table}: {bad}", path=str(path))
+    return resize_nearest(dense, size)
 
 
 @dataclass(frozen=True)
@@ -519,23 +551,10 @@ class BrodenDataset(ConceptDataset):
                 f"mask {path} is {raw.shape[0]}x{raw.shape[1]}, index.csv says {expected[0]}x{expected[1]}",
                 path=str(path),
             )
-        try:
-            dense = self._lut[raw]  # labels >= 65536 raise here, negative ones would wrap
-        except IndexError:
-            dense = None
-        if dense is None or raw.min(initial=0) < 0:
-            raise DatasetError(f"mask {path} holds label numbers outside 0..65535", path=str(path))
-        if dense.min(initial=0) < 0:
-            bad = sorted(set(np.unique(raw[dense < 0]).tolist()))[:10]
-            raise DatasetError(f"mask {path} holds label numbers not in label.csv: {bad}", path=str(path))
-        return resize_nearest(dense, self.mask_size)
+        return mask_concepts(raw, self._lut, path, "label.csv", self.mask_size)
 
     def __getitem__(self, index: int) -> Sample:
-        if index < 0:
-            index += len(self._rows)
-        if not 0 <= index < len(self._rows):
-            raise IndexError(f"index {index} out of range for {len(self._rows)} images")
-        row = self._rows[index]
+        row = self._rows[self._checked_index(index)]
         image = read_rgb(self.images_dir / row.image, size=self.image_size)
         maps = [self._read_mask(m, row.mask_size) for m in row.masks]
         label_maps = np.stack(maps).astype(np.int32) if maps else np.zeros((0, *self.mask_size), np.int32)

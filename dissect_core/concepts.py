@@ -121,6 +121,19 @@ class ConceptDataset(abc.ABC):
     @abc.abstractmethod
     def __getitem__(self, index: int) -> Sample: ...
 
+    def _checked_index(self, index: int) -> int:
+        """A sample index as a sequence reads it (negative counts from the end).
+
+        Raises:
+            IndexError: out of range.
+        """
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        return index
+
     def concept_names(self) -> list[str]:
         """Names indexed by concept number (index 0 is ``"-"``)."""
         return ["-"] + [c.name for c in self.concepts]

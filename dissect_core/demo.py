@@ -32,9 +32,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -179,28 +180,21 @@ def make_demo(
             l1_layer=DEMO_LAYER,
             progress=say,
         )
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        config = {
-            "arch": DEMO_ARCH,
-            "num_classes": info["num_classes"],
-            "classes": info["classes"],
-            "input_size": info["input_size"],
-            "mean": info["mean"],
-            "std": info["std"],
-            "val_accuracy": info["val_accuracy"][-1] if info["val_accuracy"] else None,
-            "train_accuracy": info["train_accuracy"][-1] if info["train_accuracy"] else None,
-            "val_accuracy_per_epoch": info["val_accuracy"],
-            "epochs": epochs,
-            "seed": seed,
-            "activation_l1": info["activation_l1"],
-            "l1_layer": info["l1_layer"],
-            "layer": DEMO_LAYER,
-            "dataset": f"broden:{paths.data}",
-            "train_seconds": round(info["seconds"], 1),
-            "torch": torch.__version__,
-        }
-        _write_atomic(paths.weights, lambda p: save_file(state, str(p)))
-        _write_atomic(paths.config, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+        config = _description(
+            DEMO_ARCH,
+            info,
+            ("num_classes", "classes", "input_size", "mean", "std"),
+            paths,
+            val_accuracy=info["val_accuracy"][-1] if info["val_accuracy"] else None,
+            train_accuracy=info["train_accuracy"][-1] if info["train_accuracy"] else None,
+            val_accuracy_per_epoch=info["val_accuracy"],
+            epochs=epochs,
+            seed=seed,
+            activation_l1=info["activation_l1"],
+            l1_layer=info["l1_layer"],
+            layer=DEMO_LAYER,
+        )
+        _save_model(paths.weights, paths.config, model, config)
         say(f"trained in {info['seconds']:.1f}s, validation accuracy {config['val_accuracy']:.3f}")
 
     if generator and (force or not paths.generator.is_file() or not paths.generator_config.is_file()):
@@ -208,6 +202,30 @@ def make_demo(
     if segmenter and (force or not paths.segmenter.is_file() or not paths.segmenter_config.is_file()):
         _make_segmenter(paths, seed=seed, epochs=segmenter_epochs, threads=threads, say=say)
     return paths
+
+
+def _description(arch: str, info: dict, copied: Sequence[str], paths: DemoPaths, **fields: Any) -> dict[str, Any]:
+    """A trained demo model's JSON description.
+
+    Args:
+        arch: its architecture (``builtin:NAME``).
+        info: the trainer's info dict.
+        copied: the info entries the description repeats.
+        paths: the demo's paths.
+        fields: more entries, in order.
+
+    Returns:
+        ``arch``, the ``copied`` entries, ``fields``, then where and how it was
+        trained: ``dataset``, ``train_seconds`` and the ``torch`` version.
+    """
+    return {
+        "arch": arch,
+        **{key: info[key] for key in copied},
+        **fields,
+        "dataset": f"broden:{paths.data}",
+        "train_seconds": round(info["seconds"], 1),
+        "torch": torch.__version__,
+    }
 
 
 def _save_model(weights: Path, config_path: Path, module: torch.nn.Module, config: dict) -> None:
@@ -222,22 +240,17 @@ def _make_generator(paths: DemoPaths, *, seed: int, steps: int, threads: int, sa
     train = BrodenDataset(paths.data, split="train")
     say(f"training the {DEMO_GENERATOR_ARCH} GAN on {len(train)} images ({steps} steps)")
     module, info = train_gan(train, arch=DEMO_GENERATOR_ARCH, steps=steps, seed=seed, threads=threads, progress=say)
-    config = {
-        "arch": DEMO_GENERATOR_ARCH,
-        "latent_dim": info["latent_dim"],
-        "output_range": [-1, 1],
-        "output_size": list(train.image_size),
-        "layer": DEMO_GENERATOR_LAYER,
-        "steps": info["steps"],
-        "batch_size": info["batch_size"],
-        "loss_d": info["loss_d"],
-        "loss_g": info["loss_g"],
-        "seed": seed,
-        "threads": threads,
-        "dataset": f"broden:{paths.data}",
-        "train_seconds": round(info["seconds"], 1),
-        "torch": torch.__version__,
-    }
+    config = _description(
+        DEMO_GENERATOR_ARCH,
+        info,
+        ("latent_dim", "steps", "batch_size", "loss_d", "loss_g"),
+        paths,
+        output_range=[-1, 1],
+        output_size=list(train.image_size),
+        layer=DEMO_GENERATOR_LAYER,
+        seed=seed,
+        threads=threads,
+    )
     _save_model(paths.generator, paths.generator_config, module, config)
     say(f"trained the GAN in {info['seconds']:.1f}s")
 
@@ -251,24 +264,25 @@ def _make_segmenter(paths: DemoPaths, *, seed: int, epochs: int, threads: int, s
     module, info = train_segmenter(
         train, val_dataset=val, category="object", epochs=epochs, seed=seed, threads=threads, progress=say
     )
-    config = {
-        "arch": DEMO_SEGMENTER_ARCH,
-        "num_classes": info["num_classes"],
-        "labels": info["labels"],
-        "categories": info["categories"],
-        "mean": info["mean"],
-        "std": info["std"],
-        "input_size": info["input_size"],
-        "val_pixel_accuracy": info["val_pixel_accuracy"],
-        "val_miou": info["val_miou"],
-        "val_iou": info["val_iou"],
-        "epochs": epochs,
-        "seed": seed,
-        "threads": threads,
-        "dataset": f"broden:{paths.data}",
-        "train_seconds": round(info["seconds"], 1),
-        "torch": torch.__version__,
-    }
+    config = _description(
+        DEMO_SEGMENTER_ARCH,
+        info,
+        (
+            "num_classes",
+            "labels",
+            "categories",
+            "mean",
+            "std",
+            "input_size",
+            "val_pixel_accuracy",
+            "val_miou",
+            "val_iou",
+        ),
+        paths,
+        epochs=epochs,
+        seed=seed,
+        threads=threads,
+    )
     _save_model(paths.segmenter, paths.segmenter_config, module, config)
     say(
         f"trained the segmenter in {info['seconds']:.1f}s, validation pixel accuracy "

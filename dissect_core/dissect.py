@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ from .counts import ConceptCounts, PixelLabels, TopActivations, prepare_labels
 from .errors import DatasetError, DissectError, LayerError
 from .models import LoadedModel
 from .nethook import get_module, trace
+from .options import Run, RunOptions
 from .progress import ProgressFn, check_stop
 from .quantile import (
     QuantileBracket,
@@ -231,15 +232,6 @@ class _Indexed(Dataset):
         return self.indices[i], self.dataset[self.indices[i]]
 
 
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DissectError("device cuda requested but CUDA is not available")
-    return dev
-
-
 def _dataset_indices(dataset: ConceptDataset, indices: Sequence[int] | None) -> list[int]:
     """The selected dataset indices (default: all), checked: at least one, each in range."""
     n = len(dataset)
@@ -279,15 +271,13 @@ def preprocess_images(
 
 @dataclass
 class _Source:
-    """The images and concepts one pass runs over."""
+    """The images and concepts one pass runs over, and how it runs."""
 
     model: LoadedModel
     dataset: ConceptDataset
     layers: list[str]
     indices: list[int]
-    batch_size: int
-    device: torch.device
-    num_workers: int
+    run: Run
     segmenter: Any
     concepts: list[Concept]
     mask_size: tuple[int, int] | None
@@ -296,34 +286,30 @@ class _Source:
     def num_concepts(self) -> int:
         return len(self.concepts)
 
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
+
 
 def _make_source(
-    model: LoadedModel,
-    dataset: ConceptDataset,
-    layers: Sequence[str],
-    *,
-    indices: Sequence[int] | None,
-    batch_size: int,
-    device: torch.device | str | None,
-    num_workers: int,
-    segmenter: Any,
+    model: LoadedModel, dataset: ConceptDataset, layers: Sequence[str], segmenter: Any, options: RunOptions
 ) -> _Source:
+    """Check a dissection pass's inputs; its batch size defaults to 32 images."""
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise LayerError("no layers requested", valid=[])
     for layer in layers:
         get_module(model.module, layer)
-    if batch_size < 1:
-        raise DissectError(f"batch_size must be positive, got {batch_size}")
-    idx = _dataset_indices(dataset, indices)
+    run = Run.of(options, batch_size=32)
+    if run.batch_size < 1:
+        raise DissectError(f"batch_size must be positive, got {run.batch_size}")
+    idx = _dataset_indices(dataset, run.indices)
     concepts = list(segmenter.concepts) if segmenter is not None else list(dataset.concepts)
     for i, concept in enumerate(concepts):
         if concept.number != i + 1:
             raise DatasetError(f"concept {concept.name!r} has number {concept.number}, expected {i + 1}")
     mask = None if segmenter is not None else size_pair(dataset.mask_size)
-    return _Source(
-        model, dataset, layers, idx, batch_size, _resolve_device(device), num_workers, segmenter, concepts, mask
-    )
+    return _Source(model, dataset, layers, idx, run, segmenter, concepts, mask)
 
 
 @dataclass
@@ -334,12 +320,7 @@ class _Prepared:
     image_labels: torch.Tensor
 
 
-def _forward_batches(
-    src: _Source,
-    progress: ProgressFn | None,
-    should_stop: Callable[[], bool] | None,
-    phase: str = "forward",
-) -> Iterator[_Prepared]:
+def _forward_batches(src: _Source, phase: str = "forward") -> Iterator[_Prepared]:
     """Run the network once per batch and yield every requested layer's activations.
 
     A generator (``model.kind == "generator"``) is fed the batch's latents instead
@@ -347,20 +328,21 @@ def _forward_batches(
     """
     loader = DataLoader(
         _Indexed(src.dataset, src.indices),
-        batch_size=src.batch_size,
+        batch_size=src.run.batch_size,
         shuffle=False,
-        num_workers=src.num_workers,
+        num_workers=src.run.num_workers,
         collate_fn=collate_samples,
         pin_memory=src.device.type == "cuda",
     )
     module = src.model.module.to(src.device)
     generator = src.model.kind == "generator"
+    progress = src.run.progress
     total = len(src.indices)
     done = 0
     if progress:
         progress(phase, 0, total)
     for batch in loader:
-        check_stop(should_stop, "dissection")
+        check_stop(src.run.should_stop, "dissection")
         batch = batch.to(src.device, non_blocking=True)
         if generator:
             if batch.latents is None:
@@ -1016,20 +998,14 @@ class _Cache:
             self.label_file = None
 
 
-def _cached_batches(
-    cache: _Cache,
-    layers: Sequence[str],
-    device: torch.device,
-    phase: str,
-    progress: ProgressFn | None,
-    should_stop: Callable[[], bool] | None,
-) -> Iterator[_Prepared]:
+def _cached_batches(cache: _Cache, layers: Sequence[str], run: Run, phase: str) -> Iterator[_Prepared]:
+    device, progress = run.device, run.progress
     total = sum(b for b, _ in cache.batches)
     done = 0
     if progress:
         progress(phase, 0, total)
     for k, (b, idx) in enumerate(cache.batches):
-        check_stop(should_stop, "dissection")
+        check_stop(run.should_stop, "dissection")
         acts = {}
         for layer in layers:
             t = torch.from_numpy(cache.read(k, layer))
@@ -1059,16 +1035,11 @@ def dissect(
     layers: Sequence[str],
     *,
     quantile: float = 0.99,
-    batch_size: int = 32,
-    device: torch.device | str | None = None,
-    indices: Sequence[int] | None = None,
-    num_workers: int = 0,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     top_k_images: int = 5,
     segmenter: Any = None,
     max_collect: int = 1 << 23,
+    **options: Unpack[RunOptions],
 ) -> dict[str, LayerResult]:
     """Dissect layers of a network on a concept dataset (see module docstring).
 
@@ -1077,14 +1048,6 @@ def dissect(
         dataset: images with concept masks (or plain images with ``segmenter``).
         layers: dotted layer names; all are recorded from the same forward passes.
         quantile: the activation quantile that sets each unit's threshold.
-        batch_size: images per forward pass.
-        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
-        indices: dataset indices to use (default: all).
-        num_workers: DataLoader worker processes.
-        progress: ``progress(phase, done, total)`` after every batch; phases are
-            ``"forward"``, ``"quantile"`` (only when a refinement pass is needed)
-            and ``"count"``; done and total count images.
-        should_stop: checked before every batch; True raises :class:`Cancelled`.
         cache_dir: where to put the scratch activation files (a temporary
             directory inside it, removed afterwards; default: the system's).
         top_k_images: top-activating images kept per unit, with the unit's
@@ -1092,6 +1055,10 @@ def dissect(
         segmenter: a :class:`~dissect_core.segmenter.Segmenter` that labels the
             images (its concepts replace the dataset's).
         max_collect: values a threshold-refinement pass may hold in memory.
+        **options: the :class:`~dissect_core.options.RunOptions` (``batch_size``
+            default 32); ``progress`` reports images after every batch, in the
+            phases ``"forward"``, ``"quantile"`` (only when a refinement pass is
+            needed) and ``"count"``.
 
     Returns:
         layer name -> :class:`LayerResult`.
@@ -1103,16 +1070,7 @@ def dissect(
     """
     if not 0.0 <= quantile <= 1.0:
         raise DissectError(f"quantile must lie in [0, 1], got {quantile}")
-    src = _make_source(
-        model,
-        dataset,
-        layers,
-        indices=indices,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        segmenter=segmenter,
-    )
+    src = _make_source(model, dataset, layers, segmenter, options)
     root = Path(tempfile.mkdtemp(prefix="dissect-", dir=cache_dir))
     cache = _Cache(root)
     try:
@@ -1137,13 +1095,13 @@ def dissect(
         if src.device.type == "cpu" and not _OVERLAP_SKETCH_ON_CPU:
             # On the CPU the network and the sketch share the same cores: a second thread
             # only oversubscribes them (measured slower on 2 cores, bench/bench_dissect.py).
-            for prepared in _forward_batches(src, progress, should_stop):
+            for prepared in _forward_batches(src):
                 absorb(prepared)
         else:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dissect-sketch") as pool:
                 pending: deque[Future[None]] = deque()
                 try:
-                    for prepared in _forward_batches(src, progress, should_stop):
+                    for prepared in _forward_batches(src):
                         pending.append(pool.submit(absorb, prepared))
                         while len(pending) > 1:
                             pending.popleft().result()
@@ -1164,7 +1122,7 @@ def dissect(
             }
             if not crowded:
                 break
-            batches = _cached_batches(cache, list(crowded), src.device, "quantile", progress, should_stop)
+            batches = _cached_batches(cache, list(crowded), src.run, "quantile")
             for layer, up in _upsampled(batches, src):
                 crowded[layer].add_batch(up)
             brackets.update({layer: r.bracket() for layer, r in crowded.items()})
@@ -1174,7 +1132,7 @@ def dissect(
             counters[layer] = _LayerCounter(
                 units, src.num_concepts, 0, src.device, thresholds=b.values() if b.done else None, bracket=b
             )
-        for prepared in _cached_batches(cache, src.layers, src.device, "count", progress, should_stop):
+        for prepared in _cached_batches(cache, src.layers, src.run, "count"):
             labels = _labels_of(src, prepared)
             assert src.mask_size is not None
             for layer, a in prepared.acts.items():
@@ -1197,36 +1155,22 @@ def quantile_pass(
     dataset: ConceptDataset,
     layers: Sequence[str],
     *,
-    indices: Sequence[int] | None = None,
-    batch_size: int = 32,
-    device: torch.device | str | None = None,
-    num_workers: int = 0,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
     segmenter: Any = None,
+    **options: Unpack[RunOptions],
 ) -> dict[str, QuantileSketch]:
     """Pass 1 on one shard: a mergeable activation sketch per layer.
 
     Args:
-        model, dataset, layers, batch_size, device, num_workers, progress,
-        should_stop, segmenter: as for :func:`dissect` (phase ``"quantile"``).
-        indices: the shard's dataset indices (default: all).
+        model, dataset, layers, segmenter: as for :func:`dissect`.
+        **options: as for :func:`dissect` (phase ``"quantile"``); ``indices``
+            are the shard's.
 
     Returns:
         layer -> :class:`QuantileSketch` of the upsampled activations (on the CPU).
     """
-    src = _make_source(
-        model,
-        dataset,
-        layers,
-        indices=indices,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        segmenter=segmenter,
-    )
+    src = _make_source(model, dataset, layers, segmenter, options)
     sketches: dict[str, QuantileSketch] = {}
-    for layer, up in _upsampled(_forward_batches(src, progress, should_stop, phase="quantile"), src):
+    for layer, up in _upsampled(_forward_batches(src, phase="quantile"), src):
         if layer not in sketches:
             sketches[layer] = QuantileSketch(up.shape[1], device=src.device)
         sketches[layer].add_batch(up)
@@ -1239,14 +1183,9 @@ def refine_pass(
     layers: Sequence[str],
     brackets: dict[str, QuantileBracket],
     *,
-    indices: Sequence[int] | None = None,
-    batch_size: int = 32,
-    device: torch.device | str | None = None,
-    num_workers: int = 0,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
     segmenter: Any = None,
     max_collect: int = 1 << 23,
+    **options: Unpack[RunOptions],
 ) -> dict[str, QuantileRefiner]:
     """A threshold-refinement pass on one shard (see :func:`resolve_thresholds`).
 
@@ -1254,7 +1193,8 @@ def refine_pass(
         brackets: layer -> the merged sketch's bracket (or a refined one); every
             shard must get the same brackets.
         max_collect: values the pass may collect (same on every shard).
-        others: as for :func:`quantile_pass` (phase ``"quantile"``).
+        model, dataset, layers, segmenter, **options: as for :func:`quantile_pass`
+            (phase ``"quantile"``).
 
     Returns:
         layer -> :class:`QuantileRefiner`; merge the shards' and call ``bracket()``.
@@ -1263,17 +1203,8 @@ def refine_pass(
     refiners = {layer: QuantileRefiner(brackets[layer], max_values=max_collect) for layer in todo}
     if not todo:
         return refiners
-    src = _make_source(
-        model,
-        dataset,
-        todo,
-        indices=indices,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        segmenter=segmenter,
-    )
-    for layer, up in _upsampled(_forward_batches(src, progress, should_stop, phase="quantile"), src):
+    src = _make_source(model, dataset, todo, segmenter, options)
+    for layer, up in _upsampled(_forward_batches(src, phase="quantile"), src):
         refiners[layer].add_batch(up)
     return refiners
 
@@ -1308,37 +1239,24 @@ def count_pass(
     layers: Sequence[str],
     thresholds: dict[str, np.ndarray | torch.Tensor],
     *,
-    indices: Sequence[int] | None = None,
-    batch_size: int = 32,
-    device: torch.device | str | None = None,
-    num_workers: int = 0,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
     segmenter: Any = None,
     top_k_images: int = 5,
+    **options: Unpack[RunOptions],
 ) -> dict[str, ConceptCounts]:
     """Pass 2 on one shard: unit x concept counts at given thresholds.
 
     Args:
         thresholds: layer -> float [U] thresholds (a pixel is on when a_u > t_u).
         top_k_images: top images per unit to keep, with their maps (merged across shards).
-        others: as for :func:`quantile_pass` (phase ``"count"``).
+        model, dataset, layers, segmenter, **options: as for :func:`quantile_pass`
+            (phase ``"count"``).
 
     Returns:
         layer -> :class:`ConceptCounts` (on the CPU; ``.top`` holds the top images).
     """
-    src = _make_source(
-        model,
-        dataset,
-        layers,
-        indices=indices,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        segmenter=segmenter,
-    )
+    src = _make_source(model, dataset, layers, segmenter, options)
     counters: dict[str, _LayerCounter] = {}
-    for prepared in _forward_batches(src, progress, should_stop, phase="count"):
+    for prepared in _forward_batches(src, phase="count"):
         labels = _labels_of(src, prepared)
         assert src.mask_size is not None
         for layer, a in prepared.acts.items():

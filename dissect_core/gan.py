@@ -279,102 +279,71 @@ def train_gan(
         Cancelled: ``should_stop`` said so.
     """
     with _cpu_threads(threads):
-        return _train_gan(
-            dataset,
-            arch=arch,
-            latent_dim=latent_dim,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            ema_decay=ema_decay,
-            seed=seed,
-            stat_samples=stat_samples,
-            device=device,
-            progress=progress,
-            should_stop=should_stop,
-        )
-
-
-def _train_gan(
-    dataset: ConceptDataset,
-    *,
-    arch: str,
-    latent_dim: int,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    ema_decay: float,
-    seed: int,
-    stat_samples: int,
-    device: str | torch.device,
-    progress: Callable[[str], None] | None,
-    should_stop: Callable[[], bool] | None,
-) -> tuple[nn.Module, dict]:
-    start = time.monotonic()
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        generator = build_generator(arch, latent_dim)
-        disc = _discriminator()
-    with torch.no_grad():
-        out_size = tuple(generator.eval()(torch.zeros(1, latent_dim)).shape[-2:])
-    if tuple(dataset.image_size) != out_size:
-        raise DatasetError(
-            f"the generator makes {out_size[0]}x{out_size[1]} images, dataset {dataset.name} "
-            f"holds {dataset.image_size[0]}x{dataset.image_size[1]}",
-            path="",
-        )
-    images = _load_images(dataset)
-    average = copy.deepcopy(generator).to(device)
-    generator.to(device).train()
-    disc.to(device).train()
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.0, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.0, 0.9))
-    rng = torch.Generator().manual_seed(seed)
-    recent_d: list[float] = []
-    recent_g: list[float] = []
-    for step in range(1, steps + 1):
-        check_stop(should_stop, "GAN training")
-        idx = torch.randint(len(images), (batch_size,), generator=rng)
-        flip = torch.rand(batch_size, generator=rng) < 0.5
-        z = torch.randn(batch_size, latent_dim, generator=rng).to(device)
-        real = images[idx]
-        real = torch.where(flip.view(-1, 1, 1, 1), real.flip(3), real).to(device).float().div_(127.5).sub_(1.0)
-
-        fake = generator(z)
-        loss_d = F.relu(1.0 - disc(real)).mean() + F.relu(1.0 + disc(fake.detach())).mean()
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-
-        loss_g = -disc(fake).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        start = time.monotonic()
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            generator = build_generator(arch, latent_dim)
+            disc = _discriminator()
         with torch.no_grad():
-            keep = min(ema_decay, (1.0 + step) / (10.0 + step))
-            for pa, p in zip(average.parameters(), generator.parameters()):
-                pa.lerp_(p, 1.0 - keep)
-
-        recent_d = ([*recent_d, float(loss_d.detach())])[-100:]
-        recent_g = ([*recent_g, float(loss_g.detach())])[-100:]
-        if progress is not None and (step % 100 == 0 or step == steps):
-            progress(
-                f"step {step}/{steps}: loss D {np.mean(recent_d):.3f} G {np.mean(recent_g):.3f} "
-                f"({time.monotonic() - start:.0f}s)"
+            out_size = tuple(generator.eval()(torch.zeros(1, latent_dim)).shape[-2:])
+        if tuple(dataset.image_size) != out_size:
+            raise DatasetError(
+                f"the generator makes {out_size[0]}x{out_size[1]} images, dataset {dataset.name} "
+                f"holds {dataset.image_size[0]}x{dataset.image_size[1]}",
+                path="",
             )
-    _standing_stats(average, latent_dim, rng, samples=stat_samples)
-    info = {
-        "arch": f"builtin:{arch.removeprefix('builtin:')}",
-        "latent_dim": latent_dim,
-        "steps": steps,
-        "batch_size": batch_size,
-        "seed": seed,
-        "seconds": time.monotonic() - start,
-        "loss_d": float(np.mean(recent_d)) if recent_d else None,
-        "loss_g": float(np.mean(recent_g)) if recent_g else None,
-    }
-    return average, info
+        images = _load_images(dataset)
+        average = copy.deepcopy(generator).to(device)
+        generator.to(device).train()
+        disc.to(device).train()
+        opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.0, 0.9))
+        opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.0, 0.9))
+        rng = torch.Generator().manual_seed(seed)
+        recent_d: list[float] = []
+        recent_g: list[float] = []
+        for step in range(1, steps + 1):
+            check_stop(should_stop, "GAN training")
+            idx = torch.randint(len(images), (batch_size,), generator=rng)
+            flip = torch.rand(batch_size, generator=rng) < 0.5
+            z = torch.randn(batch_size, latent_dim, generator=rng).to(device)
+            real = images[idx]
+            real = torch.where(flip.view(-1, 1, 1, 1), real.flip(3), real).to(device).float().div_(127.5).sub_(1.0)
+
+            fake = generator(z)
+            loss_d = F.relu(1.0 - disc(real)).mean() + F.relu(1.0 + disc(fake.detach())).mean()
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+
+            loss_g = -disc(fake).mean()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            with torch.no_grad():
+                keep = min(ema_decay, (1.0 + step) / (10.0 + step))
+                for pa, p in zip(average.parameters(), generator.parameters()):
+                    pa.lerp_(p, 1.0 - keep)
+
+            recent_d = ([*recent_d, float(loss_d.detach())])[-100:]
+            recent_g = ([*recent_g, float(loss_g.detach())])[-100:]
+            if progress is not None and (step % 100 == 0 or step == steps):
+                progress(
+                    f"step {step}/{steps}: loss D {np.mean(recent_d):.3f} G {np.mean(recent_g):.3f} "
+                    f"({time.monotonic() - start:.0f}s)"
+                )
+        _standing_stats(average, latent_dim, rng, samples=stat_samples)
+        info = {
+            "arch": f"builtin:{arch.removeprefix('builtin:')}",
+            "latent_dim": latent_dim,
+            "steps": steps,
+            "batch_size": batch_size,
+            "seed": seed,
+            "seconds": time.monotonic() - start,
+            "loss_d": float(np.mean(recent_d)) if recent_d else None,
+            "loss_g": float(np.mean(recent_g)) if recent_g else None,
+        }
+        return average, info
 
 
 def load_category_arrays(
@@ -549,117 +518,86 @@ def train_segmenter(
         Cancelled: ``should_stop`` said so.
     """
     with _cpu_threads(threads):
-        return _train_segmenter(
-            dataset,
-            category=category,
-            val_dataset=val_dataset,
-            val_fraction=val_fraction,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            augment=augment,
-            device=device,
-            progress=progress,
-            should_stop=should_stop,
+        start = time.monotonic()
+        images, targets, labels = load_category_arrays(dataset, category)
+        rng = torch.Generator().manual_seed(seed)
+        if val_dataset is not None:
+            val_images, val_targets, val_labels = load_category_arrays(val_dataset, category)
+            if val_labels != labels:
+                raise DatasetError(
+                    f"validation dataset {val_dataset.name} has other {category} concepts "
+                    f"({val_labels[1:]}) than {dataset.name} ({labels[1:]})",
+                    path="",
+                )
+        else:
+            order = torch.randperm(len(images), generator=rng)
+            n_val = round(len(images) * val_fraction) if len(images) > 1 else 0
+            val_idx, train_idx = order[:n_val], order[n_val:]
+            val_images, val_targets = images[val_idx], targets[val_idx]
+            images, targets = images[train_idx], targets[train_idx]
+
+        flat = images.float().div_(255.0).transpose(0, 1).reshape(3, -1)
+        mean = flat.mean(1).tolist()
+        std = flat.std(1).clamp_min(1e-3).tolist()
+        del flat
+
+        device = torch.device(device)
+        num_classes = len(labels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = segnet(num_classes)
+        model.to(device)
+        steps_per_epoch = math.ceil(len(images) / batch_size)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.2
         )
-
-
-def _train_segmenter(
-    dataset: ConceptDataset,
-    *,
-    category: str,
-    val_dataset: ConceptDataset | None,
-    val_fraction: float,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    augment: bool,
-    device: str | torch.device,
-    progress: Callable[[str], None] | None,
-    should_stop: Callable[[], bool] | None,
-) -> tuple[nn.Module, dict]:
-    start = time.monotonic()
-    images, targets, labels = load_category_arrays(dataset, category)
-    rng = torch.Generator().manual_seed(seed)
-    if val_dataset is not None:
-        val_images, val_targets, val_labels = load_category_arrays(val_dataset, category)
-        if val_labels != labels:
-            raise DatasetError(
-                f"validation dataset {val_dataset.name} has other {category} concepts "
-                f"({val_labels[1:]}) than {dataset.name} ({labels[1:]})",
-                path="",
-            )
-    else:
-        order = torch.randperm(len(images), generator=rng)
-        n_val = round(len(images) * val_fraction) if len(images) > 1 else 0
-        val_idx, train_idx = order[:n_val], order[n_val:]
-        val_images, val_targets = images[val_idx], targets[val_idx]
-        images, targets = images[train_idx], targets[train_idx]
-
-    flat = images.float().div_(255.0).transpose(0, 1).reshape(3, -1)
-    mean = flat.mean(1).tolist()
-    std = flat.std(1).clamp_min(1e-3).tolist()
-    del flat
-
-    device = torch.device(device)
-    num_classes = len(labels)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = segnet(num_classes)
-    model.to(device)
-    steps_per_epoch = math.ceil(len(images) / batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.2
-    )
-    mask_size = tuple(targets.shape[-2:])
-    val: dict | None = None
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(images), generator=rng)
-        total_loss = 0.0
-        for step in range(steps_per_epoch):
-            check_stop(should_stop, "segmenter training")
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            flip = (torch.rand(len(idx), generator=rng) < 0.5).view(-1, 1, 1, 1)
-            x = torch.where(flip, images[idx].flip(3), images[idx])
-            y = torch.where(flip[:, 0], targets[idx].flip(2), targets[idx])
-            x = x.to(device).float()
-            if augment:
-                x = _degrade(x, rng)
-            scores = _scores_at(model(normalize(x, mean, std)), mask_size)
-            loss = F.cross_entropy(scores, y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total_loss += float(loss.detach()) * len(idx)
-        line = f"epoch {epoch + 1}/{epochs}: loss {total_loss / len(images):.3f}"
-        if len(val_images) and (epoch == epochs - 1 or progress is not None):
-            val = evaluate_segmentation(model, val_images, val_targets, num_classes, mean, std)
-            line += f" val pixel acc {val['pixel_accuracy']:.3f} mIoU {val['miou']:.3f}"
-        if progress is not None:
-            progress(line)
-    model.eval()
-    cat_of = {c.name: c.category for c in dataset.concepts if c.category == category}
-    info = {
-        "arch": "builtin:segnet",
-        "num_classes": num_classes,
-        "labels": labels,
-        "categories": ["-"] + [cat_of[name] for name in labels[1:]],
-        "category": category,
-        "mean": mean,
-        "std": std,
-        "input_size": list(dataset.image_size),
-        "val_pixel_accuracy": val["pixel_accuracy"] if val else None,
-        "val_miou": val["miou"] if val else None,
-        "val_iou": val["iou"] if val else None,
-        "val_images": len(val_images),
-        "train_images": len(images),
-        "epochs": epochs,
-        "seed": seed,
-        "seconds": time.monotonic() - start,
-    }
-    return model, info
+        mask_size = tuple(targets.shape[-2:])
+        val: dict | None = None
+        for epoch in range(epochs):
+            model.train()
+            order = torch.randperm(len(images), generator=rng)
+            total_loss = 0.0
+            for step in range(steps_per_epoch):
+                check_stop(should_stop, "segmenter training")
+                idx = order[step * batch_size : (step + 1) * batch_size]
+                flip = (torch.rand(len(idx), generator=rng) < 0.5).view(-1, 1, 1, 1)
+                x = torch.where(flip, images[idx].flip(3), images[idx])
+                y = torch.where(flip[:, 0], targets[idx].flip(2), targets[idx])
+                x = x.to(device).float()
+                if augment:
+                    x = _degrade(x, rng)
+                scores = _scores_at(model(normalize(x, mean, std)), mask_size)
+                loss = F.cross_entropy(scores, y.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total_loss += float(loss.detach()) * len(idx)
+            line = f"epoch {epoch + 1}/{epochs}: loss {total_loss / len(images):.3f}"
+            if len(val_images) and (epoch == epochs - 1 or progress is not None):
+                val = evaluate_segmentation(model, val_images, val_targets, num_classes, mean, std)
+                line += f" val pixel acc {val['pixel_accuracy']:.3f} mIoU {val['miou']:.3f}"
+            if progress is not None:
+                progress(line)
+        model.eval()
+        cat_of = {c.name: c.category for c in dataset.concepts if c.category == category}
+        info = {
+            "arch": "builtin:segnet",
+            "num_classes": num_classes,
+            "labels": labels,
+            "categories": ["-"] + [cat_of[name] for name in labels[1:]],
+            "category": category,
+            "mean": mean,
+            "std": std,
+            "input_size": list(dataset.image_size),
+            "val_pixel_accuracy": val["pixel_accuracy"] if val else None,
+            "val_miou": val["miou"] if val else None,
+            "val_iou": val["iou"] if val else None,
+            "val_images": len(val_images),
+            "train_images": len(images),
+            "epochs": epochs,
+            "seed": seed,
+            "seconds": time.monotonic() - start,
+        }
+        return model, info

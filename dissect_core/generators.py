@@ -50,9 +50,9 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Required, TypedDict, TypeVar, Unpack
 
 import numpy as np
 import torch
@@ -68,7 +68,6 @@ from .colors import (
     rgb_to_lab,
 )
 from .concepts import Concept, ConceptDataset, Sample
-from .dissect import _resolve_device
 from .errors import DissectError, LayerError, ModelLoadError
 from .gan import _cpu_threads
 from .models import (
@@ -79,15 +78,18 @@ from .models import (
     load_state_dict_file,
 )
 from .nethook import evaluating, get_module, trace
-from .progress import ProgressFn, check_stop
+from .options import check_keywords, resolve_device
+from .progress import ProgressFn, StopFn, check_stop
 from .surgery import prefix, split_module
 
 __all__ = [
     "DEFAULT_KS",
     "ColorSegmenter",
     "ConceptSource",
+    "ExperimentOptions",
     "GeneratedDataset",
     "InsertionResult",
+    "PaintEdit",
     "RemovalResult",
     "concept_pixels",
     "generate",
@@ -350,7 +352,7 @@ def generate(
         uint8 tensor [B, 3, H, W] on the CPU.
     """
     _check_generator(gen)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     module = gen.module.to(dev)
     out = []
     with torch.no_grad(), evaluating(module):
@@ -513,7 +515,7 @@ class GeneratedDataset(ConceptDataset):
         self.count = int(count)
         self.seed = int(seed)
         self.batch_size = max(1, int(batch_size))
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.name = f"generated:{gen.arch}:{self.seed}"
         self.concepts = list(self.source.concepts)
         self.categories = list(dict.fromkeys(c.category for c in self.concepts))
@@ -697,15 +699,44 @@ def _split(gen: LoadedModel, layer: str, device: torch.device) -> _Split:
     return split
 
 
-class _Runner:
-    """Runs a generator with one layer's output edited, reusing the part before the layer."""
+class ExperimentOptions(TypedDict, total=False):
+    """How :func:`removal_curve` and :func:`insertion_map` run; every key is optional.
 
-    def __init__(self, gen: LoadedModel, layer: str, device: torch.device) -> None:
+    Attributes:
+        batch_size: rows per forward pass (default 64): samples for the removal
+            curve, (position, sample) pairs through the rest of the generator
+            for the insertion map.
+        sample_images: samples kept as before/after pictures (default 8).
+        device: where to run (default: CUDA when available).
+        progress: ``progress(phase, done, total)`` after every batch; each
+            experiment names its phase and what it counts.
+        should_stop: checked before every forward pass; True raises :class:`Cancelled`.
+    """
+
+    batch_size: int
+    sample_images: int
+    device: torch.device | str | None
+    progress: ProgressFn | None
+    should_stop: StopFn | None
+
+
+class _Runner:
+    """Runs a generator with one layer's output edited, reusing the part before the layer.
+
+    It also holds how the experiment runs (:class:`ExperimentOptions`, defaults applied).
+    """
+
+    def __init__(self, gen: LoadedModel, layer: str, options: ExperimentOptions) -> None:
+        check_keywords(options, ExperimentOptions.__optional_keys__)
         self.gen = gen
         self.layer = layer
-        self.device = device
-        self.module = gen.module.to(device)
-        self.split = _split(gen, layer, device)
+        self.device = resolve_device(options.get("device"))
+        self.batch_size = max(1, int(options.get("batch_size", 64)))
+        self.sample_images = int(options.get("sample_images", 8))
+        self.progress = options.get("progress")
+        self.should_stop = options.get("should_stop")
+        self.module = gen.module.to(self.device)
+        self.split = _split(gen, layer, self.device)
 
     def prefix(self, z: torch.Tensor) -> torch.Tensor | None:
         """The layer's output [B, C, h, w] on latents [B, Z] (None in hook mode)."""
@@ -726,6 +757,30 @@ class _Runner:
             with trace(self.module, [], edit={self.layer: edit} if edit is not None else None) as tr:
                 out = tr(x)
         return to_uint8(_check_image(out), self.gen.output_range)
+
+
+_Runs = TypeVar("_Runs", "RemovalResult", "InsertionResult")
+
+
+def _merge_runs(a: _Runs, b: _Runs, experiment: str, same: Sequence[str], **summed: Any) -> _Runs:
+    """Two runs of one experiment over disjoint latents as one result.
+
+    Args:
+        a, b: the runs.
+        experiment: its name, for the error.
+        same: the fields both runs must share (arrays compare element-wise).
+        summed: the fields that combine the two runs' counts.
+
+    Returns:
+        ``count`` summed, ``start`` the smaller, the ``summed`` fields, and every
+        other field (the sample images) from the run with the smaller start.
+    """
+    for name in same:
+        x, y = getattr(a, name), getattr(b, name)
+        if not (np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y):
+            raise DissectError(f"{experiment} results of different experiments cannot be merged")
+    first = a if a.start <= b.start else b
+    return replace(first, count=a.count + b.count, start=min(a.start, b.start), **summed)
 
 
 def _check_units(units: Sequence[int], channels: int, what: str) -> list[int]:
@@ -782,7 +837,7 @@ def unit_quantiles(
     z_dim = _check_generator(gen)
     if not 0.0 <= q <= 1.0 or count < 1:
         raise DissectError(f"need 0 <= q <= 1 and count >= 1, got q={q}, count={count}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     module = gen.module.to(dev)
     get_module(module, layer)
     key = (layer, float(q), int(count), int(seed))
@@ -878,28 +933,16 @@ class RemovalResult:
             the combined result (``count`` summed, ``start`` the smaller, sample
             images of the run with the smaller start).
         """
-        if (self.layer, self.concept_number, self.units, self.ks, self.seed) != (
-            other.layer,
-            other.concept_number,
-            other.units,
-            other.ks,
-            other.seed,
-        ):
-            raise DissectError("removal results of different experiments cannot be merged")
-        first = self if self.start <= other.start else other
-        return RemovalResult(
-            self.layer,
-            self.concept_number,
-            list(self.units),
-            list(self.ks),
-            self.count + other.count,
-            self.seed,
-            min(self.start, other.start),
-            self.pixels + other.pixels,
-            self.baseline_pixels + other.baseline_pixels,
-            [a + b for a, b in zip(self.after_pixels, other.after_pixels)],
-            first.before_images,
-            first.after_images_by_k,
+        return _merge_runs(
+            self,
+            other,
+            "removal",
+            ("layer", "concept_number", "units", "ks", "seed"),
+            units=list(self.units),
+            ks=list(self.ks),
+            pixels=self.pixels + other.pixels,
+            baseline_pixels=self.baseline_pixels + other.baseline_pixels,
+            after_pixels=[a + b for a, b in zip(self.after_pixels, other.after_pixels)],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -932,11 +975,7 @@ def removal_curve(
     count: int = 1000,
     seed: int = 0,
     start: int = 0,
-    batch_size: int = 64,
-    sample_images: int = 8,
-    device: torch.device | str | None = None,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    **options: Unpack[ExperimentOptions],
 ) -> RemovalResult:
     """Remove the k best units of a concept and count its pixels (paper, Figure 4a/4b).
 
@@ -951,11 +990,8 @@ def removal_curve(
         count: samples.
         seed: latent seed.
         start: first latent index (shards: disjoint ranges, then :meth:`RemovalResult.merge`).
-        batch_size: samples per forward pass.
-        sample_images: samples kept as before/after pictures (the first ones).
-        device: where to run.
-        progress: ``progress("removal", done, count)`` after every batch.
-        should_stop: checked before every batch; True raises :class:`Cancelled`.
+        **options: the :class:`ExperimentOptions`; the sample images are the first
+            samples; ``progress("removal", done, count)`` counts samples.
 
     Returns:
         the :class:`RemovalResult`.
@@ -970,26 +1006,25 @@ def removal_curve(
     kk = sorted({min(int(k), len(ranked_units)) for k in ks if int(k) >= 1})
     if not kk:
         raise DissectError("no positive k to remove")
-    dev = _resolve_device(device)
-    runner = _Runner(gen, layer, dev)
+    runner = _Runner(gen, layer, options)
+    dev, progress = runner.device, runner.progress
     units = _check_units(list(ranked_units)[: kk[-1]], runner.split.shape[0], "removal_curve")
     edits = [remove_units_edit(units[:k]) for k in kk]
     baseline, after, pixels = 0, [0] * len(kk), 0
     before_imgs: list[torch.Tensor] = []
     after_imgs: list[list[torch.Tensor]] = [[] for _ in kk]
-    bs = max(1, int(batch_size))
     if progress:
         progress("removal", 0, count)
     with torch.no_grad(), evaluating(runner.module):
-        for offset, n in _batches(count, bs):
-            check_stop(should_stop)
+        for offset, n in _batches(count, runner.batch_size):
+            check_stop(runner.should_stop)
             z = sample_latents(z_dim, n, seed=seed, start=start + offset).to(dev)
             acts = runner.prefix(z)
             imgs = runner.images(z, acts, None)
             m0 = _concept_mask(imgs, src, c)
             baseline += int(m0.sum())
             pixels += int(m0.numel())
-            keep = max(0, min(n, sample_images - offset))
+            keep = max(0, min(n, runner.sample_images - offset))
             if keep:
                 before_imgs.append(imgs[:keep].cpu())
             for j, edit in enumerate(edits):
@@ -1099,26 +1134,15 @@ class InsertionResult:
         Returns:
             the combined result (counts summed; images of the run with the smaller start).
         """
-        same = ("layer", "concept_number", "units", "values", "seed", "size", "near", "grid", "mask_pixels")
-        if any(getattr(self, k) != getattr(other, k) for k in same) or not np.array_equal(self.tested, other.tested):
-            raise DissectError("insertion results of different experiments cannot be merged")
-        first = self if self.start <= other.start else other
-        return InsertionResult(
-            self.layer,
-            self.concept_number,
-            list(self.units),
-            list(self.values),
-            self.count + other.count,
-            self.seed,
-            min(self.start, other.start),
-            self.size,
-            self.near,
-            self.grid,
-            self.mask_pixels,
-            self.tested.copy(),
-            self.new_pixels + other.new_pixels,
-            first.before_images,
-            first.after_images,
+        return _merge_runs(
+            self,
+            other,
+            "insertion",
+            ("layer", "concept_number", "units", "values", "seed", "size", "near", "grid", "mask_pixels", "tested"),
+            units=list(self.units),
+            values=list(self.values),
+            tested=self.tested.copy(),
+            new_pixels=self.new_pixels + other.new_pixels,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -1181,11 +1205,7 @@ def insertion_map(
     stride: int | None = None,
     size: int = 1,
     near: int | None = None,
-    batch_size: int = 64,
-    sample_images: int = 8,
-    device: torch.device | str | None = None,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    **options: Unpack[ExperimentOptions],
 ) -> InsertionResult:
     """Force units on at each feature-map position and count new concept pixels (Figure 4d).
 
@@ -1212,12 +1232,9 @@ def insertion_map(
         size: side of the square set (>= 1).
         near: count new pixels only within this many feature cells of the square
             (None: anywhere).
-        batch_size: rows per forward pass of the rest of the generator.
-        sample_images: samples kept as before/after pictures at the best position.
-        device: where to run.
-        progress: ``progress("insertion", done, total)``, done counting
+        **options: the :class:`ExperimentOptions`; the sample images show the
+            best position; ``progress("insertion", done, total)`` counts
             (position, sample) pairs.
-        should_stop: checked before every forward pass; True raises :class:`Cancelled`.
 
     Returns:
         the :class:`InsertionResult`.
@@ -1229,8 +1246,8 @@ def insertion_map(
         raise DissectError(f"need count >= 1 and size >= 1, got count={count}, size={size}")
     if not units:
         raise DissectError("no units to insert")
-    dev = _resolve_device(device)
-    runner = _Runner(gen, layer, dev)
+    runner = _Runner(gen, layer, options)
+    dev, progress, bs = runner.device, runner.progress, runner.batch_size
     channels, h, w = runner.split.shape
     unit_list = _check_units(units, channels, "insertion_map")
     if values is None:
@@ -1245,7 +1262,6 @@ def insertion_map(
         masks[i][_square(y, x, size, (h, w))] = True
     masks = masks.to(dev)
     new_pixels = np.zeros((h, w), np.int64)
-    bs = max(1, int(batch_size))
     per_batch = min(count, bs)
     mask_hw: tuple[int, int] | None = None
     windows: torch.Tensor | None = None
@@ -1263,7 +1279,7 @@ def insertion_map(
                     windows = _windows(pos, size, int(near), (h, w), mask_hw).to(m0.device)
             p_per = max(1, bs // n)
             for p0 in range(0, len(pos), p_per):
-                check_stop(should_stop)
+                check_stop(runner.should_stop)
                 p1 = min(p0 + p_per, len(pos))
                 rows = masks[p0:p1].repeat_interleave(n, dim=0)
                 out = runner.images(z, acts, insert_units_edit(unit_list, vals, rows), repeat=p1 - p0)
@@ -1298,7 +1314,7 @@ def insertion_map(
         new_pixels,
     )
     best = result.best_position
-    s = min(int(sample_images), count)
+    s = min(runner.sample_images, count)
     if best is not None and s > 0:
         with torch.no_grad(), evaluating(runner.module):
             z = sample_latents(z_dim, s, seed=seed, start=start).to(dev)
@@ -1391,8 +1407,8 @@ def paint_pair(
     z_dim = _check_generator(gen)
     if mode not in ("add", "erase"):
         raise DissectError(f"paint mode must be 'add' or 'erase', got {mode!r}")
-    dev = _resolve_device(device)
-    runner = _Runner(gen, layer, dev)
+    runner = _Runner(gen, layer, {"device": device})
+    dev = runner.device
     channels, h, w = runner.split.shape
     unit_list = _check_units(units, channels, "paint")
     m = resize_mask(mask, (h, w)).to(dev)
@@ -1413,38 +1429,39 @@ def paint_pair(
     return (before[0].permute(1, 2, 0).cpu().numpy(), after[0].permute(1, 2, 0).cpu().numpy())
 
 
+class PaintEdit(TypedDict, total=False):
+    """The keyword arguments of :func:`paint_pair` (documented there), which :func:`paint` passes on.
+
+    ``seed`` and ``mask`` are required.
+    """
+
+    seed: Required[int]
+    index: int
+    mask: Required[np.ndarray | torch.Tensor]
+    mode: str
+    values: Sequence[float] | np.ndarray | None
+    device: torch.device | str | None
+    num_threads: int | None
+
+
 def paint(
     gen: LoadedModel,
     layer: str,
     units: Sequence[int],
     *,
-    seed: int,
-    index: int = 0,
-    mask: np.ndarray | torch.Tensor,
-    mode: str = "add",
-    values: Sequence[float] | np.ndarray | None = None,
-    device: torch.device | str | None = None,
-    num_threads: int | None = 1,
     return_before: bool = False,
+    **edit: Unpack[PaintEdit],
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """One sample after painting units under a mask (arguments as for :func:`paint_pair`).
+    """One sample after painting units under a mask.
 
     Args:
+        gen, layer, units: as for :func:`paint_pair`.
         return_before: also return the unedited image, as :func:`paint_pair` does.
+        **edit: the :class:`PaintEdit` keywords of :func:`paint_pair` (``seed``,
+            ``mask``, ``index``, ``mode``, ``values``, ``device``, ``num_threads``).
 
     Returns:
         uint8 [H, W, 3]; with ``return_before``, (before, after).
     """
-    pair = paint_pair(
-        gen,
-        layer,
-        units,
-        seed=seed,
-        index=index,
-        mask=mask,
-        mode=mode,
-        values=values,
-        device=device,
-        num_threads=num_threads,
-    )
+    pair = paint_pair(gen, layer, units, **edit)
     return pair if return_before else pair[1]

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .broden import MAX_IMAGE_PIXELS, read_label_png, read_rgb, resize_nearest
+from .broden import MAX_IMAGE_PIXELS, mask_concepts, read_label_png, read_rgb
 from .concepts import Concept, ConceptDataset, Sample, size_pair
 from .errors import DatasetError
 
@@ -194,20 +194,10 @@ class ImageFolderDataset(ConceptDataset):
         return len(self._images)
 
     def _read_mask(self, path: Path) -> np.ndarray:
-        raw = read_label_png(path)
-        if raw.max(initial=0) >= len(self._lut) or raw.min(initial=0) < 0:
-            raise DatasetError(f"mask {path} holds label numbers outside 0..65535", path=str(path))
-        dense = self._lut[raw]
-        if (dense < 0).any():
-            bad = sorted(set(np.unique(raw[dense < 0]).tolist()))[:10]
-            raise DatasetError(f"mask {path} holds label numbers not in the label file: {bad}", path=str(path))
-        return resize_nearest(dense, self.mask_size)
+        return mask_concepts(read_label_png(path), self._lut, path, "the label file", self.mask_size)
 
     def __getitem__(self, index: int) -> Sample:
-        if index < 0:
-            index += len(self._images)
-        if not 0 <= index < len(self._images):
-            raise IndexError(f"index {index} out of range for {len(self._images)} images")
+        index = self._checked_index(index)
         image = read_rgb(self._images[index], size=self.image_size)
         maps = [self._read_mask(m) for m in self._masks[index]]
         label_maps = np.stack(maps).astype(np.int32) if maps else np.zeros((0, *self.mask_size), np.int32)

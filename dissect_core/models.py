@@ -1,7 +1,8 @@
 """Loading classifiers and generators safely, and listing their layers.
 
 Architectures are named by spec: ``torchvision:NAME`` (any torchvision
-classification builder, built with ``weights=None``), ``builtin:NAME``
+classification builder, built with ``weights=None``), ``timm:NAME`` (any timm
+model, built with ``pretrained=False``: nothing is downloaded), ``builtin:NAME``
 (:data:`dissect_core.archs.ARCHS`) or ``torchscript`` (the weights file is a
 TorchScript archive). Generators (latent vector in, image out) are loaded by
 :func:`dissect_core.generators.load_generator` into the same :class:`LoadedModel`,
@@ -12,6 +13,7 @@ executed.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import pickle
 import re
@@ -24,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import LayerError, ModelLoadError
+from .layouts import LayerLayout, infer_layout, model_token_grid
 from .nethook import evaluating, forward_hooks, get_module, module_names
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "LayerInfo",
     "LoadedModel",
     "infer_num_classes_from_state_dict",
+    "layer_layouts",
     "list_layers",
     "load_model",
     "load_state_dict_file",
@@ -42,6 +46,8 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+_PROBE_BATCH = 2  # the probe's batch: a dimension of this size first is the batch
+_WIDER = 32  # the second probe's extra width (pixels)
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "generator", "netG", "g_ema")
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -94,14 +100,17 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One layer whose output is a feature map.
+    """One layer whose output can be laid out as unit maps (:mod:`dissect_core.layouts`).
 
     Attributes:
         name: dotted module name.
         type: module class name.
-        units: channels of the output.
-        height: output height for the model's input size.
-        width: output width.
+        units: channels of the output (the units).
+        height: map height for the model's input size (1 for a vector; patch rows for tokens).
+        width: map width.
+        kind: the layout: ``map``, ``channels_last``, ``tokens`` or ``vector``.
+        prefix: tokens only: the names of the leading tokens left out of the map.
+        element: for a tuple output, the index of the tensor laid out.
     """
 
     name: str
@@ -109,6 +118,14 @@ class LayerInfo:
     units: int
     height: int
     width: int
+    kind: str = "map"
+    prefix: tuple[str, ...] = ()
+    element: int | None = None
+
+    @property
+    def layout(self) -> LayerLayout:
+        """The :class:`~dissect_core.layouts.LayerLayout` that turns this layer's output into maps."""
+        return LayerLayout(self.kind, self.units, self.height, self.width, self.prefix, self.element)
 
 
 def _size2(value: int | Sequence[int] | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -330,11 +347,50 @@ def _build_torchvision(name: str, num_classes: int) -> nn.Module:
         raise ModelLoadError(f"cannot build torchvision:{name}: {exc}", arch=f"torchvision:{name}") from None
 
 
-def _builder(arch: str) -> Callable[[int], nn.Module]:
+def _timm_config(name: str) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
+    """((H, W), mean, std) of a timm model name's own configuration (ImageNet's when it has none)."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.6)
+        raise ModelLoadError(
+            f"unknown timm model {name!r}" + (f"; similar names: {', '.join(close)}" if close else ""),
+            arch=f"timm:{name}",
+        )
+    cfg = get_pretrained_cfg(name)
+    size = tuple(int(v) for v in (getattr(cfg, "input_size", None) or (3, 224, 224))[1:])
+    mean = tuple(float(v) for v in (getattr(cfg, "mean", None) or IMAGENET_MEAN))
+    std = tuple(float(v) for v in (getattr(cfg, "std", None) or IMAGENET_STD))
+    return (size[0], size[1]), mean, std
+
+
+def _build_timm(name: str, num_classes: int, img_size: tuple[int, int] | None = None) -> nn.Module:
+    """A timm model with random weights (``pretrained=False``: nothing is downloaded); ``img_size``
+    goes to the models that take it (vision transformers size their position embedding by it)."""
+    import timm
+
+    _timm_config(name)
+    try:
+        if img_size is not None:
+            try:
+                return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size)
+            except TypeError:  # a model without an image size (a CNN)
+                pass
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        raise ModelLoadError(
+            f"cannot build timm:{name}: {str(exc).splitlines()[0][:300]}", arch=f"timm:{name}"
+        ) from None
+
+
+def _builder(arch: str, img_size: tuple[int, int] | None = None) -> Callable[[int], nn.Module]:
     """The constructor ``num_classes -> module`` of an architecture spec."""
     scheme, _, name = arch.partition(":")
     if scheme == "torchvision" and name:
         return lambda n: _build_torchvision(name, n)
+    if scheme == "timm" and name:
+        return lambda n: _build_timm(name, n, img_size)
     if scheme == "builtin" and name:
         from .archs import ARCHS
 
@@ -345,7 +401,8 @@ def _builder(arch: str) -> Callable[[int], nn.Module]:
             )
         return ARCHS[name]
     raise ModelLoadError(
-        f"unknown model spec {arch!r}: expected torchvision:NAME, builtin:NAME or torchscript", arch=arch
+        f"unknown model spec {arch!r}: expected torchvision:NAME, timm:NAME, builtin:NAME, torchscript or exported",
+        arch=arch,
     )
 
 
@@ -375,14 +432,16 @@ def load_model(
     """Build an architecture and load its weights, safely.
 
     Args:
-        arch: ``torchvision:NAME``, ``builtin:NAME`` or ``torchscript``.
+        arch: ``torchvision:NAME``, ``timm:NAME`` (built with ``pretrained=False``),
+            ``builtin:NAME`` or ``torchscript``.
         weights: the weights file (required for ``torchscript``; without it the
             network keeps its random initialisation).
         num_classes: output classes; inferred from the weights when omitted
-            (torchvision falls back to 1000).
-        input_size: (H, W) or one int; default 224 x 224.
-        mean: normalisation mean, default ImageNet's.
-        std: normalisation std, default ImageNet's.
+            (torchvision and timm fall back to 1000).
+        input_size: (H, W) or one int; default 224 x 224 (timm: the model's own
+            configuration; a timm transformer is built for the size given).
+        mean: normalisation mean, default ImageNet's (timm: the model's own).
+        std: normalisation std, default ImageNet's (timm: the model's own).
         classes: class names, if known.
 
     Returns:
@@ -392,23 +451,28 @@ def load_model(
         ModelLoadError: unknown spec, unreadable or unsafe file, or weights that
             do not fit (the message names missing, unexpected and mismatched keys).
     """
-    size = _size2(input_size, (224, 224))
-    mean_t = tuple(float(v) for v in (mean if mean is not None else IMAGENET_MEAN))
-    std_t = tuple(float(v) for v in (std if std is not None else IMAGENET_STD))
+    scheme, _, name = arch.partition(":")
+    default_size: tuple[int, int] = (224, 224)
+    default_mean: tuple[float, ...] = IMAGENET_MEAN
+    default_std: tuple[float, ...] = IMAGENET_STD
+    if scheme == "timm" and name:
+        default_size, default_mean, default_std = _timm_config(name)
+    size = _size2(input_size, default_size)
+    mean_t = tuple(float(v) for v in (mean if mean is not None else default_mean))
+    std_t = tuple(float(v) for v in (std if std is not None else default_std))
     if len(mean_t) != 3 or len(std_t) != 3 or any(s <= 0 for s in std_t):
         raise ModelLoadError("mean and std must hold 3 values each, std positive")
-    scheme = arch.partition(":")[0]
     if scheme == "torchscript":
         if weights is None:
             raise ModelLoadError("a torchscript model needs its file as weights")
         script = _load_torchscript(weights)
         script.eval()
         return LoadedModel(script, "torchscript", num_classes, size, mean_t, std_t, "torchscript", list(classes or []))
-    build = _builder(arch)
+    build = _builder(arch, size if scheme == "timm" and input_size is not None else None)
     state = load_state_dict_file(weights) if weights is not None else None
     if num_classes is None and state is not None:
         num_classes = infer_num_classes_from_state_dict(state, arch)
-    if num_classes is None and scheme == "torchvision":
+    if num_classes is None and scheme in ("torchvision", "timm"):
         num_classes = 1000
     if num_classes is None:
         raise ModelLoadError(f"{arch}: give num_classes (no weights to infer it from)", arch=arch)
@@ -420,20 +484,28 @@ def load_model(
     return LoadedModel(module, arch, num_classes, size, mean_t, std_t, kind, list(classes or []))
 
 
-def list_layers(model: LoadedModel | nn.Module, input_size: int | Sequence[int] | None = None) -> list[LayerInfo]:
-    """The layers whose output is a 4-D feature map, in execution order.
+def list_layers(
+    model: LoadedModel | nn.Module,
+    input_size: int | Sequence[int] | None = None,
+    *,
+    problems: dict[str, str] | None = None,
+) -> list[LayerInfo]:
+    """The layers whose output can be laid out as unit maps, in execution order.
 
-    Runs one forward pass of a zero image (a generator: a zero latent) with a hook
-    on every module.
+    Runs one forward pass of two zero images (a generator: two zero latents) with a hook on
+    every module, and a second one on wider images when the model takes them (to tell
+    [B, C, H, W] from [B, H, W, C]); see :func:`dissect_core.layouts.infer_layout`.
 
     Args:
         model: a :class:`LoadedModel` or a bare module.
         input_size: (H, W) to probe with (default: the model's input size, or 224;
             ignored for generators, whose input is a latent).
+        problems: if given, filled with layer name -> why it cannot be dissected, for the
+            layers left out.
 
     Returns:
-        one :class:`LayerInfo` per module whose output is a [1, C, h, w] tensor
-        (a module run several times reports its last run).
+        one :class:`LayerInfo` per module whose output is a map, channels-last map, token
+        sequence or vector (a module run several times reports its last run).
 
     Raises:
         ModelLoadError: the forward pass fails at that input size.
@@ -441,35 +513,113 @@ def list_layers(model: LoadedModel | nn.Module, input_size: int | Sequence[int] 
     module = model.module if isinstance(model, LoadedModel) else model
     default = model.input_size if isinstance(model, LoadedModel) else (224, 224)
     h, w = _size2(input_size, default)
-    x = torch.zeros(1, 3, h, w)
-    if isinstance(model, LoadedModel) and model.latent_dim is not None:
-        x = torch.zeros(1, *(model.latent_shape or (model.latent_dim,)))
+    generator = isinstance(model, LoadedModel) and model.latent_dim is not None
+    x = torch.zeros(_PROBE_BATCH, 3, h, w)
+    if generator:
+        assert isinstance(model, LoadedModel) and model.latent_dim is not None
+        x = torch.zeros(_PROBE_BATCH, *(model.latent_shape or (model.latent_dim,)))
     names = module_names(module)
     if isinstance(module, torch.jit.ScriptModule):
         return _list_script_layers(module, names, x)
-    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+    wider = {} if generator else _probe_shapes(module, names, torch.zeros(_PROBE_BATCH, 3, h, w + _WIDER))
+    grid = None if generator else model_token_grid(module, (h, w))
+    found: dict[str, LayerInfo] = {}
     order: list[str] = []
+    modules = dict(module.named_modules())
 
-    def make_hook(name: str, type_name: str) -> Any:
+    def make_hook(name: str) -> Any:
         def hook(_: nn.Module, __: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and output.dim() == 4:
-                shapes[name] = (type_name, tuple(output.shape))
-                if name in order:
-                    order.remove(name)
-                order.append(name)
+            try:
+                layout = infer_layout(
+                    name, output, batch=_PROBE_BATCH, input_size=(h, w), grid=grid, wider=wider.get(name)
+                )
+            except LayerError as exc:
+                if problems is not None:
+                    problems[name] = exc.message
+                return
+            found[name] = LayerInfo(
+                name,
+                type(modules[name]).__name__,
+                layout.units,
+                layout.height,
+                layout.width,
+                layout.kind,
+                layout.prefix,
+                layout.element,
+            )
+            if name in order:
+                order.remove(name)
+            order.append(name)
 
         return hook
 
-    modules = dict(module.named_modules())
-    hooks = {name: make_hook(name, type(modules[name]).__name__) for name in names}
     try:
-        with evaluating(module), forward_hooks(module, hooks), torch.no_grad():
+        with evaluating(module), forward_hooks(module, {n: make_hook(n) for n in names}), torch.no_grad():
             module(x)
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
         raise ModelLoadError(
-            f"the model does not run on a {'x'.join(str(v) for v in x.shape)} input: {str(exc).splitlines()[0][:300]}"
+            f"the model does not run on a {'x'.join(str(v) for v in x.shape[1:])} input: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
         ) from None
-    return [LayerInfo(n, shapes[n][0], shapes[n][1][1], shapes[n][1][2], shapes[n][1][3]) for n in order]
+    for name in order:
+        if problems is not None:
+            problems.pop(name, None)
+    return [found[n] for n in order]
+
+
+def _probe_shapes(module: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Each module's output tensor shape on ``x``; empty when the model does not take it."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def make_hook(name: str) -> Any:
+        def hook(_: nn.Module, __: Any, output: Any) -> None:
+            t = output if isinstance(output, torch.Tensor) else None
+            if isinstance(output, (tuple, list)):
+                t = next((o for o in output if isinstance(o, torch.Tensor)), None)
+            if t is not None:
+                shapes[name] = tuple(int(v) for v in t.shape)
+
+        return hook
+
+    try:
+        with evaluating(module), forward_hooks(module, {n: make_hook(n) for n in names}), torch.no_grad():
+            module(x)
+    except Exception:  # a model bound to one input size (a ViT): the shapes alone decide
+        return {}
+    return shapes
+
+
+def layer_layouts(model: LoadedModel, layers: Sequence[str]) -> dict[str, LayerLayout]:
+    """The layouts of some layers of a model, from one probe (cached on the model).
+
+    Args:
+        model: the network.
+        layers: dotted layer names.
+
+    Returns:
+        layer name -> :class:`~dissect_core.layouts.LayerLayout`.
+
+    Raises:
+        LayerError: a name is not a module, or its output cannot be laid out as maps (the
+            message says why).
+    """
+    cache: dict[str, LayerLayout] = model.__dict__.setdefault("_layouts", {})
+    missing = [name for name in layers if name not in cache]
+    if missing:
+        for name in missing:
+            get_module(model.module, name)
+        problems: dict[str, str] = {}
+        infos = {info.name: info for info in list_layers(model, problems=problems)}
+        for name in missing:
+            if name in infos:
+                cache[name] = infos[name].layout
+            elif name in problems:
+                raise LayerError(problems[name], layer=name, valid=list(infos))
+            else:
+                raise LayerError(
+                    f"layer {name!r} produced no output on a probe of the model", layer=name, valid=list(infos)
+                )
+    return {name: cache[name] for name in layers}
 
 
 def _list_script_layers(module: torch.jit.ScriptModule, names: list[str], x: torch.Tensor) -> list[LayerInfo]:

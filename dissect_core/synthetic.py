@@ -549,11 +549,7 @@ class SyntheticScenes(ConceptDataset):
         return render_scene(self.seed, self.indices[index], self.image_size, self.split_fraction)
 
     def __getitem__(self, index: int) -> Sample:
-        if index < 0:
-            index += len(self.indices)
-        if not 0 <= index < len(self.indices):
-            raise IndexError(f"index {index} out of range for {len(self.indices)} images")
-        return _scene_sample(self.scene(index), self.mask_size)
+        return _scene_sample(self.scene(self._checked_index(index)), self.mask_size)
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):

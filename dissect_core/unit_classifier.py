@@ -9,14 +9,16 @@ scored by balanced accuracy ``(TPR + TNR) / 2``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Unpack
 
 import numpy as np
 import torch
 
 from .concepts import ConceptDataset
 from .models import LoadedModel
+from .options import RunOptions
 
 __all__ = ["UnitClassifierResult", "concept_presence", "image_peaks", "unit_classifier"]
 
@@ -84,13 +86,7 @@ def image_peaks(
     model: LoadedModel,
     dataset: ConceptDataset,
     layers: Sequence[str],
-    *,
-    indices: Sequence[int] | None = None,
-    batch_size: int = 32,
-    device: torch.device | str | None = None,
-    num_workers: int = 0,
-    progress: Callable[[str, int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    **options: Unpack[RunOptions],
 ) -> dict[str, np.ndarray]:
     """Every image's peak activation for every unit.
 
@@ -98,27 +94,17 @@ def image_peaks(
         model: the network.
         dataset: the images.
         layers: dotted layer names.
-        indices: dataset indices (default: all), in output row order.
-        batch_size, device, num_workers, progress, should_stop: as for
-            :func:`dissect_core.dissect.dissect` (phase ``"peaks"``).
+        **options: as for :func:`dissect_core.dissect.dissect` (phase
+            ``"peaks"``); output rows follow ``indices``.
 
     Returns:
         layer -> float32 [N, U] peak (spatial max, native resolution) activations.
     """
     from .dissect import _forward_batches, _make_source
 
-    src = _make_source(
-        model,
-        dataset,
-        layers,
-        indices=indices,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        segmenter=None,
-    )
+    src = _make_source(model, dataset, layers, None, options)
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in src.layers}
-    for prepared in _forward_batches(src, progress, should_stop, phase="peaks"):
+    for prepared in _forward_batches(src, phase="peaks"):
         for layer, a in prepared.acts.items():
             out[layer].append(a.amax(dim=(2, 3)).cpu().numpy())
     return {layer: np.concatenate(parts).astype(np.float32) for layer, parts in out.items()}

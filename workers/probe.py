@@ -28,17 +28,37 @@ def probe_model(args: argparse.Namespace) -> dict:
         mean=args.mean,
         std=args.std,
     )
-    layers = _layer_rows(list_layers(loaded))
+    problems: dict[str, str] = {}
+    layers = _layer_rows(list_layers(loaded, problems=problems))
     if args.kind == "segmenter":
         problem = _segmenter_problem(loaded, args.num_classes)
         if problem:
             return {"ok": False, "message": problem, "details": {}}
-    return {"ok": True, "num_classes": loaded.num_classes, "layers": layers}
+    return {
+        "ok": True,
+        "num_classes": loaded.num_classes,
+        "input_size": list(loaded.input_size),
+        "mean": list(loaded.mean),
+        "std": list(loaded.std),
+        "layers": layers,
+        "layer_problems": problems,
+    }
 
 
 def _layer_rows(infos) -> list[dict]:
+    """One JSON row per dissectable layer: its name, type, units, map size and layout."""
     return [
-        {"name": info.name, "type": info.type, "units": info.units, "height": info.height, "width": info.width}
+        {
+            "name": info.name,
+            "type": info.type,
+            "units": info.units,
+            "height": info.height,
+            "width": info.width,
+            "kind": info.kind,
+            "prefix": list(info.prefix),
+            "element": info.element,
+            "description": info.layout.describe(),
+        }
         for info in infos
     ]
 

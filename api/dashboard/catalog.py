@@ -49,7 +49,7 @@ def model_page(request, pk: int):
     layers = []
     for entry in model.layers or []:
         result = latest.get(entry["name"])
-        layers.append({**entry, "result": result})
+        layers.append({**entry, "result": result, "description": _layout_text(entry)})
     jobs = list(selectors.dashboard_model_jobs(model=model, user=user)[:20])
     describe_sources(user=user, jobs=jobs)
     labels = []
@@ -72,6 +72,7 @@ def model_page(request, pk: int):
             "is_generator": model.kind == NetworkModel.Kind.GENERATOR,
             "labels": labels,
             "layers": layers,
+            "layer_problems": sorted((model.layer_problems or {}).items()),
             "sections": sections,
             "network_chart": _layers_chart([(r.layer, counts[(r.job_id, r.layer)]) for r in dissected])
             if dissected
@@ -106,6 +107,13 @@ def _register_page(request, form_class, register, *, title: str, intro: str):
             "intro": intro,
         },
     )
+
+
+def _layout_text(entry: dict) -> str:
+    """How a layer is laid out as unit maps, in words (rows listed before layouts were recorded: maps)."""
+    if entry.get("description"):
+        return entry["description"]
+    return f"feature map {entry.get('height')} × {entry.get('width')}"
 
 
 @login_required

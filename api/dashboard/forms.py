@@ -14,7 +14,7 @@ from api import selectors
 from api.job_params import PARAMS, JobParams, ParamMeta, form_params
 from api.job_params.definitions import default_of
 from api.job_params.schema import parts
-from api.models import Dataset, Job, NetworkModel
+from api.models import Dataset, Job, NetworkModel, arch_spec_problem
 
 JOB_TYPES = [
     (Job.Type.DISSECT, "dissect: label every unit with the concept it detects (Figure 1)"),
@@ -162,7 +162,8 @@ class ModelForm(forms.Form):
     arch = forms.CharField(
         max_length=200,
         label="Architecture",
-        help_text="torchvision:NAME (e.g. torchvision:resnet18), builtin:NAME (e.g. builtin:scenecnn) or torchscript.",
+        help_text="torchvision:NAME (e.g. torchvision:resnet18), timm:NAME (e.g. timm:vit_small_patch16_224), "
+        "builtin:NAME (e.g. builtin:scenecnn), torchscript, or exported (a torch.export .pt2).",
     )
     kind = forms.ChoiceField(choices=NetworkModel.Kind.choices, initial=NetworkModel.Kind.CLASSIFIER)
     num_classes = forms.IntegerField(
@@ -172,7 +173,8 @@ class ModelForm(forms.Form):
         required=False, min_value=8, max_value=4096, label="Input size", help_text="Image side in pixels; default 224."
     )
     weights = forms.FileField(
-        required=False, help_text="Upload .safetensors, or a .pt/.pth state dict (TorchScript: .pt, .ts, .zip)."
+        required=False,
+        help_text="Upload .safetensors, or a .pt/.pth state dict (TorchScript: .pt, .ts, .zip; exported: .pt2).",
     )
     weights_path = forms.CharField(
         required=False, max_length=1000, help_text="Or a file on the server, inside the configured data roots."
@@ -181,8 +183,9 @@ class ModelForm(forms.Form):
 
     def clean_arch(self):
         arch = self.cleaned_data["arch"].strip()
-        if arch != "torchscript" and not arch.startswith(("torchvision:", "builtin:")):
-            raise forms.ValidationError("arch must be torchvision:NAME, builtin:NAME or torchscript")
+        problem = arch_spec_problem(arch)
+        if problem:
+            raise forms.ValidationError(problem)
         return arch
 
     def clean(self):

@@ -186,5 +186,7 @@ def job_new(request):
         for name in ("layer", "concept"):
             if request.GET.get(name):
                 initial[name] = request.GET[name]
+        if request.GET.getlist("layers"):  # ticked on the model page
+            initial["layers"] = ", ".join(request.GET.getlist("layers"))
         form = JobForm(initial=initial, user=user)
     return render(request, "dashboard/job_new.html", {"form": form, "spec": _job_form_spec(form, user)})

@@ -24,11 +24,19 @@ def layer_names(model: NetworkModel) -> list[str]:
     return [entry["name"] for entry in model.layers]
 
 
+def layer_problem(model: NetworkModel, name: Any) -> None:
+    """Raise when ``name`` is a layer of the model that cannot be laid out as unit maps (it says why)."""
+    problem = (model.layer_problems or {}).get(name) if isinstance(name, str) else None
+    if problem:
+        raise ApplicationError(problem, extra={"layer": name, "valid": layer_names(model)})
+
+
 def layer_entry(model: NetworkModel, name: Any, *, verb: str = "be one layer") -> dict:
-    """The model's layer entry (name, type, units, height, width) for ``params.layer``."""
+    """The model's layer entry (name, type, units, height, width, kind) for ``params.layer``."""
     for entry in model.layers:
         if entry["name"] == name:
             return entry
+    layer_problem(model, name)
     raise ApplicationError(
         f"params.layer must {verb} of model {model.name}, not {name!r}", extra={"valid": layer_names(model)}
     )

@@ -23,6 +23,7 @@ from api.job_params.checks import (
     in_range,
     layer_entry,
     layer_names,
+    layer_problem,
 )
 from api.models import Job, NetworkModel
 
@@ -180,6 +181,8 @@ class DissectBase(JobParams):
     def _checked_layers(self, model: NetworkModel) -> list[str]:
         names = layer_names(model)
         missing = [x for x in self.layers if x not in names]
+        for name in missing:
+            layer_problem(model, name)
         if missing:
             raise ApplicationError(
                 f"unknown layer(s) {', '.join(missing)} for model {model.name}", extra={"valid": names}

@@ -23,6 +23,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".zip")
+EXPORTED_SUFFIXES = (".pt2",)
 
 
 def _run_probe(args: list[str]) -> dict:
@@ -104,7 +105,7 @@ def model_register(
     try:
         if weights_file is not None:
             filename = Path(weights_file.name).name
-            suffixes = TORCHSCRIPT_SUFFIXES if arch == "torchscript" else WEIGHT_SUFFIXES
+            suffixes = {"torchscript": TORCHSCRIPT_SUFFIXES, "exported": EXPORTED_SUFFIXES}.get(arch, WEIGHT_SUFFIXES)
             if not filename.lower().endswith(suffixes):
                 raise ApplicationError(f"weights file {filename!r} must end in one of {', '.join(suffixes)}")
             folder = new_upload_dir("models")
@@ -138,15 +139,16 @@ def model_register(
             arch=arch,
             kind=kind,
             num_classes=found.get("num_classes") or num_classes,
-            input_size=input_size or 224,
-            mean=list(mean or [0.485, 0.456, 0.406]),
-            std=list(std or [0.229, 0.224, 0.225]),
+            input_size=input_size or (found.get("input_size") or [224])[0],
+            mean=list(mean or found.get("mean") or [0.485, 0.456, 0.406]),
+            std=list(std or found.get("std") or [0.229, 0.224, 0.225]),
             weights_path=str(path),
             classes=list(classes or []),
             categories=categories,
             latent_dim=found.get("latent_dim") if kind == NetworkModel.Kind.GENERATOR else None,
             output_range=list(output_range or [-1.0, 1.0]) if kind == NetworkModel.Kind.GENERATOR else [],
             layers=found["layers"],
+            layer_problems=found.get("layer_problems") or {},
             public=public,
         )
     except BaseException:

@@ -579,7 +579,7 @@ def test_chain_run_survives_in_place_modules() -> None:
     net = ConvGen()
     net.layer2[1] = nn.ReLU(inplace=True)
     g = wrap_generator(net, Z)
-    runner = _Runner(g, "layer2.0", torch.device("cpu"))
+    runner = _Runner(g, "layer2.0", {"device": "cpu"})
     assert runner.split.mode == "chain"
     z = sample_latents(Z, 4)
     with torch.no_grad():

@@ -132,7 +132,7 @@ def test_list_layers_resnet(resnet: nn.Module) -> None:
     by_name = {i.name: i for i in infos}
     assert (by_name["layer4"].units, by_name["layer4"].height) == (512, 2)
     assert by_name["conv1"].type == "Conv2d" and by_name["layer1.0"].type == "BasicBlock"
-    assert "fc" not in by_name
+    assert by_name["fc"].kind == "vector" and by_name["fc"].units == resnet.fc.out_features  # 1 x 1 maps
     assert [i.name for i in infos].index("layer1") < [i.name for i in infos].index("layer4")
     assert not resnet._forward_hooks and not resnet.layer1._forward_hooks
 
