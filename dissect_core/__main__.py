@@ -250,7 +250,7 @@ class _Bars:
 
 def _cmd_dissect(args: argparse.Namespace) -> int:
     from .datasets import open_dataset
-    from .dissect import dissect
+    from .dissect import dissect, resize_note
 
     if not 0.0 <= args.quantile <= 1.0:
         raise DissectError(f"--quantile must lie in [0, 1], got {args.quantile}")
@@ -269,6 +269,9 @@ def _cmd_dissect(args: argparse.Namespace) -> int:
         dataset = open_dataset(
             args.dataset, split=args.split, max_images=args.max_images, colors=args.colors, parts=args.parts
         )
+    note = resize_note(model, dataset)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     bars = _Bars(not args.no_progress)
     try:
         results = dissect(model, dataset, args.layers, quantile=args.quantile, **_run_options(args, bars))
@@ -289,11 +292,15 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     from .models import list_layers
 
     model = _load(args)
-    rows = [("name", "type", "units", "height", "width")]
-    rows += [(i.name, i.type, str(i.units), str(i.height), str(i.width)) for i in list_layers(model)]
-    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    problems: dict[str, str] = {}
+    infos = list_layers(model, problems=problems)
+    rows = [("name", "type", "units", "height", "width", "layout")]
+    rows += [(i.name, i.type, str(i.units), str(i.height), str(i.width), i.layout.describe()) for i in infos]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(v.ljust(widths[c]) if c < 2 else v.rjust(widths[c]) for c, v in enumerate(r)).rstrip())
+        print("  ".join(v.rjust(widths[c]) if c in (2, 3, 4) else v.ljust(widths[c]) for c, v in enumerate(r)).rstrip())
+    for name, why in problems.items():
+        print(f"not dissectable: {name}: {why}", file=sys.stderr)
     return 0
 
 

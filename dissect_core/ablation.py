@@ -40,7 +40,8 @@ import torch
 from .concepts import ConceptDataset, collate_samples
 from .dissect import _dataset_indices, preprocess_images
 from .errors import DatasetError, DissectError, LayerError
-from .models import LoadedModel
+from .layouts import LayerLayout
+from .models import LoadedModel, layout_from_output
 from .nethook import evaluating, get_module, trace
 from .options import Run, RunOptions, resolve_device
 from .progress import check_stop
@@ -145,23 +146,25 @@ def _check_hookable(model: LoadedModel) -> None:
         )
 
 
-def zero_units(units: Sequence[int] | torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def zero_units(units: Sequence[int] | torch.Tensor, layout: LayerLayout | None = None) -> Callable[[Any], Any]:
     """An edit callback for :func:`dissect_core.nethook.trace` that removes units.
 
     Args:
-        units: channel indices to force to 0.
+        units: unit indices to force to 0.
+        layout: how the layer's output holds its units (default: a [B, U, ...] map); in a
+            token layer the units are zeroed on the patch tokens only.
 
     Returns:
-        ``f(output [B, U, ...]) -> copy of output with channels `units` set to 0``.
+        ``f(output) -> copy of output with units `units` set to 0``.
     """
     idx = torch.as_tensor(list(units) if not isinstance(units, torch.Tensor) else units, dtype=torch.long)
 
-    def edit(output: torch.Tensor) -> torch.Tensor:
-        out = output.clone()
+    def zero(maps: torch.Tensor) -> torch.Tensor:
+        out = maps.clone()
         out[:, idx.to(out.device)] = 0
         return out
 
-    return edit
+    return zero if layout is None else layout.edit(zero)
 
 
 def class_predictions(
@@ -534,10 +537,13 @@ class LayerSplit:
             layer); ``"full"``: the network is no function of the layer's output
             alone (a skip connection around it, or a layer that runs more than once),
             so every ablation runs the whole network on the images.
-        suffix: maps the layer output float [R, U, h, w] to logits [R, K]; None
-            for ``"full"``.
-        shape: (U, h, w), the layer's output at the model's input size.
+        suffix: maps the layer's raw output [R, ...] (e.g. [R, U, h, w]) to logits
+            [R, K]; None for ``"full"``.
+        shape: the layer's raw output per image at the model's input size ((U, h, w)
+            for a feature map, (N, U) for transformer tokens, (U,) for a vector).
         num_classes: K.
+        layout: how the output is laid out as unit maps (:mod:`dissect_core.layouts`):
+            which dimension holds the units, and which tokens are left as they are.
     """
 
     layer: str
@@ -545,6 +551,12 @@ class LayerSplit:
     suffix: Callable[[torch.Tensor], torch.Tensor] | None
     shape: tuple[int, ...]
     num_classes: int
+    layout: LayerLayout
+
+    @property
+    def units(self) -> int:
+        """U, the layer's units."""
+        return self.layout.units
 
 
 def split_network(model: LoadedModel, layer: str, *, device: torch.device | str | None = None) -> LayerSplit:
@@ -576,9 +588,14 @@ def split_network(model: LoadedModel, layer: str, *, device: torch.device | str 
     probe = torch.randn((2, 3, h, w), generator=gen).to(dev)
 
     def check(a: Any, full: Any) -> None:
-        if not isinstance(a, torch.Tensor) or a.dim() != 4:
-            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            raise LayerError(f"layer {layer!r} outputs {shape}, not a [B, U, h, w] feature map", layer=layer, valid=[])
+        if not isinstance(a, torch.Tensor):
+            raise LayerError(
+                f"layer {layer!r} outputs a {type(a).__name__}, not a tensor: ablate a layer whose output is one "
+                "tensor (e.g. the block around it)",
+                layer=layer,
+                valid=[],
+            )
+        layout_from_output(model, layer, a, a.shape[0])
         if not isinstance(full, torch.Tensor) or full.dim() != 2:
             raise DissectError(
                 f"the network outputs {getattr(full, 'shape', type(full).__name__)}, not class scores [B, K]"
@@ -586,7 +603,8 @@ def split_network(model: LoadedModel, layer: str, *, device: torch.device | str 
 
     split = split_module(module, layer, probe, ways=("explicit", "hook"), check=check)
     shape = tuple(int(v) for v in split.activation.shape[1:])
-    return LayerSplit(layer, split.kind, split.suffix, shape, int(split.output.shape[1]))
+    layout = layout_from_output(model, layer, split.activation, split.activation.shape[0])
+    return LayerSplit(layer, split.kind, split.suffix, shape, int(split.output.shape[1]), layout)
 
 
 def unit_ablations(num_units: int, units: Sequence[int] | None = None) -> torch.Tensor:
@@ -659,10 +677,11 @@ class _ActivationCache:
             self.root = None
 
 
-def _ablated(a: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-    """[B, U, ...] and bool [G, U] -> [G * B, U, ...], block g with units ``removed[g]`` zeroed (a new tensor)."""
-    g, u = removed.shape
-    keep = (~removed).view(g, 1, u, *([1] * (a.dim() - 2)))
+def _ablated(a: torch.Tensor, removed: torch.Tensor, layout: LayerLayout) -> torch.Tensor:
+    """Raw outputs [B, ...] and bool [G, U] -> [G * B, ...], block g with units ``removed[g]`` zeroed (a new
+    tensor; prefix tokens of a token layer are left as they are)."""
+    g = removed.shape[0]
+    keep = layout.keep_mask(~removed, a.shape)
     out = torch.where(keep, a.unsqueeze(0), torch.zeros((), dtype=a.dtype, device=a.device))
     return out.reshape(g * a.shape[0], *a.shape[1:])
 
@@ -715,7 +734,7 @@ def ablation_counts(
     dev, batch_size, progress = run.device, run.batch_size, run.progress
     split = split if split is not None else split_network(model, layer, device=dev)
     rem = torch.as_tensor(_as_numpy(removed)).to(torch.bool)
-    units = split.shape[0]
+    units = split.units
     if rem.dim() != 2 or rem.shape[1] != units:
         raise DissectError(f"removed must be a bool [S, {units}] table for layer {layer!r}, got {tuple(rem.shape)}")
     rem = rem.to(dev)
@@ -728,7 +747,7 @@ def ablation_counts(
     module = model.module.to(dev)
     with torch.no_grad(), evaluating(module):
         if split.kind == "full":
-            _count_full(model, dataset, layer, rem, idx, counts, run, row_bytes, chunk_bytes)
+            _count_full(model, dataset, split, rem, idx, counts, run, row_bytes, chunk_bytes)
         else:
             assert split.suffix is not None
             memory_budget = options.get("memory_budget", _MEMORY_BUDGET)
@@ -749,7 +768,7 @@ def ablation_counts(
                     for s0 in range(0, rem.shape[0], g):
                         check_stop(run.should_stop, "ablation")
                         group = rem[s0 : s0 + g]
-                        out = split.suffix(_ablated(a, group))
+                        out = split.suffix(_ablated(a, group, split.layout))
                         counts._add_rows(out.float().view(group.shape[0], a.shape[0], -1), y, s0)
                         done += group.shape[0] * a.shape[0]
                         if progress:
@@ -786,7 +805,7 @@ def _fill_cache(
 def _count_full(
     model: LoadedModel,
     dataset: ConceptDataset,
-    layer: str,
+    split: LayerSplit,
     rem: torch.Tensor,
     idx: list[int],
     counts: AblationCounts,
@@ -814,9 +833,9 @@ def _count_full(
                 group = rem[s0 : s0 + g]
 
                 def edit(out: torch.Tensor, group: torch.Tensor = group) -> torch.Tensor:
-                    return _zero_blocks(out, group)
+                    return _zero_blocks(out, group, split.layout)
 
-                with trace(model.module, [], edit={layer: edit}) as tr:
+                with trace(model.module, [], edit={split.layer: edit}) as tr:
                     out = tr(x.repeat(group.shape[0], 1, 1, 1))
                 counts._add_rows(out.float().view(group.shape[0], b, -1), y, s0)
                 done += group.shape[0] * b_all
@@ -830,11 +849,11 @@ def _count_full(
         raise DatasetError("no image of the selection has a class label")
 
 
-def _zero_blocks(out: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-    """[G * B, U, ...] -> a copy with the units ``removed[g]`` zeroed in row block g."""
-    g, u = removed.shape
+def _zero_blocks(out: torch.Tensor, removed: torch.Tensor, layout: LayerLayout) -> torch.Tensor:
+    """[G * B, ...] raw outputs -> a copy with the units ``removed[g]`` zeroed in row block g."""
+    g = removed.shape[0]
     blocks = out.view(g, out.shape[0] // g, *out.shape[1:])
-    keep = (~removed).view(g, 1, u, *([1] * (out.dim() - 2)))
+    keep = layout.keep_mask(~removed, out.shape)
     return torch.where(keep, blocks, torch.zeros((), dtype=out.dtype, device=out.device)).view_as(out)
 
 
@@ -1060,8 +1079,8 @@ def unit_importance(
         the :class:`UnitImportance`.
     """
     split = split_network(model, layer, device=options.get("device"))
-    removed = unit_ablations(split.shape[0], units)
-    ids = np.arange(split.shape[0]) if units is None else np.asarray([int(u) for u in units], np.int64)
+    removed = unit_ablations(split.units, units)
+    ids = np.arange(split.units) if units is None else np.asarray([int(u) for u in units], np.int64)
     counts = ablation_counts(model, dataset, layer, removed, split=split, **options)
     return UnitImportance.from_counts(layer, _class_names(model, dataset, split.num_classes), ids, counts)
 
@@ -1253,7 +1272,7 @@ def ablate_sets(
     if layer != importance.layer:
         raise DissectError(f"the importance was measured on {importance.layer!r}, not {layer!r}")
     split = split_network(model, layer, device=options.get("device"))
-    num_units = split.shape[0]
+    num_units = split.units
     if len(importance.classes) != split.num_classes:
         raise DissectError(f"the importance has {len(importance.classes)} classes, the network {split.num_classes}")
     chosen = (

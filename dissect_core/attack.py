@@ -31,7 +31,7 @@ from torch import nn
 from .ablation import UnitImportance
 from .concepts import ConceptDataset, collate_samples
 from .errors import DatasetError, DissectError
-from .models import LoadedModel
+from .models import LoadedModel, layout_from_output
 from .nethook import evaluating, get_module, trace
 from .options import Run, RunOptions
 from .progress import check_stop
@@ -313,13 +313,14 @@ class AttackAnalysis:
         )
 
 
-def _peaks(module: nn.Module, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad(), trace(module, [layer]) as tr:
+def _peaks(model: LoadedModel, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, K], each unit's peak activation [B, U]) of a batch; the layer's output is laid out as maps
+    first (:mod:`dissect_core.layouts`), so a token layer's peak is over its patch tokens."""
+    with torch.no_grad(), trace(model.module, [layer]) as tr:
         logits = tr(x)
     a = tr[layer]
-    if not isinstance(a, torch.Tensor) or a.dim() != 4:
-        raise DissectError(f"layer {layer!r} does not output a [B, U, h, w] feature map")
-    return logits.float(), a.float().amax(dim=(2, 3))
+    maps = layout_from_output(model, layer, a, x.shape[0]).to_map(a)
+    return logits.float(), maps.float().amax(dim=(2, 3))
 
 
 def attack_unit_changes(
@@ -428,7 +429,7 @@ def attack_unit_changes(
             rows = batch.indices.numpy()
             y = batch.class_labels.to(dev)
             x = to_pixels(batch.images.to(dev), model.input_size)
-            logits, clean = _peaks(module, layer, norm(x))
+            logits, clean = _peaks(model, layer, norm(x))
             if logits.shape[1] != k:
                 raise DissectError(f"the ranking has {k} classes, the network {logits.shape[1]}")
             if fixed is not None:
@@ -458,7 +459,7 @@ def attack_unit_changes(
                     iterations=iterations,
                     stop_on_success=stop_on_success,
                 )
-                adv_logits, adv = _peaks(module, layer, norm(result.images))
+                adv_logits, adv = _peaks(model, layer, norm(result.images))
                 sel = keep.cpu().numpy()
                 parts["index"].append(np.asarray([idx[r] for r in rows[sel]], np.int64))
                 parts["source"].append(y[keep].cpu().numpy())

@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader, Dataset
 from .concepts import Concept, ConceptDataset, Sample, collate_samples, size_pair
 from .counts import ConceptCounts, PixelLabels, TopActivations, prepare_labels
 from .errors import DatasetError, DissectError, LayerError
-from .models import LoadedModel
+from .models import LoadedModel, layout_from_output
 from .nethook import get_module, trace
 from .options import Run, RunOptions
 from .progress import ProgressFn, check_stop
@@ -86,6 +86,7 @@ __all__ = [
     "preprocess_images",
     "quantile_pass",
     "refine_pass",
+    "resize_note",
     "resolve_thresholds",
 ]
 
@@ -269,6 +270,27 @@ def preprocess_images(
     return x.sub_(m).div_(s)
 
 
+def resize_note(model: LoadedModel, dataset: ConceptDataset) -> str | None:
+    """One line saying that the dataset's images are resized to the model's input size, or None when
+    they are fed as they are (the reference code feeds images as they are: labels can differ).
+
+    Args:
+        model: the network (a generator's images are its own: None).
+        dataset: the images.
+    """
+    if model.latent_dim is not None:
+        return None
+    size = tuple(int(v) for v in getattr(dataset, "image_size", ()) or ())
+    want = tuple(int(v) for v in model.input_size)
+    if len(size) != 2 or size == want:
+        return None
+    return (
+        f"images are {size[0]} x {size[1]} px; they are resized to the model's input size {want[0]} x {want[1]} "
+        "before the forward pass (register or load the model with the input size it was trained at to "
+        "change it)"
+    )
+
+
 @dataclass
 class _Source:
     """The images and concepts one pass runs over, and how it runs."""
@@ -354,13 +376,11 @@ def _forward_batches(src: _Source, phase: str = "forward") -> Iterator[_Prepared
             tr(x)
             acts = {}
             for layer in src.layers:
-                a = tr.outputs.get(layer)
-                if not isinstance(a, torch.Tensor) or a.dim() != 4:
-                    shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-                    raise LayerError(
-                        f"layer {layer!r} outputs {shape}, not a [B, C, h, w] feature map", layer=layer, valid=[]
-                    )
-                acts[layer] = a.to(torch.float32)
+                if layer not in tr.outputs:
+                    raise LayerError(f"layer {layer!r} produced no output in this pass", layer=layer, valid=[])
+                out = tr.outputs[layer]
+                layout = layout_from_output(src.model, layer, out, x.shape[0])
+                acts[layer] = layout.to_map(out).to(torch.float32)
             if src.segmenter is not None:
                 label_maps = src.segmenter.segment(batch.images)
                 image_labels = torch.zeros((label_maps.shape[0], 0), dtype=torch.int32, device=src.device)

@@ -325,7 +325,21 @@ def load_exported(path: str | os.PathLike[str]) -> ExportedNetwork:
             f"{path}: torch could not load the exported program: {_first_line(exc)}", path=str(path)
         ) from None
     module.eval()
+    _name_submodules(module, program)
     return ExportedNetwork(module=module, input_size=input_size, dynamic_batch=True)
+
+
+def _name_submodules(module: nn.Module, program: Any) -> None:
+    """Give each unflattened submodule the class name of the module it was (``original_name``, as
+    TorchScript modules have), read from the graph's ``nn_module_stack`` metadata."""
+    names: dict[str, str] = {}
+    for node in program.graph.nodes:
+        for entry in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
+                names.setdefault(str(entry[0]), entry[1].rsplit(".", 1)[-1])
+    for name, sub in module.named_modules():
+        if name in names and not hasattr(sub, "original_name"):
+            sub.original_name = names[name]
 
 
 # ----------------------------------------------------------------------------------------------

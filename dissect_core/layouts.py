@@ -126,6 +126,32 @@ class LayerLayout:
 
         return edit
 
+    @property
+    def unit_dim(self) -> int:
+        """The dimension of the raw tensor that holds the units."""
+        return {"map": 1, "vector": 1, "channels_last": 3, "tokens": 2}[self.kind]
+
+    def keep_mask(self, keep: torch.Tensor, raw_shape: Sequence[int]) -> torch.Tensor:
+        """Where ablations leave the raw output alone, for block-wise zeroing.
+
+        Args:
+            keep: bool [G, U]: ablation g keeps unit u.
+            raw_shape: the raw tensor's shape [B, ...].
+
+        Returns:
+            bool, broadcastable to [G, B, *raw_shape[1:]]: True where block g keeps the value
+            (every value of a prefix token, in a token layer).
+        """
+        g, u = keep.shape
+        shape = [g, 1] + [1] * (len(raw_shape) - 1)
+        shape[1 + self.unit_dim] = u
+        mask = keep.view(shape)
+        if self.kind == "tokens" and self.prefix:
+            tokens = torch.zeros(int(raw_shape[1]), dtype=torch.bool, device=keep.device)
+            tokens[: len(self.prefix)] = True
+            mask = mask | tokens.view(1, 1, -1, 1)
+        return mask
+
     def describe(self) -> str:
         """One line for people: ``tokens on a 14 x 14 grid (class token excluded)``."""
         tail = f" (element {self.element} of a tuple)" if self.element is not None else ""
@@ -242,6 +268,13 @@ def infer_layout(
         return _token_layout(name, shape, input_size, grid, element)
     if len(shape) == 4:
         _, a, b, c = shape
+        if grid is not None and len(grid.prefix) + grid.grid[0] * grid.grid[1] in (a, b, c):
+            raise LayerError(
+                f"layer {name!r} outputs {shape}, which holds a transformer's {len(grid.prefix)} + "
+                f"{grid.grid[0]} x {grid.grid[1]} tokens along one axis (per-head attention values): it cannot "
+                "be laid out as unit maps; dissect the attention module's output or the block",
+                layer=name,
+            )
         if wider is not None and len(wider) == 4 and tuple(wider) != shape:
             if wider[3] != c and wider[2] == b:
                 return LayerLayout("map", a, b, c, element=element)

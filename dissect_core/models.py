@@ -3,7 +3,8 @@
 Architectures are named by spec: ``torchvision:NAME`` (any torchvision
 classification builder, built with ``weights=None``), ``timm:NAME`` (any timm
 model, built with ``pretrained=False``: nothing is downloaded), ``builtin:NAME``
-(:data:`dissect_core.archs.ARCHS`) or ``torchscript`` (the weights file is a
+(:data:`dissect_core.archs.ARCHS`), ``exported`` (a ``torch.export`` archive,
+:mod:`dissect_core.exported`) or ``torchscript`` (the weights file is a
 TorchScript archive). Generators (latent vector in, image out) are loaded by
 :func:`dissect_core.generators.load_generator` into the same :class:`LoadedModel`,
 with ``kind="generator"``. Weights are read only as ``.safetensors`` or through
@@ -37,6 +38,7 @@ __all__ = [
     "LoadedModel",
     "infer_num_classes_from_state_dict",
     "layer_layouts",
+    "layout_from_output",
     "list_layers",
     "load_model",
     "load_state_dict_file",
@@ -72,6 +74,8 @@ class LoadedModel:
             low maps to 0 and high to 255.
         latent_shape: the shape of one latent as the generator takes it
             (``(Z,)`` or ``(Z, 1, 1)``); None means ``(latent_dim,)``.
+        layouts: layer name -> how its output is laid out as unit maps, as far as known
+            (registration records them; the engine reads the rest off its first batch).
     """
 
     module: nn.Module
@@ -85,6 +89,7 @@ class LoadedModel:
     latent_dim: int | None = None
     output_range: tuple[float, float] = (-1.0, 1.0)
     latent_shape: tuple[int, ...] | None = None
+    layouts: dict[str, LayerLayout] = field(default_factory=dict)
 
     @property
     def is_generator(self) -> bool:
@@ -327,7 +332,7 @@ def _check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: s
     module.load_state_dict(state, strict=False)
 
 
-def _build_torchvision(name: str, num_classes: int) -> nn.Module:
+def _build_torchvision(name: str, num_classes: int, image_size: tuple[int, int] | None = None) -> nn.Module:
     import torchvision
 
     known = torchvision.models.list_models(module=torchvision.models)
@@ -337,6 +342,12 @@ def _build_torchvision(name: str, num_classes: int) -> nn.Module:
         )
     builder = torchvision.models.get_model_builder(name)
     kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    if image_size is not None and name.startswith("vit_"):  # its position embedding is sized by the image
+        if image_size[0] != image_size[1]:
+            raise ModelLoadError(
+                f"torchvision:{name} takes square images, not {image_size}", arch=f"torchvision:{name}"
+            )
+        kwargs["image_size"] = image_size[0]
     params = inspect.signature(builder).parameters
     if "aux_logits" in params or name in ("googlenet", "inception_v3"):
         kwargs["aux_logits"] = False
@@ -388,7 +399,7 @@ def _builder(arch: str, img_size: tuple[int, int] | None = None) -> Callable[[in
     """The constructor ``num_classes -> module`` of an architecture spec."""
     scheme, _, name = arch.partition(":")
     if scheme == "torchvision" and name:
-        return lambda n: _build_torchvision(name, n)
+        return lambda n: _build_torchvision(name, n, img_size)
     if scheme == "timm" and name:
         return lambda n: _build_timm(name, n, img_size)
     if scheme == "builtin" and name:
@@ -419,6 +430,34 @@ def _load_torchscript(weights: str | Path) -> torch.jit.ScriptModule:
         ) from None
 
 
+def _load_exported_model(
+    weights: str | Path | None,
+    num_classes: int | None,
+    input_size: int | Sequence[int] | None,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    classes: Sequence[str] | None,
+) -> LoadedModel:
+    """A ``torch.export`` archive (:mod:`dissect_core.exported`: checked before torch reads it), at the
+    input size it was exported for."""
+    from .exported import load_exported
+
+    if weights is None:
+        raise ModelLoadError("an exported model needs its .pt2 archive as weights")
+    net = load_exported(weights)
+    if input_size is not None and _size2(input_size, net.input_size) != net.input_size:
+        raise ModelLoadError(
+            f"the program was exported for {net.input_size[0]} x {net.input_size[1]} images, not "
+            f"{_size2(input_size, net.input_size)}: leave input_size out or export it at that size",
+            path=str(weights),
+        )
+    if num_classes is None:
+        with torch.no_grad():
+            out = net.module(torch.zeros(_PROBE_BATCH, 3, *net.input_size))
+        num_classes = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+    return LoadedModel(net.module, "exported", num_classes, net.input_size, mean, std, "exported", list(classes or []))
+
+
 def load_model(
     arch: str,
     weights: str | Path | None = None,
@@ -433,9 +472,10 @@ def load_model(
 
     Args:
         arch: ``torchvision:NAME``, ``timm:NAME`` (built with ``pretrained=False``),
-            ``builtin:NAME`` or ``torchscript``.
-        weights: the weights file (required for ``torchscript``; without it the
-            network keeps its random initialisation).
+            ``builtin:NAME``, ``torchscript`` or ``exported`` (a ``torch.export`` .pt2
+            archive, checked by :mod:`dissect_core.exported` before torch reads it).
+        weights: the weights file (required for ``torchscript`` and ``exported``;
+            without it the network keeps its random initialisation).
         num_classes: output classes; inferred from the weights when omitted
             (torchvision and timm fall back to 1000).
         input_size: (H, W) or one int; default 224 x 224 (timm: the model's own
@@ -462,13 +502,15 @@ def load_model(
     std_t = tuple(float(v) for v in (std if std is not None else default_std))
     if len(mean_t) != 3 or len(std_t) != 3 or any(s <= 0 for s in std_t):
         raise ModelLoadError("mean and std must hold 3 values each, std positive")
+    if scheme == "exported":
+        return _load_exported_model(weights, num_classes, input_size, mean_t, std_t, classes)
     if scheme == "torchscript":
         if weights is None:
             raise ModelLoadError("a torchscript model needs its file as weights")
         script = _load_torchscript(weights)
         script.eval()
         return LoadedModel(script, "torchscript", num_classes, size, mean_t, std_t, "torchscript", list(classes or []))
-    build = _builder(arch, size if scheme == "timm" and input_size is not None else None)
+    build = _builder(arch, size if input_size is not None else None)
     state = load_state_dict_file(weights) if weights is not None else None
     if num_classes is None and state is not None:
         num_classes = infer_num_classes_from_state_dict(state, arch)
@@ -514,14 +556,17 @@ def list_layers(
     default = model.input_size if isinstance(model, LoadedModel) else (224, 224)
     h, w = _size2(input_size, default)
     generator = isinstance(model, LoadedModel) and model.latent_dim is not None
-    x = torch.zeros(_PROBE_BATCH, 3, h, w)
+    device = next(iter(module.parameters()), torch.zeros(0)).device
+    x = torch.zeros(_PROBE_BATCH, 3, h, w, device=device)
     if generator:
         assert isinstance(model, LoadedModel) and model.latent_dim is not None
-        x = torch.zeros(_PROBE_BATCH, *(model.latent_shape or (model.latent_dim,)))
+        x = torch.zeros(_PROBE_BATCH, *(model.latent_shape or (model.latent_dim,)), device=device)
     names = module_names(module)
     if isinstance(module, torch.jit.ScriptModule):
         return _list_script_layers(module, names, x)
-    wider = {} if generator else _probe_shapes(module, names, torch.zeros(_PROBE_BATCH, 3, h, w + _WIDER))
+    wider = (
+        {} if generator else _probe_shapes(module, names, torch.zeros(_PROBE_BATCH, 3, h, w + _WIDER, device=device))
+    )
     grid = None if generator else model_token_grid(module, (h, w))
     found: dict[str, LayerInfo] = {}
     order: list[str] = []
@@ -539,7 +584,7 @@ def list_layers(
                 return
             found[name] = LayerInfo(
                 name,
-                type(modules[name]).__name__,
+                getattr(modules[name], "original_name", type(modules[name]).__name__),
                 layout.units,
                 layout.height,
                 layout.width,
@@ -590,7 +635,7 @@ def _probe_shapes(module: nn.Module, names: list[str], x: torch.Tensor) -> dict[
 
 
 def layer_layouts(model: LoadedModel, layers: Sequence[str]) -> dict[str, LayerLayout]:
-    """The layouts of some layers of a model, from one probe (cached on the model).
+    """The layouts of some layers of a model: those it knows, the rest from one probe (kept on it).
 
     Args:
         model: the network.
@@ -603,7 +648,7 @@ def layer_layouts(model: LoadedModel, layers: Sequence[str]) -> dict[str, LayerL
         LayerError: a name is not a module, or its output cannot be laid out as maps (the
             message says why).
     """
-    cache: dict[str, LayerLayout] = model.__dict__.setdefault("_layouts", {})
+    cache = model.layouts
     missing = [name for name in layers if name not in cache]
     if missing:
         for name in missing:
@@ -620,6 +665,23 @@ def layer_layouts(model: LoadedModel, layers: Sequence[str]) -> dict[str, LayerL
                     f"layer {name!r} produced no output on a probe of the model", layer=name, valid=list(infos)
                 )
     return {name: cache[name] for name in layers}
+
+
+def layout_from_output(model: LoadedModel, layer: str, output: Any, batch: int) -> LayerLayout:
+    """A layer's layout, known to the model or read off one output of a pass of ``batch`` images
+    (kept on the model); no extra forward pass.
+
+    Raises:
+        LayerError: the output cannot be laid out as maps (the message says why).
+    """
+    known = model.layouts.get(layer)
+    if known is not None:
+        return known
+    size = (int(model.input_size[0]), int(model.input_size[1]))
+    grid = None if model.latent_dim is not None else model_token_grid(model.module, size)
+    layout = infer_layout(layer, output, batch=batch, input_size=size, grid=grid)
+    model.layouts[layer] = layout
+    return layout
 
 
 def _list_script_layers(module: torch.jit.ScriptModule, names: list[str], x: torch.Tensor) -> list[LayerInfo]:

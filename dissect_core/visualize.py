@@ -25,7 +25,7 @@ from PIL import Image
 from .concepts import ConceptDataset
 from .dissect import LayerResult, preprocess_images
 from .errors import Cancelled
-from .models import LoadedModel
+from .models import LoadedModel, layout_from_output
 from .nethook import trace
 from .upsample import upsample
 
@@ -133,7 +133,8 @@ def _unit_activations(
         x = preprocess_images(x, model.input_size, model.mean, model.std)
         with torch.no_grad(), trace(module, [layer], stop_after_last=True) as tr:
             tr(x)
-        out = tr[layer][:, unit_index.to(tr[layer].device)].float().cpu()
+        maps = layout_from_output(model, layer, tr[layer], x.shape[0]).to_map(tr[layer])
+        out = maps[:, unit_index.to(maps.device)].float().cpu()
         for j, i in enumerate(chunk):
             images[i] = batch[j]
             acts[i] = out[j]

@@ -55,13 +55,16 @@ def with_batch_backoff(run: Callable[[int], T], batch_size: int) -> T:
 
 def run_dissection(job: Job) -> None:
     """Run a dissection job: in this task when it fits one shard, else fanned out over shards."""
-    from dissect_core.dissect import dissect
+    from dissect_core.dissect import dissect, resize_note
     from workers import shards
 
     if job.stage:
         resume_sharded(job)
         return
     inputs = shards.JobInputs(job)
+    note = resize_note(inputs.model, inputs.dataset)
+    if note:
+        services.job_notes_set(job=job, notes=[note])
     n_images = len(inputs.dataset)
     shard_size = inputs.params.shard_size
     if n_images > shard_size:

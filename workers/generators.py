@@ -24,27 +24,41 @@ from workers.reporting import ProgressReporter
 
 
 def load_network(row: NetworkModel):
-    """The dissect_core LoadedModel of a registered model row (any kind)."""
+    """The dissect_core LoadedModel of a registered model row (any kind), with the layer layouts its
+    registration recorded."""
+    from dissect_core.layouts import LayerLayout
     from dissect_core.models import load_model
 
     if row.kind == NetworkModel.Kind.GENERATOR:
         from dissect_core.generators import load_generator
 
-        return load_generator(
+        loaded = load_generator(
             row.arch,
             Path(row.weights_path),
             latent_dim=row.latent_dim,
             output_range=tuple(row.output_range or (-1.0, 1.0)),
         )
-    return load_model(
-        row.arch,
-        Path(row.weights_path),
-        row.num_classes,
-        input_size=row.input_size,
-        mean=row.mean or None,
-        std=row.std or None,
-        classes=row.classes or None,
-    )
+    else:
+        loaded = load_model(
+            row.arch,
+            Path(row.weights_path),
+            row.num_classes,
+            input_size=row.input_size,
+            mean=row.mean or None,
+            std=row.std or None,
+            classes=row.classes or None,
+        )
+    for entry in row.layers or []:
+        if "kind" in entry:
+            loaded.layouts[entry["name"]] = LayerLayout(
+                entry["kind"],
+                entry["units"],
+                entry["height"],
+                entry["width"],
+                tuple(entry.get("prefix") or ()),
+                entry.get("element"),
+            )
+    return loaded
 
 
 def concept_source(value: str | int):

@@ -193,6 +193,17 @@ def job_summary_store(*, job: Job, summary: dict) -> None:
     Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(summary=summary)
 
 
+def job_notes_set(*, job: Job, notes: list[str]) -> None:
+    """Record what a user should know about how a job ran (e.g. images resized to the model's input
+    size) in its ``summary["notes"]``, shown on the job page and in the API."""
+    with transaction.atomic():
+        locked = Job.objects.select_for_update().filter(pk=job.pk, status=Job.Status.RUNNING).first()
+        if locked is None:
+            return
+        locked.summary = {**(locked.summary or {}), "notes": list(notes)}
+        locked.save(update_fields=["summary"])
+
+
 def job_stage_set(*, job: Job, stage: str) -> None:
     """Set the stage of a sharded job (``quantile``, ``refine``, ``count``, ``finish``)."""
     Job.objects.filter(pk=job.pk).update(stage=stage)

@@ -110,9 +110,11 @@ def test_dissect_writes_units_and_iou_csvs(workdir: Path) -> None:
 def test_layers_table(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["layers", "--model", "builtin:scenecnn", "--weights", str(workdir / "classifier.safetensors")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["name", "type", "units", "height", "width"]
+    assert lines[0].split() == ["name", "type", "units", "height", "width", "layout"]
     conv5 = next(line.split() for line in lines if line.startswith("conv5 "))
-    assert conv5 == ["conv5", "Sequential", "128", "4", "4"]
+    assert conv5 == ["conv5", "Sequential", "128", "4", "4", "feature", "map", "4", "x", "4"]
+    fc = next(line.split() for line in lines if line.startswith("fc "))
+    assert fc[:5] == ["fc", "Linear", "4", "1", "1"] and "vector" in fc
     assert main(["layers", "--model", "torchvision:resnet18", "--num-classes", "3", "--input-size", "64"]) == 0
     assert any(
         line.split()[:5] == ["layer4", "Sequential", "512", "2", "2"] for line in capsys.readouterr().out.splitlines()

@@ -323,8 +323,8 @@ def test_cancel_unknown_layer_and_bad_indices() -> None:
     with pytest.raises(LayerError) as err:
         dissect(model, ds, ["nope"], device="cpu")
     assert "units" in err.value.details["valid"]
-    with pytest.raises(LayerError, match="not a"):
-        dissect(model, ds, ["head"], device="cpu")
+    # A fully connected layer is a layer of 1 x 1 maps (dissect_core.layouts), no longer refused.
+    assert dissect(model, ds, ["head"], device="cpu")["head"].iou.shape == (2, 4)
     with pytest.raises(DatasetError):
         dissect(model, ds, ["units"], indices=[0, 99], device="cpu")
 
