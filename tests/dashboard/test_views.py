@@ -442,3 +442,48 @@ def test_unit_classifier_jobs_show_the_figure_1f_plot(alice, user):
     assert "Figure 1f" in page and "0.856" in page
     assert page.count("<circle") == 5
     assert EVIL_ESCAPED in page and EVIL not in page
+
+
+def test_model_page_lists_layouts_and_picks_layers_for_a_job(alice, user):
+    """Every layer with its layout (tokens with the excluded class token, vectors), the layers that
+    cannot be dissected and why, and ticked layers carried into the job form."""
+    from api.models import NetworkModel
+
+    layers = [
+        {
+            "name": "blocks.6",
+            "type": "Block",
+            "units": 384,
+            "height": 14,
+            "width": 14,
+            "kind": "tokens",
+            "prefix": ["class"],
+            "element": None,
+            "description": "tokens on a 14 x 14 patch grid (class token excluded)",
+        },
+        {
+            "name": "head",
+            "type": "Linear",
+            "units": 10,
+            "height": 1,
+            "width": 1,
+            "kind": "vector",
+            "prefix": [],
+            "element": None,
+            "description": "vector (one value per image)",
+        },
+    ]
+    model = NetworkModel.objects.create(
+        owner=user,
+        name="vit",
+        arch="timm:vit_small_patch16_224",
+        weights_path="/x",
+        layers=layers,
+        layer_problems={"blocks.0.attn.q_norm": "per-head attention values: it cannot be laid out as unit maps"},
+    )
+    page = alice.get(f"/models/{model.pk}/").content.decode()
+    assert "tokens on a 14 x 14 patch grid (class token excluded)" in page and "vector (one value per image)" in page
+    assert 'name="layers" value="blocks.6"' in page and "1 layer cannot be dissected" in page
+    assert "per-head attention values" in page
+    form = alice.get(f"/jobs/new/?model={model.pk}&layers=blocks.6&layers=head").content.decode()
+    assert 'value="blocks.6, head"' in form
