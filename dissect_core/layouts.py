@@ -161,8 +161,12 @@ class LayerLayout:
             return f"channels-last feature map {self.height} x {self.width}{tail}"
         if self.kind == "vector":
             return f"vector (one value per image){tail}"
-        excluded = ", ".join(f"{n} token" for n in self.prefix) or "no prefix tokens"
-        return f"tokens on a {self.height} x {self.width} patch grid ({excluded} excluded){tail}"
+        grid = f"tokens on a {self.height} x {self.width} patch grid"
+        if not self.prefix:
+            return f"{grid}{tail}"
+        names = list(dict.fromkeys(self.prefix))
+        counted = [f"{self.prefix.count(n)} {n} tokens" if self.prefix.count(n) > 1 else f"{n} token" for n in names]
+        return f"{grid} ({', '.join(counted)} excluded){tail}"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields: kind, prefix, element."""
