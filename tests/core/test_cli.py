@@ -175,3 +175,27 @@ def test_make_synthetic_and_make_demo(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "demo ready" in capsys.readouterr().out
     assert main(["make-demo", "--out", str(tmp_path / "demo0"), "--threads", "0"]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err and not (tmp_path / "demo0").exists()
+
+
+def test_dissect_says_when_images_are_resized(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model loaded at another input size than the dataset's images: one line says they are resized
+    (the reference code would feed them as they are); at the same size nothing is said."""
+    base = [
+        "dissect",
+        "--model",
+        "builtin:scenecnn",
+        "--weights",
+        str(workdir / "classifier.safetensors"),
+        "--dataset",
+        f"broden:{workdir / 'data'}",
+        "--layer",
+        "conv5",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert main([*base, "--input-size", "48", "--out", str(workdir / "resized")]) == 0
+    err = capsys.readouterr().err
+    assert "note: images are 32 x 32 px; they are resized to the model's input size 48 x 48" in err
+    assert main([*base, "--out", str(workdir / "same")]) == 0
+    assert "resized" not in capsys.readouterr().err

@@ -160,6 +160,32 @@ def test_a_pickle_that_runs_code_is_never_unpickled(api, nothing_left, tmp_path,
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("member", ["data/sample_inputs/model.pt", "data/weights/model.pt"])
+def test_an_exported_archive_that_would_unpickle_code_is_refused(api, nothing_left, tmp_path, member):
+    """A torch.export .pt2 whose sample inputs (which torch.export.load unpickles, falling back to
+    weights_only=False) or a legacy weights file is a pickle that creates a file: refused, never run."""
+    import zipfile
+
+    import torch
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    program = torch.export.export(net, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    good = tmp_path / "good.pt2"
+    torch.export.save(program, str(good))
+    marker = tmp_path / "pwned"
+    evil = io.BytesIO()
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as dst:
+        root = src.namelist()[0].split("/", 1)[0]
+        for info in src.infolist():
+            if not info.filename.endswith(member):
+                dst.writestr(info, src.read(info))
+        dst.writestr(f"{root}/{member}", pickle.dumps(_Payload(marker), protocol=2))
+    response = _register(api, _upload(evil.getvalue(), "evil.pt2"), arch="exported", num_classes=2, input_size=16)
+    _bad(response, 400, "refusing")
+    assert not marker.exists()
+
+
 def test_oversized_weights_upload(api, nothing_left, settings, scenecnn_state):
     settings.FILE_UPLOAD_MAX_BYTES = 4096
     response = _register(api, _upload(_safetensors(scenecnn_state), "w.safetensors"))
