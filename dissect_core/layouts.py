@@ -172,6 +172,19 @@ class LayerLayout:
         """JSON-ready fields: kind, prefix, element."""
         return {"kind": self.kind, "prefix": list(self.prefix), "element": self.element}
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> LayerLayout:
+        """The layout of a layer row (``units``, ``height``, ``width`` and :meth:`as_dict`'s fields, as
+        registration stores them); a row without ``kind`` is a feature map."""
+        return cls(
+            row.get("kind", "map"),
+            int(row["units"]),
+            int(row["height"]),
+            int(row["width"]),
+            tuple(row.get("prefix") or ()),
+            row.get("element"),
+        )
+
 
 def model_token_grid(module: nn.Module, input_size: tuple[int, int]) -> TokenGrid | None:
     """The patch grid and prefix tokens a vision transformer declares, or None.

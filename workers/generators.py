@@ -50,14 +50,7 @@ def load_network(row: NetworkModel):
         )
     for entry in row.layers or []:
         if "kind" in entry:
-            loaded.layouts[entry["name"]] = LayerLayout(
-                entry["kind"],
-                entry["units"],
-                entry["height"],
-                entry["width"],
-                tuple(entry.get("prefix") or ()),
-                entry.get("element"),
-            )
+            loaded.layouts[entry["name"]] = LayerLayout.from_row(entry)
     return loaded
 
 

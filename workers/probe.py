@@ -54,9 +54,7 @@ def _layer_rows(infos) -> list[dict]:
             "units": info.units,
             "height": info.height,
             "width": info.width,
-            "kind": info.kind,
-            "prefix": list(info.prefix),
-            "element": info.element,
+            **info.layout.as_dict(),
             "description": info.layout.describe(),
         }
         for info in infos

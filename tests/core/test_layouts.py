@@ -140,3 +140,10 @@ def test_torchvision_and_timm_transformers_are_listed_with_their_tokens() -> Non
 def test_layout_round_trips_through_its_dict() -> None:
     layout = LayerLayout("tokens", 8, 2, 3, ("class",), None)
     assert layout.as_dict() == {"kind": "tokens", "prefix": ["class"], "element": None}
+
+
+def test_layout_is_read_back_from_its_registration_row() -> None:
+    layout = LayerLayout("tokens", 8, 2, 3, ("class",), 0)
+    row = {"name": "x", "units": 8, "height": 2, "width": 3, **layout.as_dict()}
+    assert LayerLayout.from_row(row) == layout
+    assert LayerLayout.from_row({"units": 4, "height": 5, "width": 5}) == LayerLayout("map", 4, 5, 5)
