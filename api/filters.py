@@ -12,10 +12,18 @@ class UnitFilter(django_filters.FilterSet):
     concept = django_filters.CharFilter(field_name="label_name")
     category = django_filters.CharFilter(field_name="label__category")
     min_iou = django_filters.NumberFilter(field_name="iou", lookup_expr="gte")
+    min_stability = django_filters.NumberFilter(
+        field_name="stability",
+        lookup_expr="gte",
+        help_text="labels that stay the argmax in at least this share of resamples",
+    )
+    max_p_value = django_filters.NumberFilter(
+        field_name="p_value", lookup_expr="lte", help_text="labels whose IoU is above chance with p at most this"
+    )
 
     class Meta:
         model = Unit
-        fields = ["model", "job", "layer", "concept", "category", "min_iou"]
+        fields = ["model", "job", "layer", "concept", "category", "min_iou", "min_stability", "max_p_value"]
 
 
 class JobFilter(django_filters.FilterSet):

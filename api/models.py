@@ -198,6 +198,13 @@ class JobShard(models.Model):
         return f"job {self.job_id} {self.stage} shard {self.index}"
 
 
+# A label at or above this stability (share of bootstrap resamples it wins) is stable; the
+# dashboard marks the others. GET /api/concepts/ reads summary rows at this bar and at
+# SIGNIFICANT_P_MAX (p_value <= it), and counts the units for any other.
+STABLE_LABEL_MIN = 0.9
+SIGNIFICANT_P_MAX = 0.01
+
+
 class Unit(models.Model):
     """One dissected unit (channel) of one layer, as one job measured it."""
 
@@ -213,6 +220,17 @@ class Unit(models.Model):
     iou = models.FloatField()
     threshold = models.FloatField()
     top_images = models.JSONField(default=list)
+    # The label's evidence (dissect_core.evidence), null when the job computed none (single
+    # block, fewer than two non-empty blocks, an older job) or the unit has no label.
+    iou_low = models.FloatField(null=True, blank=True)
+    iou_high = models.FloatField(null=True, blank=True)
+    stability = models.FloatField(null=True, blank=True)
+    runner_up = models.ForeignKey(
+        Concept, on_delete=models.PROTECT, null=True, blank=True, related_name="runner_up_units", db_index=False
+    )
+    runner_up_iou = models.FloatField(null=True, blank=True)
+    chance_iou = models.FloatField(null=True, blank=True)
+    p_value = models.FloatField(null=True, blank=True)
 
     class Meta:
         db_table = "nd_unit"
@@ -252,11 +270,20 @@ class UnitConcept(models.Model):
 class ConceptStat(models.Model):
     """Detectors of one concept in one model, over the succeeded jobs of one owner: a summary of
     nd_unit (units with iou >= DETECTOR_MIN_IOU) that GET /api/concepts/ sums instead of the units.
+    One row per ``bar``: all detectors, those with a stable label (stability >= STABLE_LABEL_MIN),
+    those above chance (p_value <= SIGNIFICANT_P_MAX), and those with both.
 
     Rewritten per model by services.concept_stats_refresh (job_succeed calls it); data loaded
     around the services needs ``manage.py concept_stats_rebuild``.
     """
 
+    class Bar(models.TextChoices):
+        ALL = "all"
+        STABLE = "stable"
+        SIGNIFICANT = "significant"
+        BOTH = "both"
+
+    bar = models.CharField(max_length=12, choices=Bar.choices, default=Bar.ALL)
     concept = models.ForeignKey(Concept, on_delete=models.CASCADE, related_name="stats", db_index=False)
     model = models.ForeignKey(NetworkModel, on_delete=models.CASCADE, related_name="concept_stats")
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="concept_stats")
@@ -265,15 +292,16 @@ class ConceptStat(models.Model):
 
     class Meta:
         db_table = "nd_concept_stat"
-        ordering = ["concept_id", "model_id", "owner_id"]
-        # The unique index covers the read: GET /api/concepts/ walks it in concept order, index
-        # only (once vacuumed), filters on owner and model there, and groups without a sort.
+        ordering = ["bar", "concept_id", "model_id", "owner_id"]
+        # The unique index covers the read: GET /api/concepts/ walks one bar of it in concept
+        # order, index only (once vacuumed), filters on owner and model there, and groups
+        # without a sort.
         # The FK indexes serve the per-model refresh (model) and a user's deletion (owner).
         constraints = [
             models.UniqueConstraint(
-                fields=["concept", "model", "owner"],
+                fields=["bar", "concept", "model", "owner"],
                 include=["units", "best_iou"],
-                name="conceptstat_concept_model_owner",
+                name="conceptstat_bar_concept_model_owner",
             )
         ]
 

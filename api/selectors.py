@@ -11,7 +11,10 @@ from django.utils import timezone
 
 from api.models import (
     DETECTOR_MIN_IOU,
+    SIGNIFICANT_P_MAX,
+    STABLE_LABEL_MIN,
     Concept,
+    ConceptStat,
     Dataset,
     Job,
     LayerResult,
@@ -43,7 +46,25 @@ def job_list(*, user) -> QuerySet[Job]:
     )
 
 
-UNIT_FIELDS = ("id", "job", "model", "layer", "unit", "label", "label_name", "iou", "threshold", "top_images")
+UNIT_FIELDS = (
+    "id",
+    "job",
+    "model",
+    "layer",
+    "unit",
+    "label",
+    "label_name",
+    "iou",
+    "threshold",
+    "top_images",
+    "iou_low",
+    "iou_high",
+    "stability",
+    "runner_up",
+    "runner_up_iou",
+    "chance_iou",
+    "p_value",
+)
 
 
 def unit_list(*, user) -> QuerySet[Unit]:
@@ -55,8 +76,8 @@ def unit_list(*, user) -> QuerySet[Unit]:
     return (
         Unit.objects.filter(Q(job__owner=user) | Q(model__public=True))
         .filter(job__status=Job.Status.SUCCEEDED)
-        .select_related("model", "label")
-        .only(*UNIT_FIELDS, "model__name", "label__name", "label__category")
+        .select_related("model", "label", "runner_up")
+        .only(*UNIT_FIELDS, "model__name", "label__name", "label__category", "runner_up__name", "runner_up__category")
         .order_by("-iou", "id")
     )
 
@@ -79,7 +100,9 @@ def unit_top_concepts(*, unit_ids: list[int]) -> dict[int, list[dict]]:
     return found
 
 
-def concept_list(*, user, min_iou: float = DETECTOR_MIN_IOU) -> QuerySet[Concept]:
+def concept_list(
+    *, user, min_iou: float = DETECTOR_MIN_IOU, min_stability: float | None = None, max_p_value: float | None = None
+) -> QuerySet[Concept]:
     """Concepts that label at least one visible unit with IoU >= min_iou, with unit and model counts.
 
     At the detector threshold (the default) the counts are sums of the per-model summary rows
@@ -92,10 +115,12 @@ def concept_list(*, user, min_iou: float = DETECTOR_MIN_IOU) -> QuerySet[Concept
     than aggregate ``filter=`` clauses over an outer join of every unit, but still seconds at
     model-zoo scale.
     """
-    if min_iou == DETECTOR_MIN_IOU:
+    bar = _concept_stat_bar(min_stability, max_p_value)
+    if min_iou == DETECTOR_MIN_IOU and bar is not None:
         return (
             Concept.objects.filter(
-                Q(stats__owner=user) | Q(stats__model__in=NetworkModel.objects.filter(public=True).values("pk"))
+                Q(stats__owner=user) | Q(stats__model__in=NetworkModel.objects.filter(public=True).values("pk")),
+                stats__bar=bar,
             )
             .annotate(
                 units=Sum("stats__units"),
@@ -104,16 +129,40 @@ def concept_list(*, user, min_iou: float = DETECTOR_MIN_IOU) -> QuerySet[Concept
             )
             .order_by("-units", "name", "id")
         )
-    return concept_list_live(user=user, min_iou=min_iou)
+    return concept_list_live(user=user, min_iou=min_iou, min_stability=min_stability, max_p_value=max_p_value)
 
 
-def concept_list_live(*, user, min_iou: float = DETECTOR_MIN_IOU) -> QuerySet[Concept]:
-    """:func:`concept_list` counted from the units themselves, at any ``min_iou``."""
+def _concept_stat_bar(min_stability: float | None, max_p_value: float | None) -> str | None:
+    """The ConceptStat bar that answers these filters, or None when the units must be counted."""
+    stable = {None: False, STABLE_LABEL_MIN: True}.get(min_stability)
+    significant = {None: False, SIGNIFICANT_P_MAX: True}.get(max_p_value)
+    if stable is None or significant is None:
+        return None
+    return {
+        (False, False): ConceptStat.Bar.ALL,
+        (True, False): ConceptStat.Bar.STABLE,
+        (False, True): ConceptStat.Bar.SIGNIFICANT,
+        (True, True): ConceptStat.Bar.BOTH,
+    }[(stable, significant)]
+
+
+def concept_list_live(
+    *, user, min_iou: float = DETECTOR_MIN_IOU, min_stability: float | None = None, max_p_value: float | None = None
+) -> QuerySet[Concept]:
+    """:func:`concept_list` counted from the units themselves, at any ``min_iou``, and only labels
+    with ``stability >= min_stability`` and ``p_value <= max_p_value`` when given (units without
+    evidence then do not count)."""
+    evidence = {}
+    if min_stability is not None:
+        evidence["labelled_units__stability__gte"] = min_stability
+    if max_p_value is not None:
+        evidence["labelled_units__p_value__lte"] = max_p_value
     return (
         Concept.objects.filter(
             Q(labelled_units__job__owner=user) | Q(labelled_units__model__public=True),
             labelled_units__job__status=Job.Status.SUCCEEDED,
             labelled_units__iou__gte=min_iou,
+            **evidence,
         )
         .annotate(
             units=Count("labelled_units"),
@@ -291,8 +340,9 @@ def job_matrix_path(*, job: Job, layer: str):
     return Path(row.matrix_path)
 
 
-def matrix_csv_lines(path):
-    """Yield ``unit,concept,category,iou`` CSV lines of an IoU matrix file."""
+def matrix_csv_lines(path, *, intervals: bool = False):
+    """Yield ``unit,concept,category,iou`` CSV lines of an IoU matrix file (with ``intervals``,
+    also ``iou_low,iou_high``: each IoU's interval, empty when the job computed none)."""
     import csv
     import io
 
@@ -302,15 +352,20 @@ def matrix_csv_lines(path):
         iou = data["iou"]
         names = data["concept_names"]
         cats = data["concept_categories"]
+        low = data["iou_low"] if intervals and "iou_low" in data.files else None
+        high = data["iou_high"] if intervals and "iou_high" in data.files else None
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["unit", "concept", "category", "iou"])
+    writer.writerow(["unit", "concept", "category", "iou", *(["iou_low", "iou_high"] if intervals else [])])
     yield buffer.getvalue()
     for u in range(iou.shape[0]):
         buffer.seek(0)
         buffer.truncate()
         for c in range(iou.shape[1]):
-            writer.writerow([u, names[c], cats[c], f"{iou[u, c]:.6f}"])
+            row = [u, names[c], cats[c], f"{iou[u, c]:.6f}"]
+            if intervals:
+                row += ["", ""] if low is None or high is None else [f"{low[u, c]:.6f}", f"{high[u, c]:.6f}"]
+            writer.writerow(row)
         yield buffer.getvalue()
 
 

@@ -254,6 +254,20 @@ class UnitSerializer(serializers.ModelSerializer):
     label = serializers.CharField(source="label.name", default=None, read_only=True)
     category = serializers.CharField(source="label.category", default=None, read_only=True)
     top_concepts = serializers.SerializerMethodField()
+    iou_ci = serializers.SerializerMethodField(help_text="95% bootstrap interval of the label's IoU [low, high]")
+    stability = serializers.FloatField(
+        read_only=True, allow_null=True, help_text="share of bootstrap resamples in which the label stays the argmax"
+    )
+    runner_up = serializers.CharField(source="runner_up.name", default=None, read_only=True)
+    runner_up_category = serializers.CharField(source="runner_up.category", default=None, read_only=True)
+    runner_up_iou = serializers.FloatField(read_only=True, allow_null=True)
+    margin = serializers.SerializerMethodField(help_text="iou - runner_up_iou")
+    chance_iou = serializers.FloatField(
+        read_only=True, allow_null=True, help_text="the label's IoU if the unit were independent of it (given position)"
+    )
+    p_value = serializers.FloatField(
+        read_only=True, allow_null=True, help_text="one-sided p of the label's IoU above chance_iou"
+    )
 
     class Meta:
         model = Unit
@@ -270,8 +284,24 @@ class UnitSerializer(serializers.ModelSerializer):
             "iou",
             "threshold",
             "top_concepts",
+            "iou_ci",
+            "stability",
+            "runner_up",
+            "runner_up_category",
+            "runner_up_iou",
+            "margin",
+            "chance_iou",
+            "p_value",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(serializers.ListField(child=serializers.FloatField(), allow_null=True))
+    def get_iou_ci(self, unit: Unit) -> list[float] | None:
+        return None if unit.iou_low is None or unit.iou_high is None else [unit.iou_low, unit.iou_high]
+
+    @extend_schema_field(serializers.FloatField(allow_null=True))
+    def get_margin(self, unit: Unit) -> float | None:
+        return None if unit.runner_up_iou is None else unit.iou - unit.runner_up_iou
 
     @extend_schema_field(UnitConceptSerializer(many=True))
     def get_top_concepts(self, unit: Unit) -> list[dict]:

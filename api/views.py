@@ -215,6 +215,14 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         parameters=[
             OpenApiParameter("layer", str, required=True, description="a dissected layer of the job"),
             OpenApiParameter("as", str, enum=["csv", "npz"], description="csv (default) or npz"),
+            OpenApiParameter(
+                "intervals",
+                bool,
+                description=(
+                    "csv: add iou_low and iou_high, each IoU's 95% interval (delete-one-block jackknife); the npz "
+                    "holds them as arrays iou_low and iou_high when the job computed them"
+                ),
+            ),
         ],
         responses={(200, "text/csv"): OpenApiTypes.BINARY, (200, "application/octet-stream"): OpenApiTypes.BINARY},
     )
@@ -229,7 +237,12 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         path = selectors.job_matrix_path(job=job, layer=layer)
         if kind == "npz":
             return FileResponse(open(path, "rb"), as_attachment=True, filename=f"job{job.pk}-{layer}.npz")
-        response = StreamingHttpResponse(selectors.matrix_csv_lines(path), content_type="text/csv")
+        intervals = request.query_params.get("intervals", "false").lower()
+        if intervals not in ("true", "false", "1", "0"):
+            raise ApplicationError(f"intervals must be true or false, not {intervals!r}")
+        response = StreamingHttpResponse(
+            selectors.matrix_csv_lines(path, intervals=intervals in ("true", "1")), content_type="text/csv"
+        )
         response["Content-Disposition"] = f'attachment; filename="job{job.pk}-{layer}.csv"'
         return response
 
@@ -314,15 +327,38 @@ class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
             "counts are sums of per-model summary rows refreshed when a job succeeds; any other min_iou "
             "counts the units themselves, several times slower (seconds over millions of units)."
         ),
-        parameters=[OpenApiParameter("min_iou", float, description="count units with IoU >= this (default 0.04)")],
+        parameters=[
+            OpenApiParameter("min_iou", float, description="count units with IoU >= this (default 0.04)"),
+            OpenApiParameter("min_stability", float, description="count only labels with stability >= this (0 to 1)"),
+            OpenApiParameter("max_p_value", float, description="count only labels with p_value <= this (0 to 1)"),
+        ],
     )
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
 
     def get_queryset(self):
-        raw = self.request.query_params.get("min_iou", str(selectors.DETECTOR_MIN_IOU))
-        try:
-            min_iou = float(raw)
-        except ValueError:
-            raise ApplicationError(f"min_iou must be a number, not {raw!r}") from None
-        return selectors.concept_list(user=self.request.user, min_iou=min_iou)
+        params = self.request.query_params
+        min_iou = _number_param(params, "min_iou", selectors.DETECTOR_MIN_IOU)
+        return selectors.concept_list(
+            user=self.request.user,
+            min_iou=min_iou,
+            min_stability=_number_param(params, "min_stability", None, low=0.0, high=1.0),
+            max_p_value=_number_param(params, "max_p_value", None, low=0.0, high=1.0),
+        )
+
+
+def _number_param(params, name: str, default, *, low: float | None = None, high: float | None = None):
+    """A finite number query parameter (``default`` when absent), in [low, high] when given."""
+    import math
+
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApplicationError(f"{name} must be a number, not {raw!r}") from None
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f" from {low} to {high}" if low is not None and high is not None else ""
+        raise ApplicationError(f"{name} must be a finite number{bounds}, not {raw!r}")
+    return value

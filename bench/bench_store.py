@@ -22,7 +22,9 @@ units must be filtered out. 2% of the jobs are still running (their units exist 
 are not visible). Unit labels follow a Zipf(0.8) law over ~1,200 Broden-like concepts
 (the most frequent labels ~6% of all units); label IoU ~ Gamma(2, 0.025), about half
 the units are detectors (IoU >= 0.04). Eight part concepts share an object concept's
-name, so ?concept= of those names spans two categories.
+name, so ?concept= of those names spans two categories. Every unit carries label evidence
+(interval, stability ~ Beta(1 + 60 IoU, 1.5), runner-up, chance IoU, p-value falling with
+the IoU), so ``min_stability`` and ``max_p_value`` select a part of each concept's units.
 
 Fill: the unit tables' indexes and constraints are dropped, the rows generated with
 numpy and sent as COPY BINARY, the indexes rebuilt, then VACUUM ANALYZE and CHECKPOINT;
@@ -232,6 +234,10 @@ def unit_rows(
     ious = np.concatenate([best[:, None], best[:, None] * decay], axis=1)
     threshold = rng.gamma(2.0, 1.0, size=n)
     images = rng.integers(0, 20000, size=(n, TOP_IMAGES))
+    # Label evidence shaped like a real layer's: stability and significance grow with the IoU.
+    spread = best * rng.uniform(0.1, 0.4, size=n)
+    stability = np.clip(rng.beta(1.0 + 60 * best, 1.5), 0.0, 1.0)
+    p_value = np.minimum(1.0, np.exp(-rng.gamma(2.0, 40 * best + 0.5, size=n)))
     units = {
         "id": ids,
         "job_id": job,
@@ -243,6 +249,13 @@ def unit_rows(
         "iou": best,
         "threshold": threshold,
         "top_images": fixed_width_json_lists(images),
+        "iou_low": best - spread,
+        "iou_high": best + spread,
+        "stability": stability,
+        "runner_up_id": concept_ids[pos[:, 1]],
+        "runner_up_iou": ious[:, 1],
+        "chance_iou": best * rng.uniform(0.05, 0.5, size=n),
+        "p_value": p_value,
     }
     scores = {
         "unit_id": np.repeat(ids, top),
@@ -387,6 +400,13 @@ def fill(args, timings: dict) -> dict:
         ("iou", ">f8"),
         ("threshold", ">f8"),
         ("top_images", f"S{3 + 6 * TOP_IMAGES - 1}"),
+        ("iou_low", ">f8"),
+        ("iou_high", ">f8"),
+        ("stability", ">f8"),
+        ("runner_up_id", ">i8"),
+        ("runner_up_iou", ">f8"),
+        ("chance_iou", ">f8"),
+        ("p_value", ">f8"),
     ]
     score_cols = [("id", ">i8"), ("unit_id", ">i8"), ("concept_id", ">i8"), ("rank", ">i2"), ("iou", ">f8")]
     per_chunk = 50
@@ -533,6 +553,18 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
     )
     rows.append(("GET /api/units/?concept=X&min_iou=0.04 (X any label, uniform)", samples[1::2], "p95 < 50 ms"))
     rows.append(("  both together (requests alternate between the two)", samples, "p95 < 50 ms"))
+    for extra in ("min_stability=0.9", "max_p_value=0.01", "min_stability=0.9&max_p_value=0.01"):
+
+        def check_evidence(path, body, extra=extra):
+            check_units(path, body)
+            for r in body["results"]:
+                if ("min_stability" in extra and r["stability"] < 0.9) or ("max_p" in extra and r["p_value"] > 0.01):
+                    raise SystemExit(f"{path}: a unit outside the evidence filter")
+
+        samples = measure_get(
+            client, [f"/api/units/?concept={c}&min_iou=0.04&{extra}" for c in interleaved], check=check_evidence
+        )
+        rows.append((f"GET /api/units/?concept=X&min_iou=0.04&{extra} (X as above)", samples, "p95 < 50 ms"))
 
     first = client.get(f"/api/units/?concept={head[0]}&min_iou=0.04").json()
     nexts = []
@@ -574,6 +606,29 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
     rows.append(("  its first page counted over the units instead (selector only, no count query)", [live_seconds], ""))
     paths = [f"/api/concepts/?category={['object', 'part', 'scene'][i % 3]}" for i in range(k)]
     rows.append(("GET /api/concepts/?category=C (summary rows)", measure_get(client, paths), ""))
+    for extra, kwargs in (
+        ("min_stability=0.9", {"min_stability": 0.9}),
+        ("max_p_value=0.01", {"max_p_value": 0.01}),
+        ("min_stability=0.9&max_p_value=0.01", {"min_stability": 0.9, "max_p_value": 0.01}),
+    ):
+        expected = [
+            tuple(r[f] for f in fields)
+            for r in selectors.concept_list_live(user=user, min_iou=0.04, **kwargs).values(*fields)[:50]
+        ]
+
+        def check_bar(path, body, expected=expected):
+            if [tuple(r[f] for f in fields) for r in body["results"]] != expected:
+                raise SystemExit(f"{path}: the summary rows disagree with the count over the units")
+
+        samples = measure_get(client, [f"/api/concepts/?{extra}"] * k, check=check_bar)
+        rows.append((f"GET /api/concepts/?{extra} (summary rows)", samples, ""))
+    rows.append(
+        (
+            "GET /api/concepts/?min_stability=0.8 (counts the units)",
+            measure_get(client, ["/api/concepts/?min_stability=0.8"] * k),
+            "",
+        )
+    )
     rows.append(
         (
             "GET /api/concepts/?category=object&min_iou=0.1 (counts the units)",
@@ -593,6 +648,18 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
         job = Job.objects.create(owner=user, type="dissect", model=model, dataset=dataset, status=Job.Status.RUNNING)
         iou = rng.gamma(1.2, 0.01, size=(args.units, len(concepts)))
         thresholds = rng.gamma(2.0, 1.0, size=args.units)
+        u = args.units
+        evidence = {
+            "iou_low": iou.max(1) * 0.8,
+            "iou_high": iou.max(1) * 1.2,
+            "stability": rng.uniform(0, 1, u),
+            "runner_up": rng.integers(0, len(concepts), u),
+            "runner_up_iou": iou.max(1) * 0.9,
+            "chance_iou": iou.max(1) * 0.2,
+            "p_value": rng.uniform(0, 1, u),
+            "low": (iou * 0.8).astype(np.float32),
+            "high": (iou * 1.2).astype(np.float32),
+        }
         top_images = rng.integers(0, 20000, size=(args.units, TOP_IMAGES)).tolist()
         for target in (writes, rewrites):
             t0 = time.perf_counter()
@@ -604,13 +671,18 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
                 concepts=concepts,
                 summary={"units": args.units},
                 top_images=top_images,
+                evidence=evidence,
             )
             target.append(time.perf_counter() - t0)
             assert stored == args.units
         assert Unit.objects.filter(job=job).count() == args.units
         assert UnitConcept.objects.filter(unit__job=job).count() == args.units * args.top
     rows.append(
-        (f"layer_result_store: one {args.units}-unit layer x {len(concepts)} concepts (first write)", writes, "< 1 s")
+        (
+            f"layer_result_store: one {args.units}-unit layer x {len(concepts)} concepts, with evidence (first write)",
+            writes,
+            "< 1 s",
+        )
     )
     rows.append(("layer_result_store: the same layer again (redelivery, replaces)", rewrites, "< 1 s"))
     rows.append((f"  (database vendor: {connection.vendor})", [], ""))

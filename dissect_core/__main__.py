@@ -1,8 +1,10 @@
 """Command line: ``python -m dissect_core {dissect,layers,make-demo,make-synthetic} ...``.
 
-``dissect`` writes, per layer, ``OUT/LAYER/units.csv`` (unit,label,category,iou,threshold)
-and ``OUT/LAYER/iou.csv`` (unit,concept,category,iou: every unit x concept pair),
-plus ``OUT/LAYER/summary.json``. Bad input prints one line ``error: ...`` and exits
+``dissect`` writes, per layer, ``OUT/LAYER/units.csv`` (unit,label,category,iou,threshold,
+then the label's evidence: iou_low,iou_high,stability,runner_up,runner_up_iou,margin,
+chance_iou,p_value; empty where there is none) and ``OUT/LAYER/iou.csv``
+(unit,concept,category,iou,iou_low,iou_high: every unit x concept pair), plus
+``OUT/LAYER/summary.json``. Bad input prints one line ``error: ...`` and exits
 with status 2.
 
 ``ablate`` ranks each unit's importance to each class on the training split and
@@ -75,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="latent seed of --generated")
     d.add_argument("--layer", action="append", required=True, dest="layers", help="dotted layer name (repeatable)")
     d.add_argument("--quantile", type=float, default=0.99)
+    d.add_argument(
+        "--evidence-blocks",
+        type=int,
+        default=16,
+        help="blocks of images for each label's interval, stability and p-value (1: none; default 16)",
+    )
+    d.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the blocks (default 1000)")
+    d.add_argument("--evidence-seed", type=int, default=0, help="seed of the resamples (default 0)")
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--colors", action="store_true", help="add colour-name concepts")
@@ -187,6 +197,18 @@ def _load(args: argparse.Namespace) -> Any:
     )
 
 
+_EVIDENCE_COLUMNS = (
+    "iou_low",
+    "iou_high",
+    "stability",
+    "runner_up",
+    "runner_up_iou",
+    "margin",
+    "chance_iou",
+    "p_value",
+)
+
+
 def write_layer_csvs(result: Any, out_dir: Path) -> Path:
     """Write one layer's units.csv, iou.csv and summary.json.
 
@@ -199,16 +221,32 @@ def write_layer_csvs(result: Any, out_dir: Path) -> Path:
     """
     layer_dir = out_dir / result.layer
     layer_dir.mkdir(parents=True, exist_ok=True)
+    evidence = result.evidence
+
+    def num(value: Any) -> str:
+        return "" if value is None else repr(float(value))
+
     with open(layer_dir / "units.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["unit", "label", "category", "iou", "threshold"])
+        writer.writerow(["unit", "label", "category", "iou", "threshold", *_EVIDENCE_COLUMNS])
         for row in result.unit_rows():
-            writer.writerow([row["unit"], row["label"], row["category"], repr(row["iou"]), repr(row["threshold"])])
+            extra = [""] * len(_EVIDENCE_COLUMNS)
+            if evidence is not None and evidence.label[row["unit"]] >= 0:
+                e = evidence.unit(row["unit"])
+                runner = result.concepts[e["runner_up"]].name if e["runner_up"] >= 0 else ""
+                low, high = e["iou_ci"] or (None, None)
+                extra = [num(low), num(high), num(e["stability"]), runner, num(e["runner_up_iou"])]
+                extra += [num(e["margin"]), num(e["chance_iou"]), num(e["p_value"])]
+            writer.writerow(
+                [row["unit"], row["label"], row["category"], repr(row["iou"]), repr(row["threshold"]), *extra]
+            )
     with open(layer_dir / "iou.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["unit", "concept", "category", "iou"])
-        for row in result.iou_rows():
-            writer.writerow([row["unit"], row["concept"], row["category"], repr(row["iou"])])
+        writer.writerow(["unit", "concept", "category", "iou", "iou_low", "iou_high"])
+        for i, row in enumerate(result.iou_rows()):
+            u, c = divmod(i, len(result.concepts))
+            interval = ["", ""] if evidence is None else [num(evidence.low[u, c]), num(evidence.high[u, c])]
+            writer.writerow([row["unit"], row["concept"], row["category"], repr(row["iou"]), *interval])
     summary = result.summary()
     summary.update({"quantile": result.quantile, "images": result.n_images})
     (layer_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -274,15 +312,28 @@ def _cmd_dissect(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     bars = _Bars(not args.no_progress)
     try:
-        results = dissect(model, dataset, args.layers, quantile=args.quantile, **_run_options(args, bars))
+        results = dissect(
+            model,
+            dataset,
+            args.layers,
+            quantile=args.quantile,
+            evidence_blocks=args.evidence_blocks,
+            resamples=args.resamples,
+            evidence_seed=args.evidence_seed,
+            **_run_options(args, bars),
+        )
     finally:
         bars.close()
     args.out.mkdir(parents=True, exist_ok=True)
     for result in results.values():
         layer_dir = write_layer_csvs(result, args.out)
         s = result.summary()
+        evidence = s.get("evidence")
+        extra = (
+            f", {evidence['detectors_significant']} of them above chance at p < {evidence['max_p']}" if evidence else ""
+        )
         print(
-            f"{result.layer}: {s['units']} units, {s['detectors']} detectors (IoU >= 0.04), "
+            f"{result.layer}: {s['units']} units, {s['detectors']} detectors (IoU >= 0.04){extra}, "
             f"{s['unique_concepts']} unique concepts -> {layer_dir}"
         )
     return 0

@@ -24,12 +24,21 @@ all), merging across shards like the rest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .errors import DatasetError
+from .evidence import (
+    DEFAULT_BLOCKS,
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    LabelEvidence,
+    cell_grid,
+    image_blocks,
+    label_evidence,
+)
 
 __all__ = ["ConceptCounts", "PixelLabels", "TopActivations", "prepare_labels"]
 
@@ -47,12 +56,16 @@ class PixelLabels:
         image: int64 tensor [B, J]: whole-image labels, deduplicated (0 = none).
         concept_area: int64 tensor [C + 1]: pixels of the batch carrying each concept.
         size: (h, w) of the masks; P = h * w.
+        indices: int64 tensor [B], the images' dataset indices (they decide each image's
+            evidence block, see :mod:`~dissect_core.evidence`); default 0..B-1.
     """
 
     pixel: torch.Tensor
     image: torch.Tensor
     concept_area: torch.Tensor
     size: tuple[int, int]
+    indices: torch.Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch(self) -> int:
@@ -71,6 +84,39 @@ class PixelLabels:
         """
         flat = self.pixel.reshape(-1, self.pixel.shape[2])
         return flat.index_select(0, image * self.pixel.shape[1] + pixel)
+
+    def blocks(self, blocks: int) -> torch.Tensor:
+        """int64 tensor [B]: each image's evidence block (of ``blocks``)."""
+        key = ("blocks", blocks)
+        if key not in self._cache:
+            idx = self.indices if self.indices is not None else torch.arange(self.batch)
+            self._cache[key] = torch.as_tensor(image_blocks(idx, blocks), device=self.pixel.device)
+        return self._cache[key]
+
+    def cells(self) -> tuple[torch.Tensor, int]:
+        """int64 tensor [P]: each mask pixel's grid cell, and the number of cells G."""
+        if "cells" not in self._cache:
+            cell, g = cell_grid(self.size)
+            self._cache["cells"] = (torch.as_tensor(cell, device=self.pixel.device), g)
+        return self._cache["cells"]
+
+    def concept_cells(self, blocks: int, num_concepts: int) -> torch.Tensor:
+        """int64 tensor [blocks, C + 1, G]: the batch's concept pixels per block and grid cell
+        (column 0 counts unlabelled entries; callers ignore it)."""
+        key = ("concept_cells", blocks, num_concepts)
+        if key not in self._cache:
+            cell, g = self.cells()
+            block = self.blocks(blocks)
+            base = (block[:, None] * (num_concepts + 1)) * g + cell[None, :]  # [B, P]
+            keys = self.pixel.to(torch.int64) * g + base[:, :, None]
+            total = blocks * (num_concepts + 1) * g
+            counts = (
+                torch.bincount(keys.view(-1), minlength=total)
+                if keys.numel()
+                else torch.zeros(total, dtype=torch.int64, device=keys.device)
+            )
+            self._cache[key] = counts.view(blocks, num_concepts + 1, g)
+        return self._cache[key]
 
 
 def _dedupe_columns(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -98,6 +144,7 @@ def prepare_labels(
     num_concepts: int,
     *,
     size: tuple[int, int] | None = None,
+    indices: torch.Tensor | None = None,
 ) -> PixelLabels:
     """Deduplicate a batch's labels once, for all layers.
 
@@ -110,6 +157,7 @@ def prepare_labels(
         image_labels: int tensor [B, J] of whole-image concept numbers (0 = none).
         num_concepts: C; every label must lie in [0, C].
         size: (h, w) when K == 0 (the mask size).
+        indices: int64 tensor [B], the images' dataset indices (default 0..B-1).
 
     Returns:
         the batch's :class:`PixelLabels`.
@@ -162,7 +210,9 @@ def prepare_labels(
     pixel = torch.empty((b, h * w, k + j), dtype=torch.int32, device=dev)
     pixel[:, :, :k] = maps.permute(0, 2, 1)
     pixel[:, :, k:] = image[:, None, :]
-    return PixelLabels(pixel=pixel, image=image, concept_area=area, size=(h, w))
+    if indices is not None and tuple(indices.shape) != (b,):
+        raise ValueError(f"indices must be [B] = [{b}], got {tuple(indices.shape)}")
+    return PixelLabels(pixel=pixel, image=image, concept_area=area, size=(h, w), indices=indices)
 
 
 class TopActivations:
@@ -287,17 +337,27 @@ class TopActivations:
 
 
 class ConceptCounts:
-    """Exact unit x concept counts of one layer (see module docstring).
+    """Exact unit x concept counts of one layer (see module docstring), kept per evidence block.
+
+    Every tally is kept per block of images (``blocks``, by dataset index, see
+    :mod:`~dissect_core.evidence`), and the on-pixels and concept pixels also per cell of
+    a coarse grid over the mask; ``intersection``, ``act_area`` and ``concept_area`` are
+    their sums, and :meth:`evidence` turns them into each label's interval, stability,
+    runner-up and chance level. Memory is fixed: blocks x U x (C + 1) integers.
 
     Args:
         units: U.
         num_concepts: C (concepts are numbered 1..C; column 0 stays 0).
         top_k: keep the top-k images per unit by peak activation (0: none).
         device: where the accumulators live (default: the device of the first batch).
+        blocks: evidence blocks (1: plain counts, no evidence).
 
     Attributes:
-        intersection: int64 [U, C + 1]. act_area: int64 [U].
-        concept_area: int64 [C + 1]. n_pixels, n_images: ints.
+        block_intersection: int32 (int64 once a block could overflow it) [blocks, U, C + 1].
+        block_act: int64 [blocks, U, G]: on-pixels per block and grid cell.
+        block_concept: int64 [blocks, C + 1, G]: concept pixels per block and grid cell.
+        block_images: int64 [blocks]. cell_pixels: int64 [G], pixels per cell of one mask.
+        n_pixels, n_images: ints.
         top: :class:`TopActivations` (with the top maps, when kept) or None.
     """
 
@@ -308,38 +368,87 @@ class ConceptCounts:
         *,
         top_k: int = 0,
         device: torch.device | str | None = None,
+        blocks: int = DEFAULT_BLOCKS,
     ) -> None:
+        if blocks < 1:
+            raise ValueError(f"blocks must be at least 1, got {blocks}")
         self.units = int(units)
         self.num_concepts = int(num_concepts)
+        self.blocks = int(blocks)
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        self.intersection = torch.zeros(self.units, self.num_concepts + 1, dtype=torch.int64, device=dev)
-        self.act_area = torch.zeros(self.units, dtype=torch.int64, device=dev)
-        self.concept_area = torch.zeros(self.num_concepts + 1, dtype=torch.int64, device=dev)
+        width = self.num_concepts + 1
+        self.block_intersection = torch.zeros(self.blocks, self.units, width, dtype=torch.int32, device=dev)
+        self.block_act = torch.zeros(self.blocks, self.units, 0, dtype=torch.int64, device=dev)
+        self.block_concept = torch.zeros(self.blocks, width, 0, dtype=torch.int64, device=dev)
+        self.block_images = torch.zeros(self.blocks, dtype=torch.int64, device=dev)
+        self.cell_pixels = torch.zeros(0, dtype=torch.int64)
+        self.mask_size: tuple[int, int] | None = None
         self.n_pixels = 0
         self.n_images = 0
         self.top: TopActivations | None = TopActivations(self.units, top_k) if top_k else None
         self._placed = device is not None
 
+    # -- the dataset-level counts ------------------------------------------------------------
+
+    @property
+    def intersection(self) -> torch.Tensor:
+        """int64 [U, C + 1]: on-pixels of u carrying concept c (column 0 is 0)."""
+        out = self.block_intersection.sum(0, dtype=torch.int64)
+        out[:, 0] = 0
+        return out
+
+    @property
+    def act_area(self) -> torch.Tensor:
+        """int64 [U]: pixels where u is on."""
+        return self.block_act.sum((0, 2)) if self.block_act.shape[2] else self.block_act.new_zeros(self.units)
+
+    @property
+    def concept_area(self) -> torch.Tensor:
+        """int64 [C + 1]: pixels carrying each concept (column 0 is 0)."""
+        if not self.block_concept.shape[2]:
+            return self.block_concept.new_zeros(self.num_concepts + 1)
+        out = self.block_concept.sum((0, 2))
+        out[0] = 0
+        return out
+
+    # -- counting ----------------------------------------------------------------------------
+
     def _to(self, device: torch.device) -> None:
         if not self._placed:
-            self.intersection = self.intersection.to(device)
-            self.act_area = self.act_area.to(device)
-            self.concept_area = self.concept_area.to(device)
+            self.block_intersection = self.block_intersection.to(device)
+            self.block_act = self.block_act.to(device)
+            self.block_concept = self.block_concept.to(device)
+            self.block_images = self.block_images.to(device)
             self._placed = True
+
+    def _grid(self, size: tuple[int, int], device: torch.device) -> None:
+        """Size the per-cell tallies for masks of ``size`` (once; later batches must match)."""
+        if self.mask_size is None:
+            cell, g = cell_grid(size)
+            self.mask_size = (int(size[0]), int(size[1]))
+            self.cell_pixels = torch.as_tensor(np.bincount(cell, minlength=g).astype(np.int64))
+            self.block_act = torch.zeros(self.blocks, self.units, g, dtype=torch.int64, device=device)
+            self.block_concept = torch.zeros(self.blocks, self.num_concepts + 1, g, dtype=torch.int64, device=device)
+        elif tuple(size) != self.mask_size:
+            raise ValueError(f"masks of size {tuple(size)}, earlier ones were {self.mask_size}")
 
     def add(
         self,
         on: torch.Tensor,
         label_maps: torch.Tensor | PixelLabels,
         image_labels: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
     ) -> None:
         """Count one batch.
 
         Args:
             on: bool tensor [B, U, h, w]: unit on at a mask pixel (a_u > t_u).
             label_maps: int tensor [B, K, h, w] of concept numbers, or the batch's
-                :class:`PixelLabels` (then image_labels is ignored).
+                :class:`PixelLabels` (then image_labels and indices are ignored).
             image_labels: int tensor [B, J] of whole-image concept numbers.
+            indices: int64 tensor [B], the images' dataset indices (default 0..B-1:
+                give them when counting a dataset in several batches, or the evidence
+                blocks repeat).
         """
         b, u, h, w = on.shape
         if u != self.units:
@@ -350,7 +459,11 @@ class ConceptCounts:
             if image_labels is None:
                 image_labels = torch.zeros((b, 0), dtype=torch.int64, device=on.device)
             labels = prepare_labels(
-                label_maps.to(on.device), image_labels.to(on.device), self.num_concepts, size=(h, w)
+                label_maps.to(on.device),
+                image_labels.to(on.device),
+                self.num_concepts,
+                size=(h, w),
+                indices=None if indices is None else indices.to(on.device),
             )
         if labels.size != (h, w) or labels.batch != b:
             raise ValueError(f"labels are {labels.batch} x {labels.size}, the mask {b} x {(h, w)}")
@@ -367,10 +480,21 @@ class ConceptCounts:
         Args:
             labels: the batch's :class:`PixelLabels`.
         """
-        self._to(labels.concept_area.device)
-        self.concept_area += labels.concept_area.to(self.concept_area.device)
+        self._to(labels.pixel.device)
+        self._grid(labels.size, self.block_concept.device)
+        dev = self.block_concept.device
+        self.block_concept += labels.concept_cells(self.blocks, self.num_concepts).to(dev)
+        self.block_images += torch.bincount(labels.blocks(self.blocks), minlength=self.blocks).to(dev)
         self.n_pixels += labels.batch * labels.size[0] * labels.size[1]
         self.n_images += labels.batch
+        self._widen()
+
+    def _widen(self) -> None:
+        """Move the intersections to int64 before any block could hold 2**31 pixels."""
+        if self.block_intersection.dtype == torch.int32 and self.mask_size is not None:
+            pixels = int(self.block_images.max()) * self.mask_size[0] * self.mask_size[1]
+            if pixels >= 2**31 - 1:
+                self.block_intersection = self.block_intersection.to(torch.int64)
 
     def add_pixels(self, image: torch.Tensor, unit: torch.Tensor, pixel: torch.Tensor, labels: PixelLabels) -> None:
         """Count "on" pixels given as triples (areas must be added by :meth:`add_area`).
@@ -381,47 +505,68 @@ class ConceptCounts:
             pixel: int64 tensor [M], its flat mask position (y * w + x).
             labels: the batch's :class:`PixelLabels`.
         """
+        block = labels.blocks(self.blocks)
+        cells, _ = labels.cells()
         for start in range(0, unit.numel(), _CHUNK):
             sl = slice(start, start + _CHUNK)
-            self.add_rows(unit[sl], labels.rows(image[sl], pixel[sl]))
+            im, px = image[sl], pixel[sl]
+            self.add_rows(unit[sl], labels.rows(im, px), block.index_select(0, im), cells.index_select(0, px))
 
-    def add_rows(self, unit: torch.Tensor, concepts: torch.Tensor) -> None:
-        """Count "on" pixels given by unit and deduplicated concept row.
+    def add_rows(self, unit: torch.Tensor, concepts: torch.Tensor, block: torch.Tensor, cell: torch.Tensor) -> None:
+        """Count "on" pixels given by unit, deduplicated concept row, evidence block and grid cell
+        (after :meth:`add_area` has seen a batch of the same mask size).
 
         Args:
             unit: int64 tensor [M], the unit of each on pixel.
             concepts: int tensor [M, L], the pixel's concepts (0 = none, no duplicates in a row).
+            block: int64 tensor [M], the block of the pixel's image.
+            cell: int64 tensor [M], the pixel's grid cell.
         """
         self._to(unit.device)
         if unit.numel() == 0:
             return
-        self.act_area += torch.bincount(unit, minlength=self.units).to(self.act_area.device)
+        g = self.block_act.shape[2]
+        if g == 0:
+            raise ValueError("add_rows before any add_area: the mask size is not known yet")
+        dev = self.block_act.device
+        bu = block.to(unit.device) * self.units + unit
+        act = self.block_act.view(-1)
+        act += torch.bincount(bu * g + cell.to(unit.device), minlength=act.numel()).to(dev)
         if concepts.shape[1] == 0:
             return
-        inter = self.intersection.view(-1)
+        inter = self.block_intersection.view(-1)
         width = self.num_concepts + 1
-        if self.units * width < 2**31:  # int32 indices: half the memory traffic
+        if inter.numel() < 2**31:  # int32 indices: half the memory traffic
             flat = concepts.to(torch.int32, copy=True)
-            flat += (unit.to(torch.int32) * width)[:, None]
+            flat += (bu.to(torch.int32) * width)[:, None]
         else:
-            flat = unit[:, None] * width + concepts.to(torch.int64)
+            flat = bu[:, None] * width + concepts.to(torch.int64)
         inter += torch.bincount(flat.view(-1), minlength=inter.numel()).to(inter.device)
-        self.intersection[:, 0] = 0
 
     def merge(self, other: ConceptCounts) -> ConceptCounts:
         """Add another shard's counts (in place).
 
         Args:
-            other: counts with the same units and concepts.
+            other: counts with the same units, concepts and blocks (and mask size).
 
         Returns:
             self.
         """
-        if (other.units, other.num_concepts) != (self.units, self.num_concepts):
+        if (other.units, other.num_concepts, other.blocks) != (self.units, self.num_concepts, self.blocks):
             raise ValueError("cannot merge counts of different shapes")
-        self.intersection += other.intersection.to(self.intersection.device)
-        self.act_area += other.act_area.to(self.act_area.device)
-        self.concept_area += other.concept_area.to(self.concept_area.device)
+        if other.mask_size is not None:
+            if self.mask_size is None:
+                self._grid(other.mask_size, self.block_concept.device)
+            elif self.mask_size != other.mask_size:
+                raise ValueError(f"cannot merge counts of masks {other.mask_size} into {self.mask_size}")
+            dev = self.block_act.device
+            self.block_act += other.block_act.to(dev)
+            self.block_concept += other.block_concept.to(dev)
+        self.block_images += other.block_images.to(self.block_images.device)
+        self._widen()
+        if other.block_intersection.dtype == torch.int64:
+            self.block_intersection = self.block_intersection.to(torch.int64)
+        self.block_intersection += other.block_intersection.to(self.block_intersection.device)
         self.n_pixels += other.n_pixels
         self.n_images += other.n_images
         if other.top is not None:
@@ -446,12 +591,24 @@ class ConceptCounts:
         out[:, 0] = 0.0
         return out
 
+    def evidence(self, *, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> LabelEvidence:
+        """Each unit's label evidence (columns are concepts 1..C, as in :meth:`iou` without
+        column 0); see :func:`~dissect_core.evidence.label_evidence`."""
+        g = self.block_act.shape[2]
+        inter = self.block_intersection[:, :, 1:].cpu().numpy()
+        act = self.block_act.cpu().numpy() if g else np.zeros((self.blocks, self.units, 1), np.int64)
+        con = self.block_concept[:, 1:].cpu().numpy() if g else np.zeros((self.blocks, self.num_concepts, 1), np.int64)
+        cells = self.cell_pixels.numpy() if g else np.ones(1, np.int64)
+        return label_evidence(inter, act, con, self.block_images.cpu().numpy(), cells, resamples=resamples, seed=seed)
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain numpy arrays (see :meth:`from_state_dict`)."""
         state = {
-            "intersection": self.intersection.cpu().numpy().copy(),
-            "act_area": self.act_area.cpu().numpy().copy(),
-            "concept_area": self.concept_area.cpu().numpy().copy(),
+            "block_intersection": self.block_intersection.cpu().numpy().copy(),
+            "block_act": self.block_act.cpu().numpy().copy(),
+            "block_concept": self.block_concept.cpu().numpy().copy(),
+            "block_images": self.block_images.cpu().numpy().copy(),
+            "mask_size": np.array(self.mask_size if self.mask_size is not None else (0, 0), dtype=np.int64),
             "n_pixels": np.array(self.n_pixels, dtype=np.int64),
             "n_images": np.array(self.n_images, dtype=np.int64),
         }
@@ -461,14 +618,39 @@ class ConceptCounts:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, np.ndarray]) -> ConceptCounts:
-        """Rebuild from :meth:`state_dict`."""
-        inter = np.asarray(state["intersection"], np.int64)
-        counts = cls(inter.shape[0], inter.shape[1] - 1, device="cpu")
-        counts.intersection = torch.as_tensor(inter)
-        counts.act_area = torch.as_tensor(np.asarray(state["act_area"], np.int64))
-        counts.concept_area = torch.as_tensor(np.asarray(state["concept_area"], np.int64))
+        """Rebuild from :meth:`state_dict` (or the plain counts of an older version: one block,
+        one grid cell, no evidence)."""
+        if "block_intersection" not in state:
+            return cls._from_plain_state(state)
+        inter = np.asarray(state["block_intersection"])
+        counts = cls(inter.shape[1], inter.shape[2] - 1, device="cpu", blocks=inter.shape[0])
+        counts.block_intersection = torch.as_tensor(inter.astype(inter.dtype if inter.dtype == np.int64 else np.int32))
+        size = tuple(int(v) for v in np.asarray(state["mask_size"]))
+        if size != (0, 0):
+            counts._grid((size[0], size[1]), torch.device("cpu"))
+            counts.block_act = torch.as_tensor(np.asarray(state["block_act"], np.int64))
+            counts.block_concept = torch.as_tensor(np.asarray(state["block_concept"], np.int64))
+        counts.block_images = torch.as_tensor(np.asarray(state["block_images"], np.int64))
         counts.n_pixels = int(state["n_pixels"])
         counts.n_images = int(state["n_images"])
+        if "top_k" in state:
+            counts.top = TopActivations.from_state_dict(
+                {k[len("top_") :]: v for k, v in state.items() if k.startswith("top_")}
+            )
+        return counts
+
+    @classmethod
+    def _from_plain_state(cls, state: dict[str, np.ndarray]) -> ConceptCounts:
+        inter = np.asarray(state["intersection"], np.int64)
+        counts = cls(inter.shape[0], inter.shape[1] - 1, device="cpu", blocks=1)
+        n_images, n_pixels = int(state["n_images"]), int(state["n_pixels"])
+        counts.block_intersection = torch.as_tensor(inter[None])
+        counts.block_act = torch.as_tensor(np.asarray(state["act_area"], np.int64)[None, :, None])
+        counts.block_concept = torch.as_tensor(np.asarray(state["concept_area"], np.int64)[None, :, None])
+        counts.block_images = torch.tensor([n_images], dtype=torch.int64)
+        counts.cell_pixels = torch.tensor([n_pixels // max(1, n_images)], dtype=torch.int64)
+        counts.mask_size = (0, 0)  # unknown: merges only with counts of the same old kind
+        counts.n_pixels, counts.n_images = n_pixels, n_images
         if "top_k" in state:
             counts.top = TopActivations.from_state_dict(
                 {k[len("top_") :]: v for k, v in state.items() if k.startswith("top_")}

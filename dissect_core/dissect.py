@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader, Dataset
 from .concepts import Concept, ConceptDataset, Sample, collate_samples, size_pair
 from .counts import ConceptCounts, PixelLabels, TopActivations, prepare_labels
 from .errors import DatasetError, DissectError, LayerError
+from .evidence import DEFAULT_BLOCKS, DEFAULT_RESAMPLES, DEFAULT_SEED, LabelEvidence
 from .models import LoadedModel, layout_from_output
 from .nethook import get_module, trace
 from .options import Run, RunOptions
@@ -139,6 +140,8 @@ class LayerResult:
             on each of its top images (``top_maps[u, j]`` is on image
             ``top_images[u, j]``), or None when not kept; pictures of units are
             drawn from these without running the network again.
+        evidence: each label's interval, stability, runner-up, chance level and
+            p-value (:class:`~dissect_core.evidence.LabelEvidence`), or None.
     """
 
     layer: str
@@ -154,6 +157,7 @@ class LayerResult:
     n_images: int = 0
     n_pixels: int = 0
     top_maps: np.ndarray | None = None
+    evidence: LabelEvidence | None = None
 
     @property
     def units(self) -> int:
@@ -201,8 +205,9 @@ class LayerResult:
         Returns:
             dict with ``layer``, ``units``, ``detectors`` (count), ``unique_concepts``
             (distinct labels among detectors), ``detectors_by_category`` and
-            ``unique_concepts_by_category`` (category -> count), and
-            ``concept_units`` (concept name -> number of detector units).
+            ``unique_concepts_by_category`` (category -> count),
+            ``concept_units`` (concept name -> number of detector units), and with
+            evidence ``evidence`` (:meth:`~dissect_core.evidence.LabelEvidence.counts`).
         """
         detectors = [lab for lab in self.labels if lab.number and lab.iou >= min_iou]
         by_cat = Counter(lab.category for lab in detectors)
@@ -218,6 +223,7 @@ class LayerResult:
             "detectors_by_category": dict(by_cat),
             "unique_concepts_by_category": {k: len(v) for k, v in unique.items()},
             "concept_units": dict(Counter(lab.concept for lab in detectors)),
+            **({"evidence": self.evidence.counts(min_iou=min_iou)} if self.evidence is not None else {}),
         }
 
 
@@ -858,12 +864,13 @@ class _LayerCounter:
         thresholds: np.ndarray | None = None,
         bracket: QuantileBracket | None = None,
         skip: bool | None = None,
+        blocks: int = DEFAULT_BLOCKS,
     ) -> None:
-        self.counts = ConceptCounts(units, num_concepts, top_k=top_k, device=device)
+        self.counts = ConceptCounts(units, num_concepts, top_k=top_k, device=device, blocks=blocks)
         self.bracket = bracket
         self.thresholds = thresholds
         self.refiner: QuantileRefiner | None = None
-        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         if thresholds is not None:
             cand = _float32_below(thresholds)
             self.sure = None
@@ -936,13 +943,18 @@ class _LayerCounter:
         self.counts.add_pixels(bi.index_select(0, sure), ui.index_select(0, sure), pi.index_select(0, sure), labels)
         amb = amb.nonzero().squeeze(1)
         ua, keys = ui.index_select(0, amb), float_keys(vals.index_select(0, amb)).to(torch.int64)
-        rows = labels.rows(bi.index_select(0, amb), pi.index_select(0, amb))
+        ba, pa = bi.index_select(0, amb), pi.index_select(0, amb)
+        rows = labels.rows(ba, pa)
+        block = labels.blocks(self.counts.blocks).index_select(0, ba)
+        cell = labels.cells()[0].index_select(0, pa)
         lo, hi = self.collect_lo[:, ua], self.collect_hi[:, ua]
         inside = ((keys >= lo) & (keys <= hi)).any(0)
         assert self.refiner is not None
         self.refiner.collected_units.append(ua[inside].to(torch.int32).cpu().numpy())
         self.refiner.collected_keys.append(keys[inside].to(torch.int32).cpu().numpy())
-        self.pending.append((ua.cpu().numpy(), keys.cpu().numpy(), rows.cpu().numpy()))
+        self.pending.append(
+            (ua.cpu().numpy(), keys.cpu().numpy(), rows.cpu().numpy(), block.cpu().numpy(), cell.cpu().numpy())
+        )
 
     def finish(self) -> tuple[np.ndarray, ConceptCounts]:
         if self.thresholds is not None:
@@ -950,11 +962,14 @@ class _LayerCounter:
         assert self.refiner is not None
         bracket = self.refiner.bracket()
         thresholds = bracket.values()
-        dev = self.counts.intersection.device
-        for units, keys, rows in self.pending:
+        dev = self.counts.block_act.device
+        for units, keys, rows, block, cell in self.pending:
             on = keys_to_float(keys).astype(np.float64) > thresholds[units]
             if on.any():
-                self.counts.add_rows(torch.as_tensor(units[on], device=dev), torch.as_tensor(rows[on], device=dev))
+                unit_t, rows_t, block_t, cell_t = (
+                    torch.as_tensor(x[on], device=dev) for x in (units, rows, block, cell)
+                )
+                self.counts.add_rows(unit_t, rows_t, block_t, cell_t)
         self.pending = []
         return thresholds, self.counts
 
@@ -1044,9 +1059,22 @@ def _cached_batches(cache: _Cache, layers: Sequence[str], run: Run, phase: str) 
             progress(phase, done, total)
 
 
+def _check_evidence(blocks: int, resamples: int) -> None:
+    if not 1 <= int(blocks) <= 1024:
+        raise DissectError(f"evidence blocks must be an integer from 1 to 1024, got {blocks}")
+    if int(resamples) < 1:
+        raise DissectError(f"resamples must be a positive integer, got {resamples}")
+
+
 def _labels_of(src: _Source, prepared: _Prepared) -> PixelLabels:
     assert src.mask_size is not None
-    return prepare_labels(prepared.label_maps, prepared.image_labels, src.num_concepts, size=src.mask_size)
+    return prepare_labels(
+        prepared.label_maps,
+        prepared.image_labels,
+        src.num_concepts,
+        size=src.mask_size,
+        indices=prepared.indices.to(prepared.label_maps.device),
+    )
 
 
 def dissect(
@@ -1059,6 +1087,9 @@ def dissect(
     top_k_images: int = 5,
     segmenter: Any = None,
     max_collect: int = 1 << 23,
+    evidence_blocks: int = DEFAULT_BLOCKS,
+    resamples: int = DEFAULT_RESAMPLES,
+    evidence_seed: int = DEFAULT_SEED,
     **options: Unpack[RunOptions],
 ) -> dict[str, LayerResult]:
     """Dissect layers of a network on a concept dataset (see module docstring).
@@ -1075,6 +1106,9 @@ def dissect(
         segmenter: a :class:`~dissect_core.segmenter.Segmenter` that labels the
             images (its concepts replace the dataset's).
         max_collect: values a threshold-refinement pass may hold in memory.
+        evidence_blocks, resamples, evidence_seed: how each label's evidence is
+            computed (:mod:`~dissect_core.evidence`: blocks of images, bootstrap
+            resamples, their seed); ``evidence_blocks=1`` computes none.
         **options: the :class:`~dissect_core.options.RunOptions` (``batch_size``
             default 32); ``progress`` reports images after every batch, in the
             phases ``"forward"``, ``"quantile"`` (only when a refinement pass is
@@ -1090,6 +1124,7 @@ def dissect(
     """
     if not 0.0 <= quantile <= 1.0:
         raise DissectError(f"quantile must lie in [0, 1], got {quantile}")
+    _check_evidence(evidence_blocks, resamples)
     src = _make_source(model, dataset, layers, segmenter, options)
     root = Path(tempfile.mkdtemp(prefix="dissect-", dir=cache_dir))
     cache = _Cache(root)
@@ -1150,7 +1185,13 @@ def dissect(
             units = cache.shapes[layer][0]
             b = brackets[layer]
             counters[layer] = _LayerCounter(
-                units, src.num_concepts, 0, src.device, thresholds=b.values() if b.done else None, bracket=b
+                units,
+                src.num_concepts,
+                0,
+                src.device,
+                thresholds=b.values() if b.done else None,
+                bracket=b,
+                blocks=evidence_blocks,
             )
         for prepared in _cached_batches(cache, src.layers, src.run, "count"):
             labels = _labels_of(src, prepared)
@@ -1163,7 +1204,9 @@ def dissect(
         for layer in src.layers:
             thresholds, counts = counters[layer].finish()
             counts.top = top[layer]
-            results[layer] = finalize(layer, thresholds, counts, src.concepts, quantile=quantile)
+            results[layer] = finalize(
+                layer, thresholds, counts, src.concepts, quantile=quantile, resamples=resamples, seed=evidence_seed
+            )
         return results
     finally:
         cache.close()
@@ -1261,6 +1304,7 @@ def count_pass(
     *,
     segmenter: Any = None,
     top_k_images: int = 5,
+    evidence_blocks: int = DEFAULT_BLOCKS,
     **options: Unpack[RunOptions],
 ) -> dict[str, ConceptCounts]:
     """Pass 2 on one shard: unit x concept counts at given thresholds.
@@ -1268,12 +1312,14 @@ def count_pass(
     Args:
         thresholds: layer -> float [U] thresholds (a pixel is on when a_u > t_u).
         top_k_images: top images per unit to keep, with their maps (merged across shards).
+        evidence_blocks: as for :func:`dissect` (the same on every shard).
         model, dataset, layers, segmenter, **options: as for :func:`quantile_pass`
             (phase ``"count"``).
 
     Returns:
         layer -> :class:`ConceptCounts` (on the CPU; ``.top`` holds the top images).
     """
+    _check_evidence(evidence_blocks, 1)
     src = _make_source(model, dataset, layers, segmenter, options)
     counters: dict[str, _LayerCounter] = {}
     for prepared in _forward_batches(src, phase="count"):
@@ -1284,7 +1330,9 @@ def count_pass(
                 t = np.asarray(torch.as_tensor(thresholds[layer]).cpu().numpy(), dtype=np.float64)
                 if t.shape != (a.shape[1],):
                     raise DissectError(f"layer {layer!r} has {a.shape[1]} units, got {t.shape} thresholds")
-                counters[layer] = _LayerCounter(a.shape[1], src.num_concepts, top_k_images, src.device, thresholds=t)
+                counters[layer] = _LayerCounter(
+                    a.shape[1], src.num_concepts, top_k_images, src.device, thresholds=t, blocks=evidence_blocks
+                )
             counter = counters[layer]
             counter.counts.add_area(labels)
             peaks = a.amax(dim=(2, 3))
@@ -1301,6 +1349,8 @@ def finalize(
     concepts: Sequence[Concept],
     *,
     quantile: float = 0.99,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
 ) -> LayerResult:
     """Turn merged counts into a :class:`LayerResult`.
 
@@ -1310,6 +1360,8 @@ def finalize(
         counts: the layer's counts over all images.
         concepts: the concepts (``concepts[i].number == i + 1``).
         quantile: the quantile the thresholds are at.
+        resamples, seed: the label evidence's bootstrap (none when the counts have
+            a single block).
 
     Returns:
         the result (IoU columns in ``concepts`` order).
@@ -1340,4 +1392,5 @@ def finalize(
         n_images=counts.n_images,
         n_pixels=counts.n_pixels,
         top_maps=top_maps,
+        evidence=counts.evidence(resamples=resamples, seed=seed) if counts.blocks > 1 else None,
     )

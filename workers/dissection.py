@@ -83,6 +83,9 @@ def run_dissection(job: Job) -> None:
                 progress=reporter.progress,
                 should_stop=reporter.should_stop,
                 top_k_images=inputs.params.top_k_images,
+                evidence_blocks=inputs.params.evidence_blocks,
+                resamples=inputs.params.resamples,
+                evidence_seed=inputs.params.evidence_seed,
             ),
             inputs.batch_size,
         )
@@ -135,5 +138,6 @@ def store_results(job: Job, model, dataset, results: dict, reporter: ProgressRep
             concepts=concepts,
             summary=result.summary(min_iou=0.04),
             top_images=[[int(i) for i in row] for row in np.asarray(top)] if top is not None else None,
+            evidence=result.evidence.arrays() if getattr(result, "evidence", None) is not None else None,
         )
     services.job_succeed(job_id=job.pk, results_path=str(results_dir))

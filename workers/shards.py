@@ -123,6 +123,7 @@ def run_shard(job: Job, shard: JobShard) -> bool:
                     thresholds,
                     batch_size=batch_size,
                     top_k_images=inputs.params.top_k_images,
+                    evidence_blocks=inputs.params.evidence_blocks,
                     **common,
                 )
 
@@ -185,7 +186,15 @@ def advance(job: Job, reporter) -> None:
         thresholds = {k: v["t"] for k, v in load_states(folder / "thresholds.npz").items()}
         counts = _merge_stage(job, stage, ConceptCounts)
         results = {
-            layer: finalize(layer, thresholds[layer], counts[layer], inputs.dataset.concepts, quantile=inputs.quantile)
+            layer: finalize(
+                layer,
+                thresholds[layer],
+                counts[layer],
+                inputs.dataset.concepts,
+                quantile=inputs.quantile,
+                resamples=inputs.params.resamples,
+                seed=inputs.params.evidence_seed,
+            )
             for layer in inputs.layers
         }
         services.job_stage_set(job=job, stage="finish")

@@ -169,6 +169,33 @@ class DissectBase(JobParams):
     top_k_images: int = param(
         5, low=0, high=50, form=False, stored=False, help="Top-activating images drawn per unit (0: none)."
     )
+    evidence_blocks: int = param(
+        16,
+        low=1,
+        high=64,
+        form=False,
+        message="params.evidence_blocks must be an integer from 1 to 64",
+        help=(
+            "Blocks of images (fixed by image index) whose tallies give each label its evidence: "
+            "interval, stability, chance level and p-value. 1: no evidence."
+        ),
+    )
+    resamples: int = param(
+        1000,
+        low=100,
+        high=10000,
+        form=False,
+        message="params.resamples must be an integer from 100 to 10000",
+        help="Bootstrap resamples of the blocks for the label IoU's interval and its stability.",
+    )
+    evidence_seed: int = param(
+        0,
+        low=0,
+        high=2**31 - 1,
+        form=False,
+        message="params.evidence_seed must be a non-negative integer",
+        help="Seed of the bootstrap resamples (the same seed gives the same evidence).",
+    )
     shard_size: int = param(
         setting="JOB_SHARD_SIZE",
         low=1,

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Max
+from django.db.models import Count, Max, Q
 
 from api.models import (
     DETECTOR_MIN_IOU,
+    SIGNIFICANT_P_MAX,
+    STABLE_LABEL_MIN,
     AblationCurve,
     ClassUnitImportance,
     Concept,
@@ -31,8 +33,9 @@ from api.models import (
 
 @transaction.atomic
 def concept_stats_refresh(*, model_id: int) -> int:
-    """Recompute one model's ConceptStat rows from its units: per label and job owner, the units of
-    succeeded jobs with iou >= DETECTOR_MIN_IOU, and their best IoU.
+    """Recompute one model's ConceptStat rows from its units: per label, job owner and bar, the
+    units of succeeded jobs with iou >= DETECTOR_MIN_IOU (and, for the bars, a stable label,
+    one above chance, or both), and their best IoU.
 
     The model row is locked first (FOR NO KEY UPDATE: jobs and units referencing it can still
     be written), so two jobs of the same model finishing together rewrite its rows one after the
@@ -45,18 +48,39 @@ def concept_stats_refresh(*, model_id: int) -> int:
     if not locked:
         return 0
     ConceptStat.objects.filter(model_id=model_id).delete()
+    stable = Q(stability__gte=STABLE_LABEL_MIN)
+    significant = Q(p_value__lte=SIGNIFICANT_P_MAX)
+    bars = {
+        ConceptStat.Bar.ALL: None,
+        ConceptStat.Bar.STABLE: stable,
+        ConceptStat.Bar.SIGNIFICANT: significant,
+        ConceptStat.Bar.BOTH: stable & significant,
+    }
+    aggregates = {}
+    for bar, condition in bars.items():
+        aggregates[f"units_{bar}"] = Count("id", filter=condition)
+        aggregates[f"best_{bar}"] = Max("iou", filter=condition)
     rows = (
         Unit.objects.filter(
             model_id=model_id, job__status=Job.Status.SUCCEEDED, label__isnull=False, iou__gte=DETECTOR_MIN_IOU
         )
         .order_by()
-        .values_list("label_id", "job__owner_id")
-        .annotate(units=Count("id"), best_iou=Max("iou"))
+        .values("label_id", "job__owner_id")
+        .annotate(**aggregates)
     )
     created = ConceptStat.objects.bulk_create(
         [
-            ConceptStat(concept_id=label, model_id=model_id, owner_id=owner, units=units, best_iou=best)
-            for label, owner, units, best in rows
+            ConceptStat(
+                bar=bar,
+                concept_id=row["label_id"],
+                model_id=model_id,
+                owner_id=row["job__owner_id"],
+                units=row[f"units_{bar}"],
+                best_iou=row[f"best_{bar}"],
+            )
+            for row in rows
+            for bar in bars
+            if row[f"units_{bar}"]
         ],
         batch_size=5000,
     )
@@ -118,6 +142,22 @@ class _UnitRows:
     thresholds: list[float]
     score_concepts: np.ndarray
     score_iou: np.ndarray
+    evidence: dict[str, list] | None = None  # EVIDENCE_FIELDS -> U values (None: unknown)
+
+
+_UNIT_COLUMNS = ("id", "job", "model", "layer", "unit", "label", "label_name", "iou", "threshold", "top_images")
+# The label evidence columns of nd_unit, in the order the writers send them.
+EVIDENCE_FIELDS = ("iou_low", "iou_high", "stability", "runner_up", "runner_up_iou", "chance_iou", "p_value")
+
+
+def _evidence_values(rows: _UnitRows, u: int) -> list:
+    if rows.evidence is None:
+        return [None] * len(EVIDENCE_FIELDS)
+    return [rows.evidence[name][u] for name in EVIDENCE_FIELDS]
+
+
+def _copy_value(value) -> str:
+    return "\\N" if value is None else repr(value)
 
 
 def _store_units_copy(*, job: Job, layer: str, rows: _UnitRows, top_images: list[str]) -> None:
@@ -130,6 +170,7 @@ def _store_units_copy(*, job: Job, layer: str, rows: _UnitRows, top_images: list
         )
         ids = [row[0] for row in cursor.fetchall()]
         prefix = f"\t{job.pk}\t{job.model_id}\t{_copy_text(layer)}\t"
+        extra = ["\t".join(_copy_value(v) for v in _evidence_values(rows, u)) for u in range(units_count)]
         labels = [
             "\\N\t" if label is None else f"{label}\t{_copy_text(name)}"
             for label, name in zip(rows.label_ids, rows.label_names, strict=True)
@@ -137,9 +178,10 @@ def _store_units_copy(*, job: Job, layer: str, rows: _UnitRows, top_images: list
         _copy_into(
             cursor,
             Unit,
-            ["id", "job", "model", "layer", "unit", "label", "label_name", "iou", "threshold", "top_images"],
+            [*_UNIT_COLUMNS, *EVIDENCE_FIELDS],
             [
-                f"{ids[u]}{prefix}{u}\t{labels[u]}\t{rows.best_iou[u]!r}\t{rows.thresholds[u]!r}\t{top_images[u]}\n"
+                f"{ids[u]}{prefix}{u}\t{labels[u]}\t{rows.best_iou[u]!r}\t{rows.thresholds[u]!r}\t{top_images[u]}"
+                f"\t{extra[u]}\n"
                 for u in range(units_count)
             ],
         )
@@ -171,6 +213,10 @@ def _store_units_orm(*, job: Job, layer: str, rows: _UnitRows, top_images: list[
                 iou=rows.best_iou[u],
                 threshold=rows.thresholds[u],
                 top_images=top_images[u],
+                **{
+                    ("runner_up_id" if name == "runner_up" else name): value
+                    for name, value in zip(EVIDENCE_FIELDS, _evidence_values(rows, u), strict=True)
+                },
             )
             for u in range(len(rows.label_ids))
         ],
@@ -198,6 +244,7 @@ def layer_result_store(
     concepts: list[tuple[str, str]],
     summary: dict,
     top_images: list[list[int]] | None = None,
+    evidence: dict[str, np.ndarray] | None = None,
 ) -> int:
     """Write one layer's units, top-K concept scores and IoU matrix file, idempotently.
 
@@ -211,6 +258,9 @@ def layer_result_store(
         iou: float [U, C], IoU per unit and concept (columns in ``concepts`` order).
         concepts: C pairs (name, category).
         top_images: U lists of image indices, or None.
+        evidence: each label's evidence (``dissect_core.evidence.LabelEvidence.arrays()``):
+            [U] arrays named as EVIDENCE_FIELDS (NaN: none; runner_up a column, -1: none) and
+            the [U, C] interval matrices ``low`` and ``high`` (written to the matrix file).
     Returns:
         the number of units written (0 when the job is no longer running).
     """
@@ -224,12 +274,19 @@ def layer_result_store(
     folder.mkdir(parents=True, exist_ok=True)
     matrix_path = folder / f"{layer}.npz"
     tmp = folder / f".{layer}.tmp.npz"
+    if evidence is not None:
+        bad = [k for k in EVIDENCE_FIELDS if np.shape(evidence.get(k)) != (units_count,)]
+        bad += [k for k in ("low", "high") if np.shape(evidence.get(k)) != iou.shape]
+        if bad:
+            raise ValueError(f"evidence arrays missing or of the wrong shape: {', '.join(bad)}")
+    extra = {} if evidence is None else {"iou_low": evidence["low"], "iou_high": evidence["high"]}
     np.savez_compressed(
         tmp,
         iou=iou.astype(np.float32),
         thresholds=thresholds.astype(np.float32),
         concept_names=np.array([n for n, _ in concepts]),
         concept_categories=np.array([c for _, c in concepts]),
+        **{k: np.asarray(v, np.float32) for k, v in extra.items()},
     )
     os.replace(tmp, matrix_path)
     concept_rows = concepts_ensure(pairs=list(concepts))
@@ -249,6 +306,7 @@ def layer_result_store(
         thresholds=thresholds.astype(float).tolist(),
         score_concepts=column_ids[order],
         score_iou=np.take_along_axis(iou, order, axis=1).astype(float),
+        evidence=None if evidence is None else _evidence_columns(evidence, column_ids, label_ids),
     )
     images = [[int(i) for i in row] for row in top_images] if top_images is not None else [[]] * units_count
     with transaction.atomic():
@@ -266,6 +324,20 @@ def layer_result_store(
             defaults={"units": units_count, "summary": summary, "matrix_path": str(matrix_path)},
         )
     return units_count
+
+
+def _evidence_columns(evidence: dict[str, np.ndarray], column_ids: np.ndarray, label_ids: list) -> dict[str, list]:
+    """The evidence as column values per unit (None where NaN, or where the unit has no label)."""
+    out: dict[str, list] = {}
+    for name in EVIDENCE_FIELDS:
+        values = np.asarray(evidence[name])
+        if name == "runner_up":
+            out[name] = [int(column_ids[c]) if c >= 0 else None for c in values.astype(np.int64).tolist()]
+        else:
+            out[name] = [None if math.isnan(v) else v for v in values.astype(float).tolist()]
+    for name in EVIDENCE_FIELDS:
+        out[name] = [v if label is not None else None for v, label in zip(out[name], label_ids, strict=True)]
+    return out
 
 
 def _finite(value: float) -> float | None:

@@ -89,11 +89,21 @@ def test_dissect_writes_units_and_iou_csvs(workdir: Path) -> None:
     widths = {info.name: info.units for info in list_layers(load_model("builtin:scenecnn", num_classes=4))}
     for layer, units in (("conv5", widths["conv5"]), ("conv3", widths["conv3"])):
         rows = read_csv(out / layer / "units.csv")
-        assert list(rows[0]) == ["unit", "label", "category", "iou", "threshold"]
+        # the original columns keep their names and order; the label evidence follows them
+        assert list(rows[0]) == [
+            *("unit", "label", "category", "iou", "threshold", "iou_low", "iou_high", "stability"),
+            *("runner_up", "runner_up_iou", "margin", "chance_iou", "p_value"),
+        ]
         assert [int(r["unit"]) for r in rows] == list(range(units))
         assert all(0.0 <= float(r["iou"]) <= 1.0 and float(r["threshold"]) >= 0.0 for r in rows)
+        for r in rows:
+            if float(r["iou"]) > 0:
+                assert float(r["iou_low"]) <= float(r["iou_high"]) and 0.0 <= float(r["stability"]) <= 1.0
+                assert 0.0 <= float(r["p_value"]) <= 1.0 and r["runner_up"] != ""
+            else:
+                assert r["stability"] == r["p_value"] == ""
         pairs = read_csv(out / layer / "iou.csv")
-        assert list(pairs[0]) == ["unit", "concept", "category", "iou"]
+        assert list(pairs[0]) == ["unit", "concept", "category", "iou", "iou_low", "iou_high"]
         assert len(pairs) == units * len(concepts)
         assert {(p["concept"], p["category"]) for p in pairs} == {(c.name, c.category) for c in concepts}
         best = {}

@@ -275,6 +275,11 @@ def test_shards_merge_to_the_single_run() -> None:
         np.testing.assert_array_equal(res.iou, single[layer].iou)
         np.testing.assert_array_equal(res.top_images, single[layer].top_images)
         assert [lab.concept for lab in res.labels] == [lab.concept for lab in single[layer].labels]
+        # the label evidence too, bit for bit (block tallies are integers; the resamples are seeded)
+        assert res.evidence is not None and single[layer].evidence is not None
+        for name, value in res.evidence.arrays().items():
+            np.testing.assert_array_equal(value, single[layer].evidence.arrays()[name], err_msg=name)
+        assert res.evidence.blocks >= 2
 
 
 def test_cached_passes_equal_fresh_forward_passes(tmp_path: Path) -> None:

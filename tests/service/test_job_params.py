@@ -111,6 +111,9 @@ def test_the_worker_reads_what_the_api_stored_typed(api, rows, settings):
         "quantile": 0.99,
         "batch_size": settings.DISSECT_BATCH_SIZE,
         "top_k_images": 0,
+        "evidence_blocks": 16,
+        "resamples": 1000,
+        "evidence_seed": 0,
     }
     params = params_of(job, DissectParams)
     assert (params.layers, params.quantile, params.top_k_images) == (["conv5"], 0.99, 0)
