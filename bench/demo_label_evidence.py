@@ -19,6 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_dissect import _setup  # noqa: E402
 
 
 def main() -> int:
@@ -28,34 +31,19 @@ def main() -> int:
     parser.add_argument("--min-stability", type=float, default=0.9)
     args = parser.parse_args()
 
-    import json
-
     import numpy as np
     import torch
 
-    from dissect_core.broden import BrodenDataset
-    from dissect_core.demo import make_demo
     from dissect_core.dissect import dissect
-    from dissect_core.models import load_model
 
-    paths = make_demo(args.demo, generator=False, segmenter=False, progress=None)
-    config = json.loads(Path(paths.config).read_text())
-    model = load_model(
-        config["arch"],
-        paths.weights,
-        config["num_classes"],
-        input_size=config["input_size"],
-        mean=config["mean"],
-        std=config["std"],
-    )
-    dataset = BrodenDataset(paths.data)
+    model, dataset, what = _setup(args.demo, 3000)
     layers = args.layers.split(",")
     n = len(dataset)
     start = time.monotonic()
     full = dissect(model, dataset, layers, top_k_images=0)
     halves = [dissect(model, dataset, layers, top_k_images=0, indices=list(range(k, n, 2))) for k in (0, 1)]
     print(
-        f"demo classifier {config['arch']} on {n} synthetic scenes ({len(dataset.concepts)} concepts); halves: "
+        f"{what}; {n} scenes ({len(dataset.concepts)} concepts); halves: "
         f"even / odd indices; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{time.monotonic() - start:.0f} s"
     )

@@ -78,6 +78,9 @@ def zoo(user, other_user):
                     label_name=label.name if label else "",
                     iou=iou if label else 0.1,
                     threshold=1.0,
+                    # evidence on both sides of the bars (0.9 and 0.01 themselves pass), none on some
+                    stability=[0.9, 0.89, 1.0, 0.5, None][u % 5 if u % 3 else 4] if label else None,
+                    p_value=[0.01, 0.011, 1e-9, 0.3][u % 4] if label and u % 7 else None,
                 )
             )
     Unit.objects.bulk_create(rows)
@@ -318,3 +321,31 @@ def test_a_job_without_units_leaves_the_rows_alone(model, user):
     assert {r[3] for r in _stat_rows()} == {999}
     services.concept_stats_refresh(model_id=model.pk)
     assert _stat_rows() == rows
+
+
+@pytest.mark.parametrize(
+    "bars",
+    [{"min_stability": 0.9}, {"max_p_value": 0.01}, {"min_stability": 0.9, "max_p_value": 0.01}],
+)
+def test_the_evidence_bars_have_summary_rows_too(zoo, api, user, other_user, carol, bars):
+    from urllib.parse import urlencode
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from api import selectors
+
+    for who in (user, other_user, carol):
+        stats = _rows(selectors.concept_list(user=who, **bars))
+        live = _rows(selectors.concept_list_live(user=who, min_iou=selectors.DETECTOR_MIN_IOU, **bars))
+        assert stats == live, (who, bars)
+    assert 0 < sum(r[3] for r in stats) < sum(r[3] for r in _rows(selectors.concept_list(user=carol)))
+    with CaptureQueriesContext(connection) as queries:
+        page = api.get(f"/api/concepts/?{urlencode(bars)}&limit=1000").json()
+    assert sum("nd_concept_stat" in q["sql"] for q in queries.captured_queries) == 1
+    assert [tuple(c[f] for f in FIELDS) for c in page["results"]] == _rows(selectors.concept_list(user=user, **bars))
+    # any other bar counts the units
+    other = {key: value * 0.9 for key, value in bars.items()}
+    assert _rows(selectors.concept_list(user=user, **other)) == _rows(
+        selectors.concept_list_live(user=user, min_iou=selectors.DETECTOR_MIN_IOU, **other)
+    )
