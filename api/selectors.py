@@ -417,9 +417,12 @@ def dashboard_latest_layer_results(*, model: NetworkModel, user) -> dict[str, La
 
 
 def dashboard_detector_counts(
-    *, layer_results: list[LayerResult], min_iou: float = DETECTOR_MIN_IOU
+    *, layer_results: list[LayerResult], min_iou: float = DETECTOR_MIN_IOU, min_stability: float | None = None
 ) -> dict[tuple[int, str], list[tuple[str, str, int]]]:
     """Detector units (label IoU >= min_iou) per concept, for some (job, layer) results, in one query.
+
+    With ``min_stability``, only labels with ``stability >= min_stability`` count (units without
+    evidence then do not).
 
     Returns:
         {(job id, layer): [(concept, category, units), ...]} most units first.
@@ -430,12 +433,10 @@ def dashboard_detector_counts(
     which = Q()
     for r in layer_results:
         which |= Q(job_id=r.job_id, layer=r.layer)
-    rows = (
-        Unit.objects.filter(which, iou__gte=min_iou, label__isnull=False)
-        .order_by()
-        .values_list("job_id", "layer", "label__name", "label__category")
-        .annotate(n=Count("id"))
-    )
+    units = Unit.objects.filter(which, iou__gte=min_iou, label__isnull=False)
+    if min_stability is not None:
+        units = units.filter(stability__gte=min_stability)
+    rows = units.order_by().values_list("job_id", "layer", "label__name", "label__category").annotate(n=Count("id"))
     for job_id, layer, name, category, n in rows:
         found[(job_id, layer)].append((name, category, n))
     for counts in found.values():
@@ -451,10 +452,12 @@ def dashboard_layer_units(
     concept: str = "",
     category: str = "",
     min_iou: float | None = None,
+    min_stability: float | None = None,
     ordering: str = "-iou",
 ) -> QuerySet[Unit]:
-    """The visible units of one layer of a job, filtered by label, category and IoU, in an order
-    of :data:`DASHBOARD_UNIT_ORDERINGS`."""
+    """The visible units of one layer of a job, filtered by label, category, IoU and label
+    stability (units without evidence fail a stability bar), in an order of
+    :data:`DASHBOARD_UNIT_ORDERINGS`."""
     units = unit_list(user=user).filter(job=job, layer=layer)
     if concept:
         units = units.filter(label_name=concept)
@@ -462,6 +465,8 @@ def dashboard_layer_units(
         units = units.filter(label__category=category)
     if min_iou is not None:
         units = units.filter(iou__gte=min_iou)
+    if min_stability is not None:
+        units = units.filter(stability__gte=min_stability)
     return units.order_by(*DASHBOARD_UNIT_ORDERINGS.get(ordering, DASHBOARD_UNIT_ORDERINGS["-iou"]))
 
 

@@ -8,7 +8,13 @@ from django.shortcuts import get_object_or_404, redirect, render
 
 from api import selectors, services
 from api.dashboard.charts import _bar_chart, _category_bars, _layers_chart
-from api.dashboard.common import _add_service_error, category_colour
+from api.dashboard.common import (
+    _add_service_error,
+    _percent,
+    _stability_options,
+    _stability_param,
+    category_colour,
+)
 from api.dashboard.forms import DatasetForm, ModelForm
 from api.dashboard.generators import describe_sources
 from api.errors import ApplicationError
@@ -32,13 +38,15 @@ def model_page(request, pk: int):
     latest = selectors.dashboard_latest_layer_results(model=model, user=user)
     order = [entry["name"] for entry in model.layers or []]
     dissected = sorted(latest.values(), key=lambda r: order.index(r.layer) if r.layer in order else len(order))
-    counts = selectors.dashboard_detector_counts(layer_results=dissected)
+    min_stability, notice = _stability_param(request)
+    counts = selectors.dashboard_detector_counts(layer_results=dissected, min_stability=min_stability)
     sections = []
     for result in dissected:
         rows = counts[(result.job_id, result.layer)]
         sections.append(
             {
                 "result": result,
+                "has_evidence": "evidence" in (result.summary or {}),
                 "detectors": sum(n for _, _, n in rows),
                 "unique": len(rows),
                 "chart": _bar_chart(rows),
@@ -79,6 +87,10 @@ def model_page(request, pk: int):
             else None,
             "jobs": jobs,
             "min_iou": selectors.DETECTOR_MIN_IOU,
+            "min_stability": "" if min_stability is None else f"{min_stability:g}",
+            "stability_text": "" if min_stability is None else _percent(min_stability),
+            "stabilities": _stability_options(min_stability),
+            "notice": notice,
             "is_owner": model.owner_id == user.pk,
         },
     )

@@ -10,7 +10,7 @@ from django import forms
 
 from api import selectors
 from api.errors import ApplicationError
-from api.models import Job
+from api.models import STABLE_LABEL_MIN, Job
 
 GALLERY_PAGE_SIZE = 256
 
@@ -36,6 +36,12 @@ CATEGORY_COLOURS = {
 
 
 OTHER_COLOURS = ["#edc948", "#9c755f", "#ff9da7", "#8c8c8c", "#17becf", "#bcbd22"]
+
+
+STABILITY_BARS = [0.5, 0.8, 0.9, 0.95]
+
+
+STABLE_PCT = round(100 * STABLE_LABEL_MIN)
 
 
 SORTS = [("-iou", "IoU, highest first"), ("iou", "IoU, lowest first"), ("unit", "unit number"), ("concept", "concept")]
@@ -91,6 +97,34 @@ def _float_param(request, name: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _stability_param(request) -> tuple[float | None, str]:
+    """The ``min_stability`` bar (None: any) and, for a value that is not a number from 0 to 1,
+    a notice saying it was ignored."""
+    raw = request.GET.get("min_stability", "").strip()
+    if raw in ("", "any"):
+        return None, ""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        return None, f"The stability bar must be a number from 0 to 1, not “{raw[:40]}”: every label is counted."
+    return value, ""
+
+
+def _percent(share: float) -> str:
+    """0.9 -> "90%", 0.855 -> "85.5%" (rounded down, so that a share below a bar never reads as it)."""
+    return f"{math.floor(1000 * share + 1e-6) / 10:g}%"
+
+
+def _stability_options(value: float | None) -> list[dict]:
+    """The stability bar's choices for a select (``value`` among them when it is not one)."""
+    bars = sorted(set(STABILITY_BARS) | ({value} if value is not None else set()))
+    return [{"value": "", "text": "any", "selected": value is None}] + [
+        {"value": f"{bar:g}", "text": f"≥ {_percent(bar)}", "selected": bar == value} for bar in bars
+    ]
+
+
 def _add_service_error(form: forms.Form, exc: ApplicationError) -> None:
     form.add_error(None, exc.message)
     for key, value in (exc.extra or {}).items():
@@ -103,7 +137,26 @@ def _decorate_unit(unit):
     unit.colour = category_colour(unit.label.category) if unit.label_id else "#9ca3af"
     unit.strip_ratio = max(1, len(unit.top_images or []))
     unit.detector = unit.iou >= selectors.DETECTOR_MIN_IOU
+    _decorate_evidence(unit)
     return unit
+
+
+def _decorate_evidence(unit) -> None:
+    """The display values of a label's evidence (docs/evidence.md); all falsy without evidence."""
+    stability = unit.stability
+    unit.has_evidence = stability is not None or unit.iou_low is not None
+    unit.stability_pct = _percent(stability) if stability is not None else ""
+    unit.unstable = stability is not None and stability < STABLE_LABEL_MIN
+    unit.margin = unit.iou - unit.runner_up_iou if unit.runner_up_iou is not None else None
+    unit.runner_up_colour = category_colour(unit.runner_up.category) if unit.runner_up_id else ""
+    unit.p_text = _p_text(unit.p_value)
+
+
+def _p_text(p: float | None) -> str:
+    """A p-value in two significant digits ("0.23", "3.2e-05"; "< 1e-10" below that)."""
+    if p is None:
+        return ""
+    return "< 1e-10" if p < 1e-10 else f"{p:.2g}"
 
 
 def _page_links(request, page) -> dict:

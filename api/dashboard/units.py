@@ -12,10 +12,13 @@ from api.dashboard.common import (
     GALLERY_PAGE_SIZE,
     SEARCH_PAGE_SIZE,
     SORTS,
+    STABLE_PCT,
     _category_key,
     _decorate_unit,
     _float_param,
     _page_links,
+    _stability_options,
+    _stability_param,
     category_colour,
 )
 from api.dashboard.generators import describe_sources
@@ -34,11 +37,19 @@ def layer_units_page(request, pk: int, layer: str):
     concept = request.GET.get("concept", "").strip()
     category = request.GET.get("category", "").strip()
     min_iou = _float_param(request, "min_iou")
+    min_stability, notice = _stability_param(request)
     sort = request.GET.get("sort", "-iou")
     if sort not in selectors.DASHBOARD_UNIT_ORDERINGS:
         sort = "-iou"
     units = selectors.dashboard_layer_units(
-        user=user, job=job, layer=layer, concept=concept, category=category, min_iou=min_iou, ordering=sort
+        user=user,
+        job=job,
+        layer=layer,
+        concept=concept,
+        category=category,
+        min_iou=min_iou,
+        min_stability=min_stability,
+        ordering=sort,
     )
     page = Paginator(units, GALLERY_PAGE_SIZE).get_page(request.GET.get("page"))
     for unit in page.object_list:
@@ -61,14 +72,18 @@ def layer_units_page(request, pk: int, layer: str):
             "concepts": sorted(concept_counts.items()),
             "categories": [(c, categories[c]) for c in sorted(categories, key=_category_key)],
             "sorts": SORTS,
+            "stabilities": _stability_options(min_stability),
             "selected": {
                 "concept": concept,
                 "category": category,
                 "min_iou": "" if min_iou is None else min_iou,
                 "sort": sort,
             },
-            "filtered": bool(concept or category or min_iou is not None),
+            "filtered": bool(concept or category or min_iou is not None or min_stability is not None),
+            "notice": notice,
+            "evidence": any(unit.has_evidence for unit in page.object_list),
             "detector_iou": selectors.DETECTOR_MIN_IOU,
+            "stable_pct": STABLE_PCT,
         },
     )
 
@@ -90,6 +105,7 @@ def unit_page(request, pk: int):
             "scores": scores,
             "neighbours": selectors.dashboard_unit_neighbours(user=user, unit=unit),
             "detector_iou": selectors.DETECTOR_MIN_IOU,
+            "stable_pct": STABLE_PCT,
             "generated": unit.model.kind == NetworkModel.Kind.GENERATOR,
         },
     )
@@ -124,6 +140,8 @@ def search_page(request):
             "page": page,
             "links": links,
             "suggestions": suggestions,
+            "evidence": found and any(unit.has_evidence for unit in page.object_list),
             "detector_iou": selectors.DETECTOR_MIN_IOU,
+            "stable_pct": STABLE_PCT,
         },
     )

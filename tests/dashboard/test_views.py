@@ -174,7 +174,9 @@ def test_cancel_and_rerun_go_through_the_services(alice, user, monkeypatch):
     response = alice.post(f"/jobs/{job.pk}/rerun/")
     new = Job.objects.exclude(pk=job.pk).get(model=rows["model"])
     assert response.status_code == 302 and response["Location"] == f"/jobs/{new.pk}/"
-    assert (new.type, new.dataset_id, new.params, new.status) == ("dissect", job.dataset_id, job.params, "queued")
+    assert (new.type, new.dataset_id, new.status) == ("dissect", job.dataset_id, "queued")
+    # the same params, plus the defaults of any the job predates (the label evidence's)
+    assert new.params == {"evidence_blocks": 16, "resamples": 1000, "evidence_seed": 0, **job.params}
     assert alice.get(f"/jobs/{job.pk}/cancel/").status_code == 405
 
 
