@@ -47,7 +47,18 @@ def api_exception_handler(exc, context):
         response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
         return response
     if isinstance(exc, ApplicationError):
-        return Response({"message": exc.message, "extra": exc.extra}, status=exc.status)
+        return Response({"message": exc.message, "extra": exc.extra}, status=exc.status, headers=exc.headers)
+    if isinstance(exc, exceptions.Throttled):
+        wait = max(1, round(exc.wait or 1))
+        response = Response(
+            {
+                "message": f"too many write requests: at most {settings.API_WRITE_RATE} per user; retry in {wait} s",
+                "extra": {"retry_after": wait},
+            },
+            status=429,
+        )
+        response["Retry-After"] = str(wait)
+        return response
     if isinstance(exc, RequestDataTooBig):
         message = (
             f"request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes (upload files as multipart)"

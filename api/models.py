@@ -394,3 +394,24 @@ class WorkerHeartbeat(models.Model):
 def visible_to(user) -> Q:
     """Rows a user may read: their own and public ones."""
     return Q(owner=user) | Q(public=True)
+
+
+class IdempotencyKey(models.Model):
+    """A client's ``Idempotency-Key`` on a create request, and the response it got: the same key
+    and body within IDEMPOTENCY_TTL answer that response again (api.services.idempotency)."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="idempotency_keys")
+    scope = models.CharField(max_length=40)  # which create: "models", "datasets", "jobs"
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)  # sha256 of the request's fields and files
+    status = models.PositiveSmallIntegerField()
+    body = models.JSONField()
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "nd_idempotency_key"
+        constraints = [models.UniqueConstraint(fields=["owner", "scope", "key"], name="idempotency_owner_scope_key")]
+        indexes = [models.Index(fields=["owner", "created"])]
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.key!r} of user {self.owner_id}"

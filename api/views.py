@@ -38,6 +38,7 @@ from api.serializers import (
     UnitDetailSerializer,
     UnitSerializer,
 )
+from api.services import idempotency
 
 
 def _text_param(request, name: str, default: str | None = None) -> str | None:
@@ -58,6 +59,33 @@ class HealthView(APIView):
         return Response(report, status=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE)
 
 
+IDEMPOTENCY_PARAMETER = OpenApiParameter(
+    idempotency.HEADER,
+    str,
+    OpenApiParameter.HEADER,
+    description=(
+        "Any unique string (1 to 255 visible ASCII characters): a retry with the same key and body answers "
+        "the first response again (header Idempotent-Replayed: true) instead of creating a second object; "
+        "the same key with another body is a 422. Keys live 24 h, per user."
+    ),
+)
+
+
+def _idempotent(request, scope: str, create) -> Response:
+    """Run a create once per Idempotency-Key (see api.services.idempotency)."""
+    code, body, replayed = idempotency.idempotent_create(
+        owner=request.user,
+        scope=scope,
+        key=idempotency.key_check(request.headers.get(idempotency.HEADER)),
+        data=request.data,
+        create=create,
+    )
+    response = Response(body, status=code)
+    if replayed:
+        response["Idempotent-Replayed"] = "true"
+    return response
+
+
 class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     queryset = NetworkModel.objects.none()  # schema introspection only; get_queryset() scopes the rows to the user
     serializer_class = NetworkModelSerializer
@@ -67,18 +95,25 @@ class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
     def get_queryset(self):
         return selectors.model_list(user=self.request.user)
 
-    @extend_schema(request=NetworkModelCreateSerializer, responses={201: NetworkModelSerializer})
+    @extend_schema(
+        request=NetworkModelCreateSerializer,
+        responses={201: NetworkModelSerializer},
+        parameters=[IDEMPOTENCY_PARAMETER],
+    )
     def create(self, request):
-        data = NetworkModelCreateSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        values = dict(data.validated_data)
-        model = services.model_register(
-            owner=request.user,
-            weights_file=values.pop("weights", None),
-            weights_path=values.pop("weights_path", None),
-            **values,
-        )
-        return Response(NetworkModelSerializer(model).data, status=status.HTTP_201_CREATED)
+        def create():
+            data = NetworkModelCreateSerializer(data=request.data)
+            data.is_valid(raise_exception=True)
+            values = dict(data.validated_data)
+            model = services.model_register(
+                owner=request.user,
+                weights_file=values.pop("weights", None),
+                weights_path=values.pop("weights_path", None),
+                **values,
+            )
+            return status.HTTP_201_CREATED, NetworkModelSerializer(model).data
+
+        return _idempotent(request, "models", create)
 
     @extend_schema(responses={200: ModelLayerSerializer(many=True)})
     @action(detail=True, methods=["get"], pagination_class=None)
@@ -172,13 +207,17 @@ class DatasetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def get_queryset(self):
         return selectors.dataset_list(user=self.request.user)
 
-    @extend_schema(request=DatasetCreateSerializer, responses={201: DatasetSerializer})
+    @extend_schema(
+        request=DatasetCreateSerializer, responses={201: DatasetSerializer}, parameters=[IDEMPOTENCY_PARAMETER]
+    )
     def create(self, request):
-        data = DatasetCreateSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        values = dict(data.validated_data)
-        dataset = services.dataset_register(owner=request.user, **values)
-        return Response(DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
+        def create():
+            data = DatasetCreateSerializer(data=request.data)
+            data.is_valid(raise_exception=True)
+            dataset = services.dataset_register(owner=request.user, **dict(data.validated_data))
+            return status.HTTP_201_CREATED, DatasetSerializer(dataset).data
+
+        return _idempotent(request, "datasets", create)
 
 
 class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -190,19 +229,22 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def get_queryset(self):
         return selectors.job_list(user=self.request.user)
 
-    @extend_schema(request=JOB_CREATE_REQUEST, responses={202: JobSerializer})
+    @extend_schema(request=JOB_CREATE_REQUEST, responses={202: JobSerializer}, parameters=[IDEMPOTENCY_PARAMETER])
     def create(self, request):
-        data = JobCreateSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        values = data.validated_data
-        model = get_object_or_404(selectors.model_list(user=request.user), pk=values["model"])
-        dataset = None
-        if values.get("dataset") is not None:
-            dataset = get_object_or_404(selectors.dataset_list(user=request.user), pk=values["dataset"])
-        job = services.job_create(
-            owner=request.user, type=values["type"], model=model, dataset=dataset, params=values["params"]
-        )
-        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+        def create():
+            data = JobCreateSerializer(data=request.data)
+            data.is_valid(raise_exception=True)
+            values = data.validated_data
+            model = get_object_or_404(selectors.model_list(user=request.user), pk=values["model"])
+            dataset = None
+            if values.get("dataset") is not None:
+                dataset = get_object_or_404(selectors.dataset_list(user=request.user), pk=values["dataset"])
+            job = services.job_create(
+                owner=request.user, type=values["type"], model=model, dataset=dataset, params=values["params"]
+            )
+            return status.HTTP_202_ACCEPTED, JobSerializer(job).data
+
+        return _idempotent(request, "jobs", create)
 
     @extend_schema(request=None, responses={200: JobSerializer, 409: OpenApiResponse(description="already final")})
     @action(detail=True, methods=["post"])

@@ -166,8 +166,14 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
     ],
     "EXCEPTION_HANDLER": "api.exception_handlers.api_exception_handler",
-    "DEFAULT_THROTTLE_CLASSES": [],
+    "DEFAULT_THROTTLE_CLASSES": ["api.throttles.WriteRateThrottle"],
 }
+
+# Per-user limits (429 with Retry-After): API writes (POST, PUT, PATCH, DELETE) per user,
+# "N/s", "N/min", "N/hour" or "N/day" ("" turns the limit off), counted in CACHES (Redis when
+# the broker is Redis, so every API process shares the count); and jobs a user may have queued.
+API_WRITE_RATE = os.environ.get("API_WRITE_RATE", "300/min")
+API_MAX_QUEUED_JOBS = int(os.environ.get("API_MAX_QUEUED_JOBS", 200))
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Network dissection service",
@@ -181,6 +187,10 @@ SPECTACULAR_SETTINGS = {
 # Celery. State of a job lives in the Job row; Celery results are ignored.
 _default_broker_dir = VAR_DIR / "broker"
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or os.environ.get("REDIS_URL") or "filesystem://"
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CELERY_BROKER_URL}}
+else:  # the embedded default: one process's memory
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 CELERY_BROKER_FOLDER = Path(os.environ.get("CELERY_BROKER_FOLDER", _default_broker_dir))
 JOB_SOFT_TIME_LIMIT = int(os.environ.get("JOB_SOFT_TIME_LIMIT", 6 * 3600))
 JOB_TIME_LIMIT = JOB_SOFT_TIME_LIMIT + 300

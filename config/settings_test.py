@@ -11,5 +11,6 @@ os.environ.setdefault("DATA_ROOTS", str(_base / "var" / "test" / "data"))
 os.environ.setdefault("JOB_HEARTBEAT_SECONDS", "0.5")
 os.environ.setdefault("WORKER_HEARTBEAT_SECONDS", "1")
 os.environ.setdefault("JOB_STALE_SECONDS", "6")
+os.environ.setdefault("API_WRITE_RATE", "")  # off: tests post fast; tests/service/test_limits.py turns it on
 
 from config.settings import *  # noqa: E402,F403

@@ -226,3 +226,38 @@ def register(api, scenes, demo_weights, *, public=False):
     dataset = api.post("/api/datasets/", {"name": "scenes", "format": "synthetic", "path": str(scenes)}, format="json")
     assert dataset.status_code == 201, dataset.json()
     return model.json(), dataset.json()
+
+
+@pytest.fixture()
+def big_scenes(data_root):
+    from dissect_core.synthetic import generate
+
+    path = data_root / "scenes-160"
+    if not (path / "index.csv").exists():
+        generate(path, n_images=160, seed=5)
+    return path
+
+
+@pytest.fixture()
+def resnet(api, data_root, big_scenes):
+    """A resnet18 (random weights) at 224 px: slow enough on a CPU to interrupt mid-pass."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    path = data_root / "resnet18-6.safetensors"
+    if not path.exists():
+        torch.manual_seed(1)
+        net = torchvision.models.resnet18(num_classes=6)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    model = api.post(
+        "/api/models/",
+        {"name": "r18", "arch": "torchvision:resnet18", "num_classes": 6, "weights_path": str(path)},
+        format="json",
+    )
+    assert model.status_code == 201, model.json()
+    dataset = api.post(
+        "/api/datasets/", {"name": "s160", "format": "synthetic", "path": str(big_scenes)}, format="json"
+    )
+    assert dataset.status_code == 201, dataset.json()
+    return model.json(), dataset.json()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
@@ -17,6 +18,7 @@ from api.models import AblationCurve, ClassUnitImportance, Dataset, Job, LayerRe
 from api.services import queue
 from api.services.results import concept_stats_refresh
 
+QUEUED_RETRY_AFTER_SECONDS = 30
 GENERATOR_JOBS = (Job.Type.DISSECT, Job.Type.GENERATOR_REMOVE, Job.Type.GENERATOR_INSERT)
 
 
@@ -45,6 +47,17 @@ def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset | None
     elif dataset is None:
         raise ApplicationError(f"{type} jobs on a {model.kind} need a dataset")
     clean = job_params_clean(type=type, owner=owner, model=model, dataset=dataset, params=params)
+    # One submission at a time per user (their row locked), so the cap holds under concurrency.
+    get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+    queued = Job.objects.filter(owner=owner, status=Job.Status.QUEUED).count()
+    if queued >= settings.API_MAX_QUEUED_JOBS:
+        raise ApplicationError(
+            f"you have {queued} queued jobs, the most allowed (API_MAX_QUEUED_JOBS); "
+            "submit more once some have started, or cancel some",
+            status=429,
+            extra={"queued": queued, "limit": settings.API_MAX_QUEUED_JOBS},
+            headers={"Retry-After": str(QUEUED_RETRY_AFTER_SECONDS)},
+        )
     job = Job.objects.create(owner=owner, type=type, model=model, dataset=dataset, params=clean)
     transaction.on_commit(lambda: queue.job_enqueue(job.pk))
     return job
