@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ class _Child:
     started: float = 0.0
     restarts: int = 0
     due: float | None = None  # when to start it again, after it exited
+    env: dict[str, str] | None = None
 
 
 class ServiceProcesses:
@@ -74,6 +76,7 @@ class ServiceProcesses:
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,
+                env=child.env,
             )
         finally:
             self._quiet = False
@@ -104,7 +107,11 @@ class ServiceProcesses:
             *("--workers", os.environ.get("WEB_CONCURRENCY", "2")),
             *("--timeout", "600", "--access-logfile", "-"),
         ]
-        self.processes = [_Child("api", web)]
+        # gunicorn's processes share their request metrics (GET /metrics) through this folder.
+        metrics = Path(settings.VAR_DIR) / "prometheus"
+        shutil.rmtree(metrics, ignore_errors=True)
+        metrics.mkdir(parents=True)
+        self.processes = [_Child("api", web, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics)})]
         for i in range(self.workers):
             self.processes.append(_Child(f"worker{i + 1}", _celery_worker(bindir, f"worker{i + 1}@%h")))
         # The painting endpoint's worker: only the "interactive" queue, so long jobs never block it.

@@ -187,6 +187,8 @@ class JobShard(models.Model):
     worker = models.CharField(max_length=200, blank=True, default="")
     heartbeat = models.DateTimeField(null=True, blank=True)
     path = models.CharField(max_length=1000, blank=True, default="")
+    started = models.DateTimeField(null=True, blank=True)  # of its last attempt
+    finished = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "nd_job_shard"

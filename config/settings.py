@@ -99,6 +99,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "api.exception_handlers.DatabaseUnavailableMiddleware",
+    "api.metrics.RequestMetricsMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -174,6 +175,12 @@ REST_FRAMEWORK = {
 # the broker is Redis, so every API process shares the count); and jobs a user may have queued.
 API_WRITE_RATE = os.environ.get("API_WRITE_RATE", "300/min")
 API_MAX_QUEUED_JOBS = int(os.environ.get("API_MAX_QUEUED_JOBS", 200))
+
+# GET /metrics (api/metrics.py): with a token, only "Authorization: Bearer <token>"; without, loopback
+# clients only. Several web processes share their request metrics through PROMETHEUS_MULTIPROC_DIR
+# (an empty folder, read by prometheus_client itself).
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+PROMETHEUS_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Network dissection service",

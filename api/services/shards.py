@@ -65,7 +65,8 @@ def shard_start(*, job_id: int, stage: str, index: int, worker: str):
         shard.worker = worker
         shard.heartbeat = now
         shard.images_done = 0
-        shard.save(update_fields=["status", "attempts", "worker", "heartbeat", "images_done"])
+        shard.started = now
+        shard.save(update_fields=["status", "attempts", "worker", "heartbeat", "images_done", "started"])
         if job.status == Job.Status.QUEUED:
             job.status = Job.Status.RUNNING
             job.started = job.started or now
@@ -114,8 +115,8 @@ def shard_done(*, shard_id: int, path: str) -> bool:
         shard.status = JobShard.Status.DONE
         shard.path = path
         shard.images_done = shard.stop - shard.start
-        shard.heartbeat = timezone.now()
-        shard.save(update_fields=["status", "path", "images_done", "heartbeat"])
+        shard.heartbeat = shard.finished = timezone.now()
+        shard.save(update_fields=["status", "path", "images_done", "heartbeat", "finished"])
         if job.is_final or job.stage != shard.stage:
             return False
         return not JobShard.objects.filter(job=job, stage=shard.stage).exclude(status=JobShard.Status.DONE).exists()
