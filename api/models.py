@@ -154,6 +154,9 @@ class Job(models.Model):
     results_path = models.CharField(max_length=1000, blank=True, default="")
     stage = models.CharField(max_length=40, blank=True, default="")
     summary = models.JSONField(default=dict, blank=True)
+    # Where the job resource is POSTed when it ends (and every callback_progress percent, when set).
+    callback_url = models.CharField(max_length=2000, blank=True, default="")
+    callback_progress = models.PositiveSmallIntegerField(null=True, blank=True)
 
     class Meta:
         db_table = "nd_job"
@@ -417,3 +420,42 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scope} {self.key!r} of user {self.owner_id}"
+
+
+class WebhookSecret(models.Model):
+    """A user's key for signing the webhooks of their jobs (HMAC-SHA256)."""
+
+    owner = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="webhook_secret")
+    secret = models.CharField(max_length=64)
+    created = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "nd_webhook_secret"
+
+    def __str__(self) -> str:
+        return f"webhook secret of user {self.owner_id}"
+
+
+class WebhookDelivery(models.Model):
+    """One webhook of a job (an event and the job resource then), with its delivery attempts."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="deliveries")
+    delivery_id = models.UUIDField(unique=True)
+    event = models.CharField(max_length=20)  # succeeded, failed, cancelled or progress
+    url = models.CharField(max_length=2000)
+    payload = models.JSONField()
+    attempts = models.PositiveIntegerField(default=0)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True, default="")
+    created = models.DateTimeField(auto_now_add=True)
+    last_attempt = models.DateTimeField(null=True, blank=True)
+    next_attempt = models.DateTimeField(null=True, blank=True)  # null: delivered, or given up
+    delivered = models.BooleanField(default=False)
+
+    class Meta:
+        db_table = "nd_webhook_delivery"
+        ordering = ["job_id", "id"]
+        indexes = [models.Index(fields=["next_attempt"])]
+
+    def __str__(self) -> str:
+        return f"{self.event} of job {self.job_id} ({self.attempts} attempts)"

@@ -42,6 +42,7 @@ def job_list(*, user) -> QuerySet[Job]:
             | Q(model__public=True, dataset__isnull=True)  # generator jobs have no dataset
         )
         .select_related("owner", "model", "dataset")
+        .prefetch_related("deliveries")
         .order_by("-created", "-id")
     )
 

@@ -17,6 +17,7 @@ from api.models import (
     NetworkModel,
     Unit,
     UnitConcept,
+    WebhookDelivery,
     arch_spec_problem,
 )
 
@@ -148,6 +149,19 @@ class DatasetCreateSerializer(serializers.Serializer):
     public = serializers.BooleanField(default=False)
 
 
+class WebhookSecretSerializer(serializers.Serializer):
+    secret = serializers.CharField(help_text="the key of the HMAC-SHA256 signature of your jobs' webhooks")
+
+
+class WebhookDeliverySerializer(serializers.ModelSerializer):
+    delivery = serializers.UUIDField(source="delivery_id", read_only=True)
+
+    class Meta:
+        model = WebhookDelivery
+        fields = ["delivery", "event", "attempts", "status_code", "error", "delivered", "created", "last_attempt"]
+        read_only_fields = fields
+
+
 class JobSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     model_name = serializers.CharField(source="model.name", read_only=True)
@@ -176,8 +190,26 @@ class JobSerializer(serializers.ModelSerializer):
             "started",
             "finished",
             "summary",
+            "callback_url",
+            "callback_progress",
+            "deliveries",
         ]
         read_only_fields = fields
+
+    deliveries = serializers.SerializerMethodField(help_text="webhook deliveries of the job, oldest first")
+
+    @extend_schema_field(WebhookDeliverySerializer(many=True))
+    def get_deliveries(self, job: Job) -> list[dict]:
+        if not job.callback_url:
+            return []
+        return WebhookDeliverySerializer(job.deliveries.all(), many=True).data
+
+    def to_representation(self, job: Job) -> dict:
+        data = super().to_representation(job)
+        request = self.context.get("request")
+        if request is not None and request.user.pk != job.owner_id:  # a public job of someone else
+            data["callback_url"], data["callback_progress"], data["deliveries"] = "", None, []
+        return data
 
 
 class JobCreateSerializer(serializers.Serializer):
@@ -193,6 +225,21 @@ class JobCreateSerializer(serializers.Serializer):
         required=False,
         default=dict,
         help_text="the job type's parameters (see the schema of each type); checked by the service",
+    )
+    callback_url = serializers.CharField(
+        required=False,
+        default="",
+        allow_blank=True,
+        max_length=2000,
+        help_text="POST the job resource here when it ends, signed (docs/api.md, Webhooks)",
+    )
+    callback_progress = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        min_value=1,
+        max_value=99,
+        help_text="also POST it every this many percent of progress",
     )
 
 

@@ -13,6 +13,7 @@ router.register("concepts", views.ConceptViewSet, basename="concept")
 
 urlpatterns = [
     path("health/", views.HealthView.as_view(), name="health"),
+    path("webhook-secret/", views.WebhookSecretView.as_view(), name="webhook-secret"),
     path("schema/", SpectacularAPIView.as_view(permission_classes=[]), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema", permission_classes=[]), name="docs"),
     path("", include(router.urls)),

@@ -37,6 +37,7 @@ from api.serializers import (
     PaintSerializer,
     UnitDetailSerializer,
     UnitSerializer,
+    WebhookSecretSerializer,
 )
 from api.services import idempotency
 
@@ -84,6 +85,18 @@ def _idempotent(request, scope: str, create) -> Response:
     if replayed:
         response["Idempotent-Replayed"] = "true"
     return response
+
+
+class WebhookSecretView(APIView):
+    """Your webhook signing secret (GET), or a new one (POST; the old one stops verifying)."""
+
+    @extend_schema(request=None, responses={200: WebhookSecretSerializer})
+    def get(self, request):
+        return Response({"secret": services.secret_of(request.user)})
+
+    @extend_schema(request=None, responses={200: WebhookSecretSerializer})
+    def post(self, request):
+        return Response({"secret": services.secret_rotate(request.user)})
 
 
 class NetworkModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -240,7 +253,13 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             if values.get("dataset") is not None:
                 dataset = get_object_or_404(selectors.dataset_list(user=request.user), pk=values["dataset"])
             job = services.job_create(
-                owner=request.user, type=values["type"], model=model, dataset=dataset, params=values["params"]
+                owner=request.user,
+                type=values["type"],
+                model=model,
+                dataset=dataset,
+                params=values["params"],
+                callback_url=values.get("callback_url", ""),
+                callback_progress=values.get("callback_progress"),
             )
             return status.HTTP_202_ACCEPTED, JobSerializer(job).data
 

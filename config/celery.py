@@ -39,8 +39,11 @@ def _configure(app: Celery) -> None:
         # job state lives in Postgres and every other task ignores its result.
         result_backend=results,
         result_expires=600,
-        task_queues=[Queue("celery"), Queue("interactive")],
-        task_routes={"workers.paint": {"queue": "interactive"}},
+        task_queues=[Queue(name) for name in dict.fromkeys(["celery", "interactive", settings.WEBHOOK_QUEUE])],
+        task_routes={
+            "workers.paint": {"queue": "interactive"},
+            "workers.deliver_webhook": {"queue": settings.WEBHOOK_QUEUE},
+        },
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         task_serializer="json",

@@ -180,6 +180,17 @@ API_MAX_QUEUED_JOBS = int(os.environ.get("API_MAX_QUEUED_JOBS", 200))
 # clients only. Several web processes share their request metrics through PROMETHEUS_MULTIPROC_DIR
 # (an empty folder, read by prometheus_client itself).
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+
+# Webhooks (api/services/webhooks.py): hosts (names) and networks (CIDRs) callback URLs may reach even
+# though they resolve to loopback, private or link-local addresses (refused by default); attempts,
+# the first retry delay (doubling), the request timeout, and the Celery queue that sends them
+# (the painter's: short requests, never behind a long job).
+WEBHOOK_ALLOWED_HOSTS = [h for h in os.environ.get("WEBHOOK_ALLOWED_HOSTS", "").split(",") if h.strip()]
+WEBHOOK_ALLOWED_NETWORKS = [n for n in os.environ.get("WEBHOOK_ALLOWED_NETWORKS", "").split(",") if n.strip()]
+WEBHOOK_MAX_ATTEMPTS = int(os.environ.get("WEBHOOK_MAX_ATTEMPTS", 8))
+WEBHOOK_RETRY_SECONDS = float(os.environ.get("WEBHOOK_RETRY_SECONDS", 5))
+WEBHOOK_TIMEOUT_SECONDS = float(os.environ.get("WEBHOOK_TIMEOUT_SECONDS", 10))
+WEBHOOK_QUEUE = os.environ.get("WEBHOOK_QUEUE", "interactive")
 PROMETHEUS_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
 
 SPECTACULAR_SETTINGS = {

@@ -47,6 +47,7 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         from api.services import (
+            deliveries_resend_due,
             jobs_recover_stale,
             jobs_requeue_lost,
             shards_recover_stale,
@@ -64,6 +65,7 @@ class _Heartbeat(threading.Thread):
                 )
                 shards_recover_stale(older_than=timedelta(seconds=settings.JOB_STALE_SECONDS))
                 jobs_requeue_lost(older_than=timedelta(seconds=settings.JOB_STALE_SECONDS))
+                deliveries_resend_due(older_than=timedelta(seconds=settings.JOB_STALE_SECONDS + 30))
             except Exception:  # the database may be restarting; the next beat retries
                 connection.close()
             self.stopped.wait(settings.WORKER_HEARTBEAT_SECONDS)

@@ -86,6 +86,16 @@ def run_shard(*, job_id: int, stage: str, index: int) -> None:
     _guarded(job_id, work)
 
 
+@app.task(name="workers.deliver_webhook", acks_late=True, ignore_result=True)
+def deliver_webhook(*, delivery_pk: int) -> None:
+    """One attempt at a webhook delivery; a failed one is sent again after its backoff."""
+    from api.services import queue, webhooks
+
+    retry = webhooks.delivery_attempt(delivery_pk=delivery_pk)
+    if retry is not None:
+        queue.webhook_enqueue(delivery_pk, countdown=retry)
+
+
 @app.task(name="workers.paint", ignore_result=False, acks_late=False, soft_time_limit=60, time_limit=90)
 def paint(**kwargs) -> dict:
     """Edit one generated image (the painting endpoint waits for this): PNGs as base64 text."""

@@ -38,6 +38,7 @@ from api.services.shards import (
     shards_recover_stale,
     shards_requeue_unfinished,
 )
+from api.services.webhooks import deliveries_resend_due, secret_of, secret_rotate
 
 __all__ = [
     "GENERATOR_JOBS",
@@ -47,6 +48,7 @@ __all__ = [
     "concept_stats_refresh",
     "concepts_ensure",
     "dataset_register",
+    "deliveries_resend_due",
     "drop_results",
     "generator_paint",
     "job_cancel",
@@ -63,6 +65,8 @@ __all__ = [
     "jobs_requeue_lost",
     "layer_result_store",
     "model_register",
+    "secret_of",
+    "secret_rotate",
     "shard_done",
     "shard_progress",
     "shard_start",

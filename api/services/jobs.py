@@ -15,7 +15,7 @@ from django.utils import timezone
 from api.errors import ApplicationError
 from api.job_params import job_params_clean
 from api.models import AblationCurve, ClassUnitImportance, Dataset, Job, LayerResult, NetworkModel, Unit
-from api.services import queue
+from api.services import queue, webhooks
 from api.services.results import concept_stats_refresh
 
 QUEUED_RETRY_AFTER_SECONDS = 30
@@ -23,8 +23,18 @@ GENERATOR_JOBS = (Job.Type.DISSECT, Job.Type.GENERATOR_REMOVE, Job.Type.GENERATO
 
 
 @transaction.atomic
-def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset | None, params: dict[str, Any]) -> Job:
-    """Create a job and enqueue it once the transaction commits.
+def job_create(
+    *,
+    owner,
+    type: str,
+    model: NetworkModel,
+    dataset: Dataset | None,
+    params: dict[str, Any],
+    callback_url: str = "",
+    callback_progress: int | None = None,
+) -> Job:
+    """Create a job and enqueue it once the transaction commits (with ``callback_url``, its
+    resource is POSTed there when it ends, and every ``callback_progress`` percent).
 
     Classifier (and segmenter) jobs run on a dataset. Generator jobs have none: they
     generate their images from seeded latents and label them with ``params.concepts``.
@@ -47,6 +57,10 @@ def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset | None
     elif dataset is None:
         raise ApplicationError(f"{type} jobs on a {model.kind} need a dataset")
     clean = job_params_clean(type=type, owner=owner, model=model, dataset=dataset, params=params)
+    if callback_url:
+        webhooks.callback_url_check(callback_url)
+    if callback_progress is not None and not callback_url:
+        raise ApplicationError("callback_progress needs a callback_url")
     # One submission at a time per user (their row locked), so the cap holds under concurrency.
     get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
     queued = Job.objects.filter(owner=owner, status=Job.Status.QUEUED).count()
@@ -58,7 +72,15 @@ def job_create(*, owner, type: str, model: NetworkModel, dataset: Dataset | None
             extra={"queued": queued, "limit": settings.API_MAX_QUEUED_JOBS},
             headers={"Retry-After": str(QUEUED_RETRY_AFTER_SECONDS)},
         )
-    job = Job.objects.create(owner=owner, type=type, model=model, dataset=dataset, params=clean)
+    job = Job.objects.create(
+        owner=owner,
+        type=type,
+        model=model,
+        dataset=dataset,
+        params=clean,
+        callback_url=callback_url,
+        callback_progress=callback_progress,
+    )
     transaction.on_commit(lambda: queue.job_enqueue(job.pk))
     return job
 
@@ -85,6 +107,7 @@ def job_cancel(*, job: Job) -> Job:
     job.phase = "cancelled"
     job.save(update_fields=["status", "finished", "phase"])
     drop_results(job)
+    webhooks.delivery_create(job=job, event=job.status)
     return job
 
 
@@ -149,9 +172,11 @@ def job_start(*, job_id: int, worker: str) -> Job | None:
 def job_progress(*, job_id: int, phase: str, done: int, total: int, fraction: float) -> str:
     """Record progress and a heartbeat; returns the job's status (the worker stops if cancelled)."""
     now = timezone.now()
-    job = Job.objects.only("status", "started").get(pk=job_id)
+    job = Job.objects.only("status", "started", "progress", "callback_url", "callback_progress").get(pk=job_id)
     if job.status != Job.Status.RUNNING:
         return job.status
+    fraction = min(1.0, max(0.0, fraction))
+    crossed = webhooks.progress_crossed(job, job.progress, fraction)
     eta = None
     if job.started and fraction > 0.01:
         elapsed = (now - job.started).total_seconds()
@@ -160,10 +185,12 @@ def job_progress(*, job_id: int, phase: str, done: int, total: int, fraction: fl
         phase=phase,
         images_done=done,
         images_total=total,
-        progress=min(1.0, max(0.0, fraction)),
+        progress=fraction,
         eta_seconds=eta,
         heartbeat=now,
     )
+    if crossed:
+        webhooks.delivery_create(job=Job.objects.get(pk=job_id), event="progress")
     return job.status
 
 
@@ -183,6 +210,7 @@ def job_succeed(*, job_id: int, results_path: str = "") -> Job | None:
     job.save(update_fields=["status", "progress", "phase", "eta_seconds", "finished", "results_path", "images_done"])
     if Unit.objects.filter(job=job).exists():
         concept_stats_refresh(model_id=job.model_id)
+    webhooks.delivery_create(job=job, event=job.status)
     return job
 
 
@@ -198,6 +226,7 @@ def job_fail(*, job_id: int, message: str) -> Job | None:
     job.finished = timezone.now()
     job.save(update_fields=["status", "error", "phase", "finished"])
     drop_results(job)
+    webhooks.delivery_create(job=job, event=job.status)
     return job
 
 

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 RUN_JOB = "workers.run_job"
 RUN_SHARD = "workers.run_shard"
 PAINT = "workers.paint"
+DELIVER_WEBHOOK = "workers.deliver_webhook"
 
 
 def job_enqueue(job_id: int) -> None:
@@ -33,6 +34,15 @@ def job_enqueue(job_id: int) -> None:
 def shard_enqueue(job_id: int, stage: str, index: int) -> None:
     """Send one shard of a stage to the workers."""
     app.send_task(RUN_SHARD, kwargs={"job_id": job_id, "stage": stage, "index": index})
+
+
+def webhook_enqueue(delivery_pk: int, countdown: float | None = None) -> None:
+    """Send a webhook delivery (after ``countdown`` seconds); when the broker cannot take it, a
+    worker's heartbeat sends it again once it is overdue."""
+    try:
+        app.send_task(DELIVER_WEBHOOK, kwargs={"delivery_pk": delivery_pk}, countdown=countdown)
+    except BrokerError as exc:
+        logger.warning("webhook delivery %s waits for the broker: %s", delivery_pk, exc)
 
 
 def paint_send(**kwargs: Any) -> AsyncResult:

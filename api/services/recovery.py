@@ -9,7 +9,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from api.models import Job, WorkerHeartbeat
-from api.services import queue
+from api.services import queue, webhooks
 from api.services.jobs import drop_results
 
 
@@ -45,6 +45,7 @@ def jobs_recover_stale(*, older_than: timedelta, max_attempts: int) -> list[int]
                 job.finished = timezone.now()
                 job.save(update_fields=["status", "error", "phase", "finished"])
                 drop_results(job)
+                webhooks.delivery_create(job=job, event=job.status)
             else:
                 job.status = Job.Status.QUEUED
                 job.phase = "requeued"

@@ -10,7 +10,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from api.models import Job, JobShard
-from api.services import queue
+from api.services import queue, webhooks
 
 
 def shards_create(*, job: Job, stage: str, ranges: list[tuple[int, int]]) -> list[int]:
@@ -99,6 +99,8 @@ def shard_progress(*, shard_id: int, done: int) -> str:
     Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
         phase=shard.stage, images_done=done_all, images_total=total, progress=fraction, eta_seconds=eta, heartbeat=now
     )
+    if webhooks.progress_crossed(job, job.progress, fraction):
+        webhooks.delivery_create(job=Job.objects.get(pk=job.pk), event="progress")
     return job.status
 
 
