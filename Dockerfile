@@ -7,7 +7,8 @@ COPY api ./api
 COPY workers ./workers
 COPY config ./config
 COPY manage.py ./
-RUN pip install --no-cache-dir . && useradd --create-home app && mkdir -p /data /media && chown app /data /media
+COPY client ./client
+RUN pip install --no-cache-dir . ./client && useradd --create-home app && mkdir -p /data /media && chown app /data /media
 USER app
 EXPOSE 8000
 CMD ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000"]

@@ -7,10 +7,10 @@ WORKERS ?= 1
 
 .PHONY: install run serve test bench campaign lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./client
 	@touch $(STAMP)
 
 install: $(STAMP)

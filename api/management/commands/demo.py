@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from netdissect_client import ApiError, Client
 
 from api import services
 from api.launch import ServiceProcesses
@@ -258,27 +257,18 @@ def job_seconds(job: dict) -> float:
     return (parse(job["finished"]) - parse(job["started"])).total_seconds()
 
 
-class _Client:
+class _Client(Client):
+    """The demo's calls, through the Python client (client/netdissect_client); an error answer
+    stops the demo with it."""
+
     def __init__(self, base: str, token: str) -> None:
-        self.base = base
-        self.headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
+        super().__init__(base, token, timeout=600)
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers=self.headers)
+    def _request(self, method: str, path: str, **kwargs):
         try:
-            with urllib.request.urlopen(request, timeout=600) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            raise CommandError(
-                f"{method} {path} answered {exc.code}: {exc.read().decode(errors='replace')[:500]}"
-            ) from exc
-
-    def get(self, path: str) -> dict:
-        return self._call("GET", path)
-
-    def post(self, path: str, body: dict) -> dict:
-        return self._call("POST", path, body)
+            return super()._request(method, path, **kwargs)
+        except ApiError as exc:
+            raise CommandError(f"{method} {path} answered {exc.status}: {exc.message}") from exc
 
     def find(self, resource: str, name: str) -> dict | None:
         rows = self.get(f"/api/{resource}/?limit=500")["results"]
