@@ -261,3 +261,15 @@ def resnet(api, data_root, big_scenes):
     )
     assert dataset.status_code == 201, dataset.json()
     return model.json(), dataset.json()
+
+
+@pytest.fixture()
+def model_rows(user):
+    """A classifier with one layer and a dataset with classes, as rows (nothing to load): enough
+    for the API to accept a dissect job."""
+    from api.models import Dataset, NetworkModel
+
+    layers = [{"name": "conv5", "type": "Conv2d", "units": 8, "height": 4, "width": 4}]
+    model = NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x", layers=layers)
+    dataset = Dataset.objects.create(owner=user, name="d", format="broden", path="/y", classes=["a", "b"])
+    return model, dataset

@@ -214,7 +214,9 @@ def run_soak(h: Harness) -> None:
         not outside,
     )
     all_ids = sorted(status)
-    text, ok = outcome([i for i in all_ids if i in {j for c in clients for j in c.accepted}])
+    accepted = {j for c in clients for j in c.accepted}
+    _webhook_row(h, {i: status[i][0] for i in accepted if i in status}, o.drain_seconds)
+    text, ok = outcome([i for i in all_ids if i in accepted])
     h.add(
         "soak: every accepted job final",
         f"{sum(len(c.accepted) for c in clients)} jobs accepted (202) during a {o.soak_seconds:.0f} s soak with "
@@ -222,6 +224,36 @@ def run_soak(h: Harness) -> None:
         "each ends succeeded, cancelled, or failed with a reason; no job in the database left queued or running",
         text + f"; {len(open_jobs)} jobs of the database not final",
         ok and not open_jobs,
+    )
+
+
+def _webhook_row(h: Harness, final: dict[int, str], timeout: float) -> None:
+    """Each accepted job's final state delivered to the receiver: one delivery id per job and
+    final event (duplicates of one delivery are allowed: at least once, deduped by its id)."""
+    wanted = {(job, state) for job, state in final.items() if state in FINAL}
+    deadline = time.monotonic() + min(timeout, 120.0)
+    while True:
+        got = [(j, e, d) for j, e, d in h.hooks.snapshot() if e in FINAL]
+        seen = {(j, e) for j, e, _ in got}
+        if wanted <= seen or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    ids: dict[tuple[int, str], set[str]] = {}
+    for job, event, delivery in got:
+        ids.setdefault((job, event), set()).add(delivery)
+    missing = wanted - seen
+    extra = {key for key in seen if key[0] in final} - wanted  # an event that is not the job's final state
+    several = [key for key, found in ids.items() if key in wanted and len(found) > 1]
+    duplicates = sum(1 for job, _, _ in got if job in final) - len({(j, e, d) for j, e, d in got if j in final})
+    h.add(
+        "soak: webhooks once per final state",
+        f"every soak job carried a callback_url to a receiver on loopback; {len(wanted)} jobs ended during "
+        "a soak that killed workers and restarted Redis and Postgres",
+        "each job's final state delivered, under one delivery id; repeats of a delivery counted "
+        "(at least once: receivers dedupe on X-Netdissect-Delivery)",
+        f"{len(wanted) - len(missing)} of {len(wanted)} delivered, {len(several)} with more than one delivery id, "
+        f"{len(extra)} with another final event, {duplicates} repeated receipts",
+        not missing and not several and not extra,
     )
 
 

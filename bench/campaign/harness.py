@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,43 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+class WebhookReceiver:
+    """An HTTP receiver on loopback for the jobs' webhooks: records (job id, event, delivery id)
+    of every POST and answers 200."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.received: list[tuple[int, str, str]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with contextlib.suppress(ValueError, KeyError), receiver.lock:
+                    receiver.received.append(
+                        (
+                            json.loads(body)["id"],
+                            self.headers["X-Netdissect-Event"],
+                            self.headers["X-Netdissect-Delivery"],
+                        )
+                    )
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def snapshot(self) -> list[tuple[int, str, str]]:
+        with self.lock:
+            return list(self.received)
+
+
 class Harness:
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -91,6 +129,7 @@ class Harness:
         self.service: Service | None = None
         self.started = time.monotonic()
         self.latency_tables: list[tuple[str, list[dict]]] = []
+        self.hooks = WebhookReceiver()
 
     # ------------------------------------------------------------------ bring-up
 
@@ -157,6 +196,12 @@ class Harness:
             "WORKER_HEARTBEAT_SECONDS": "3",
             "PYTHONUNBUFFERED": "1",
             "LOG_LEVEL": "INFO",
+            # The load phases measure the service, not its per-user limits (tests/service/test_limits.py).
+            "API_WRITE_RATE": "",
+            "API_MAX_QUEUED_JOBS": "100000",
+            # Every job of the load and the soak reports to self.hooks, on loopback.
+            "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "WEBHOOK_RETRY_SECONDS": "1",
         }
         self.service = Service(env=env, logs=self.logs, api_port=free_port(), web_workers=self.options.web_workers)
         self.service.manage("migrate", "--noinput")
@@ -288,7 +333,13 @@ class Harness:
         params: dict = {"layers": layers, "top_k_images": rng.choice((0, 3))}
         if sharded:
             params["shard_size"] = max(8, dataset["image_count"] // 3)
-        return {"type": "dissect", "model": fx.model[user]["id"], "dataset": dataset["id"], "params": params}
+        return {
+            "type": "dissect",
+            "model": fx.model[user]["id"],
+            "dataset": dataset["id"],
+            "params": params,
+            "callback_url": self.hooks.url,
+        }
 
     def wait_final(self, api: Client, ids: list[int], timeout: float) -> list[dict]:
         """Poll until every job is final; returns the jobs (those not final at the deadline as last seen)."""

@@ -2,7 +2,9 @@
 
 Each client is one thread with its own session and seed, acting for alice or bob: at most two
 jobs of its own in flight, polling them, cancelling one now and then, and reading lists,
-units, unit images, IoU matrices, layer summaries and concepts, with a short think time.
+units, unit images, IoU matrices, layer summaries and concepts, with a short think time. Every
+job is submitted with an Idempotency-Key, and a third of the submissions are sent again with
+the same key, as a client retrying after a timeout would: the retry must answer the same job.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 
 from bench.campaign.clients import Recorder, latency_table, percentile
 from bench.campaign.harness import FINAL, Harness
@@ -32,6 +35,8 @@ class LoadClient(threading.Thread):
         self.inflight: list[int] = []
         self.succeeded: list[int] = []
         self.units: list[int] = []
+        self.retried = 0  # submissions sent twice with one Idempotency-Key
+        self.retry_mismatch: list[str] = []
 
     def expect(self, response, allowed=OK) -> bool:
         if response is None:
@@ -49,10 +54,16 @@ class LoadClient(threading.Thread):
         r = rng.random()
         if len(self.inflight) < 2 and r < 0.12:
             body = h.dissect_body(self.user, rng, sharded=rng.random() < 0.1)
-            response = api.post("POST /api/jobs/", "/api/jobs/", json=body)
+            key = {"Idempotency-Key": str(uuid.UUID(int=rng.getrandbits(128)))}
+            response = api.post("POST /api/jobs/", "/api/jobs/", json=body, headers=key)
             if self.expect(response):
                 self.accepted.append(response.json()["id"])
                 self.inflight.append(response.json()["id"])
+                if rng.random() < 1 / 3:
+                    self.retried += 1
+                    again = api.post("POST /api/jobs/ (retry, same key)", "/api/jobs/", json=body, headers=key)
+                    if self.expect(again) and again.json()["id"] != response.json()["id"]:
+                        self.retry_mismatch.append(f"{response.json()['id']} then {again.json()['id']}")
         elif self.inflight and r < 0.50:
             job_id = rng.choice(self.inflight)
             response = api.get("GET /api/jobs/{id}/", f"/api/jobs/{job_id}/")
@@ -176,6 +187,15 @@ def run(h: Harness) -> None:
         if worst
         else "none",
         worst is not None and worst["p95"] < o.p95_limit and (not paint or paint_p95 < o.paint_p95_limit),
+    )
+    retried = sum(c.retried for c in clients)
+    mismatch = [m for c in clients for m in c.retry_mismatch]
+    h.add(
+        "load: idempotent retries",
+        "a third of the load's job submissions sent again with the same Idempotency-Key",
+        "every retry answers the job the first request created (no second job)",
+        f"{retried} retries, {len(mismatch)} answered another job" + (f"; e.g. {mismatch[0]}" if mismatch else ""),
+        retried > 0 and not mismatch,
     )
     accepted = [j for c in clients for j in c.accepted]
     cancelled = {j for c in clients for j in c.cancelled}

@@ -25,27 +25,16 @@ def test_register_submit_wait_and_read(client, celery_worker_process, scenes, de
     from netdissect_client import ApiError, JobFailed
 
     weights, num_classes = demo_weights
-    model = client.register_model(
-        name="c-scenecnn", arch="builtin:scenecnn", weights=weights, num_classes=num_classes, input_size=64
-    )
-    again = client.register_model(
-        name="c-scenecnn",
-        arch="builtin:scenecnn",
-        weights=weights,
-        num_classes=num_classes,
-        input_size=64,
-        idempotency_key="same-model",
-    )
+
+    def register(**key):
+        return client.register_model(
+            name="c-scenecnn", arch="builtin:scenecnn", weights=weights, num_classes=num_classes, input_size=64, **key
+        )
+
+    model = register()
+    again = register(idempotency_key="same-model")
     assert again["id"] != model["id"]  # a new key: a new model
-    retried = client.register_model(
-        name="c-scenecnn",
-        arch="builtin:scenecnn",
-        weights=weights,
-        num_classes=num_classes,
-        input_size=64,
-        idempotency_key="same-model",
-    )
-    assert retried["id"] == again["id"]  # the same key: the first answer
+    assert register(idempotency_key="same-model")["id"] == again["id"]  # the same key: the first answer
     dataset = client.register_dataset(name="c-scenes", format="synthetic", path=str(scenes))
     job = client.submit("dissect", model=model["id"], dataset=dataset["id"], params={"layers": ["conv5"]})
     done = client.wait(job["id"], poll=0.5, timeout=240)

@@ -11,58 +11,48 @@ import pytest
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture()
-def rows(user):
-    from api.models import Dataset, NetworkModel
-
-    layers = [{"name": "conv5", "type": "Conv2d", "units": 8, "height": 4, "width": 4}]
-    model = NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x", layers=layers)
-    dataset = Dataset.objects.create(owner=user, name="d", format="broden", path="/y", classes=["a", "b"])
-    return model, dataset
-
-
-def _job(api, rows, key: str | None, quantile: float = 0.99):
-    model, dataset = rows
+def _job(api, model_rows, key: str | None, quantile: float = 0.99):
+    model, dataset = model_rows
     headers = {"HTTP_IDEMPOTENCY_KEY": key} if key is not None else {}
     body = {"type": "dissect", "model": model.pk, "dataset": dataset.pk, "params": {"quantile": quantile}}
     return api.post("/api/jobs/", body, format="json", **headers)
 
 
-def test_a_retry_answers_the_first_response(api, rows):
+def test_a_retry_answers_the_first_response(api, model_rows):
     from api.models import Job
 
-    first = _job(api, rows, "retry-1")
-    again = _job(api, rows, "retry-1")
+    first = _job(api, model_rows, "retry-1")
+    again = _job(api, model_rows, "retry-1")
     assert first.status_code == again.status_code == 202
     assert again.json() == first.json() and again["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first
     assert Job.objects.count() == 1
-    assert _job(api, rows, None).status_code == _job(api, rows, None).status_code == 202
+    assert _job(api, model_rows, None).status_code == _job(api, model_rows, None).status_code == 202
     assert Job.objects.count() == 3  # no key: every POST creates
 
 
-def test_the_same_key_with_another_body_is_a_422(api, rows):
-    assert _job(api, rows, "k-2").status_code == 202
-    other = _job(api, rows, "k-2", quantile=0.995)
+def test_the_same_key_with_another_body_is_a_422(api, model_rows):
+    assert _job(api, model_rows, "k-2").status_code == 202
+    other = _job(api, model_rows, "k-2", quantile=0.995)
     assert other.status_code == 422 and "k-2" in other.json()["message"]
 
 
-def test_bad_keys_and_failed_requests(api, rows):
+def test_bad_keys_and_failed_requests(api, model_rows):
     from api.models import Job
 
     for bad in ("has space", "x" * 256, "é"):
-        response = _job(api, rows, bad)
+        response = _job(api, model_rows, bad)
         assert response.status_code == 400 and "Idempotency-Key" in response.json()["message"], bad
-    failed = _job(api, rows, "k-3", quantile=2.0)
+    failed = _job(api, model_rows, "k-3", quantile=2.0)
     assert failed.status_code == 400
     # a failed request is not remembered: the corrected retry with the same key runs
-    assert _job(api, rows, "k-3").status_code == 202 and Job.objects.count() == 1
+    assert _job(api, model_rows, "k-3").status_code == 202 and Job.objects.count() == 1
 
 
-def test_keys_are_per_user_and_per_kind_of_create(api, other_api, rows, data_root):
+def test_keys_are_per_user_and_per_kind_of_create(api, other_api, model_rows, data_root):
     from api.models import Dataset, Job
 
-    assert _job(api, rows, "shared").status_code == 202
+    assert _job(api, model_rows, "shared").status_code == 202
     path = data_root / "idem-scenes"
     if not (path / "index.csv").exists():
         from dissect_core.synthetic import generate
@@ -98,15 +88,15 @@ def test_model_uploads_are_matched_by_their_content(api, data_root, demo_weights
     assert NetworkModel.objects.filter(name="up").count() == 1
 
 
-def test_keys_expire_after_a_day(api, rows):
+def test_keys_expire_after_a_day(api, model_rows):
     from api.models import IdempotencyKey, Job
 
-    assert _job(api, rows, "old").status_code == 202
+    assert _job(api, model_rows, "old").status_code == 202
     IdempotencyKey.objects.update(created=IdempotencyKey.objects.get().created - timedelta(hours=25))
-    assert _job(api, rows, "old").status_code == 202 and Job.objects.count() == 2
+    assert _job(api, model_rows, "old").status_code == 202 and Job.objects.count() == 2
 
 
-def test_concurrent_requests_with_one_key_create_one_job(user, rows):
+def test_concurrent_requests_with_one_key_create_one_job(user, model_rows):
     from django.db import connection
     from rest_framework.authtoken.models import Token
     from rest_framework.test import APIClient
@@ -122,7 +112,7 @@ def test_concurrent_requests_with_one_key_create_one_job(user, rows):
         client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
         start.wait()
         try:
-            answers.append(_job(client, rows, "race-1"))
+            answers.append(_job(client, model_rows, "race-1"))
         finally:
             connection.close()
 
