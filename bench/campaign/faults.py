@@ -54,6 +54,7 @@ class SoakClient(LoadClient):
                         "concepts": "colors",
                         "top_k_images": rng.choice((0, 3)),
                     },
+                    "callback_url": h.hooks.url,
                 }
             else:
                 body = h.dissect_body(self.user, rng, sharded=r < 0.3)
@@ -245,6 +246,19 @@ def _webhook_row(h: Harness, final: dict[int, str], timeout: float) -> None:
     extra = {key for key in seen if key[0] in final} - wanted  # an event that is not the job's final state
     several = [key for key, found in ids.items() if key in wanted and len(found) > 1]
     duplicates = sum(1 for job, _, _ in got if job in final) - len({(j, e, d) for j, e, d in got if j in final})
+    why = ""
+    if missing:  # what the service recorded about the deliveries that did not arrive
+        rows = h.sql(
+            "SELECT d.job_id, d.event, d.attempts, d.status_code, d.error, d.delivered, d.next_attempt IS NULL, "
+            "j.status FROM nd_webhook_delivery d JOIN nd_job j ON j.id = d.job_id WHERE d.job_id = ANY(%s)",
+            ([job for job, _ in missing],),
+        )
+        found = {row[0] for row in rows}
+        why = f"; missing jobs {sorted(job for job, _ in missing)}: " + ", ".join(
+            f"job {r[0]} {r[7]}: {r[1]} attempts {r[2]} code {r[3]} delivered {r[5]} done {r[6]} {r[4][:60]!r}"
+            for r in rows
+        )
+        why += "".join(f", job {job} has no delivery row" for job, _ in missing if job not in found)
     h.add(
         "soak: webhooks once per final state",
         f"every soak job carried a callback_url to a receiver on loopback; {len(wanted)} jobs ended during "
@@ -252,7 +266,7 @@ def _webhook_row(h: Harness, final: dict[int, str], timeout: float) -> None:
         "each job's final state delivered, under one delivery id; repeats of a delivery counted "
         "(at least once: receivers dedupe on X-Netdissect-Delivery)",
         f"{len(wanted) - len(missing)} of {len(wanted)} delivered, {len(several)} with more than one delivery id, "
-        f"{len(extra)} with another final event, {duplicates} repeated receipts",
+        f"{len(extra)} with another final event, {duplicates} repeated receipts{why}",
         not missing and not several and not extra,
     )
 
