@@ -45,6 +45,7 @@ from .models import LoadedModel, layout_from_output
 from .nethook import evaluating, get_module, trace
 from .options import Run, RunOptions, resolve_device
 from .progress import check_stop
+from .rankone import RankOnePlan, rank_one_plan
 from .surgery import prefix, split_module
 
 __all__ = [
@@ -532,7 +533,8 @@ class LayerSplit:
         layer: the dotted layer name.
         kind: ``"explicit"``: a module built from the network's stages after the
             layer (``nn.Sequential`` nesting, torchvision ResNet, VGG, AlexNet);
-            ``"hook"``: the whole network run on a zero input while the layer's
+            ``"graph"``: cut out of the network's ``torch.fx`` graph (custom forwards
+            such as ShuffleNet's, MobileNet's, DenseNet's); ``"hook"``: the whole network run on a zero input while the layer's
             output is replaced (correct, but recomputes everything before the
             layer); ``"full"``: the network is no function of the layer's output
             alone (a skip connection around it, or a layer that runs more than once),
@@ -544,6 +546,9 @@ class LayerSplit:
         num_classes: K.
         layout: how the output is laid out as unit maps (:mod:`dissect_core.layouts`):
             which dimension holds the units, and which tokens are left as they are.
+        plan: how single-unit removals run as rank-one updates of the suffix's first
+            linear operations (:mod:`dissect_core.rankone`); None where the suffix has
+            no such structure (every ablation then runs the suffix on zeroed maps).
     """
 
     layer: str
@@ -552,6 +557,7 @@ class LayerSplit:
     shape: tuple[int, ...]
     num_classes: int
     layout: LayerLayout
+    plan: RankOnePlan | None = None
 
     @property
     def units(self) -> int:
@@ -601,10 +607,12 @@ def split_network(model: LoadedModel, layer: str, *, device: torch.device | str 
                 f"the network outputs {getattr(full, 'shape', type(full).__name__)}, not class scores [B, K]"
             )
 
-    split = split_module(module, layer, probe, ways=("explicit", "hook"), check=check)
+    split = split_module(module, layer, probe, ways=("explicit", "graph", "hook"), check=check)
     shape = tuple(int(v) for v in split.activation.shape[1:])
     layout = layout_from_output(model, layer, split.activation, split.activation.shape[0])
-    return LayerSplit(layer, split.kind, split.suffix, shape, int(split.output.shape[1]), layout)
+    with evaluating(module):
+        plan = rank_one_plan(split.suffix, split.activation, layout) if split.kind != "full" else None
+    return LayerSplit(layer, split.kind, split.suffix, shape, int(split.output.shape[1]), layout, plan)
 
 
 def unit_ablations(num_units: int, units: Sequence[int] | None = None) -> torch.Tensor:
@@ -686,6 +694,23 @@ def _ablated(a: torch.Tensor, removed: torch.Tensor, layout: LayerLayout) -> tor
     return out.reshape(g * a.shape[0], *a.shape[1:])
 
 
+def _segments(rem: torch.Tensor, planned: bool) -> list[tuple[int, int, torch.Tensor | None]]:
+    """Runs of ablation rows [first, stop): with the unit each removes (int [stop - first],
+    ``-1`` for none) where every row removes at most one unit and a rank-one plan exists, else None."""
+    if not planned:
+        return [(0, rem.shape[0], None)]
+    n = rem.sum(dim=1).cpu()
+    unit = torch.where(n == 0, -1, rem.to(torch.int8).argmax(dim=1).cpu())
+    single = (n <= 1).tolist()
+    out: list[tuple[int, int, torch.Tensor | None]] = []
+    first = 0
+    for i in range(1, len(single) + 1):
+        if i == len(single) or single[i] != single[first]:
+            out.append((first, i, unit[first:i].clone() if single[first] else None))
+            first = i
+    return out
+
+
 def _group_size(images: int, row_bytes: int, chunk_bytes: int, ablations: int) -> int:
     return int(max(1, min(ablations, chunk_bytes // max(1, row_bytes * images))))
 
@@ -761,18 +786,25 @@ def ablation_counts(
                 done = 0
                 if progress:
                     progress("ablate", 0, total)
+                segments = _segments(rem, split.plan is not None)
                 for start in range(0, cache.n, batch_size):
                     a = cache.read(start, min(cache.n, start + batch_size))
                     y = cache.labels[start : start + a.shape[0]].to(dev)
                     g = _group_size(a.shape[0], row_bytes, chunk_bytes, rem.shape[0])
-                    for s0 in range(0, rem.shape[0], g):
-                        check_stop(run.should_stop, "ablation")
-                        group = rem[s0 : s0 + g]
-                        out = split.suffix(_ablated(a, group, split.layout))
-                        counts._add_rows(out.float().view(group.shape[0], a.shape[0], -1), y, s0)
-                        done += group.shape[0] * a.shape[0]
-                        if progress:
-                            progress("ablate", done, total)
+                    bound = split.plan.bind(a) if split.plan is not None else None
+                    for first, stop, single in segments:
+                        for s0 in range(first, stop, g):
+                            check_stop(run.should_stop, "ablation")
+                            s1 = min(stop, s0 + g)
+                            if single is not None:
+                                assert bound is not None
+                                out = bound(single[s0 - first : s1 - first])
+                            else:
+                                out = split.suffix(_ablated(a, rem[s0:s1], split.layout))
+                            counts._add_rows(out.float().view(s1 - s0, a.shape[0], -1), y, s0)
+                            done += (s1 - s0) * a.shape[0]
+                            if progress:
+                                progress("ablate", done, total)
                     counts._add_images(y)
             finally:
                 cache.close()

@@ -13,6 +13,11 @@ what makes them fast; this module finds the suffix, in the spirit of baukit's
   container on the layer's path calls its children after the layer's branch once
   each, each on the previous one's output, and returns the last output):
   :func:`chain_suffix`;
+- ``"graph"``: the network's ``torch.fx`` graph (traced with the layer as one opaque
+  call), cut at the layer: everything the output computes from the layer's output
+  and nothing from the input otherwise (:func:`graph_suffix`); this covers custom
+  forwards with functional calls (``x.mean([2, 3])``, ``torch.flatten``) and blocks
+  with branches after the layer (a ResNet block's shortcut);
 - ``"hook"``: the whole network on a zero input with the layer's output replaced
   (always correct when the layer runs once and nothing bypasses it, but it
   recomputes the prefix): :class:`HookSuffix`;
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .nethook import evaluating, forward_hooks, get_module, trace
 
@@ -46,12 +51,13 @@ __all__ = [
     "ModuleSplit",
     "chain_suffix",
     "explicit_suffix",
+    "graph_suffix",
     "outputs_match",
     "prefix",
     "split_module",
 ]
 
-SPLIT_WAYS: tuple[str, ...] = ("explicit", "chain", "hook")
+SPLIT_WAYS: tuple[str, ...] = ("explicit", "chain", "graph", "hook")
 """The ways :func:`split_module` knows, in the order it would try them all."""
 
 _SUFFIX_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError)
@@ -213,6 +219,83 @@ def chain_suffix(module: nn.Module, layer: str, *inputs: Any) -> nn.Sequential |
     return nn.Sequential(*rest)
 
 
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer, with one more module kept as a single call (the layer)."""
+
+    def __init__(self, leaf: str) -> None:
+        super().__init__()
+        self.leaf = leaf
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name == self.leaf or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_graph(module: nn.Module, leaf: str | None = None) -> fx.Graph | None:
+    """The ``torch.fx`` graph of a network, or None when it cannot be traced symbolically.
+
+    Args:
+        module: the network.
+        leaf: a dotted module name to keep as one ``call_module`` node (not traced into).
+
+    Returns:
+        the graph (its nodes refer to ``module``'s submodules and parameters by name).
+    """
+    try:
+        return _LeafTracer(leaf or "").trace(module)
+    except Exception:  # tracing runs the model's own Python, which may raise anything
+        return None
+
+
+def graph_suffix(module: nn.Module, layer: str) -> fx.GraphModule | None:
+    """The network after a layer, cut out of its ``torch.fx`` graph.
+
+    Args:
+        module: the network.
+        layer: dotted layer name.
+
+    Returns:
+        a module mapping the layer's output to the network's output, or None when
+        the network cannot be traced, the layer is called other than once, or the
+        output also depends on the inputs other than through the layer (a skip
+        connection around it). Not checked against the network
+        (:func:`split_module` does that).
+    """
+    graph = trace_graph(module, layer)
+    if graph is None:
+        return None
+    starts = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if len(starts) != 1:
+        return None
+    start = starts[0]
+    after: set[fx.Node] = {start}
+    from_input: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node is start:
+            continue
+        inputs = node.all_input_nodes
+        if any(i in after for i in inputs):
+            after.add(node)
+        if node.op == "placeholder" or any(i in from_input for i in inputs):
+            from_input.add(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    needed: set[fx.Node] = set()
+    stack = [output]
+    while stack:
+        node = stack.pop()
+        if node in needed or node is start:
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    if any(n in from_input and n not in after for n in needed):
+        return None
+    cut = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {start: cut.placeholder("activation")}
+    for node in graph.nodes:
+        if node in needed:
+            env[node] = cut.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(module, cut)
+
+
 class HookSuffix:
     """The whole network on zero inputs, the layer's output replaced by the given tensor.
 
@@ -241,7 +324,7 @@ class ModuleSplit:
 
     Attributes:
         layer: the dotted layer name.
-        kind: ``"explicit"``, ``"chain"`` or ``"hook"`` (the way that reproduced
+        kind: ``"explicit"``, ``"chain"``, ``"graph"`` or ``"hook"`` (the way that reproduced
             the network; module docstring), or ``"full"`` (none did).
         suffix: maps the layer's output [R, ...] to the network's output [R, ...];
             None for ``"full"``.
@@ -261,6 +344,8 @@ def _suffix(way: str, module: nn.Module, layer: str, inputs: tuple[Any, ...]) ->
         return explicit_suffix(module, layer)
     if way == "chain":
         return chain_suffix(module, layer, *inputs)
+    if way == "graph":
+        return graph_suffix(module, layer)
     return HookSuffix(module, layer, [tuple(x.shape[1:]) for x in inputs])
 
 

@@ -257,8 +257,21 @@ def test_disk_cache_hook_and_full_paths_agree(train: Colours, importance: UnitIm
             return self.net(x)
 
     wrapped = hand_model(Wrapper(hand_net()))
-    assert split_network(wrapped, "net.units", device="cpu").kind == "hook"
-    hooked = ablation_counts(wrapped, train, "net.units", removed, batch_size=32, device="cpu")
+    graph = split_network(wrapped, "net.units", device="cpu")
+    assert graph.kind == "graph" and graph.plan is not None and graph.plan.direct
+    cut = ablation_counts(wrapped, train, "net.units", removed, batch_size=32, device="cpu")
+    np.testing.assert_array_equal(cut.correct, disk.correct)
+
+    class Untraceable(Wrapper):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if float(x.sum()) > -1e9:  # control flow on a value: torch.fx cannot trace it
+                return self.net(x)
+            return -self.net(x)
+
+    untraceable = hand_model(Untraceable(hand_net()))
+    hook = split_network(untraceable, "net.units", device="cpu")
+    assert hook.kind == "hook" and hook.plan is None
+    hooked = ablation_counts(untraceable, train, "net.units", removed, batch_size=32, device="cpu")
     np.testing.assert_array_equal(hooked.correct, disk.correct)
 
     class Skip(nn.Module):
