@@ -77,6 +77,9 @@ DEFAULT_KS: tuple[int, ...] = (1, 2, 3, 4, 5, 20, 64, 128, 256)
 
 _MEMORY_BUDGET = 2 << 30
 _CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 256 << 20}
+_PLAN_ROWS = 256
+"""Rows per call of the network after a rank-one plan's linear operations, at least (convolutions
+there run far below their speed on fewer)."""
 
 
 class AblationOptions(RunOptions, total=False):
@@ -792,10 +795,12 @@ def ablation_counts(
                     y = cache.labels[start : start + a.shape[0]].to(dev)
                     g = _group_size(a.shape[0], row_bytes, chunk_bytes, rem.shape[0])
                     bound = split.plan.bind(a) if split.plan is not None else None
+                    g_plan = max(g, -(-_PLAN_ROWS // a.shape[0]))
                     for first, stop, single in segments:
-                        for s0 in range(first, stop, g):
+                        step = g if single is None else g_plan
+                        for s0 in range(first, stop, step):
                             check_stop(run.should_stop, "ablation")
-                            s1 = min(stop, s0 + g)
+                            s1 = min(stop, s0 + step)
                             if single is not None:
                                 assert bound is not None
                                 out = bound(single[s0 - first : s1 - first])
@@ -1096,6 +1101,7 @@ def unit_importance(
     layer: str,
     *,
     units: Sequence[int] | None = None,
+    split: LayerSplit | None = None,
     **options: Unpack[AblationOptions],
 ) -> UnitImportance:
     """Remove each unit alone and measure every class's balanced accuracy (run it on the training split).
@@ -1105,12 +1111,13 @@ def unit_importance(
         dataset: the training images, with ``class_label``.
         layer: dotted layer name.
         units: the units to test (default: all).
+        split: a :class:`LayerSplit` from :func:`split_network`, to reuse.
         **options: as for :func:`ablation_counts`.
 
     Returns:
         the :class:`UnitImportance`.
     """
-    split = split_network(model, layer, device=options.get("device"))
+    split = split if split is not None else split_network(model, layer, device=options.get("device"))
     removed = unit_ablations(split.units, units)
     ids = np.arange(split.units) if units is None else np.asarray([int(u) for u in units], np.int64)
     counts = ablation_counts(model, dataset, layer, removed, split=split, **options)
