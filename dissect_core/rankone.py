@@ -466,8 +466,12 @@ def _inference_copy(rest: fx.GraphModule) -> fx.GraphModule:
     channels-last (the rows arrive channels-last). Equal to ``rest`` to float rounding."""
     from torch.fx.experimental.optimization import fuse
 
-    fused = fuse(rest, inplace=False, no_trace=True)
-    assert isinstance(fused, fx.GraphModule)
+    try:
+        fused = fuse(rest, inplace=False, no_trace=True)
+    except (RuntimeError, ValueError, TypeError, AttributeError, AssertionError):
+        return rest
+    if not isinstance(fused, fx.GraphModule):
+        return rest
     return fused.to(memory_format=torch.channels_last)
 
 
