@@ -83,36 +83,6 @@ def unit_list(*, user) -> QuerySet[Unit]:
     )
 
 
-UNIT_LIST_COLUMNS = (
-    "id",
-    "job_id",
-    "model_id",
-    "model__name",
-    "layer",
-    "unit",
-    "label__name",
-    "label__category",
-    "iou",
-    "threshold",
-    "iou_low",
-    "iou_high",
-    "stability",
-    "runner_up__name",
-    "runner_up__category",
-    "runner_up_iou",
-    "chance_iou",
-    "p_value",
-)
-"""The columns a unit list row reads (:func:`api.serializers.unit_list_rows` turns them into the
-:class:`api.serializers.UnitSerializer` fields)."""
-
-
-def unit_list_values(queryset: QuerySet[Unit]) -> QuerySet:
-    """A filtered :func:`unit_list` as plain rows of :data:`UNIT_LIST_COLUMNS` (no model instances:
-    a page of 100 units reads in a fraction of the time)."""
-    return queryset.values(*UNIT_LIST_COLUMNS)
-
-
 def unit_top_concepts(*, unit_ids: list[int]) -> dict[int, list[dict]]:
     """The top-K concepts of some units in one query, best first.
 

@@ -285,39 +285,6 @@ class UnitConceptSerializer(serializers.ModelSerializer):
         fields = ["concept", "category", "iou", "rank"]
 
 
-def unit_list_rows(rows: list[dict]) -> list[dict]:
-    """:class:`UnitSerializer`'s output for plain rows of :data:`api.selectors.UNIT_LIST_COLUMNS`,
-    built directly (the list endpoint's page; field for field what the serializer gives)."""
-    top = selectors.unit_top_concepts(unit_ids=[row["id"] for row in rows])
-    out = []
-    for row in rows:
-        low, high, runner_up_iou = row["iou_low"], row["iou_high"], row["runner_up_iou"]
-        out.append(
-            {
-                "id": row["id"],
-                "job": row["job_id"],
-                "model": row["model_id"],
-                "model_name": row["model__name"],
-                "layer": row["layer"],
-                "unit": row["unit"],
-                "label": row["label__name"],
-                "category": row["label__category"],
-                "iou": row["iou"],
-                "threshold": row["threshold"],
-                "top_concepts": top[row["id"]],
-                "iou_ci": None if low is None or high is None else [low, high],
-                "stability": row["stability"],
-                "runner_up": row["runner_up__name"],
-                "runner_up_category": row["runner_up__category"],
-                "runner_up_iou": runner_up_iou,
-                "margin": None if runner_up_iou is None else row["iou"] - runner_up_iou,
-                "chance_iou": row["chance_iou"],
-                "p_value": row["p_value"],
-            }
-        )
-    return out
-
-
 class UnitListSerializer(serializers.ListSerializer):
     """Reads the top concepts of every unit of a page in one query."""
 

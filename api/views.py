@@ -38,7 +38,6 @@ from api.serializers import (
     UnitDetailSerializer,
     UnitSerializer,
     WebhookSecretSerializer,
-    unit_list_rows,
 )
 from api.services import idempotency
 
@@ -354,13 +353,6 @@ class UnitViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 
     def get_serializer_class(self):
         return UnitDetailSerializer if self.action == "retrieve" else UnitSerializer
-
-    def list(self, request, *args, **kwargs):
-        """Visible units of succeeded jobs across models, best IoU first, filtered by the query parameters."""
-        # Plain rows built into UnitSerializer's fields (tests hold them equal): model instances and
-        # serializer fields cost several times the database's own time on a 100-unit page.
-        page = self.paginate_queryset(selectors.unit_list_values(self.filter_queryset(self.get_queryset())))
-        return self.get_paginated_response(unit_list_rows(list(page or [])))
 
     @extend_schema(responses={(200, "image/png"): OpenApiTypes.BINARY, 404: OpenApiResponse(description="no image")})
     @action(detail=True, methods=["get"])
