@@ -15,8 +15,11 @@ the sweep on train, the set ablations on val), against one bare forward pass ove
 images of both splits. ``--compare`` also times each sweep without its rank-one plan
 (every ablation through the layer's suffix, the previous engine).
 
+On a GPU (``--device cuda``) the forward pass and the sweep both run there (timed to a
+device synchronisation), the images decoded on the host as a worker does.
+
 Usage: python bench/bench_ablation_sweep.py [--images 300] [--only shufflenet,resnet18]
-       [--compare] [--data var/bench/scenes112-300]
+       [--compare] [--data var/bench/scenes112-300] [--device cpu]
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="comma-separated architectures to run")
     parser.add_argument("--compare", action="store_true", help="also time each sweep without its rank-one plan")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     import torch
@@ -66,16 +70,33 @@ def main() -> int:
     def decoded(dataset: BrodenDataset) -> torch.Tensor:
         return torch.stack([torch.from_numpy(dataset[i].image).permute(2, 0, 1) for i in range(len(dataset))])
 
+    device = torch.device(args.device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def forward_seconds(model, images: torch.Tensor) -> float:
         best = float("inf")
+        module = model.module.to(device)
         with torch.no_grad():
             for _ in range(3):
+                sync()
                 t = time.perf_counter()
                 for s in range(0, len(images), args.batch_size):
-                    x = preprocess_images(images[s : s + args.batch_size], model.input_size, model.mean, model.std)
-                    model.module(x)
+                    batch = images[s : s + args.batch_size].to(device, non_blocking=True)
+                    module(preprocess_images(batch, model.input_size, model.mean, model.std))
+                sync()
                 best = min(best, time.perf_counter() - t)
         return best
+
+    def timed(fn, *fn_args, **fn_kwargs):
+        """(seconds, result) of one call, timed to a device synchronisation."""
+        sync()
+        t = time.perf_counter()
+        result = fn(*fn_args, **fn_kwargs)
+        sync()
+        return time.perf_counter() - t, result
 
     def build(arch: str, size: int):
         torch.manual_seed(0)
@@ -85,7 +106,7 @@ def main() -> int:
     train_images = decoded(train)
     print(
         f"{len(train)} train / {len(val)} val synthetic scenes ({data}); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, batch {args.batch_size}"
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, batch {args.batch_size}, device {device}"
     )
     header = (
         f"{'network':<20}{'layer':<8}{'px':>5}{'units':>7}{'forward s':>11}{'sweep s':>10}{'ratio':>8}{'target':>8}"
@@ -100,12 +121,10 @@ def main() -> int:
             continue
         model = build(arch, size)
         forward = forward_seconds(model, train_images)
-        sweep = float("inf")
-        for _ in range(2):
-            t = time.perf_counter()
-            unit_importance(model, train, layer, batch_size=args.batch_size)
-            sweep = min(sweep, time.perf_counter() - t)
-        split = split_network(model, layer)
+        sweep = min(
+            timed(unit_importance, model, train, layer, batch_size=args.batch_size, device=device)[0] for _ in range(2)
+        )
+        split = split_network(model, layer, device=device)
         line = (
             f"{arch:<20}{layer:<8}{size:>5}{split.units:>7}{forward:>11.2f}{sweep:>10.2f}"
             f"{sweep / forward:>7.1f}x{target:>7.0f}x"
@@ -114,9 +133,9 @@ def main() -> int:
             line += "  (no rank-one plan)"
         if args.compare:
             split.plan = None
-            t = time.perf_counter()
-            unit_importance(model, train, layer, batch_size=args.batch_size, split=split)
-            slow = time.perf_counter() - t
+            slow, _ = timed(
+                unit_importance, model, train, layer, batch_size=args.batch_size, split=split, device=device
+            )
             line += f"{slow:>11.2f}{slow / forward:>7.1f}x"
         print(line, flush=True)
 
@@ -125,15 +144,17 @@ def main() -> int:
     arch, layer, size = "shufflenet_v2_x1_0", "stage4", 112
     model = build(arch, size)
     forward = forward_seconds(model, torch.cat([train_images, decoded(val)]))
-    best = float("inf")
-    for _ in range(2):
-        t = time.perf_counter()
+
+    def job():
         job_model = build(arch, size)
         job_train = BrodenDataset(data, split="train")
         job_val = BrodenDataset(data, split="val")
-        importance = unit_importance(job_model, job_train, layer, batch_size=args.batch_size)
-        sets = ablate_sets(job_model, job_val, layer, importance, batch_size=args.batch_size)
-        best = min(best, time.perf_counter() - t)
+        importance = unit_importance(job_model, job_train, layer, batch_size=args.batch_size, device=device)
+        return ablate_sets(job_model, job_val, layer, importance, batch_size=args.batch_size, device=device)
+
+    runs = [timed(job) for _ in range(2)]
+    best = min(seconds for seconds, _ in runs)
+    sets = runs[0][1]
     print()
     print(
         f"the whole ablate job ({arch} at {size} px, {layer}: load, sweep on {len(train)} train images, "

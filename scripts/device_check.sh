@@ -7,7 +7,8 @@
 # It uses that machine's own python3 (PyTorch, numpy, Pillow and safetensors are
 # there; nothing can be installed), writes its logs under $OUT (or /tmp/device-check)
 # and prints: the GPU, the CUDA tests (known answers, CPU == CUDA, host syncs per
-# batch), the core suite, and bench_dissect on the GPU and on that machine's CPU.
+# batch, the rank-one ablation), the core suite, bench_dissect on the GPU and on that
+# machine's CPU, and the ablation sweep on the GPU (where that machine has torchvision).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/device-check}
@@ -35,4 +36,11 @@ timeout 100 $PY bench/bench_dissect.py --device cpu --images 1000 --demo "$DEMO"
   | tee "$OUT/bench_cpu.log" || status=1
 timeout 100 $PY bench/bench_dissect.py --device cpu --images 1000 --demo "$DEMO" --sketch-thread 2>&1 \
   | tee "$OUT/bench_cpu_thread.log" || status=1
+echo "== ablation sweep on cuda (resnet18 layer4 and layer3, 112 and 224 px)"
+if $PY -c "import torchvision" 2>/dev/null; then
+  timeout 150 $PY bench/bench_ablation_sweep.py --device cuda --only resnet18 --data /tmp/device-check-scenes112 2>&1 \
+    | tee "$OUT/bench_ablation_cuda.log" || status=1
+else
+  echo "no torchvision on this machine: skipped" | tee "$OUT/bench_ablation_cuda.log"
+fi
 exit $status

@@ -58,3 +58,27 @@ def test_host_syncs_grow_with_batches_not_images() -> None:
     print(f"host syncs: 16 images {few}, 128 images {many} (one batch each)")
     assert few > 0
     assert many < 2 * few + 8
+
+
+def test_rank_one_ablation_on_cuda_equals_cpu() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from test_rankone import Noise
+
+    from dissect_core.ablation import ablation_counts, split_network, unit_ablations
+    from dissect_core.models import LoadedModel
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    model = LoadedModel(net, "torchvision:resnet18", 5, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    ds = Noise(12, 64, 5)
+    units = [0, 7, 100, 255]
+    counts = {}
+    for device in ("cpu", "cuda"):
+        split = split_network(model, "layer3", device=device)
+        assert split.plan is not None
+        counts[device] = ablation_counts(
+            model, ds, "layer3", unit_ablations(256, units), batch_size=5, device=device, split=split
+        )
+    np.testing.assert_array_equal(counts["cuda"].correct, counts["cpu"].correct)
+    np.testing.assert_array_equal(counts["cuda"].predicted, counts["cpu"].predicted)
+    np.testing.assert_allclose(counts["cuda"].margin_sum, counts["cpu"].margin_sum, rtol=1e-3, atol=1e-3)
