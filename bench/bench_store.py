@@ -10,6 +10,7 @@ through ``api.services.layer_result_store``. Targets: p95 of
 Usage:
     python bench/bench_store.py [--models 1000] [--layers 5] [--units 512] [--requests 200]
                                 [--db netdissect_bench] [--skip-fill] [--keep]
+                                [--http-clients 8] [--http-workers 4]
 
 The database (default ``netdissect_bench`` on 127.0.0.1:5432, user postgres; override
 with --admin-url) is dropped and recreated unless --skip-fill reuses a filled one;
@@ -32,7 +33,9 @@ each step is timed. The units bypass the services, so the per-model concept summ
 that ``/api/concepts/`` reads are then rebuilt (``manage.py concept_stats_rebuild``, timed),
 and its first page is checked against the same page counted over the units. Latencies are
 wall-clock times of ``APIClient.get`` including JSON decoding; the first request for each
-frequent concept is reported apart (cold cache).
+frequent concept is reported apart (cold cache). The unit query is also timed over HTTP:
+gunicorn (``--http-workers``, as compose runs 4) on loopback, ``--http-clients`` concurrent
+clients with keep-alive sessions, each request timed to its decoded JSON.
 """
 
 from __future__ import annotations
@@ -515,6 +518,67 @@ def measure_get(client, paths: list[str], *, check=None) -> list[float]:
     return out
 
 
+def measure_http(args, token: str, paths: list[str]) -> tuple[list[float], float]:
+    """Latencies of GETs through gunicorn (``--http-workers`` processes) from ``--http-clients``
+    concurrent clients, each with its own keep-alive session; and the wall time of them all."""
+    import socket
+    import threading
+
+    import requests
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}"]
+    command += ["--workers", str(args.http_workers), "--log-level", "warning"]
+    server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "API_WRITE_RATE": ""})
+    headers = {"Authorization": f"Token {token}"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:  # any answer will do (health says 503 here: the benchmark runs no worker)
+                requests.get(f"{base}/api/health/", timeout=2)
+                break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("gunicorn did not answer within 60 s")
+            time.sleep(0.2)
+        samples: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def client(mine: list[str]) -> None:
+            session = requests.Session()
+            for path in mine[:3]:  # warm each worker's connection and caches
+                session.get(base + path, headers=headers).json()
+            for path in mine:
+                t0 = time.perf_counter()
+                response = session.get(base + path, headers=headers)
+                response.json()
+                elapsed = time.perf_counter() - t0
+                with lock:
+                    samples.append(elapsed)
+                    if response.status_code != 200:
+                        errors.append(f"GET {path} -> {response.status_code}")
+
+        n = args.http_clients
+        threads = [threading.Thread(target=client, args=(paths[i::n],)) for i in range(n)]
+        t0 = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - t0
+        if errors:
+            raise SystemExit(f"{len(errors)} failed requests over HTTP, e.g. {errors[0]}")
+        return samples, wall
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
     from django.contrib.auth import get_user_model
     from django.db import connection
@@ -565,6 +629,19 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
             client, [f"/api/units/?concept={c}&min_iou=0.04&{extra}" for c in interleaved], check=check_evidence
         )
         rows.append((f"GET /api/units/?concept=X&min_iou=0.04&{extra} (X as above)", samples, "p95 < 50 ms"))
+
+    if args.http_clients:
+        token = Token.objects.get(user=user).key
+        paths = [f"/api/units/?concept={c}&min_iou=0.04" for c in interleaved] * 2
+        samples, wall = measure_http(args, token, paths)
+        rows.append(
+            (
+                f"HTTP, gunicorn {args.http_workers} workers, {args.http_clients} clients: "
+                f"GET /api/units/?concept=X&min_iou=0.04 ({len(samples) / wall:.0f} requests/s)",
+                samples,
+                "",
+            )
+        )
 
     first = client.get(f"/api/units/?concept={head[0]}&min_iou=0.04").json()
     nexts = []
@@ -726,6 +803,10 @@ def main() -> int:
     parser.add_argument("--skip-fill", action="store_true", help="reuse a database filled by an earlier --keep run")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     parser.add_argument("--tmp", default=None, help="folder for the temporary score file (default: system temp)")
+    parser.add_argument(
+        "--http-clients", type=int, default=8, help="concurrent clients of the HTTP unit query (0: skip it)"
+    )
+    parser.add_argument("--http-workers", type=int, default=4, help="gunicorn worker processes for the HTTP query")
     args = parser.parse_args()
     if args.db in PROTECTED:
         raise SystemExit(f"refusing to use database {args.db!r}")
