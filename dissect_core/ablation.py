@@ -537,9 +537,9 @@ class LayerSplit:
         kind: ``"explicit"``: a module built from the network's stages after the
             layer (``nn.Sequential`` nesting, torchvision ResNet, VGG, AlexNet);
             ``"graph"``: cut out of the network's ``torch.fx`` graph (custom forwards
-            such as ShuffleNet's, MobileNet's, DenseNet's); ``"hook"``: the whole network run on a zero input while the layer's
-            output is replaced (correct, but recomputes everything before the
-            layer); ``"full"``: the network is no function of the layer's output
+            such as ShuffleNet's, MobileNet's, DenseNet's); ``"hook"``: the whole
+            network run on a zero input while the layer's output is replaced
+            (correct, but recomputes everything before the layer); ``"full"``: the network is no function of the layer's output
             alone (a skip connection around it, or a layer that runs more than once),
             so every ablation runs the whole network on the images.
         suffix: maps the layer's raw output [R, ...] (e.g. [R, U, h, w]) to logits

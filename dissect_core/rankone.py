@@ -300,11 +300,12 @@ class RankOnePlan:
         def logits(units: torch.Tensor) -> torch.Tensor:
             g = int(units.shape[0])
             chosen = units.clamp(min=0).to(a.device)
-            active = (units >= 0).to(a.device, a.dtype).view(1, g, *([1] * (a.dim() - 2)))
+            removes = units >= 0  # a row with unit -1 removes nothing: its term is zeroed
+            active = removes.to(a.device, a.dtype)
             rows = []
             for consumer, base, d in prepared:
                 picked = d.index_select(1, chosen)
-                if not bool(active.all()):
+                if not bool(removes.all()):
                     picked = picked * active.view(1, g, *([1] * (picked.dim() - 2)))
                 rows.append(consumer.rows(base, picked, chosen))
             out = self.rest(*rows)

@@ -55,6 +55,7 @@ __all__ = [
     "outputs_match",
     "prefix",
     "split_module",
+    "trace_graph",
 ]
 
 SPLIT_WAYS: tuple[str, ...] = ("explicit", "chain", "graph", "hook")
