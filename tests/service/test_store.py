@@ -166,26 +166,6 @@ def test_units_by_concept_name_cover_every_category_and_read_a_fixed_number_of_q
     assert {u["category"] for u in part} <= {"part"}
 
 
-def test_the_unit_list_gives_what_the_unit_serializer_gives(api, stored):
-    from api import selectors
-    from api.models import Unit
-    from api.serializers import UnitSerializer
-
-    job, _ = stored
-    Unit.objects.filter(job=job, unit__in=[3, 4]).update(
-        iou_low=0.01, iou_high=0.3, stability=0.9, runner_up_id=Unit.objects.get(job=job, unit=5).label_id
-    )
-    Unit.objects.filter(job=job, unit=3).update(runner_up_iou=0.02, chance_iou=0.001, p_value=0.004)
-    listed = api.get(f"/api/units/?model={job.model_id}&page_size=1000").json()["results"]
-    units = list(selectors.unit_list(user=job.owner).filter(job=job))
-    want = {row["id"]: dict(row) for row in UnitSerializer(units, many=True).data}
-    assert len(listed) == len(want) == 30
-    assert {row["id"]: row for row in listed} == want
-    assert {row["unit"]: row["margin"] for row in listed if row["margin"] is not None} == {
-        3: pytest.approx(next(r["iou"] for r in listed if r["unit"] == 3) - 0.02)
-    }
-
-
 def test_model_layer_listing_and_layer_summary(api, stored):
     job, iou = stored
     units = api.get(f"/api/units/?model={job.model_id}&layer=conv5&page_size=1000").json()["results"]
