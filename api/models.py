@@ -236,6 +236,11 @@ class Unit(models.Model):
     runner_up_iou = models.FloatField(null=True, blank=True)
     chance_iou = models.FloatField(null=True, blank=True)
     p_value = models.FloatField(null=True, blank=True)
+    # The unit's top-K concepts as GET /api/units/ renders them (compact JSON text, the same
+    # values as its UnitConcept rows), so that a page of units reads no score rows
+    # (api.unit_page). Empty for units stored before migration 0015 (and where an IoU is not
+    # finite): the list reads their scores then.
+    top_concepts_json = models.TextField(blank=True, default="", editable=False)
 
     class Meta:
         db_table = "nd_unit"

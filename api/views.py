@@ -14,7 +14,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from api import selectors, services
+from api import selectors, services, unit_page
 from api.errors import ApplicationError
 from api.filters import ConceptFilter, JobFilter, UnitFilter
 from api.models import Concept, Dataset, Job, NetworkModel, Unit
@@ -350,6 +350,11 @@ class UnitViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 
     def get_queryset(self):
         return selectors.unit_list(user=self.request.user)
+
+    def list(self, request, *args, **kwargs):
+        if unit_page.applies(request, self):
+            return unit_page.list_response(request, self)
+        return super().list(request, *args, **kwargs)
 
     def get_serializer_class(self):
         return UnitDetailSerializer if self.action == "retrieve" else UnitSerializer

@@ -191,6 +191,40 @@ def fixed_width_json_lists(values: np.ndarray, width: int = 5) -> np.ndarray:
     return jsonb.view(f"S{jsonb.shape[1]}").ravel()
 
 
+def top_concepts_texts(pos: np.ndarray, ious: np.ndarray, prefixes: np.ndarray) -> np.ndarray:
+    """Each unit's top concepts as the service writes them into ``nd_unit.top_concepts_json``
+    (``[{"concept":..,"category":..,"iou":..,"rank":..},..]``), as fixed-width bytes: the
+    category is padded with spaces after its closing quote (JSON whitespace) and the IoUs,
+    multiples of 1e-12 below 1, written with 12 decimals.
+
+    Args:
+        pos: [n, top] concept positions; ious: [n, top]; prefixes: [concepts, width] uint8,
+            each concept's ``{"concept":"..","category":".."`` padded to one width.
+    """
+    n, top = pos.shape
+    assert top <= 10 and (ious < 1).all()
+    digits = np.rint(ious * 1e12).astype(np.int64)
+    places = 10 ** np.arange(11, -1, -1, dtype=np.int64)
+    iou_text = (digits[:, :, None] // places % 10 + ord("0")).astype(np.uint8)
+    rank = np.broadcast_to(np.arange(top, dtype=np.uint8) + ord("0"), (n, top))[:, :, None]
+
+    def const(text: str) -> np.ndarray:
+        return np.broadcast_to(np.frombuffer(text.encode(), np.uint8), (n, top, len(text)))
+
+    entries = np.concatenate(
+        [prefixes[pos], const(',"iou":0.'), iou_text, const(',"rank":'), rank, const("},")], axis=2
+    ).reshape(n, -1)
+    entries[:, -1] = ord("]")
+    text = np.concatenate([np.full((n, 1), ord("["), np.uint8), entries], axis=1)
+    return np.ascontiguousarray(text).view(f"S{text.shape[1]}").ravel()
+
+
+def concept_prefixes(names: list[str], cats: list[str]) -> np.ndarray:
+    texts = [f'{{"concept":"{n}","category":"{c}"' for n, c in zip(names, cats, strict=True)]
+    width = max(map(len, texts))
+    return np.frombuffer("".join(t.ljust(width) for t in texts).encode(), np.uint8).reshape(len(texts), width)
+
+
 # ---------------------------------------------------------------- synthetic data
 
 
@@ -217,6 +251,7 @@ def unit_rows(
     n_units: int,
     concept_ids: np.ndarray,
     concept_names: np.ndarray,
+    prefixes: np.ndarray,
     weights: np.ndarray,
     top: int,
 ):
@@ -234,7 +269,8 @@ def unit_rows(
     pos = np.concatenate([label_pos[:, None], (label_pos[:, None] + offsets) % n_concepts], axis=1)
     best = np.clip(rng.gamma(2.0, 0.025, size=n), 0.001, 0.6)
     decay = np.cumprod(rng.uniform(0.55, 0.97, size=(n, top - 1)), axis=1)
-    ious = np.concatenate([best[:, None], best[:, None] * decay], axis=1)
+    ious = np.rint(np.concatenate([best[:, None], best[:, None] * decay], axis=1) * 1e12) / 1e12
+    best = ious[:, 0]
     threshold = rng.gamma(2.0, 1.0, size=n)
     images = rng.integers(0, 20000, size=(n, TOP_IMAGES))
     # Label evidence shaped like a real layer's: stability and significance grow with the IoU.
@@ -252,6 +288,7 @@ def unit_rows(
         "iou": best,
         "threshold": threshold,
         "top_images": fixed_width_json_lists(images),
+        "top_concepts_json": top_concepts_texts(pos, ious, prefixes),
         "iou_low": best - spread,
         "iou_high": best + spread,
         "stability": stability,
@@ -316,9 +353,10 @@ def fill(args, timings: dict) -> dict:
     Token.objects.create(user=bench)
     names, cats = make_concepts()
     Concept.objects.bulk_create([Concept(name=n, category=c) for n, c in zip(names, cats, strict=True)])
-    rows = list(Concept.objects.order_by("id").values_list("id", "name"))
-    concept_ids = np.array([pk for pk, _ in rows], dtype=np.int64)
-    concept_names = np.array([name.encode() for _, name in rows], dtype="S8")
+    rows = list(Concept.objects.order_by("id").values_list("id", "name", "category"))
+    concept_ids = np.array([pk for pk, _, _ in rows], dtype=np.int64)
+    concept_names = np.array([name.encode() for _, name, _ in rows], dtype="S8")
+    prefixes = concept_prefixes([name for _, name, _ in rows], [cat for _, _, cat in rows])
     dataset = Dataset.objects.create(
         owner=bench,
         name="broden-like",
@@ -403,6 +441,7 @@ def fill(args, timings: dict) -> dict:
         ("iou", ">f8"),
         ("threshold", ">f8"),
         ("top_images", f"S{3 + 6 * TOP_IMAGES - 1}"),
+        ("top_concepts_json", f"S{1 + args.top * (prefixes.shape[1] + 32)}"),  # see top_concepts_texts
         ("iou_low", ">f8"),
         ("iou_high", ">f8"),
         ("stability", ">f8"),
@@ -429,6 +468,7 @@ def fill(args, timings: dict) -> dict:
                 n_units=args.units,
                 concept_ids=concept_ids,
                 concept_names=concept_names,
+                prefixes=prefixes,
                 weights=weights,
                 top=args.top,
             )

@@ -142,10 +142,23 @@ class _UnitRows:
     thresholds: list[float]
     score_concepts: np.ndarray
     score_iou: np.ndarray
+    top_concepts_json: list[str]  # per unit, its top-K as GET /api/units/ renders them
     evidence: dict[str, list] | None = None  # EVIDENCE_FIELDS -> U values (None: unknown)
 
 
-_UNIT_COLUMNS = ("id", "job", "model", "layer", "unit", "label", "label_name", "iou", "threshold", "top_images")
+_UNIT_COLUMNS = (
+    "id",
+    "job",
+    "model",
+    "layer",
+    "unit",
+    "label",
+    "label_name",
+    "iou",
+    "threshold",
+    "top_images",
+    "top_concepts_json",
+)
 # The label evidence columns of nd_unit, in the order the writers send them.
 EVIDENCE_FIELDS = ("iou_low", "iou_high", "stability", "runner_up", "runner_up_iou", "chance_iou", "p_value")
 
@@ -181,7 +194,7 @@ def _store_units_copy(*, job: Job, layer: str, rows: _UnitRows, top_images: list
             [*_UNIT_COLUMNS, *EVIDENCE_FIELDS],
             [
                 f"{ids[u]}{prefix}{u}\t{labels[u]}\t{rows.best_iou[u]!r}\t{rows.thresholds[u]!r}\t{top_images[u]}"
-                f"\t{extra[u]}\n"
+                f"\t{_copy_text(rows.top_concepts_json[u])}\t{extra[u]}\n"
                 for u in range(units_count)
             ],
         )
@@ -213,6 +226,7 @@ def _store_units_orm(*, job: Job, layer: str, rows: _UnitRows, top_images: list[
                 iou=rows.best_iou[u],
                 threshold=rows.thresholds[u],
                 top_images=top_images[u],
+                top_concepts_json=rows.top_concepts_json[u],
                 **{
                     ("runner_up_id" if name == "runner_up" else name): value
                     for name, value in zip(EVIDENCE_FIELDS, _evidence_values(rows, u), strict=True)
@@ -299,13 +313,15 @@ def layer_result_store(
     else:
         best = np.zeros(units_count)
         label_ids, label_names = [None] * units_count, [""] * units_count
+    score_iou = np.take_along_axis(iou, order, axis=1).astype(float)
     rows = _UnitRows(
         label_ids=label_ids,
         label_names=label_names,
         best_iou=np.where(best > 0, best, 0.0).astype(float).tolist(),
         thresholds=thresholds.astype(float).tolist(),
         score_concepts=column_ids[order],
-        score_iou=np.take_along_axis(iou, order, axis=1).astype(float),
+        score_iou=score_iou,
+        top_concepts_json=_top_concepts_json(order, score_iou, [concept_rows[pair] for pair in concepts]),
         evidence=None if evidence is None else _evidence_columns(evidence, column_ids, label_ids),
     )
     images = [[int(i) for i in row] for row in top_images] if top_images is not None else [[]] * units_count
@@ -324,6 +340,25 @@ def layer_result_store(
             defaults={"units": units_count, "summary": summary, "matrix_path": str(matrix_path)},
         )
     return units_count
+
+
+def _top_concepts_json(order: np.ndarray, score_iou: np.ndarray, concept_rows: list[Concept]) -> list[str]:
+    """Each unit's top-K concepts as the unit list renders them (UnitConceptSerializer's fields:
+    concept, category, iou, rank), compact JSON with the IoUs the scores store; empty where an
+    IoU is not finite (JSON has no NaN: the list then reads the scores)."""
+    named = [(row.name, row.category) for row in concept_rows]
+    ious = score_iou.tolist()
+    out: list[str] = []
+    for u, columns in enumerate(order.tolist()):
+        top = [
+            {"concept": named[c][0], "category": named[c][1], "iou": ious[u][rank], "rank": rank}
+            for rank, c in enumerate(columns)
+        ]
+        try:
+            out.append(json.dumps(top, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+        except ValueError:
+            out.append("")
+    return out
 
 
 def _evidence_columns(evidence: dict[str, np.ndarray], column_ids: np.ndarray, label_ids: list) -> dict[str, list]:
