@@ -17,9 +17,7 @@ rather than a queryset, so ``next``/``previous`` links are the ones the general 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import weakref
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 
@@ -28,6 +26,7 @@ from django.db import connection
 from django.http import HttpResponse
 from rest_framework.exceptions import ValidationError
 
+from api import prepared
 from api.filters import UnitFilter
 from api.models import Job, Unit
 
@@ -135,29 +134,7 @@ class PageQuery:
             " LEFT JOIN nd_concept l ON l.id = p.label_id LEFT JOIN nd_concept r ON r.id = p.runner_up_id"
             f" ORDER BY {outer_order}"
         )
-        return [Row(*row) for row in _execute_prepared(sql, args)]
-
-
-# Statements prepared on each database connection (weakly keyed: a closed connection's go with it).
-_prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _execute_prepared(sql: str, args: list[object]) -> list[tuple]:
-    """Run ``sql`` (``{}`` for each argument) as a statement prepared once per connection:
-    planning the five-table join costs about as much as running it."""
-    name = "nd_units_" + hashlib.sha1(sql.encode()).hexdigest()[:16]
-    connection.ensure_connection()
-    raw = connection.connection
-    done = _prepared.setdefault(raw, set())
-    if name not in done:
-        # On the raw cursor: preparing is connection set-up, not one of the request's queries.
-        with raw.cursor() as cursor:
-            cursor.execute(f"PREPARE {name} AS " + sql.format(*(f"${i + 1}" for i in range(len(args)))))
-        done.add(name)
-    placeholders = ", ".join(["%s"] * len(args))
-    with connection.cursor() as cursor:
-        cursor.execute(f"EXECUTE {name} ({placeholders})", args)
-        return cursor.fetchall()
+        return [Row(*row) for row in prepared.execute("units", sql, args)]
 
 
 def applies(request, view) -> bool:
