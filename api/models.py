@@ -319,6 +319,45 @@ class ConceptStat(models.Model):
         return f"{self.concept_id} in model {self.model_id} (owner {self.owner_id}): {self.units}"
 
 
+class ConceptStatScope(models.Model):
+    """ConceptStat summed over a visibility scope: every public model (``scope_owner`` null), or
+    one user's jobs on models that are not public. A user sees exactly the public scope and
+    their own (a unit is public iff its model is), which share no model, so GET /api/concepts/
+    adds two rows per concept rather than one per model: units and model counts add, best IoUs
+    take the max.
+
+    Rewritten per scope from ConceptStat (services.concept_scopes_refresh): by
+    concept_stats_refresh for the scopes of the model it rewrites, when a model's ``public``
+    changes or a model or user is deleted (api.signals), and whole by ``concept_stats_rebuild``.
+    """
+
+    bar = models.CharField(max_length=12, choices=ConceptStat.Bar.choices, default=ConceptStat.Bar.ALL)
+    scope_owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="+", db_index=False
+    )
+    concept = models.ForeignKey(Concept, on_delete=models.CASCADE, related_name="scope_stats", db_index=False)
+    units = models.PositiveIntegerField()
+    model_count = models.PositiveIntegerField()
+    best_iou = models.FloatField()
+
+    class Meta:
+        db_table = "nd_concept_stat_scope"
+        ordering = ["bar", "scope_owner_id", "concept_id"]
+        # Covers the read: one bar, the public scope and the user's, every concept.
+        constraints = [
+            models.UniqueConstraint(
+                fields=["bar", "scope_owner", "concept"],
+                include=["units", "model_count", "best_iou"],
+                nulls_distinct=False,
+                name="conceptstatscope_bar_owner_concept",
+            )
+        ]
+
+    def __str__(self) -> str:
+        scope = "public" if self.scope_owner_id is None else f"owner {self.scope_owner_id}"
+        return f"{self.concept_id} ({scope}, {self.bar}): {self.units} in {self.model_count} models"
+
+
 class LayerResult(models.Model):
     """Per-layer outcome of a dissection job: summary and the full IoU matrix file."""
 

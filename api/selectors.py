@@ -106,27 +106,25 @@ def concept_list(
 ) -> QuerySet[Concept]:
     """Concepts that label at least one visible unit with IoU >= min_iou, with unit and model counts.
 
-    At the detector threshold (the default) the counts are sums of the per-model summary rows
-    (:class:`api.models.ConceptStat`, one per concept, model and job owner; visible when the
-    user owns them or the model is public: the units the live query counts). The public models
-    are a hashed subquery rather than a join, so the rows are read in the order of their
-    covering unique index and grouped without sorting them. Any other
-    ``min_iou`` counts the units themselves: the unit conditions filter the join before grouping
-    (one inner join, one pass over the matching units), about 10x faster over millions of units
-    than aggregate ``filter=`` clauses over an outer join of every unit, but still seconds at
-    model-zoo scale.
+    At the detector threshold (the default) the counts are sums of two summary rows per concept
+    (:class:`api.models.ConceptStatScope`): the public models' and the user's own jobs' on
+    models that are not public, which are exactly the units the live query counts and share no
+    model. Any other ``min_iou`` counts the units themselves: the unit conditions filter the
+    join before grouping (one inner join, one pass over the matching units), about 10x faster
+    over millions of units than aggregate ``filter=`` clauses over an outer join of every unit,
+    but still seconds at model-zoo scale.
     """
     bar = _concept_stat_bar(min_stability, max_p_value)
     if min_iou == DETECTOR_MIN_IOU and bar is not None:
         return (
             Concept.objects.filter(
-                Q(stats__owner=user) | Q(stats__model__in=NetworkModel.objects.filter(public=True).values("pk")),
-                stats__bar=bar,
+                Q(scope_stats__scope_owner=user) | Q(scope_stats__scope_owner__isnull=True),
+                scope_stats__bar=bar,
             )
             .annotate(
-                units=Sum("stats__units"),
-                models=Count("stats__model", distinct=True),
-                best_iou=Max("stats__best_iou"),
+                units=Sum("scope_stats__units"),
+                models=Sum("scope_stats__model_count"),
+                best_iou=Max("scope_stats__best_iou"),
             )
             .order_by("-units", "name", "id")
         )

@@ -27,7 +27,14 @@ from api.services.jobs import (
 from api.services.painting import generator_paint
 from api.services.recovery import jobs_recover_stale, jobs_requeue_lost, worker_gone, worker_heartbeat
 from api.services.registration import dataset_register, model_register, token_get_or_create
-from api.services.results import ablation_store, concept_stats_refresh, concepts_ensure, layer_result_store
+from api.services.results import (
+    ablation_store,
+    concept_scopes_rebuild,
+    concept_scopes_refresh,
+    concept_stats_refresh,
+    concepts_ensure,
+    layer_result_store,
+)
 from api.services.shards import (
     SHARD_STAGE_SHARE,
     ShardBusy,
@@ -45,6 +52,8 @@ __all__ = [
     "SHARD_STAGE_SHARE",
     "ShardBusy",
     "ablation_store",
+    "concept_scopes_rebuild",
+    "concept_scopes_refresh",
     "concept_stats_refresh",
     "concepts_ensure",
     "dataset_register",

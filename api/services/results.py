@@ -23,6 +23,7 @@ from api.models import (
     ClassUnitImportance,
     Concept,
     ConceptStat,
+    ConceptStatScope,
     Job,
     LayerResult,
     NetworkModel,
@@ -32,22 +33,28 @@ from api.models import (
 
 
 @transaction.atomic
-def concept_stats_refresh(*, model_id: int) -> int:
+def concept_stats_refresh(*, model_id: int, scopes: bool = True) -> int:
     """Recompute one model's ConceptStat rows from its units: per label, job owner and bar, the
     units of succeeded jobs with iou >= DETECTOR_MIN_IOU (and, for the bars, a stable label,
     one above chance, or both), and their best IoU.
 
     The model row is locked first (FOR NO KEY UPDATE: jobs and units referencing it can still
     be written), so two jobs of the same model finishing together rewrite its rows one after the
-    other; the second sees the first's status once it has the lock.
+    other; the second sees the first's status once it has the lock. Then (``scopes``) the
+    ConceptStatScope rows of the scopes the model's rows were and are in.
 
     Returns:
         the number of rows written (0 when the model no longer exists).
     """
-    locked = list(NetworkModel.objects.select_for_update(no_key=True).filter(pk=model_id).values_list("pk", flat=True))
+    locked = list(
+        NetworkModel.objects.select_for_update(no_key=True).filter(pk=model_id).values_list("pk", "public", "owner_id")
+    )
     if not locked:
         return 0
-    ConceptStat.objects.filter(model_id=model_id).delete()
+    _, public, _ = locked[0]
+    stats = ConceptStat.objects.filter(model_id=model_id)
+    owners = set() if public else set(stats.values_list("owner_id", flat=True).distinct())
+    stats.delete()
     stable = Q(stability__gte=STABLE_LABEL_MIN)
     significant = Q(p_value__lte=SIGNIFICANT_P_MAX)
     bars = {
@@ -84,7 +91,53 @@ def concept_stats_refresh(*, model_id: int) -> int:
         ],
         batch_size=5000,
     )
+    if scopes:
+        owners |= {row.owner_id for row in created} if not public else set()
+        concept_scopes_refresh(scopes=[None] if public else sorted(owners))
     return len(created)
+
+
+_SCOPE_LOCK = 0x4E44_5343_0000_0000  # "NDSC": advisory lock keys of the scopes (+ owner id)
+
+
+@transaction.atomic
+def concept_scopes_refresh(*, scopes: list[int | None]) -> None:
+    """Rewrite the ConceptStatScope rows of some scopes (None: the public models; an id: that
+    user's jobs on models that are not public) from ConceptStat.
+
+    On Postgres each scope is locked first (a transaction advisory lock, scopes in order), so
+    two jobs finishing together rewrite a scope one after the other, the second from a
+    snapshot that holds the first's rows.
+    """
+    table = ConceptStatScope._meta.db_table
+    stats = ConceptStat._meta.db_table
+    models_table = NetworkModel._meta.db_table
+    with transaction.get_connection().cursor() as cursor:
+        for owner in sorted(scopes, key=lambda o: -1 if o is None else o):
+            if cursor.db.vendor == "postgresql":
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_SCOPE_LOCK + (owner or 0)])
+            if owner is None:
+                cursor.execute(f"DELETE FROM {table} WHERE scope_owner_id IS NULL")
+                where, args = "m.public", [None]
+            else:
+                cursor.execute(f"DELETE FROM {table} WHERE scope_owner_id = %s", [owner])
+                where, args = "NOT m.public AND s.owner_id = %s", [owner, owner]
+            cursor.execute(
+                f"INSERT INTO {table} (bar, scope_owner_id, concept_id, units, model_count, best_iou)"
+                f" SELECT s.bar, %s, s.concept_id, SUM(s.units), COUNT(DISTINCT s.model_id), MAX(s.best_iou)"
+                f" FROM {stats} s JOIN {models_table} m ON m.id = s.model_id WHERE {where}"
+                " GROUP BY s.bar, s.concept_id",
+                args,
+            )
+
+
+@transaction.atomic
+def concept_scopes_rebuild() -> int:
+    """Every scope's rows anew from ConceptStat (after ``concept_stats_rebuild`` rewrote it)."""
+    owners = ConceptStat.objects.filter(model__public=False).order_by().values_list("owner_id", flat=True).distinct()
+    ConceptStatScope.objects.all().delete()
+    concept_scopes_refresh(scopes=[None, *sorted(owners)])
+    return ConceptStatScope.objects.count()
 
 
 def concepts_ensure(*, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Concept]:

@@ -284,7 +284,7 @@ def _run(owner, model, seed: int, *, finish: str = "succeed"):
         )
     if finish == "succeed":
         services.job_succeed(job_id=job.pk)
-    else:
+    elif finish == "fail":
         services.job_fail(job_id=job.pk, message="boom")
     return job
 
@@ -349,3 +349,102 @@ def test_the_evidence_bars_have_summary_rows_too(zoo, api, user, other_user, car
     assert _rows(selectors.concept_list(user=user, **other)) == _rows(
         selectors.concept_list_live(user=user, min_iou=selectors.DETECTOR_MIN_IOU, **other)
     )
+
+
+# The per-scope sums (nd_concept_stat_scope) that the list reads.
+
+
+def _scope_rows() -> list[tuple]:
+    from api.models import ConceptStatScope
+
+    return sorted(
+        ConceptStatScope.objects.values_list("bar", "scope_owner_id", "concept_id", "units", "model_count", "best_iou"),
+        key=lambda r: (r[0], r[1] or 0, r[2]),
+    )
+
+
+def _all_agree(*users) -> None:
+    from api import selectors, services
+
+    for who in users:
+        for bars in ({}, {"min_stability": 0.9}, {"max_p_value": 0.01}, {"min_stability": 0.9, "max_p_value": 0.01}):
+            live = _rows(selectors.concept_list_live(user=who, min_iou=selectors.DETECTOR_MIN_IOU, **bars))
+            assert _rows(selectors.concept_list(user=who, **bars)) == live, (who, bars)
+    rows = _scope_rows()
+    services.concept_scopes_rebuild()
+    assert _scope_rows() == rows
+
+
+def test_scopes_follow_jobs_visibility_and_deletions(zoo, user, other_user, carol, settings, tmp_path):
+    from api.models import ConceptStatScope
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    _all_agree(user, other_user, carol)
+    assert ConceptStatScope.objects.filter(scope_owner__isnull=True).exists()
+    assert set(ConceptStatScope.objects.values_list("scope_owner_id", flat=True)) == {None, user.pk, other_user.pk}
+    _run(carol, zoo["bob-public"], 11)  # a job on someone else's public model
+    _run(other_user, zoo["bob-private"], 12)
+    _all_agree(user, other_user, carol)
+    zoo["bob-private"].public = True  # every side changes at once
+    zoo["bob-private"].save()
+    _all_agree(user, other_user, carol)
+    zoo["alice-public"].public = False
+    zoo["alice-public"].save()
+    _all_agree(user, other_user, carol)
+    zoo["alice-public"].delete()
+    _all_agree(user, other_user, carol)
+    carol.delete()
+    _all_agree(user, other_user)
+    zoo["alice-private"].delete()
+    _all_agree(user, other_user)
+    assert not ConceptStatScope.objects.filter(scope_owner=user).exists()  # nothing private of hers is left
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_jobs_finishing_together_rewrite_the_public_scope_in_turn(zoo, user, other_user, carol, settings, tmp_path):
+    import threading
+
+    from django.db import connection, transaction
+
+    from api import services
+    from api.models import NetworkModel
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    second_model = NetworkModel.objects.create(
+        owner=other_user, name="second", arch="builtin:scenecnn", weights_path="/x", public=True
+    )
+    first_job = _run(user, zoo["alice-public"], 21, finish="leave")
+    second_job = _run(carol, second_model, 22, finish="leave")
+    held, release, second_done = threading.Event(), threading.Event(), threading.Event()
+    errors: list[Exception] = []
+
+    def first():
+        try:
+            with transaction.atomic():
+                services.job_succeed(job_id=first_job.pk)
+                held.set()
+                release.wait(30)
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    def second():
+        try:
+            services.job_succeed(job_id=second_job.pk)
+            second_done.set()
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert held.wait(30)
+    threads[1].start()
+    assert not second_done.wait(1.0)  # another model, the same scope: waits for its lock
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and second_done.is_set()
+    _all_agree(user, other_user, carol)

@@ -6,25 +6,29 @@ from django.core.management.base import BaseCommand
 from django.db import connection
 
 from api import services
-from api.models import ConceptStat, NetworkModel
+from api.models import ConceptStat, ConceptStatScope, NetworkModel
 
 
 class Command(BaseCommand):
     help = (
-        "Recompute the per-model concept summary rows (nd_concept_stat) that GET /api/concepts/ reads, "
+        "Recompute the concept summary rows (nd_concept_stat per model, nd_concept_stat_scope per scope) "
+        "that GET /api/concepts/ reads, "
         "for every model: after loading units around the services (a restore, a bulk COPY)."
     )
 
     def handle(self, *args, **options):
         started = time.perf_counter()
         model_ids = list(NetworkModel.objects.order_by("id").values_list("id", flat=True))
-        rows = sum(services.concept_stats_refresh(model_id=pk) for pk in model_ids)
+        rows = sum(services.concept_stats_refresh(model_id=pk, scopes=False) for pk in model_ids)
+        scopes = services.concept_scopes_rebuild()
         if connection.vendor == "postgresql":
             # Fresh statistics, and (outside a transaction) the visibility map that lets the
             # read scan the covering index alone.
             vacuum = "ANALYZE" if connection.in_atomic_block else "VACUUM (ANALYZE)"
             with connection.cursor() as cursor:
-                cursor.execute(f"{vacuum} {connection.ops.quote_name(ConceptStat._meta.db_table)}")
+                for model in (ConceptStat, ConceptStatScope):
+                    cursor.execute(f"{vacuum} {connection.ops.quote_name(model._meta.db_table)}")
         self.stdout.write(
-            f"concept stats: {rows} rows for {len(model_ids)} models in {time.perf_counter() - started:.1f} s"
+            f"concept stats: {rows} rows for {len(model_ids)} models, {scopes} scope rows,"
+            f" in {time.perf_counter() - started:.1f} s"
         )

@@ -1,0 +1,60 @@
+"""Keep ConceptStatScope true when rows change around the services (the admin, a shell): a
+model made public or private, a model or a user deleted. The services refresh scopes
+themselves (concept_stats_refresh)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models.signals import post_delete, post_save, pre_delete, pre_save
+from django.dispatch import receiver
+
+from api.models import ConceptStat, NetworkModel
+
+
+def _scopes_of(model: NetworkModel, public: bool) -> list[int | None]:
+    if public:
+        return [None]
+    return sorted(set(ConceptStat.objects.filter(model_id=model.pk).values_list("owner_id", flat=True)))
+
+
+def _refresh(scopes: list[int | None]) -> None:
+    from api.services.results import concept_scopes_refresh
+
+    if scopes:
+        concept_scopes_refresh(scopes=scopes)
+
+
+@receiver(pre_save, sender=NetworkModel)
+def _note_visibility(sender, instance: NetworkModel, **kwargs) -> None:
+    if instance.pk is None:
+        instance._was_public = None
+        return
+    instance._was_public = NetworkModel.objects.filter(pk=instance.pk).values_list("public", flat=True).first()
+
+
+@receiver(post_save, sender=NetworkModel)
+def _visibility_changed(sender, instance: NetworkModel, created: bool, **kwargs) -> None:
+    was = getattr(instance, "_was_public", None)
+    if created or was is None or was == instance.public:
+        return
+    # Its rows leave one side and join the other: the public scope and its jobs' owners'.
+    owners = _scopes_of(instance, public=False)
+    with transaction.atomic():
+        _refresh([None, *owners])
+
+
+@receiver(pre_delete, sender=NetworkModel)
+def _note_scopes(sender, instance: NetworkModel, **kwargs) -> None:
+    instance._scopes = _scopes_of(instance, instance.public)
+
+
+@receiver(post_delete, sender=NetworkModel)
+def _model_deleted(sender, instance: NetworkModel, **kwargs) -> None:
+    _refresh(getattr(instance, "_scopes", []))
+
+
+@receiver(post_delete, sender=settings.AUTH_USER_MODEL)
+def _user_deleted(sender, instance, **kwargs) -> None:
+    # Their own scope went with them (cascade); their jobs on public models leave the public one.
+    _refresh([None])
