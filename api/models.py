@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.db.models import Q
 
@@ -320,15 +321,21 @@ class ConceptStat(models.Model):
 
 
 class ConceptStatScope(models.Model):
-    """ConceptStat summed over a visibility scope: every public model (``scope_owner`` null), or
-    one user's jobs on models that are not public. A user sees exactly the public scope and
-    their own (a unit is public iff its model is), which share no model, so GET /api/concepts/
-    adds two rows per concept rather than one per model: units and model counts add, best IoUs
-    take the max.
+    """One concept's labelled units over a visibility scope: every public model (``scope_owner``
+    null), or one user's jobs on models that are not public. A user sees exactly the public
+    scope and their own (a unit is public iff its model is), which share no model, so GET
+    /api/concepts/ adds two rows per concept rather than one per model: units and model counts
+    add, best IoUs take the max.
 
-    Rewritten per scope from ConceptStat (services.concept_scopes_refresh): by
-    concept_stats_refresh for the scopes of the model it rewrites, when a model's ``public``
-    changes or a model or user is deleted (api.signals), and whole by ``concept_stats_rebuild``.
+    ``units``, ``model_count`` and ``best_iou`` count the detectors (IoU >= DETECTOR_MIN_IOU),
+    as ConceptStat does. On Postgres the row also holds every labelled unit's IoU, negated and
+    sorted (``neg_ious``), and each model's best (``neg_model_best``), so that any other
+    ``min_iou`` is a binary search (``width_bucket``) per row rather than a count over the
+    units. Rows with no detector exist there too (for a lower ``min_iou``).
+
+    Rewritten per scope (services.concept_scopes_refresh): by concept_stats_refresh for the
+    scopes of the model it rewrites, when a model's ``public`` changes or a model or user is
+    deleted (api.signals), and whole by ``concept_stats_rebuild``.
     """
 
     bar = models.CharField(max_length=12, choices=ConceptStat.Bar.choices, default=ConceptStat.Bar.ALL)
@@ -338,7 +345,9 @@ class ConceptStatScope(models.Model):
     concept = models.ForeignKey(Concept, on_delete=models.CASCADE, related_name="scope_stats", db_index=False)
     units = models.PositiveIntegerField()
     model_count = models.PositiveIntegerField()
-    best_iou = models.FloatField()
+    best_iou = models.FloatField(null=True, blank=True)  # null: no detector
+    neg_ious = ArrayField(models.FloatField(), null=True, blank=True)
+    neg_model_best = ArrayField(models.FloatField(), null=True, blank=True)
 
     class Meta:
         db_table = "nd_concept_stat_scope"

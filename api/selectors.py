@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, Max, Q, QuerySet, Sum
+from django.db.models import Count, F, FloatField, Func, IntegerField, Max, Min, Q, QuerySet, Sum, Value
 from django.utils import timezone
 
 from api.models import (
@@ -115,17 +116,38 @@ def concept_list(
     but still seconds at model-zoo scale.
     """
     bar = _concept_stat_bar(min_stability, max_p_value)
-    if min_iou == DETECTOR_MIN_IOU and bar is not None:
+    if bar is not None and min_iou == DETECTOR_MIN_IOU:
         return (
             Concept.objects.filter(
                 Q(scope_stats__scope_owner=user) | Q(scope_stats__scope_owner__isnull=True),
                 scope_stats__bar=bar,
+                scope_stats__units__gt=0,
             )
             .annotate(
                 units=Sum("scope_stats__units"),
                 models=Sum("scope_stats__model_count"),
                 best_iou=Max("scope_stats__best_iou"),
             )
+            .order_by("-units", "name", "id")
+        )
+    if bar is not None and connection.vendor == "postgresql" and math.isfinite(min_iou):
+        # Units with IoU >= t: in each scope's sorted array, the number of -IoUs <= -t.
+        below = Value(-float(min_iou), output_field=FloatField())
+        return (
+            Concept.objects.filter(
+                Q(scope_stats__scope_owner=user) | Q(scope_stats__scope_owner__isnull=True),
+                scope_stats__bar=bar,
+            )
+            .annotate(
+                units=Sum(
+                    Func(below, F("scope_stats__neg_ious"), function="width_bucket", output_field=IntegerField())
+                ),
+                models=Sum(
+                    Func(below, F("scope_stats__neg_model_best"), function="width_bucket", output_field=IntegerField())
+                ),
+                best_iou=-Min("scope_stats__neg_ious__0"),
+            )
+            .filter(units__gt=0)
             .order_by("-units", "name", "id")
         )
     return concept_list_live(user=user, min_iou=min_iou, min_stability=min_stability, max_p_value=max_p_value)

@@ -1,12 +1,13 @@
 """Keep ConceptStatScope true when rows change around the services (the admin, a shell): a
-model made public or private, a model or a user deleted. The services refresh scopes
-themselves (concept_stats_refresh)."""
+model made public or private, a model or a user deleted; and fill it after ``migrate`` when
+it is empty while ConceptStat is not (a store upgraded to migration 0016). The services
+refresh scopes themselves (concept_stats_refresh)."""
 
 from __future__ import annotations
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models.signals import post_delete, post_save, pre_delete, pre_save
+from django.db.models.signals import post_delete, post_migrate, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 
 from api.models import ConceptStat, NetworkModel
@@ -58,3 +59,14 @@ def _model_deleted(sender, instance: NetworkModel, **kwargs) -> None:
 def _user_deleted(sender, instance, **kwargs) -> None:
     # Their own scope went with them (cascade); their jobs on public models leave the public one.
     _refresh([None])
+
+
+@receiver(post_migrate)
+def _fill_scopes_after_upgrade(sender, app_config=None, using="default", **kwargs) -> None:
+    if app_config is None or app_config.label != "api":
+        return
+    from api.models import ConceptStatScope
+    from api.services.results import concept_scopes_rebuild
+
+    if ConceptStat.objects.using(using).exists() and not ConceptStatScope.objects.using(using).exists():
+        concept_scopes_rebuild()

@@ -405,12 +405,13 @@ class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     def get_queryset(self):
         params = self.request.query_params
         min_iou = _number_param(params, "min_iou", selectors.DETECTOR_MIN_IOU)
+        # Plain rows: the count reads every visible concept (~1,200), model instances cost more than the query.
         return selectors.concept_list(
             user=self.request.user,
             min_iou=min_iou,
             min_stability=_number_param(params, "min_stability", None, low=0.0, high=1.0),
             max_p_value=_number_param(params, "max_p_value", None, low=0.0, high=1.0),
-        )
+        ).values(*ConceptSerializer.Meta.fields)
 
 
 def _number_param(params, name: str, default, *, low: float | None = None, high: float | None = None):

@@ -103,32 +103,91 @@ _SCOPE_LOCK = 0x4E44_5343_0000_0000  # "NDSC": advisory lock keys of the scopes 
 @transaction.atomic
 def concept_scopes_refresh(*, scopes: list[int | None]) -> None:
     """Rewrite the ConceptStatScope rows of some scopes (None: the public models; an id: that
-    user's jobs on models that are not public) from ConceptStat.
+    user's jobs on models that are not public).
 
-    On Postgres each scope is locked first (a transaction advisory lock, scopes in order), so
-    two jobs finishing together rewrite a scope one after the other, the second from a
-    snapshot that holds the first's rows.
+    On Postgres from the units (one pass per scope: the detector counts and the sorted IoU
+    arrays of every bar), each scope locked first (a transaction advisory lock, scopes in
+    order), so two jobs finishing together rewrite a scope one after the other, the second
+    from a snapshot that holds the first's rows. Elsewhere (the embedded SQLite) the detector
+    counts are summed from ConceptStat, without arrays.
     """
-    table = ConceptStatScope._meta.db_table
-    stats = ConceptStat._meta.db_table
-    models_table = NetworkModel._meta.db_table
     with transaction.get_connection().cursor() as cursor:
         for owner in sorted(scopes, key=lambda o: -1 if o is None else o):
             if cursor.db.vendor == "postgresql":
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_SCOPE_LOCK + (owner or 0)])
             if owner is None:
-                cursor.execute(f"DELETE FROM {table} WHERE scope_owner_id IS NULL")
-                where, args = "m.public", [None]
+                cursor.execute(f"DELETE FROM {ConceptStatScope._meta.db_table} WHERE scope_owner_id IS NULL")
             else:
-                cursor.execute(f"DELETE FROM {table} WHERE scope_owner_id = %s", [owner])
-                where, args = "NOT m.public AND s.owner_id = %s", [owner, owner]
-            cursor.execute(
-                f"INSERT INTO {table} (bar, scope_owner_id, concept_id, units, model_count, best_iou)"
-                f" SELECT s.bar, %s, s.concept_id, SUM(s.units), COUNT(DISTINCT s.model_id), MAX(s.best_iou)"
-                f" FROM {stats} s JOIN {models_table} m ON m.id = s.model_id WHERE {where}"
-                " GROUP BY s.bar, s.concept_id",
-                args,
-            )
+                cursor.execute(f"DELETE FROM {ConceptStatScope._meta.db_table} WHERE scope_owner_id = %s", [owner])
+            cursor.execute(*(_scope_from_units if cursor.db.vendor == "postgresql" else _scope_from_stats)(owner))
+
+
+def _scope_where(owner: int | None, model: str, job_owner: str) -> tuple[str, list]:
+    if owner is None:
+        return f"{model}.public", []
+    return f"NOT {model}.public AND {job_owner} = %s", [owner]
+
+
+def _scope_from_stats(owner: int | None) -> tuple[str, list]:
+    where, args = _scope_where(owner, "m", "s.owner_id")
+    return (
+        f"INSERT INTO {ConceptStatScope._meta.db_table}"
+        " (bar, scope_owner_id, concept_id, units, model_count, best_iou)"
+        " SELECT s.bar, %s, s.concept_id, SUM(s.units), COUNT(DISTINCT s.model_id), MAX(s.best_iou)"
+        f" FROM {ConceptStat._meta.db_table} s JOIN {NetworkModel._meta.db_table} m ON m.id = s.model_id"
+        f" WHERE {where} GROUP BY s.bar, s.concept_id",
+        [owner, *args],
+    )
+
+
+def _scope_from_units(owner: int | None) -> tuple[str, list]:
+    where, args = _scope_where(owner, "m", "j.owner_id")
+    bar = ConceptStat.Bar
+    return (
+        f"""INSERT INTO {ConceptStatScope._meta.db_table}
+            (bar, scope_owner_id, concept_id, units, model_count, best_iou, neg_ious, neg_model_best)
+        WITH labelled AS (
+            SELECT u.label_id AS concept_id, u.model_id, u.iou,
+                   coalesce(u.stability >= %s, false) AS stable, coalesce(u.p_value <= %s, false) AS significant
+            FROM {Unit._meta.db_table} u
+            JOIN {Job._meta.db_table} j ON j.id = u.job_id
+            JOIN {NetworkModel._meta.db_table} m ON m.id = u.model_id
+            WHERE j.status = %s AND u.label_id IS NOT NULL AND {where}
+        ), barred AS (
+            SELECT b.bar, x.concept_id, x.model_id, x.iou FROM labelled x
+            JOIN (VALUES (%s), (%s), (%s), (%s)) AS b (bar)
+              ON b.bar = %s OR (b.bar = %s AND x.stable) OR (b.bar = %s AND x.significant)
+                 OR (b.bar = %s AND x.stable AND x.significant)
+        ), per_model AS (
+            SELECT bar, concept_id, max(iou) AS best FROM barred GROUP BY bar, concept_id, model_id
+        ), models AS (
+            SELECT bar, concept_id, array_agg(-best ORDER BY best DESC) AS neg_model_best,
+                   count(*) FILTER (WHERE best >= %s) AS model_count
+            FROM per_model GROUP BY bar, concept_id
+        )
+        SELECT i.bar, %s, i.concept_id, count(*) FILTER (WHERE i.iou >= %s), max(mo.model_count),
+               max(i.iou) FILTER (WHERE i.iou >= %s), array_agg(-i.iou ORDER BY i.iou DESC), max(mo.neg_model_best)
+        FROM barred i JOIN models mo ON mo.bar = i.bar AND mo.concept_id = i.concept_id
+        GROUP BY i.bar, i.concept_id""",
+        [
+            STABLE_LABEL_MIN,
+            SIGNIFICANT_P_MAX,
+            Job.Status.SUCCEEDED.value,
+            *args,
+            bar.ALL.value,
+            bar.STABLE.value,
+            bar.SIGNIFICANT.value,
+            bar.BOTH.value,
+            bar.ALL.value,
+            bar.STABLE.value,
+            bar.SIGNIFICANT.value,
+            bar.BOTH.value,
+            DETECTOR_MIN_IOU,
+            owner,
+            DETECTOR_MIN_IOU,
+            DETECTOR_MIN_IOU,
+        ],
+    )
 
 
 @transaction.atomic

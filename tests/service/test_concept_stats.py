@@ -363,13 +363,19 @@ def _scope_rows() -> list[tuple]:
     )
 
 
-def _all_agree(*users) -> None:
+# Thresholds on both sides of stored IoUs (the zoo's units sit exactly on 0.0399, 0.04, 0.0401,
+# 0.01 and 0.3), below every unit and above every unit.
+THRESHOLDS = (-1.0, 0.0, 1e-300, 0.01, 0.0399, 0.04, 0.0401, 0.05, 0.1234, 0.2, 0.3, 0.30000001, 2.0)
+
+
+def _all_agree(*users, thresholds=(0.04,)) -> None:
     from api import selectors, services
 
     for who in users:
         for bars in ({}, {"min_stability": 0.9}, {"max_p_value": 0.01}, {"min_stability": 0.9, "max_p_value": 0.01}):
-            live = _rows(selectors.concept_list_live(user=who, min_iou=selectors.DETECTOR_MIN_IOU, **bars))
-            assert _rows(selectors.concept_list(user=who, **bars)) == live, (who, bars)
+            for t in thresholds:
+                live = _rows(selectors.concept_list_live(user=who, min_iou=t, **bars))
+                assert _rows(selectors.concept_list(user=who, min_iou=t, **bars)) == live, (who, bars, t)
     rows = _scope_rows()
     services.concept_scopes_rebuild()
     assert _scope_rows() == rows
@@ -379,7 +385,7 @@ def test_scopes_follow_jobs_visibility_and_deletions(zoo, user, other_user, caro
     from api.models import ConceptStatScope
 
     settings.MEDIA_ROOT = tmp_path / "media"
-    _all_agree(user, other_user, carol)
+    _all_agree(user, other_user, carol, thresholds=THRESHOLDS)
     assert ConceptStatScope.objects.filter(scope_owner__isnull=True).exists()
     assert set(ConceptStatScope.objects.values_list("scope_owner_id", flat=True)) == {None, user.pk, other_user.pk}
     _run(carol, zoo["bob-public"], 11)  # a job on someone else's public model
@@ -390,7 +396,7 @@ def test_scopes_follow_jobs_visibility_and_deletions(zoo, user, other_user, caro
     _all_agree(user, other_user, carol)
     zoo["alice-public"].public = False
     zoo["alice-public"].save()
-    _all_agree(user, other_user, carol)
+    _all_agree(user, other_user, carol, thresholds=THRESHOLDS)
     zoo["alice-public"].delete()
     _all_agree(user, other_user, carol)
     carol.delete()
@@ -447,4 +453,36 @@ def test_two_jobs_finishing_together_rewrite_the_public_scope_in_turn(zoo, user,
     for thread in threads:
         thread.join(30)
     assert errors == [] and second_done.is_set()
+    _all_agree(user, other_user, carol)
+
+
+def test_any_threshold_is_a_binary_search_per_scope_row(zoo, api, user):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from api import selectors
+
+    with CaptureQueriesContext(connection) as queries:
+        page = api.get("/api/concepts/?min_iou=0.0401&min_stability=0.9&limit=1000").json()
+    sql = [q["sql"] for q in queries.captured_queries if "nd_concept_stat_scope" in q["sql"]]
+    assert len(sql) == 1 and "width_bucket" in sql[0] and "nd_unit" not in sql[0]
+    expected = _rows(selectors.concept_list_live(user=user, min_iou=0.0401, min_stability=0.9))
+    assert [tuple(c[f] for f in FIELDS) for c in page["results"]] == expected and expected
+
+
+def test_the_embedded_database_sums_the_detector_rows(zoo, user, other_user, carol, monkeypatch):
+    """Without Postgres the scope rows are summed from ConceptStat (no arrays): the same detector
+    counts, and other thresholds count the units."""
+    from django.db import connection
+
+    from api import selectors, services
+
+    expected = _scope_rows()
+    monkeypatch.setattr(connection, "vendor", "sqlite")
+    services.concept_scopes_rebuild()
+    detectors = [r for r in expected if r[3] > 0]
+    assert [r for r in _scope_rows() if r[3] > 0] == detectors
+    assert _rows(selectors.concept_list(user=user, min_iou=0.1)) == _rows(
+        selectors.concept_list_live(user=user, min_iou=0.1)
+    )
     _all_agree(user, other_user, carol)
