@@ -320,6 +320,9 @@ class ConceptStat(models.Model):
         return f"{self.concept_id} in model {self.model_id} (owner {self.owner_id}): {self.units}"
 
 
+SCOPE_BUCKETS = 16  # ConceptStatScope splits each scope by model id modulo this
+
+
 class ConceptStatScope(models.Model):
     """One concept's labelled units over a visibility scope: every public model (``scope_owner``
     null), or one user's jobs on models that are not public. A user sees exactly the public
@@ -331,7 +334,9 @@ class ConceptStatScope(models.Model):
     as ConceptStat does. On Postgres the row also holds every labelled unit's IoU, negated and
     sorted (``neg_ious``), and each model's best (``neg_model_best``), so that any other
     ``min_iou`` is a binary search (``width_bucket``) per row rather than a count over the
-    units. Rows with no detector exist there too (for a lower ``min_iou``).
+    units. Rows with no detector exist there too (for a lower ``min_iou``). Each scope is split
+    into SCOPE_BUCKETS rows per concept and bar by model id, so that a job rewrites the rows
+    of its model's bucket only (a sixteenth of the scope's units).
 
     Rewritten per scope (services.concept_scopes_refresh): by concept_stats_refresh for the
     scopes of the model it rewrites, when a model's ``public`` changes or a model or user is
@@ -343,6 +348,7 @@ class ConceptStatScope(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="+", db_index=False
     )
     concept = models.ForeignKey(Concept, on_delete=models.CASCADE, related_name="scope_stats", db_index=False)
+    bucket = models.PositiveSmallIntegerField(default=0)  # model id % SCOPE_BUCKETS
     units = models.PositiveIntegerField()
     model_count = models.PositiveIntegerField()
     best_iou = models.FloatField(null=True, blank=True)  # null: no detector
@@ -355,10 +361,10 @@ class ConceptStatScope(models.Model):
         # Covers the read: one bar, the public scope and the user's, every concept.
         constraints = [
             models.UniqueConstraint(
-                fields=["bar", "scope_owner", "concept"],
+                fields=["bar", "scope_owner", "concept", "bucket"],
                 include=["units", "model_count", "best_iou"],
                 nulls_distinct=False,
-                name="conceptstatscope_bar_owner_concept",
+                name="conceptstatscope_bar_owner_concept_bucket",
             )
         ]
 

@@ -19,11 +19,12 @@ def _scopes_of(model: NetworkModel, public: bool) -> list[int | None]:
     return sorted(set(ConceptStat.objects.filter(model_id=model.pk).values_list("owner_id", flat=True)))
 
 
-def _refresh(scopes: list[int | None]) -> None:
+def _refresh(scopes: list[int | None], model: NetworkModel | None = None) -> None:
+    from api.models import SCOPE_BUCKETS
     from api.services.results import concept_scopes_refresh
 
     if scopes:
-        concept_scopes_refresh(scopes=scopes)
+        concept_scopes_refresh(scopes=scopes, bucket=None if model is None else model.pk % SCOPE_BUCKETS)
 
 
 @receiver(pre_save, sender=NetworkModel)
@@ -42,17 +43,23 @@ def _visibility_changed(sender, instance: NetworkModel, created: bool, **kwargs)
     # Its rows leave one side and join the other: the public scope and its jobs' owners'.
     owners = _scopes_of(instance, public=False)
     with transaction.atomic():
-        _refresh([None, *owners])
+        _refresh([None, *owners], instance)
 
 
 @receiver(pre_delete, sender=NetworkModel)
 def _note_scopes(sender, instance: NetworkModel, **kwargs) -> None:
     instance._scopes = _scopes_of(instance, instance.public)
+    instance._id = instance.pk
 
 
 @receiver(post_delete, sender=NetworkModel)
 def _model_deleted(sender, instance: NetworkModel, **kwargs) -> None:
-    _refresh(getattr(instance, "_scopes", []))
+    from api.models import SCOPE_BUCKETS
+    from api.services.results import concept_scopes_refresh
+
+    scopes = getattr(instance, "_scopes", [])
+    if scopes:
+        concept_scopes_refresh(scopes=scopes, bucket=instance._id % SCOPE_BUCKETS)
 
 
 @receiver(post_delete, sender=settings.AUTH_USER_MODEL)

@@ -17,6 +17,7 @@ from django.db.models import Count, Max, Q
 
 from api.models import (
     DETECTOR_MIN_IOU,
+    SCOPE_BUCKETS,
     SIGNIFICANT_P_MAX,
     STABLE_LABEL_MIN,
     AblationCurve,
@@ -93,82 +94,95 @@ def concept_stats_refresh(*, model_id: int, scopes: bool = True) -> int:
     )
     if scopes:
         owners |= {row.owner_id for row in created} if not public else set()
-        concept_scopes_refresh(scopes=[None] if public else sorted(owners))
+        concept_scopes_refresh(scopes=[None] if public else sorted(owners), bucket=model_id % SCOPE_BUCKETS)
     return len(created)
 
 
-_SCOPE_LOCK = 0x4E44_5343_0000_0000  # "NDSC": advisory lock keys of the scopes (+ owner id)
+_SCOPE_LOCK = 0x4E44_5343_0000_0000  # "NDSC": advisory lock keys (+ 64 x owner id + bucket)
 
 
 @transaction.atomic
-def concept_scopes_refresh(*, scopes: list[int | None]) -> None:
+def concept_scopes_refresh(*, scopes: list[int | None], bucket: int | None = None) -> None:
     """Rewrite the ConceptStatScope rows of some scopes (None: the public models; an id: that
-    user's jobs on models that are not public).
+    user's jobs on models that are not public), of one bucket of models (model id modulo
+    SCOPE_BUCKETS) or of all.
 
-    On Postgres from the units (one pass per scope: the detector counts and the sorted IoU
-    arrays of every bar), each scope locked first (a transaction advisory lock, scopes in
-    order), so two jobs finishing together rewrite a scope one after the other, the second
-    from a snapshot that holds the first's rows. Elsewhere (the embedded SQLite) the detector
-    counts are summed from ConceptStat, without arrays.
+    On Postgres from the units (one pass: the detector counts and the sorted IoU arrays of
+    every bar), each scope and bucket locked first (a transaction advisory lock, in order), so
+    two jobs finishing together rewrite a bucket one after the other, the second from a
+    snapshot that holds the first's rows. Elsewhere (the embedded SQLite) the detector counts
+    are summed from ConceptStat, without arrays.
     """
+    table = ConceptStatScope._meta.db_table
     with transaction.get_connection().cursor() as cursor:
+        postgres = cursor.db.vendor == "postgresql"
         for owner in sorted(scopes, key=lambda o: -1 if o is None else o):
-            if cursor.db.vendor == "postgresql":
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_SCOPE_LOCK + (owner or 0)])
-            if owner is None:
-                cursor.execute(f"DELETE FROM {ConceptStatScope._meta.db_table} WHERE scope_owner_id IS NULL")
-            else:
-                cursor.execute(f"DELETE FROM {ConceptStatScope._meta.db_table} WHERE scope_owner_id = %s", [owner])
-            cursor.execute(*(_scope_from_units if cursor.db.vendor == "postgresql" else _scope_from_stats)(owner))
+            if postgres:
+                keys = range(SCOPE_BUCKETS) if bucket is None else [bucket]
+                for key in keys:
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_SCOPE_LOCK + 64 * (owner or 0) + key])
+            scope = "scope_owner_id IS NULL" if owner is None else "scope_owner_id = %s"
+            args: list = [] if owner is None else [owner]
+            if bucket is not None:
+                scope += " AND bucket = %s"
+                args.append(bucket)
+            cursor.execute(f"DELETE FROM {table} WHERE {scope}", args)
+            cursor.execute(*(_scope_from_units if postgres else _scope_from_stats)(owner, bucket))
 
 
-def _scope_where(owner: int | None, model: str, job_owner: str) -> tuple[str, list]:
-    if owner is None:
-        return f"{model}.public", []
-    return f"NOT {model}.public AND {job_owner} = %s", [owner]
+def _scope_where(owner: int | None, bucket: int | None, job_owner: str) -> tuple[str, list]:
+    """Which models and jobs a scope (and bucket) holds, over nd_model m."""
+    where, args = ("m.public", []) if owner is None else (f"NOT m.public AND {job_owner} = %s", [owner])
+    if bucket is not None:
+        where += f" AND m.id %% {SCOPE_BUCKETS} = %s"
+        args.append(bucket)
+    return where, args
 
 
-def _scope_from_stats(owner: int | None) -> tuple[str, list]:
-    where, args = _scope_where(owner, "m", "s.owner_id")
+def _scope_from_stats(owner: int | None, bucket: int | None) -> tuple[str, list]:
+    where, args = _scope_where(owner, bucket, "s.owner_id")
     return (
         f"INSERT INTO {ConceptStatScope._meta.db_table}"
-        " (bar, scope_owner_id, concept_id, units, model_count, best_iou)"
-        " SELECT s.bar, %s, s.concept_id, SUM(s.units), COUNT(DISTINCT s.model_id), MAX(s.best_iou)"
+        " (bar, scope_owner_id, concept_id, bucket, units, model_count, best_iou)"
+        f" SELECT s.bar, %s, s.concept_id, m.id %% {SCOPE_BUCKETS}, SUM(s.units), COUNT(DISTINCT s.model_id),"
+        " MAX(s.best_iou)"
         f" FROM {ConceptStat._meta.db_table} s JOIN {NetworkModel._meta.db_table} m ON m.id = s.model_id"
-        f" WHERE {where} GROUP BY s.bar, s.concept_id",
+        f" WHERE {where} GROUP BY s.bar, s.concept_id, m.id %% {SCOPE_BUCKETS}",
         [owner, *args],
     )
 
 
-def _scope_from_units(owner: int | None) -> tuple[str, list]:
-    where, args = _scope_where(owner, "m", "j.owner_id")
+def _scope_from_units(owner: int | None, bucket: int | None) -> tuple[str, list]:
+    where, args = _scope_where(owner, bucket, "j.owner_id")
     bar = ConceptStat.Bar
     return (
         f"""INSERT INTO {ConceptStatScope._meta.db_table}
-            (bar, scope_owner_id, concept_id, units, model_count, best_iou, neg_ious, neg_model_best)
+            (bar, scope_owner_id, concept_id, bucket, units, model_count, best_iou, neg_ious, neg_model_best)
         WITH labelled AS (
-            SELECT u.label_id AS concept_id, u.model_id, u.iou,
+            SELECT u.label_id AS concept_id, u.model_id, u.model_id %% {SCOPE_BUCKETS} AS bucket, u.iou,
                    coalesce(u.stability >= %s, false) AS stable, coalesce(u.p_value <= %s, false) AS significant
-            FROM {Unit._meta.db_table} u
+            FROM {NetworkModel._meta.db_table} m
+            JOIN {Unit._meta.db_table} u ON u.model_id = m.id
             JOIN {Job._meta.db_table} j ON j.id = u.job_id
-            JOIN {NetworkModel._meta.db_table} m ON m.id = u.model_id
             WHERE j.status = %s AND u.label_id IS NOT NULL AND {where}
         ), barred AS (
-            SELECT b.bar, x.concept_id, x.model_id, x.iou FROM labelled x
+            SELECT b.bar, x.concept_id, x.model_id, x.bucket, x.iou FROM labelled x
             JOIN (VALUES (%s), (%s), (%s), (%s)) AS b (bar)
               ON b.bar = %s OR (b.bar = %s AND x.stable) OR (b.bar = %s AND x.significant)
                  OR (b.bar = %s AND x.stable AND x.significant)
         ), per_model AS (
-            SELECT bar, concept_id, max(iou) AS best FROM barred GROUP BY bar, concept_id, model_id
+            SELECT bar, concept_id, bucket, max(iou) AS best FROM barred GROUP BY bar, concept_id, bucket, model_id
         ), models AS (
-            SELECT bar, concept_id, array_agg(-best ORDER BY best DESC) AS neg_model_best,
+            SELECT bar, concept_id, bucket, array_agg(-best ORDER BY best DESC) AS neg_model_best,
                    count(*) FILTER (WHERE best >= %s) AS model_count
-            FROM per_model GROUP BY bar, concept_id
+            FROM per_model GROUP BY bar, concept_id, bucket
+        ), ious AS (
+            SELECT bar, concept_id, bucket, count(*) FILTER (WHERE iou >= %s) AS units,
+                   max(iou) FILTER (WHERE iou >= %s) AS best, array_agg(-iou ORDER BY iou DESC) AS neg_ious
+            FROM barred GROUP BY bar, concept_id, bucket
         )
-        SELECT i.bar, %s, i.concept_id, count(*) FILTER (WHERE i.iou >= %s), max(mo.model_count),
-               max(i.iou) FILTER (WHERE i.iou >= %s), array_agg(-i.iou ORDER BY i.iou DESC), max(mo.neg_model_best)
-        FROM barred i JOIN models mo ON mo.bar = i.bar AND mo.concept_id = i.concept_id
-        GROUP BY i.bar, i.concept_id""",
+        SELECT i.bar, %s, i.concept_id, i.bucket, i.units, mo.model_count, i.best, i.neg_ious, mo.neg_model_best
+        FROM ious i JOIN models mo ON mo.bar = i.bar AND mo.concept_id = i.concept_id AND mo.bucket = i.bucket""",
         [
             STABLE_LABEL_MIN,
             SIGNIFICANT_P_MAX,
@@ -183,9 +197,9 @@ def _scope_from_units(owner: int | None) -> tuple[str, list]:
             bar.SIGNIFICANT.value,
             bar.BOTH.value,
             DETECTOR_MIN_IOU,
+            DETECTOR_MIN_IOU,
+            DETECTOR_MIN_IOU,
             owner,
-            DETECTOR_MIN_IOU,
-            DETECTOR_MIN_IOU,
         ],
     )
 

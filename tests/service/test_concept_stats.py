@@ -358,8 +358,10 @@ def _scope_rows() -> list[tuple]:
     from api.models import ConceptStatScope
 
     return sorted(
-        ConceptStatScope.objects.values_list("bar", "scope_owner_id", "concept_id", "units", "model_count", "best_iou"),
-        key=lambda r: (r[0], r[1] or 0, r[2]),
+        ConceptStatScope.objects.values_list(
+            "bar", "scope_owner_id", "concept_id", "bucket", "units", "model_count", "best_iou", "neg_ious"
+        ),
+        key=lambda r: (r[0], r[1] or 0, r[2], r[3]),
     )
 
 
@@ -407,7 +409,7 @@ def test_scopes_follow_jobs_visibility_and_deletions(zoo, user, other_user, caro
 
 
 @pytest.mark.django_db(transaction=True)
-def test_two_jobs_finishing_together_rewrite_the_public_scope_in_turn(zoo, user, other_user, carol, settings, tmp_path):
+def test_two_jobs_finishing_together_rewrite_a_public_bucket_in_turn(zoo, user, other_user, carol, settings, tmp_path):
     import threading
 
     from django.db import connection, transaction
@@ -416,8 +418,15 @@ def test_two_jobs_finishing_together_rewrite_the_public_scope_in_turn(zoo, user,
     from api.models import NetworkModel
 
     settings.MEDIA_ROOT = tmp_path / "media"
-    second_model = NetworkModel.objects.create(
-        owner=other_user, name="second", arch="builtin:scenecnn", weights_path="/x", public=True
+    from api.models import SCOPE_BUCKETS
+
+    second_model = NetworkModel.objects.create(  # in the first model's bucket of the public scope
+        pk=zoo["alice-public"].pk + 1000 * SCOPE_BUCKETS,
+        owner=other_user,
+        name="second",
+        arch="builtin:scenecnn",
+        weights_path="/x",
+        public=True,
     )
     first_job = _run(user, zoo["alice-public"], 21, finish="leave")
     second_job = _run(carol, second_model, 22, finish="leave")
@@ -448,7 +457,7 @@ def test_two_jobs_finishing_together_rewrite_the_public_scope_in_turn(zoo, user,
     threads[0].start()
     assert held.wait(30)
     threads[1].start()
-    assert not second_done.wait(1.0)  # another model, the same scope: waits for its lock
+    assert not second_done.wait(1.0)  # another model, the same scope and bucket: waits for its lock
     release.set()
     for thread in threads:
         thread.join(30)
@@ -480,8 +489,8 @@ def test_the_embedded_database_sums_the_detector_rows(zoo, user, other_user, car
     expected = _scope_rows()
     monkeypatch.setattr(connection, "vendor", "sqlite")
     services.concept_scopes_rebuild()
-    detectors = [r for r in expected if r[3] > 0]
-    assert [r for r in _scope_rows() if r[3] > 0] == detectors
+    detectors = [r[:-1] for r in expected if r[4] > 0]
+    assert [r[:-1] for r in _scope_rows() if r[4] > 0] == detectors
     assert _rows(selectors.concept_list(user=user, min_iou=0.1)) == _rows(
         selectors.concept_list_live(user=user, min_iou=0.1)
     )
