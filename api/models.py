@@ -320,27 +320,21 @@ class ConceptStat(models.Model):
         return f"{self.concept_id} in model {self.model_id} (owner {self.owner_id}): {self.units}"
 
 
-SCOPE_BUCKETS = 16  # ConceptStatScope splits each scope by model id modulo this
+SCOPE_BUCKETS = 4  # the scope rows split each scope by model id modulo this
 
 
 class ConceptStatScope(models.Model):
-    """One concept's labelled units over a visibility scope: every public model (``scope_owner``
-    null), or one user's jobs on models that are not public. A user sees exactly the public
-    scope and their own (a unit is public iff its model is), which share no model, so GET
-    /api/concepts/ adds two rows per concept rather than one per model: units and model counts
-    add, best IoUs take the max.
+    """One concept's detectors (IoU >= DETECTOR_MIN_IOU) over a visibility scope: every public
+    model (``scope_owner`` null), or one user's jobs on models that are not public. A user sees
+    exactly the public scope and their own (a unit is public iff its model is), which share no
+    model, so GET /api/concepts/ adds a few rows per concept rather than one per model: units
+    and model counts add, best IoUs take the max. Each scope is split into SCOPE_BUCKETS rows
+    per concept and bar by model id, so that a job rewrites its model's bucket only.
 
-    ``units``, ``model_count`` and ``best_iou`` count the detectors (IoU >= DETECTOR_MIN_IOU),
-    as ConceptStat does. On Postgres the row also holds every labelled unit's IoU, negated and
-    sorted (``neg_ious``), and each model's best (``neg_model_best``), so that any other
-    ``min_iou`` is a binary search (``width_bucket``) per row rather than a count over the
-    units. Rows with no detector exist there too (for a lower ``min_iou``). Each scope is split
-    into SCOPE_BUCKETS rows per concept and bar by model id, so that a job rewrites the rows
-    of its model's bucket only (a sixteenth of the scope's units).
-
-    Rewritten per scope (services.concept_scopes_refresh): by concept_stats_refresh for the
-    scopes of the model it rewrites, when a model's ``public`` changes or a model or user is
-    deleted (api.signals), and whole by ``concept_stats_rebuild``.
+    Rewritten per scope and bucket (services.concept_scopes_refresh): by concept_stats_refresh
+    for the model it rewrites, when a model's ``public`` changes or a model or user is deleted
+    (api.signals), and whole by ``concept_stats_rebuild``. On Postgres from the units, with its
+    :class:`ConceptIouScope`; elsewhere summed from ConceptStat.
     """
 
     bar = models.CharField(max_length=12, choices=ConceptStat.Bar.choices, default=ConceptStat.Bar.ALL)
@@ -351,13 +345,11 @@ class ConceptStatScope(models.Model):
     bucket = models.PositiveSmallIntegerField(default=0)  # model id % SCOPE_BUCKETS
     units = models.PositiveIntegerField()
     model_count = models.PositiveIntegerField()
-    best_iou = models.FloatField(null=True, blank=True)  # null: no detector
-    neg_ious = ArrayField(models.FloatField(), null=True, blank=True)
-    neg_model_best = ArrayField(models.FloatField(), null=True, blank=True)
+    best_iou = models.FloatField()
 
     class Meta:
         db_table = "nd_concept_stat_scope"
-        ordering = ["bar", "scope_owner_id", "concept_id"]
+        ordering = ["bar", "scope_owner_id", "concept_id", "bucket"]
         # Covers the read: one bar, the public scope and the user's, every concept.
         constraints = [
             models.UniqueConstraint(
@@ -371,6 +363,39 @@ class ConceptStatScope(models.Model):
     def __str__(self) -> str:
         scope = "public" if self.scope_owner_id is None else f"owner {self.scope_owner_id}"
         return f"{self.concept_id} ({scope}, {self.bar}): {self.units} in {self.model_count} models"
+
+
+class ConceptIouScope(models.Model):
+    """Every labelled unit of one concept in a scope and bucket (as :class:`ConceptStatScope`),
+    for GET /api/concepts/ at any ``min_iou`` (Postgres only): their IoUs negated and sorted
+    ascending (``neg_ious``) and each model's best likewise (``neg_model_best``), so that the
+    units and models at or above a threshold are one binary search each (``width_bucket``)
+    rather than a count over the units; ``top_iou`` is the best IoU of all."""
+
+    bar = models.CharField(max_length=12, choices=ConceptStat.Bar.choices, default=ConceptStat.Bar.ALL)
+    scope_owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="+", db_index=False
+    )
+    concept = models.ForeignKey(Concept, on_delete=models.CASCADE, related_name="iou_scopes", db_index=False)
+    bucket = models.PositiveSmallIntegerField(default=0)
+    top_iou = models.FloatField()
+    neg_ious = ArrayField(models.FloatField())
+    neg_model_best = ArrayField(models.FloatField())
+
+    class Meta:
+        db_table = "nd_concept_iou_scope"
+        ordering = ["bar", "scope_owner_id", "concept_id", "bucket"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["bar", "scope_owner", "concept", "bucket"],
+                nulls_distinct=False,
+                name="conceptiouscope_bar_owner_concept_bucket",
+            )
+        ]
+
+    def __str__(self) -> str:
+        scope = "public" if self.scope_owner_id is None else f"owner {self.scope_owner_id}"
+        return f"{self.concept_id} ({scope}, {self.bar}): {len(self.neg_ious)} units"
 
 
 class LayerResult(models.Model):

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, F, FloatField, Func, IntegerField, Max, Min, Q, QuerySet, Sum, Value
+from django.db.models import Count, F, FloatField, Func, IntegerField, Max, Q, QuerySet, Sum, Value
 from django.utils import timezone
 
 from api.models import (
@@ -135,17 +135,15 @@ def concept_list(
         below = Value(-float(min_iou), output_field=FloatField())
         return (
             Concept.objects.filter(
-                Q(scope_stats__scope_owner=user) | Q(scope_stats__scope_owner__isnull=True),
-                scope_stats__bar=bar,
+                Q(iou_scopes__scope_owner=user) | Q(iou_scopes__scope_owner__isnull=True),
+                iou_scopes__bar=bar,
             )
             .annotate(
-                units=Sum(
-                    Func(below, F("scope_stats__neg_ious"), function="width_bucket", output_field=IntegerField())
-                ),
+                units=Sum(Func(below, F("iou_scopes__neg_ious"), function="width_bucket", output_field=IntegerField())),
                 models=Sum(
-                    Func(below, F("scope_stats__neg_model_best"), function="width_bucket", output_field=IntegerField())
+                    Func(below, F("iou_scopes__neg_model_best"), function="width_bucket", output_field=IntegerField())
                 ),
-                best_iou=-Min("scope_stats__neg_ious__0"),
+                best_iou=Max("iou_scopes__top_iou"),
             )
             .filter(units__gt=0)
             .order_by("-units", "name", "id")

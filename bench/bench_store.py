@@ -746,13 +746,53 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
             "",
         )
     )
+    # Any other min_iou: a binary search in each scope row's sorted IoUs (checked against the units).
+    thresholds = [0.0, 0.0123, 0.05, 0.1, 0.2, 0.3333]
+    for t in thresholds[:2]:
+        expected = [
+            tuple(r[f] for f in fields) for r in selectors.concept_list_live(user=user, min_iou=t).values(*fields)[:50]
+        ]
+
+        def check_threshold(path, body, expected=expected):
+            if [tuple(r[f] for f in fields) for r in body["results"]] != expected:
+                raise SystemExit(f"{path}: the scope arrays disagree with the count over the units")
+
+        measure_get(client, [f"/api/concepts/?min_iou={t}"], check=check_threshold)
+    paths = [f"/api/concepts/?min_iou={thresholds[i % len(thresholds)]}" for i in range(4 * k)]
     rows.append(
         (
-            "GET /api/concepts/?category=object&min_iou=0.1 (counts the units)",
-            measure_get(client, ["/api/concepts/?category=object&min_iou=0.1"] * k),
-            "",
+            "GET /api/concepts/?min_iou=T, T in " + ", ".join(map(str, thresholds)),
+            measure_get(client, paths),
+            "p95 < 30 ms",
         )
     )
+    paths = [f"/api/concepts/?min_iou={thresholds[i % len(thresholds)]}&min_stability=0.9" for i in range(4 * k)]
+    rows.append(
+        ("GET /api/concepts/?min_iou=T&min_stability=0.9 (T as above)", measure_get(client, paths), "p95 < 30 ms")
+    )
+    rows.append(
+        (
+            "GET /api/concepts/?category=object&min_iou=0.1",
+            measure_get(client, ["/api/concepts/?category=object&min_iou=0.1"] * k),
+            "p95 < 30 ms",
+        )
+    )
+    # The write side of the scope rows: a job's success rewrites its model's ConceptStat rows and
+    # the scope rows of its bucket (the units of every model of that bucket).
+    for public in (True, False):
+        picked = list(NetworkModel.objects.filter(public=public, owner=user).order_by("id")[: max(3, k // 2)])
+        refreshes = []
+        for model in picked:
+            t0 = time.perf_counter()
+            services.concept_stats_refresh(model_id=model.pk)
+            refreshes.append(time.perf_counter() - t0)
+        rows.append(
+            (
+                f"concept_stats_refresh of one {'public' if public else 'private'} model (what job_succeed runs)",
+                refreshes,
+                "",
+            )
+        )
 
     # Bulk write: one 512-unit layer with the full unit x concept matrix, as a worker stores it.
     dataset = Dataset.objects.first()

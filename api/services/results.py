@@ -23,6 +23,7 @@ from api.models import (
     AblationCurve,
     ClassUnitImportance,
     Concept,
+    ConceptIouScope,
     ConceptStat,
     ConceptStatScope,
     Job,
@@ -127,6 +128,8 @@ def concept_scopes_refresh(*, scopes: list[int | None], bucket: int | None = Non
                 scope += " AND bucket = %s"
                 args.append(bucket)
             cursor.execute(f"DELETE FROM {table} WHERE {scope}", args)
+            if postgres:
+                cursor.execute(f"DELETE FROM {ConceptIouScope._meta.db_table} WHERE {scope}", args)
             cursor.execute(*(_scope_from_units if postgres else _scope_from_stats)(owner, bucket))
 
 
@@ -156,9 +159,7 @@ def _scope_from_units(owner: int | None, bucket: int | None) -> tuple[str, list]
     where, args = _scope_where(owner, bucket, "j.owner_id")
     bar = ConceptStat.Bar
     return (
-        f"""INSERT INTO {ConceptStatScope._meta.db_table}
-            (bar, scope_owner_id, concept_id, bucket, units, model_count, best_iou, neg_ious, neg_model_best)
-        WITH labelled AS (
+        f"""WITH labelled AS (
             SELECT u.label_id AS concept_id, u.model_id, u.model_id %% {SCOPE_BUCKETS} AS bucket, u.iou,
                    coalesce(u.stability >= %s, false) AS stable, coalesce(u.p_value <= %s, false) AS significant
             FROM {NetworkModel._meta.db_table} m
@@ -180,9 +181,17 @@ def _scope_from_units(owner: int | None, bucket: int | None) -> tuple[str, list]
             SELECT bar, concept_id, bucket, count(*) FILTER (WHERE iou >= %s) AS units,
                    max(iou) FILTER (WHERE iou >= %s) AS best, array_agg(-iou ORDER BY iou DESC) AS neg_ious
             FROM barred GROUP BY bar, concept_id, bucket
+        ), arrays AS (
+            INSERT INTO {ConceptIouScope._meta.db_table}
+                (bar, scope_owner_id, concept_id, bucket, top_iou, neg_ious, neg_model_best)
+            SELECT i.bar, %s, i.concept_id, i.bucket, -i.neg_ious[1], i.neg_ious, mo.neg_model_best
+            FROM ious i JOIN models mo ON mo.bar = i.bar AND mo.concept_id = i.concept_id AND mo.bucket = i.bucket
         )
-        SELECT i.bar, %s, i.concept_id, i.bucket, i.units, mo.model_count, i.best, i.neg_ious, mo.neg_model_best
-        FROM ious i JOIN models mo ON mo.bar = i.bar AND mo.concept_id = i.concept_id AND mo.bucket = i.bucket""",
+        INSERT INTO {ConceptStatScope._meta.db_table}
+            (bar, scope_owner_id, concept_id, bucket, units, model_count, best_iou)
+        SELECT i.bar, %s, i.concept_id, i.bucket, i.units, mo.model_count, i.best
+        FROM ious i JOIN models mo ON mo.bar = i.bar AND mo.concept_id = i.concept_id AND mo.bucket = i.bucket
+        WHERE i.units > 0""",
         [
             STABLE_LABEL_MIN,
             SIGNIFICANT_P_MAX,
@@ -200,6 +209,7 @@ def _scope_from_units(owner: int | None, bucket: int | None) -> tuple[str, list]
             DETECTOR_MIN_IOU,
             DETECTOR_MIN_IOU,
             owner,
+            owner,
         ],
     )
 
@@ -209,6 +219,7 @@ def concept_scopes_rebuild() -> int:
     """Every scope's rows anew from ConceptStat (after ``concept_stats_rebuild`` rewrote it)."""
     owners = ConceptStat.objects.filter(model__public=False).order_by().values_list("owner_id", flat=True).distinct()
     ConceptStatScope.objects.all().delete()
+    ConceptIouScope.objects.all().delete()
     concept_scopes_refresh(scopes=[None, *sorted(owners)])
     return ConceptStatScope.objects.count()
 

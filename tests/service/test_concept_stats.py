@@ -355,11 +355,16 @@ def test_the_evidence_bars_have_summary_rows_too(zoo, api, user, other_user, car
 
 
 def _scope_rows() -> list[tuple]:
-    from api.models import ConceptStatScope
+    from api.models import ConceptIouScope, ConceptStatScope
 
     return sorted(
         ConceptStatScope.objects.values_list(
-            "bar", "scope_owner_id", "concept_id", "bucket", "units", "model_count", "best_iou", "neg_ious"
+            "bar", "scope_owner_id", "concept_id", "bucket", "units", "model_count", "best_iou"
+        ),
+        key=lambda r: (r[0], r[1] or 0, r[2], r[3]),
+    ) + sorted(
+        ConceptIouScope.objects.values_list(
+            "bar", "scope_owner_id", "concept_id", "bucket", "top_iou", "neg_ious", "neg_model_best"
         ),
         key=lambda r: (r[0], r[1] or 0, r[2], r[3]),
     )
@@ -473,7 +478,7 @@ def test_any_threshold_is_a_binary_search_per_scope_row(zoo, api, user):
 
     with CaptureQueriesContext(connection) as queries:
         page = api.get("/api/concepts/?min_iou=0.0401&min_stability=0.9&limit=1000").json()
-    sql = [q["sql"] for q in queries.captured_queries if "nd_concept_stat_scope" in q["sql"]]
+    sql = [q["sql"] for q in queries.captured_queries if "nd_concept_iou_scope" in q["sql"]]
     assert len(sql) == 1 and "width_bucket" in sql[0] and "nd_unit" not in sql[0]
     expected = _rows(selectors.concept_list_live(user=user, min_iou=0.0401, min_stability=0.9))
     assert [tuple(c[f] for f in FIELDS) for c in page["results"]] == expected and expected
@@ -485,12 +490,23 @@ def test_the_embedded_database_sums_the_detector_rows(zoo, user, other_user, car
     from django.db import connection
 
     from api import selectors, services
+    from api.models import ConceptIouScope, ConceptStatScope
 
-    expected = _scope_rows()
+    expected = sorted(
+        ConceptStatScope.objects.values_list(
+            "bar", "scope_owner_id", "concept_id", "bucket", "units", "model_count", "best_iou"
+        ),
+        key=str,
+    )
     monkeypatch.setattr(connection, "vendor", "sqlite")
     services.concept_scopes_rebuild()
-    detectors = [r[:-1] for r in expected if r[4] > 0]
-    assert [r[:-1] for r in _scope_rows() if r[4] > 0] == detectors
+    got = sorted(
+        ConceptStatScope.objects.values_list(
+            "bar", "scope_owner_id", "concept_id", "bucket", "units", "model_count", "best_iou"
+        ),
+        key=str,
+    )
+    assert got == expected and not ConceptIouScope.objects.exists()
     assert _rows(selectors.concept_list(user=user, min_iou=0.1)) == _rows(
         selectors.concept_list_live(user=user, min_iou=0.1)
     )
