@@ -9,8 +9,9 @@ would give (:class:`api.serializers.UnitSerializer`, same fields, values and ord
 top concepts included; Python only joins the rows into the page.
 
 What stays the general path's (``UnitViewSet.list``): a database other than Postgres, a
-renderer other than JSON (the browsable API) and any ``?ordering=``. Filters are validated
-by the same :class:`api.filters.UnitFilter` (same 400s) and the cursor is DRF's own
+renderer other than JSON (the browsable API) and any ``?ordering=``. The filters are
+:class:`api.filters.UnitFilter`'s, cleaned as its form cleans them (same 400s), and the cursor
+is DRF's own
 :class:`~rest_framework.pagination.CursorPagination` logic, run over :class:`PageQuery`
 rather than a queryset, so ``next``/``previous`` links are the ones the general path gives.
 """
@@ -107,7 +108,7 @@ class PageQuery:
 
     def __getitem__(self, window: slice) -> list[Row]:
         offset, stop = window.start or 0, window.stop
-        clauses = ["(j.owner_id = {} OR m2.public)", f"j.status = '{Job.Status.SUCCEEDED}'"]
+        clauses = ["(j.owner_id = {} OR m2.public)", f"j.status = '{Job.Status.SUCCEEDED.value}'"]
         args: list[object] = [self.user_id]
         joins = ""
         for name, value in self.filters:

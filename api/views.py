@@ -389,9 +389,11 @@ class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     @extend_schema(
         description=(
             "Concepts that label at least one visible unit of a succeeded job, with the number of such "
-            "units, of models, and the best IoU. At the default min_iou (0.04, the detector threshold) the "
-            "counts are sums of per-model summary rows refreshed when a job succeeds; any other min_iou "
-            "counts the units themselves, several times slower (seconds over millions of units)."
+            "units, of models, and the best IoU. The counts are sums of summary rows per visibility scope "
+            "(the public models, your own jobs on other models) refreshed when a job succeeds: detector "
+            "counts at the default min_iou (0.04), binary searches in sorted IoUs at any other (Postgres). "
+            "Other min_stability or max_p_value values count the units themselves (seconds over millions "
+            "of units)."
         ),
         parameters=[
             OpenApiParameter("min_iou", float, description="count units with IoU >= this (default 0.04)"),

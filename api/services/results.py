@@ -186,6 +186,7 @@ def _scope_from_units(owner: int | None, bucket: int | None) -> tuple[str, list]
                 (bar, scope_owner_id, concept_id, bucket, top_iou, neg_ious, neg_model_best)
             SELECT i.bar, %s, i.concept_id, i.bucket, -i.neg_ious[1], i.neg_ious, mo.neg_model_best
             FROM ious i JOIN models mo ON mo.bar = i.bar AND mo.concept_id = i.concept_id AND mo.bucket = i.bucket
+            ORDER BY i.bar, i.concept_id, i.bucket  -- a bar's rows together: the read scans one bar
         )
         INSERT INTO {ConceptStatScope._meta.db_table}
             (bar, scope_owner_id, concept_id, bucket, units, model_count, best_iou)
