@@ -280,9 +280,10 @@ class UnitConcept(models.Model):
 
 class ConceptStat(models.Model):
     """Detectors of one concept in one model, over the succeeded jobs of one owner: a summary of
-    nd_unit (units with iou >= DETECTOR_MIN_IOU) that GET /api/concepts/ sums instead of the units.
-    One row per ``bar``: all detectors, those with a stable label (stability >= STABLE_LABEL_MIN),
-    those above chance (p_value <= SIGNIFICANT_P_MAX), and those with both.
+    nd_unit (units with iou >= DETECTOR_MIN_IOU). One row per ``bar``: all detectors, those with
+    a stable label (stability >= STABLE_LABEL_MIN), those above chance (p_value <=
+    SIGNIFICANT_P_MAX), and those with both. GET /api/concepts/ reads the per-scope sums
+    (:class:`ConceptStatScope`), which the embedded SQLite builds from these rows.
 
     Rewritten per model by services.concept_stats_refresh (job_succeed calls it); data loaded
     around the services needs ``manage.py concept_stats_rebuild``.
@@ -304,10 +305,8 @@ class ConceptStat(models.Model):
     class Meta:
         db_table = "nd_concept_stat"
         ordering = ["bar", "concept_id", "model_id", "owner_id"]
-        # The unique index covers the read: GET /api/concepts/ walks one bar of it in concept
-        # order, index only (once vacuumed), filters on owner and model there, and groups
-        # without a sort.
-        # The FK indexes serve the per-model refresh (model) and a user's deletion (owner).
+        # One row per bar, concept, model and owner; the FK indexes serve the per-model
+        # refresh (model) and a user's deletion (owner).
         constraints = [
             models.UniqueConstraint(
                 fields=["bar", "concept", "model", "owner"],
@@ -323,7 +322,24 @@ class ConceptStat(models.Model):
 SCOPE_BUCKETS = 4  # the scope rows split each scope by model id modulo this
 
 
-class ConceptStatScope(models.Model):
+class _ScopeRow(models.Model):
+    """Where a scope row belongs: a bar, a scope (null: the public models) and a bucket of models."""
+
+    bar = models.CharField(max_length=12, choices=ConceptStat.Bar.choices, default=ConceptStat.Bar.ALL)
+    scope_owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="+", db_index=False
+    )
+    bucket = models.PositiveSmallIntegerField(default=0)  # model id % SCOPE_BUCKETS
+
+    class Meta:
+        abstract = True
+
+    def _where(self) -> str:
+        scope = "public" if self.scope_owner_id is None else f"owner {self.scope_owner_id}"
+        return f"{scope}, {self.bar}, bucket {self.bucket}"
+
+
+class ConceptStatScope(_ScopeRow):
     """One concept's detectors (IoU >= DETECTOR_MIN_IOU) over a visibility scope: every public
     model (``scope_owner`` null), or one user's jobs on models that are not public. A user sees
     exactly the public scope and their own (a unit is public iff its model is), which share no
@@ -337,12 +353,7 @@ class ConceptStatScope(models.Model):
     :class:`ConceptIouScope`; elsewhere summed from ConceptStat.
     """
 
-    bar = models.CharField(max_length=12, choices=ConceptStat.Bar.choices, default=ConceptStat.Bar.ALL)
-    scope_owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="+", db_index=False
-    )
     concept = models.ForeignKey(Concept, on_delete=models.CASCADE, related_name="scope_stats", db_index=False)
-    bucket = models.PositiveSmallIntegerField(default=0)  # model id % SCOPE_BUCKETS
     units = models.PositiveIntegerField()
     model_count = models.PositiveIntegerField()
     best_iou = models.FloatField()
@@ -361,23 +372,17 @@ class ConceptStatScope(models.Model):
         ]
 
     def __str__(self) -> str:
-        scope = "public" if self.scope_owner_id is None else f"owner {self.scope_owner_id}"
-        return f"{self.concept_id} ({scope}, {self.bar}): {self.units} in {self.model_count} models"
+        return f"{self.concept_id} ({self._where()}): {self.units} in {self.model_count} models"
 
 
-class ConceptIouScope(models.Model):
+class ConceptIouScope(_ScopeRow):
     """Every labelled unit of one concept in a scope and bucket (as :class:`ConceptStatScope`),
     for GET /api/concepts/ at any ``min_iou`` (Postgres only): their IoUs negated and sorted
     ascending (``neg_ious``) and each model's best likewise (``neg_model_best``), so that the
     units and models at or above a threshold are one binary search each (``width_bucket``)
     rather than a count over the units; ``top_iou`` is the best IoU of all."""
 
-    bar = models.CharField(max_length=12, choices=ConceptStat.Bar.choices, default=ConceptStat.Bar.ALL)
-    scope_owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="+", db_index=False
-    )
     concept = models.ForeignKey(Concept, on_delete=models.CASCADE, related_name="iou_scopes", db_index=False)
-    bucket = models.PositiveSmallIntegerField(default=0)
     top_iou = models.FloatField()
     neg_ious = ArrayField(models.FloatField())
     neg_model_best = ArrayField(models.FloatField())
@@ -394,8 +399,7 @@ class ConceptIouScope(models.Model):
         ]
 
     def __str__(self) -> str:
-        scope = "public" if self.scope_owner_id is None else f"owner {self.scope_owner_id}"
-        return f"{self.concept_id} ({scope}, {self.bar}): {len(self.neg_ious)} units"
+        return f"{self.concept_id} ({self._where()}): {len(self.neg_ious)} units"
 
 
 class LayerResult(models.Model):

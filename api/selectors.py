@@ -107,13 +107,12 @@ def concept_list(
 ) -> QuerySet[Concept]:
     """Concepts that label at least one visible unit with IoU >= min_iou, with unit and model counts.
 
-    At the detector threshold (the default) the counts are sums of two summary rows per concept
-    (:class:`api.models.ConceptStatScope`): the public models' and the user's own jobs' on
-    models that are not public, which are exactly the units the live query counts and share no
-    model. Any other ``min_iou`` counts the units themselves: the unit conditions filter the
-    join before grouping (one inner join, one pass over the matching units), about 10x faster
-    over millions of units than aggregate ``filter=`` clauses over an outer join of every unit,
-    but still seconds at model-zoo scale.
+    The counts are sums of summary rows per scope (the public models' units, and the user's own
+    jobs' units on models that are not public: exactly the units the live query counts, and
+    sharing no model) and bucket of models. At the detector threshold (the default) they are
+    :class:`api.models.ConceptStatScope`'s counts; at any other ``min_iou`` (Postgres) binary
+    searches in :class:`api.models.ConceptIouScope`'s sorted IoUs. Evidence filters other than
+    the bars (and other thresholds on SQLite) count the units: :func:`concept_list_live`.
     """
     bar = _concept_stat_bar(min_stability, max_p_value)
     if bar is not None and min_iou == DETECTOR_MIN_IOU:

@@ -284,19 +284,8 @@ class _UnitRows:
     evidence: dict[str, list] | None = None  # EVIDENCE_FIELDS -> U values (None: unknown)
 
 
-_UNIT_COLUMNS = (
-    "id",
-    "job",
-    "model",
-    "layer",
-    "unit",
-    "label",
-    "label_name",
-    "iou",
-    "threshold",
-    "top_images",
-    "top_concepts_json",
-)
+_UNIT_COLUMNS: tuple[str, ...] = ("id", "job", "model", "layer", "unit", "label", "label_name", "iou", "threshold")
+_UNIT_COLUMNS += ("top_images", "top_concepts_json")
 # The label evidence columns of nd_unit, in the order the writers send them.
 EVIDENCE_FIELDS = ("iou_low", "iou_high", "stability", "runner_up", "runner_up_iou", "chance_iou", "p_value")
 
