@@ -131,8 +131,11 @@ class PageQuery:
             f"SELECT u.* FROM {Unit._meta.db_table} u JOIN nd_job j ON j.id = u.job_id"
             f" JOIN nd_model m2 ON m2.id = u.model_id{joins} WHERE {where}"
             f" ORDER BY {order} LIMIT {{}} OFFSET {{}}) p"
-            " JOIN nd_model m ON m.id = p.model_id"
-            " LEFT JOIN nd_concept l ON l.id = p.label_id LEFT JOIN nd_concept r ON r.id = p.runner_up_id"
+            # Lookups by primary key per unit (OFFSET 0: not flattened into hash joins that
+            # read every model and concept for a page of 100).
+            " CROSS JOIN LATERAL (SELECT name FROM nd_model WHERE id = p.model_id OFFSET 0) m"
+            " LEFT JOIN LATERAL (SELECT name, category FROM nd_concept WHERE id = p.label_id OFFSET 0) l ON true"
+            " LEFT JOIN LATERAL (SELECT name, category FROM nd_concept WHERE id = p.runner_up_id OFFSET 0) r ON true"
             f" ORDER BY {outer_order}"
         )
         return [Row(*row) for row in prepared.execute("units", sql, args)]
