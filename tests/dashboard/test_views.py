@@ -88,6 +88,9 @@ def make_dissection(
             "concept_units": {c.name: labels.count(c) for c in concepts},
         },
     )
+    from api import services
+
+    services.concept_stats_refresh(model_id=model.pk)  # what job_succeed does: the concept summaries
     return {"model": model, "dataset": dataset, "job": job, "unit": rows[0], "layer": layer}
 
 
@@ -217,6 +220,9 @@ def test_user_text_is_escaped_everywhere(alice, user):
     rows = make_dissection(user, name=EVIL)
     evil_concept = Concept.objects.create(name=EVIL, category=EVIL)
     Unit.objects.filter(pk=rows["unit"].pk).update(label=evil_concept, label_name=EVIL, iou=0.5)
+    from api import services
+
+    services.concept_stats_refresh(model_id=rows["model"].pk)  # the rows changed around the services
     job, model, unit = rows["job"], rows["model"], rows["unit"]
     urls = [
         "/",
