@@ -1,6 +1,6 @@
 """Keep ConceptStatScope true when rows change around the services (the admin, a shell): a
 model made public or private, a model or a user deleted; and fill it after ``migrate`` when
-it is empty while ConceptStat is not (a store upgraded to migration 0016). The services
+it is empty while labelled units exist (a store upgraded to migration 0016). The services
 refresh scopes themselves (concept_stats_refresh)."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_migrate, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 
-from api.models import ConceptStat, NetworkModel
+from api.models import NetworkModel
 
 
 def _scopes_of(model: NetworkModel, public: bool) -> list[int | None]:
-    if public:
-        return [None]
-    return sorted(set(ConceptStat.objects.filter(model_id=model.pk).values_list("owner_id", flat=True)))
+    from api.services.results import job_owners
+
+    return [None] if public else list(job_owners(model_id=model.pk))
 
 
 def _refresh(scopes: list[int | None], model: NetworkModel | None = None) -> None:
@@ -72,8 +72,9 @@ def _user_deleted(sender, instance, **kwargs) -> None:
 def _fill_scopes_after_upgrade(sender, app_config=None, using="default", **kwargs) -> None:
     if app_config is None or app_config.label != "api":
         return
-    from api.models import ConceptStatScope
+    from api.models import ConceptIouScope, ConceptStatScope, Unit
     from api.services.results import concept_scopes_rebuild
 
-    if ConceptStat.objects.using(using).exists() and not ConceptStatScope.objects.using(using).exists():
+    empty = not (ConceptStatScope.objects.using(using).exists() or ConceptIouScope.objects.using(using).exists())
+    if empty and Unit.objects.using(using).filter(label__isnull=False).exists():
         concept_scopes_rebuild()

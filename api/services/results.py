@@ -54,9 +54,7 @@ def concept_stats_refresh(*, model_id: int, scopes: bool = True) -> int:
     if not locked:
         return 0
     _, public, _ = locked[0]
-    stats = ConceptStat.objects.filter(model_id=model_id)
-    owners = set() if public else set(stats.values_list("owner_id", flat=True).distinct())
-    stats.delete()
+    ConceptStat.objects.filter(model_id=model_id).delete()
     stable = Q(stability__gte=STABLE_LABEL_MIN)
     significant = Q(p_value__lte=SIGNIFICANT_P_MAX)
     bars = {
@@ -94,9 +92,18 @@ def concept_stats_refresh(*, model_id: int, scopes: bool = True) -> int:
         batch_size=5000,
     )
     if scopes:
-        owners |= {row.owner_id for row in created} if not public else set()
-        concept_scopes_refresh(scopes=[None] if public else sorted(owners), bucket=model_id % SCOPE_BUCKETS)
+        owners = [None] if public else job_owners(model_id=model_id)
+        concept_scopes_refresh(scopes=owners, bucket=model_id % SCOPE_BUCKETS)
     return len(created)
+
+
+def job_owners(*, model_id: int | None = None) -> list[int]:
+    """Who ran jobs (any status) on models that are not public, or on one model: the private
+    scopes that hold, or held, their units."""
+    jobs = Job.objects.all() if model_id is not None else Job.objects.filter(model__public=False)
+    if model_id is not None:
+        jobs = jobs.filter(model_id=model_id)
+    return sorted(set(jobs.order_by().values_list("owner_id", flat=True).distinct()))
 
 
 _SCOPE_LOCK = 0x4E44_5343_0000_0000  # "NDSC": advisory lock keys (+ 64 x owner id + bucket)
@@ -218,7 +225,7 @@ def _scope_from_units(owner: int | None, bucket: int | None) -> tuple[str, list]
 @transaction.atomic
 def concept_scopes_rebuild() -> int:
     """Every scope's rows anew from ConceptStat (after ``concept_stats_rebuild`` rewrote it)."""
-    owners = ConceptStat.objects.filter(model__public=False).order_by().values_list("owner_id", flat=True).distinct()
+    owners = job_owners()
     ConceptStatScope.objects.all().delete()
     ConceptIouScope.objects.all().delete()
     concept_scopes_refresh(scopes=[None, *sorted(owners)])

@@ -269,14 +269,14 @@ def model(user, settings, tmp_path):
     return NetworkModel.objects.create(owner=user, name="m", arch="builtin:scenecnn", weights_path="/x", public=True)
 
 
-def _run(owner, model, seed: int, *, finish: str = "succeed"):
+def _run(owner, model, seed: int, *, finish: str = "succeed", scale: float = 1.0):
     from api import services
     from api.models import Dataset, Job
 
     dataset = Dataset.objects.create(owner=owner, name="d", format="broden", path="/y")
     job = Job.objects.create(owner=owner, type="dissect", model=model, dataset=dataset, status="running")
     rng = np.random.default_rng(seed)
-    iou = rng.uniform(0.0, 0.08, size=(30, len(CONCEPTS)))
+    iou = rng.uniform(0.0, 0.08, size=(30, len(CONCEPTS))) * scale
     iou[0] = 0.0
     for layer in ("conv4", "conv5"):
         services.layer_result_store(
@@ -411,6 +411,16 @@ def test_scopes_follow_jobs_visibility_and_deletions(zoo, user, other_user, caro
     zoo["alice-private"].delete()
     _all_agree(user, other_user)
     assert not ConceptStatScope.objects.filter(scope_owner=user).exists()  # nothing private of hers is left
+    # A private model whose units are all below the detector threshold: no ConceptStat row, but
+    # its owner's scope holds their IoUs (for a lower min_iou), and must lose them with it.
+    from api.models import ConceptIouScope, NetworkModel
+
+    faint = NetworkModel.objects.create(owner=user, name="faint", arch="builtin:scenecnn", weights_path="/x")
+    _run(other_user, faint, 14, scale=0.4)
+    assert ConceptIouScope.objects.filter(scope_owner=other_user).exists()
+    _all_agree(user, other_user, thresholds=THRESHOLDS)
+    faint.delete()
+    _all_agree(user, other_user, thresholds=THRESHOLDS)
 
 
 @pytest.mark.django_db(transaction=True)
