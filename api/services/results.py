@@ -43,17 +43,16 @@ def concept_stats_refresh(*, model_id: int, scopes: bool = True) -> int:
     The model row is locked first (FOR NO KEY UPDATE: jobs and units referencing it can still
     be written), so two jobs of the same model finishing together rewrite its rows one after the
     other; the second sees the first's status once it has the lock. Then (``scopes``) the
-    ConceptStatScope rows of the scopes the model's rows were and are in.
+    scope rows of the model's bucket: of the public scope, or of the private scopes of
+    everyone who ran a job on it.
 
     Returns:
         the number of rows written (0 when the model no longer exists).
     """
-    locked = list(
-        NetworkModel.objects.select_for_update(no_key=True).filter(pk=model_id).values_list("pk", "public", "owner_id")
-    )
+    locked = list(NetworkModel.objects.select_for_update(no_key=True).filter(pk=model_id).values_list("public"))
     if not locked:
         return 0
-    _, public, _ = locked[0]
+    public = locked[0][0]
     ConceptStat.objects.filter(model_id=model_id).delete()
     stable = Q(stability__gte=STABLE_LABEL_MIN)
     significant = Q(p_value__lte=SIGNIFICANT_P_MAX)
@@ -100,9 +99,7 @@ def concept_stats_refresh(*, model_id: int, scopes: bool = True) -> int:
 def job_owners(*, model_id: int | None = None) -> list[int]:
     """Who ran jobs (any status) on models that are not public, or on one model: the private
     scopes that hold, or held, their units."""
-    jobs = Job.objects.all() if model_id is not None else Job.objects.filter(model__public=False)
-    if model_id is not None:
-        jobs = jobs.filter(model_id=model_id)
+    jobs = Job.objects.filter(model__public=False) if model_id is None else Job.objects.filter(model_id=model_id)
     return sorted(set(jobs.order_by().values_list("owner_id", flat=True).distinct()))
 
 
