@@ -10,7 +10,7 @@ through ``api.services.layer_result_store``. Targets: p95 of
 Usage:
     python bench/bench_store.py [--models 1000] [--layers 5] [--units 512] [--requests 200]
                                 [--db netdissect_bench] [--skip-fill] [--keep]
-                                [--http-clients 8] [--http-workers 4]
+                                [--http-clients 8] [--http-workers 4] [--http-threads 0]
 
 The database (default ``netdissect_bench`` on 127.0.0.1:5432, user postgres; override
 with --admin-url) is dropped and recreated unless --skip-fill reuses a filled one;
@@ -35,7 +35,8 @@ and its first page is checked against the same page counted over the units. Late
 wall-clock times of ``APIClient.get`` including JSON decoding; the first request for each
 frequent concept is reported apart (cold cache). The unit query is also timed over HTTP:
 gunicorn (``--http-workers``, as compose runs 4) on loopback, ``--http-clients`` concurrent
-clients with keep-alive sessions, each request timed to its decoded JSON.
+clients with keep-alive sessions, each request timed to its decoded JSON; and the CPU that
+gunicorn's processes, Postgres's and the clients spent per request meanwhile (from /proc).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -558,9 +560,28 @@ def measure_get(client, paths: list[str], *, check=None) -> list[float]:
     return out
 
 
-def measure_http(args, token: str, paths: list[str]) -> tuple[list[float], float]:
-    """Latencies of GETs through gunicorn (``--http-workers`` processes) from ``--http-clients``
-    concurrent clients, each with its own keep-alive session; and the wall time of them all."""
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of some processes so far (from /proc; gone processes count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _pids(*pgrep: str) -> list[int]:
+    done = subprocess.run(["pgrep", *pgrep], capture_output=True, text=True, check=False)
+    return [int(p) for p in done.stdout.split()]
+
+
+def measure_http(args, token: str, paths: list[str]) -> tuple[list[float], float, dict[str, float]]:
+    """Latencies of GETs through gunicorn (``--http-workers`` processes, ``--http-threads``
+    threads each when given) from ``--http-clients`` concurrent clients, each with its own
+    keep-alive session; the wall time of them all; and the CPU seconds the gunicorn processes,
+    the Postgres processes and the clients (this process) spent meanwhile."""
     import socket
     import threading
 
@@ -572,6 +593,8 @@ def measure_http(args, token: str, paths: list[str]) -> tuple[list[float], float
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}"]
     command += ["--workers", str(args.http_workers), "--log-level", "warning"]
+    if args.http_threads:
+        command += ["--worker-class", "gthread", "--threads", str(args.http_threads)]
     server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "API_WRITE_RATE": ""})
     headers = {"Authorization": f"Token {token}"}
     try:
@@ -605,15 +628,25 @@ def measure_http(args, token: str, paths: list[str]) -> tuple[list[float], float
 
         n = args.http_clients
         threads = [threading.Thread(target=client, args=(paths[i::n],)) for i in range(n)]
+        web = [server.pid, *_pids("-P", str(server.pid))]
+        before = {"web": _cpu_seconds(web), "db": _cpu_seconds(_pids("-x", "postgres"))}
+        mine = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        requests_made = len(samples) + sum(min(3, len(paths[i::n])) for i in range(n))
+        cpu = {
+            "gunicorn": _cpu_seconds(web) - before["web"],
+            "Postgres": _cpu_seconds(_pids("-x", "postgres")) - before["db"],
+            "clients": after.ru_utime + after.ru_stime - mine.ru_utime - mine.ru_stime,
+        }
         if errors:
             raise SystemExit(f"{len(errors)} failed requests over HTTP, e.g. {errors[0]}")
-        return samples, wall
+        return samples, wall, {name: seconds / requests_made for name, seconds in cpu.items()}
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -673,15 +706,18 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
     if args.http_clients:
         token = Token.objects.get(user=user).key
         paths = [f"/api/units/?concept={c}&min_iou=0.04" for c in interleaved] * 2
-        samples, wall = measure_http(args, token, paths)
+        samples, wall, cpu = measure_http(args, token, paths)
+        threads = f" x {args.http_threads} threads" if args.http_threads else ""
         rows.append(
             (
-                f"HTTP, gunicorn {args.http_workers} workers, {args.http_clients} clients: "
+                f"HTTP, gunicorn {args.http_workers} workers{threads}, {args.http_clients} clients: "
                 f"GET /api/units/?concept=X&min_iou=0.04 ({len(samples) / wall:.0f} requests/s)",
                 samples,
-                "",
+                "p95 < 20 ms",
             )
         )
+        spent = ", ".join(f"{name} {seconds * 1000:.2f} ms" for name, seconds in cpu.items())
+        rows.append((f"  CPU per request over HTTP: {spent}", [], ""))
 
     first = client.get(f"/api/units/?concept={head[0]}&min_iou=0.04").json()
     nexts = []
@@ -887,6 +923,9 @@ def main() -> int:
         "--http-clients", type=int, default=8, help="concurrent clients of the HTTP unit query (0: skip it)"
     )
     parser.add_argument("--http-workers", type=int, default=4, help="gunicorn worker processes for the HTTP query")
+    parser.add_argument(
+        "--http-threads", type=int, default=0, help="gunicorn threads per worker (gthread, keep-alive); 0: sync workers"
+    )
     args = parser.parse_args()
     if args.db in PROTECTED:
         raise SystemExit(f"refusing to use database {args.db!r}")
