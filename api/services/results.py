@@ -160,62 +160,62 @@ def _scope_from_stats(owner: int | None, bucket: int | None) -> tuple[str, list]
 
 
 def _scope_from_units(owner: int | None, bucket: int | None) -> tuple[str, list]:
+    """One statement: the scope's labelled units read once, aggregated per concept and bucket
+    for the four bars at once (FILTER), then one row per bar into each table."""
     where, args = _scope_where(owner, bucket, "j.owner_id")
-    bar = ConceptStat.Bar
+    detector = repr(float(DETECTOR_MIN_IOU))
+    bars = {  # bar -> which labelled units it holds
+        ConceptStat.Bar.ALL.value: "true",
+        ConceptStat.Bar.STABLE.value: "stable",
+        ConceptStat.Bar.SIGNIFICANT.value: "significant",
+        ConceptStat.Bar.BOTH.value: "stable AND significant",
+    }
+    per_model = ", ".join(f"max(iou) FILTER (WHERE {held}) AS best_{i}" for i, held in enumerate(bars.values()))
+    models = ", ".join(
+        f"array_agg(-best_{i} ORDER BY best_{i} DESC) FILTER (WHERE best_{i} IS NOT NULL) AS neg_model_best_{i}, "
+        f"count(*) FILTER (WHERE best_{i} >= {detector}) AS model_count_{i}"
+        for i in range(len(bars))
+    )
+    ious = ", ".join(
+        f"array_agg(-iou ORDER BY iou DESC) FILTER (WHERE {held}) AS neg_ious_{i}, "
+        f"count(*) FILTER (WHERE {held} AND iou >= {detector}) AS units_{i}, "
+        f"max(iou) FILTER (WHERE {held} AND iou >= {detector}) AS best_{i}"
+        for i, held in enumerate(bars.values())
+    )
+    per_bar = ", ".join(
+        f"('{name}', i.units_{i}, i.best_{i}, i.neg_ious_{i}, mo.model_count_{i}, mo.neg_model_best_{i})"
+        for i, name in enumerate(bars)
+    )
     return (
-        f"""WITH labelled AS (
+        f"""WITH labelled AS MATERIALIZED (
             SELECT u.label_id AS concept_id, u.model_id, u.model_id %% {SCOPE_BUCKETS} AS bucket, u.iou,
-                   coalesce(u.stability >= %s, false) AS stable, coalesce(u.p_value <= %s, false) AS significant
+                   coalesce(u.stability >= {STABLE_LABEL_MIN!r}, false) AS stable,
+                   coalesce(u.p_value <= {SIGNIFICANT_P_MAX!r}, false) AS significant
             FROM {NetworkModel._meta.db_table} m
             JOIN {Unit._meta.db_table} u ON u.model_id = m.id
             JOIN {Job._meta.db_table} j ON j.id = u.job_id
             WHERE j.status = %s AND u.label_id IS NOT NULL AND {where}
-        ), barred AS (
-            SELECT b.bar, x.concept_id, x.model_id, x.bucket, x.iou FROM labelled x
-            JOIN (VALUES (%s), (%s), (%s), (%s)) AS b (bar)
-              ON b.bar = %s OR (b.bar = %s AND x.stable) OR (b.bar = %s AND x.significant)
-                 OR (b.bar = %s AND x.stable AND x.significant)
         ), per_model AS (
-            SELECT bar, concept_id, bucket, max(iou) AS best FROM barred GROUP BY bar, concept_id, bucket, model_id
+            SELECT concept_id, bucket, {per_model} FROM labelled GROUP BY concept_id, bucket, model_id
         ), models AS (
-            SELECT bar, concept_id, bucket, array_agg(-best ORDER BY best DESC) AS neg_model_best,
-                   count(*) FILTER (WHERE best >= %s) AS model_count
-            FROM per_model GROUP BY bar, concept_id, bucket
+            SELECT concept_id, bucket, {models} FROM per_model GROUP BY concept_id, bucket
         ), ious AS (
-            SELECT bar, concept_id, bucket, count(*) FILTER (WHERE iou >= %s) AS units,
-                   max(iou) FILTER (WHERE iou >= %s) AS best, array_agg(-iou ORDER BY iou DESC) AS neg_ious
-            FROM barred GROUP BY bar, concept_id, bucket
+            SELECT concept_id, bucket, {ious} FROM labelled GROUP BY concept_id, bucket
+        ), scope_rows AS (
+            SELECT b.bar, i.concept_id, i.bucket, b.units, b.best, b.neg_ious, b.model_count, b.neg_model_best
+            FROM ious i JOIN models mo ON mo.concept_id = i.concept_id AND mo.bucket = i.bucket
+            CROSS JOIN LATERAL (VALUES {per_bar}) AS b (bar, units, best, neg_ious, model_count, neg_model_best)
+            WHERE b.neg_ious IS NOT NULL
         ), arrays AS (
             INSERT INTO {ConceptIouScope._meta.db_table}
                 (bar, scope_owner_id, concept_id, bucket, top_iou, neg_ious, neg_model_best)
-            SELECT i.bar, %s, i.concept_id, i.bucket, -i.neg_ious[1], i.neg_ious, mo.neg_model_best
-            FROM ious i JOIN models mo ON mo.bar = i.bar AND mo.concept_id = i.concept_id AND mo.bucket = i.bucket
-            ORDER BY i.bar, i.concept_id, i.bucket  -- a bar's rows together: the read scans one bar
+            SELECT bar, %s, concept_id, bucket, -neg_ious[1], neg_ious, neg_model_best FROM scope_rows
+            ORDER BY bar, concept_id, bucket  -- a bar's rows together: the read scans one bar
         )
         INSERT INTO {ConceptStatScope._meta.db_table}
             (bar, scope_owner_id, concept_id, bucket, units, model_count, best_iou)
-        SELECT i.bar, %s, i.concept_id, i.bucket, i.units, mo.model_count, i.best
-        FROM ious i JOIN models mo ON mo.bar = i.bar AND mo.concept_id = i.concept_id AND mo.bucket = i.bucket
-        WHERE i.units > 0""",
-        [
-            STABLE_LABEL_MIN,
-            SIGNIFICANT_P_MAX,
-            Job.Status.SUCCEEDED.value,
-            *args,
-            bar.ALL.value,
-            bar.STABLE.value,
-            bar.SIGNIFICANT.value,
-            bar.BOTH.value,
-            bar.ALL.value,
-            bar.STABLE.value,
-            bar.SIGNIFICANT.value,
-            bar.BOTH.value,
-            DETECTOR_MIN_IOU,
-            DETECTOR_MIN_IOU,
-            DETECTOR_MIN_IOU,
-            owner,
-            owner,
-        ],
+        SELECT bar, %s, concept_id, bucket, units, model_count, best FROM scope_rows WHERE units > 0""",
+        [Job.Status.SUCCEEDED.value, *args, owner, owner],
     )
 
 
