@@ -38,6 +38,8 @@ class TokenAuthentication(authentication.TokenAuthentication):
     def authenticate_credentials(self, key):
         if connection.vendor != "postgresql":
             return super().authenticate_credentials(key)
+        if "\x00" in key:  # no key holds one, and Postgres takes no NUL in a string
+            raise exceptions.AuthenticationFailed(_("Invalid token."))
         token_model, user_model = self.get_model(), get_user_model()
         sql, token_names, user_names = _lookup(token_model, user_model)
         rows = prepared.execute("token", sql, [key])

@@ -172,6 +172,9 @@ def _filters(params) -> tuple[tuple[str, object], ...]:
         if raw is None or not str(raw).strip():
             continue
         value = str(raw).strip()
+        if "\x00" in value:  # what Django's form fields say (ProhibitNullCharactersValidator)
+            errors[name] = ["Null characters are not allowed."]
+            continue
         if name in _NUMBERS:
             try:
                 number = Decimal(value)

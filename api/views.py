@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 from django.http import FileResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
 from rest_framework.generics import get_object_or_404
 from rest_framework.pagination import CursorPagination
 from rest_framework.parsers import FormParser, MultiPartParser
@@ -341,6 +344,21 @@ class UnitPagination(CursorPagination):
     page_size_query_param = "page_size"
     max_page_size = 1000
 
+    def decode_cursor(self, request):
+        """DRF's cursor, with its position checked against the ordering field (a finite IoU, an
+        integer id): a crafted position is an invalid cursor (404), not a database error."""
+        cursor = super().decode_cursor(request)
+        if cursor is None or cursor.position is None:
+            return cursor
+        field = self.ordering[0].lstrip("-")
+        try:
+            value = int(cursor.position) if field == "id" else float(cursor.position)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value):
+            raise NotFound(self.invalid_cursor_message)
+        return cursor
+
 
 class UnitViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     queryset = Unit.objects.none()  # schema introspection only; get_queryset() scopes the rows to the user
@@ -418,8 +436,6 @@ class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
 
 def _number_param(params, name: str, default, *, low: float | None = None, high: float | None = None):
     """A finite number query parameter (``default`` when absent), in [low, high] when given."""
-    import math
-
     raw = params.get(name)
     if raw is None or raw == "":
         return default

@@ -36,6 +36,9 @@ def test_unknown_and_inactive_are_drfs_401s(api, user):
     stranger.credentials(HTTP_AUTHORIZATION="Token " + "0" * 40)
     response = stranger.get("/api/models/")
     assert response.status_code == 401 and "Invalid token" in response.json()["message"]
+    stranger.credentials(HTTP_AUTHORIZATION="Token abc\x00def")
+    response = stranger.get("/api/models/")
+    assert response.status_code == 401 and "Invalid token" in response.json()["message"]
     user.is_active = False
     user.save()
     response = api.get("/api/models/")

@@ -198,3 +198,19 @@ def test_the_browsable_api_still_renders(api, stored):
     response = api.get("/api/units/?page_size=2", HTTP_ACCEPT="text/html")
     assert response.status_code == 200
     assert "text/html" in response["Content-Type"]
+
+
+def test_null_characters_and_crafted_cursors_are_4xx_on_both_paths(api, stored):
+    import base64
+
+    for ordering in ("", "&ordering=-iou,id"):
+        response = api.get(f"/api/units/?concept=tr%00ee{ordering}")
+        assert response.status_code == 400 and "concept" in response.json()["message"], ordering
+        assert "Null characters" in str(response.json()["extra"])
+        for position in (b"abc", b"nan", b"inf", b"1e999"):
+            cursor = base64.urlsafe_b64encode(b"o=0&p=" + position).decode()
+            response = api.get(f"/api/units/?cursor={cursor}{ordering}")
+            assert response.status_code == 404 and "cursor" in response.json()["message"].lower(), (ordering, position)
+    cursor = base64.urlsafe_b64encode(b"o=0&p=1.5").decode()
+    assert api.get(f"/api/units/?cursor={cursor}&ordering=id").status_code == 404  # ids are integers
+    assert api.get(f"/api/units/?cursor={cursor}").status_code == 200  # an IoU may be 1.5 (none is)
