@@ -6,11 +6,10 @@ refresh scopes themselves (concept_stats_refresh)."""
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import transaction
 from django.db.models.signals import post_delete, post_migrate, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 
-from api.models import NetworkModel
+from api.models import SCOPE_BUCKETS, NetworkModel
 
 
 def _scopes_of(model: NetworkModel, public: bool) -> list[int | None]:
@@ -19,19 +18,18 @@ def _scopes_of(model: NetworkModel, public: bool) -> list[int | None]:
     return [None] if public else list(job_owners(model_id=model.pk))
 
 
-def _refresh(scopes: list[int | None], model: NetworkModel | None = None) -> None:
-    from api.models import SCOPE_BUCKETS
+def _refresh(scopes: list[int | None], bucket: int | None = None) -> None:
     from api.services.results import concept_scopes_refresh
 
     if scopes:
-        concept_scopes_refresh(scopes=scopes, bucket=None if model is None else model.pk % SCOPE_BUCKETS)
+        concept_scopes_refresh(scopes=scopes, bucket=bucket)
 
 
 @receiver(pre_save, sender=NetworkModel)
-def _note_visibility(sender, instance: NetworkModel, **kwargs) -> None:
-    if instance.pk is None:
-        instance._was_public = None
-        return
+def _note_visibility(sender, instance: NetworkModel, update_fields=None, **kwargs) -> None:
+    instance._was_public = None
+    if instance.pk is None or (update_fields is not None and "public" not in update_fields):
+        return  # a new model, or a save that cannot change its visibility
     instance._was_public = NetworkModel.objects.filter(pk=instance.pk).values_list("public", flat=True).first()
 
 
@@ -41,25 +39,18 @@ def _visibility_changed(sender, instance: NetworkModel, created: bool, **kwargs)
     if created or was is None or was == instance.public:
         return
     # Its rows leave one side and join the other: the public scope and its jobs' owners'.
-    owners = _scopes_of(instance, public=False)
-    with transaction.atomic():
-        _refresh([None, *owners], instance)
+    _refresh([None, *_scopes_of(instance, public=False)], instance.pk % SCOPE_BUCKETS)
 
 
 @receiver(pre_delete, sender=NetworkModel)
 def _note_scopes(sender, instance: NetworkModel, **kwargs) -> None:
     instance._scopes = _scopes_of(instance, instance.public)
-    instance._id = instance.pk
+    instance._bucket = instance.pk % SCOPE_BUCKETS  # the pk is gone after the delete
 
 
 @receiver(post_delete, sender=NetworkModel)
 def _model_deleted(sender, instance: NetworkModel, **kwargs) -> None:
-    from api.models import SCOPE_BUCKETS
-    from api.services.results import concept_scopes_refresh
-
-    scopes = getattr(instance, "_scopes", [])
-    if scopes:
-        concept_scopes_refresh(scopes=scopes, bucket=instance._id % SCOPE_BUCKETS)
+    _refresh(getattr(instance, "_scopes", []), getattr(instance, "_bucket", None))
 
 
 @receiver(post_delete, sender=settings.AUTH_USER_MODEL)

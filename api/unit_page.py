@@ -10,10 +10,10 @@ top concepts included; Python only joins the rows into the page.
 
 What stays the general path's (``UnitViewSet.list``): a database other than Postgres, a
 renderer other than JSON (the browsable API) and any ``?ordering=``. The filters are
-:class:`api.filters.UnitFilter`'s, cleaned as its form cleans them (same 400s), and the cursor
-is DRF's own
-:class:`~rest_framework.pagination.CursorPagination` logic, run over :class:`PageQuery`
-rather than a queryset, so ``next``/``previous`` links are the ones the general path gives.
+:class:`api.filters.UnitFilter`'s, cleaned as its form cleans them (same 400s), and the
+cursor is DRF's own :class:`~rest_framework.pagination.CursorPagination` logic, run over
+:class:`PageQuery` rather than a queryset, so ``next``/``previous`` links are the ones the
+general path gives.
 """
 
 from __future__ import annotations

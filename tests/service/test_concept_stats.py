@@ -204,23 +204,23 @@ def test_the_rebuild_gives_the_rows_the_refreshes_gave(zoo):
     assert services.concept_stats_refresh(model_id=10**9) == 0
 
 
-@pytest.mark.django_db(transaction=True)
-def test_two_refreshes_of_one_model_at_once_take_turns(zoo):
+def _one_after_the_other(first_call, second_call) -> tuple[bool, list[Exception], bool]:
+    """Run ``first_call`` in a transaction held open, then ``second_call`` in another thread.
+
+    Returns: whether the second was still waiting 1 s after it started, the errors of both, and
+    whether the second finished once the first committed.
+    """
     import threading
 
     from django.db import connection, transaction
 
-    from api import services
-
-    rows = _stat_rows()
-    model_id = zoo["alice-public"].pk
     held, release, second_done = threading.Event(), threading.Event(), threading.Event()
     errors: list[Exception] = []
 
     def first():
         try:
             with transaction.atomic():
-                services.concept_stats_refresh(model_id=model_id)
+                first_call()
                 held.set()
                 release.wait(30)
         except Exception as exc:
@@ -230,7 +230,7 @@ def test_two_refreshes_of_one_model_at_once_take_turns(zoo):
 
     def second():
         try:
-            services.concept_stats_refresh(model_id=model_id)
+            second_call()
             second_done.set()
         except Exception as exc:
             errors.append(exc)
@@ -241,11 +241,25 @@ def test_two_refreshes_of_one_model_at_once_take_turns(zoo):
     threads[0].start()
     assert held.wait(30)
     threads[1].start()
-    assert not second_done.wait(1.0)  # waits for the model row the first one holds
+    waited = not second_done.wait(1.0)
     release.set()
     for thread in threads:
         thread.join(30)
-    assert errors == [] and second_done.is_set()
+    return waited, errors, second_done.is_set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_refreshes_of_one_model_at_once_take_turns(zoo):
+    from api import services
+
+    rows = _stat_rows()
+    model_id = zoo["alice-public"].pk
+    waited, errors, done = _one_after_the_other(
+        lambda: services.concept_stats_refresh(model_id=model_id),
+        lambda: services.concept_stats_refresh(model_id=model_id),
+    )
+    assert waited  # waits for the model row the first one holds
+    assert errors == [] and done
     assert _stat_rows() == rows
 
 
@@ -425,16 +439,10 @@ def test_scopes_follow_jobs_visibility_and_deletions(zoo, user, other_user, caro
 
 @pytest.mark.django_db(transaction=True)
 def test_two_jobs_finishing_together_rewrite_a_public_bucket_in_turn(zoo, user, other_user, carol, settings, tmp_path):
-    import threading
-
-    from django.db import connection, transaction
-
     from api import services
-    from api.models import NetworkModel
+    from api.models import SCOPE_BUCKETS, NetworkModel
 
     settings.MEDIA_ROOT = tmp_path / "media"
-    from api.models import SCOPE_BUCKETS
-
     second_model = NetworkModel.objects.create(  # in the first model's bucket of the public scope
         pk=zoo["alice-public"].pk + 1000 * SCOPE_BUCKETS,
         owner=other_user,
@@ -445,38 +453,11 @@ def test_two_jobs_finishing_together_rewrite_a_public_bucket_in_turn(zoo, user, 
     )
     first_job = _run(user, zoo["alice-public"], 21, finish="leave")
     second_job = _run(carol, second_model, 22, finish="leave")
-    held, release, second_done = threading.Event(), threading.Event(), threading.Event()
-    errors: list[Exception] = []
-
-    def first():
-        try:
-            with transaction.atomic():
-                services.job_succeed(job_id=first_job.pk)
-                held.set()
-                release.wait(30)
-        except Exception as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    def second():
-        try:
-            services.job_succeed(job_id=second_job.pk)
-            second_done.set()
-        except Exception as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    threads[0].start()
-    assert held.wait(30)
-    threads[1].start()
-    assert not second_done.wait(1.0)  # another model, the same scope and bucket: waits for its lock
-    release.set()
-    for thread in threads:
-        thread.join(30)
-    assert errors == [] and second_done.is_set()
+    waited, errors, done = _one_after_the_other(
+        lambda: services.job_succeed(job_id=first_job.pk), lambda: services.job_succeed(job_id=second_job.pk)
+    )
+    assert waited  # another model, the same scope and bucket: waits for its lock
+    assert errors == [] and done
     _all_agree(user, other_user, carol)
 
 
