@@ -386,7 +386,7 @@ def _forward_batches(src: _Source, phase: str = "forward") -> Iterator[_Prepared
                     raise LayerError(f"layer {layer!r} produced no output in this pass", layer=layer, valid=[])
                 out = tr.outputs[layer]
                 layout = layout_from_output(src.model, layer, out, x.shape[0])
-                acts[layer] = layout.to_map(out).to(torch.float32)
+                acts[layer] = layout.to_map(out).to(torch.float32).contiguous()  # token layouts are permuted views
             if src.segmenter is not None:
                 label_maps = src.segmenter.segment(batch.images)
                 image_labels = torch.zeros((label_maps.shape[0], 0), dtype=torch.int32, device=src.device)

@@ -51,6 +51,7 @@ __all__ = [
 
 _ABS_MASK = 0x7FFFFFFF
 _SPARSE_BELOW = 1 / 8
+_FEW_LOW = 1 / 8  # rows of units with a floor below 0 that are added value by value (_add_floored)
 _FAST_RAISE = True
 _INF_KEY = 0x7F800000
 
@@ -428,11 +429,23 @@ class QuantileSketch:
         else:
             idx = bits & _ABS_MASK
             idx >>= sh
-        if "neg" not in self.stores and "pos" in self.stores:
+        low = floor[:, 0] < 0  # rows of units whose floor lies below 0
+        n_low = int(torch.count_nonzero(low))
+        few_low = 0 < n_low <= low.numel() * _FEW_LOW
+        if "pos" in self.stores and ("neg" not in self.stores or nonneg or n_low == 0 or few_low):
             # Positive values only: one column for the floor, then the positive store's
             # columns from c0 up (below c0 no value above a floor can land, _pos_low_col).
+            # The rows of a few units with a floor below 0 (values of any sign above it,
+            # in any bucket) go value by value instead, so that c0 is that of the others.
             pos = self.stores["pos"]
-            c0 = self._pos_low_col()
+            if few_low:
+                pick = low.nonzero().squeeze(1)
+                flat = above.index_select(0, pick).view(-1).nonzero().squeeze(1)
+                picked = units.index_select(0, pick).index_select(0, flat // p)
+                above.index_fill_(0, pick, False)  # so the histogram counts them at the floor
+                self.floor_count -= torch.bincount(picked, minlength=self.units)
+                self._add_pairs(picked, rows.index_select(0, pick).view(-1).index_select(0, flat))
+            c0 = self._pos_low_col(floors_at_or_above_zero=few_low)
             width = w - c0 + 1
             # Column in the flat [U, width] histogram: u * width + clamp(bucket - offset - c0
             # + 1, 1) above the floor, u * width (the floor column) at or below it.
@@ -488,10 +501,13 @@ class QuantileSketch:
         neg = self.stores.get("neg")
         pos = self.stores.get("pos")
         below_pos = self.floor_count + self.zeros + (neg["counts"].sum(1) if neg is not None else 0)
-        in_low = below_pos > rank
-        # Only columns c0.. of the positive store can hold counts (_pos_low_col).
-        c0 = self._pos_low_col() if pos is not None else 0
-        if pos is not None and _FAST_RAISE and (neg is None or not bool(in_low.any())):
+        # The units whose rank lies below the positive store, or whose floor lies below 0
+        # (positive counts in any column), take the general path over every column; the
+        # others search the positive store's columns from c0 up (_pos_low_col) only.
+        special = (below_pos > rank) | (floor_key < 0)
+        c0_all = self._pos_low_col() if pos is not None else 0  # for every unit
+        if pos is not None and _FAST_RAISE and not bool(special.all()):
+            c0 = self._pos_low_col(floors_at_or_above_zero=True)
             # Columns as in _ordered_counts: 0 the floor bucket, w + 1 the zeros, w + 2 + i pos bucket i.
             csum = torch.cumsum(pos["counts"][:, c0:], dim=1)
             i = torch.searchsorted(csum, (rank - below_pos).clamp(min=0)[:, None], right=True)[:, 0]
@@ -499,25 +515,14 @@ class QuantileSketch:
             col = i + (w + 2)
             key_lo = torch.where(i > 0, (pos["offset"] + i) << s, torch.ones_like(i)).clamp(min=1)
             folded = below_pos + torch.where(i > c0, torch.gather(csum, 1, (i - 1 - c0).clamp(min=0)[:, None])[:, 0], 0)
-            if bool(in_low.any()):
-                # No negative store: the rank lies in the floor bucket (no raise) or among the zeros.
-                in_floor = self.floor_count > rank
-                col = torch.where(in_low, torch.where(in_floor, 0, w + 1), col)
-                key_lo = torch.where(in_low, torch.zeros_like(key_lo), key_lo)
-                folded = torch.where(in_low, self.floor_count, folded)
+            if bool(special.any()):
+                sub = special.nonzero().squeeze(1)
+                sub_col, sub_key_lo, sub_folded = self._raise_columns(rank, sub)
+                col = col.index_copy(0, sub, sub_col)
+                key_lo = key_lo.index_copy(0, sub, sub_key_lo)
+                folded = folded.index_copy(0, sub, sub_folded)
         else:
-            counts = self._ordered_counts()
-            csum = torch.cumsum(counts, dim=1)
-            target = torch.full((self.units, 1), int(rank), dtype=torch.int64, device=dev)
-            col = torch.searchsorted(csum, target, right=True)[:, 0].clamp(max=csum.shape[1] - 1)
-            m = (w - col).clamp(0, w - 1)
-            neg_offset = neg["offset"] if neg is not None else torch.zeros_like(col)
-            neg_lo = -(((neg_offset + m + 1) << s) - 1)
-            i = (col - (w + 2)).clamp(min=0)
-            pos_offset = pos["offset"] if pos is not None else torch.zeros_like(col)
-            pos_lo = torch.where(i > 0, (pos_offset + i) << s, torch.ones_like(i)).clamp(min=1)
-            key_lo = torch.where(col <= w, neg_lo, torch.where(col == w + 1, torch.zeros_like(col), pos_lo))
-            folded = torch.gather(csum, 1, (col - 1).clamp(min=0)[:, None])[:, 0]
+            col, key_lo, folded = self._raise_columns(rank, None)
         key_lo = torch.maximum(torch.maximum(key_lo, self.key_min), floor_key + 1)
         raise_it = (col > 0) & (key_lo - 1 > floor_key)
         if not bool(raise_it.any()):
@@ -529,22 +534,49 @@ class QuantileSketch:
             neg["counts"].masked_fill_(cols > (w - col)[:, None], 0)
         self.zeros = self.zeros.masked_fill(col > w + 1, 0)
         if pos is not None:
-            pos["counts"][:, c0:].masked_fill_(cols[:, c0:] < (col - w - 2)[:, None], 0)
+            pos["counts"][:, c0_all:].masked_fill_(cols[:, c0_all:] < (col - w - 2)[:, None], 0)
         self.floor = torch.where(raise_it, _keys_to_float32(key_lo - 1), self.floor)
 
-    def _pos_low_col(self) -> int:
+    def _raise_columns(self, rank: int, sub: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For :meth:`raise_floor`, over every column of :meth:`_ordered_counts` of the units
+        ``sub`` (int64 [S]; None: all): the column holding ascending rank ``rank``, the lowest
+        key of its bucket, and the count of the columns below it."""
+        w, s = self.max_buckets, self.shift
+        counts = self._ordered_counts(sub)
+        csum = torch.cumsum(counts, dim=1)
+        target = torch.full((counts.shape[0], 1), int(rank), dtype=torch.int64, device=counts.device)
+        col = torch.searchsorted(csum, target, right=True)[:, 0].clamp(max=csum.shape[1] - 1)
+        m = (w - col).clamp(0, w - 1)
+
+        def offset(sign: str) -> torch.Tensor:
+            if sign not in self.stores:
+                return torch.zeros_like(col)
+            return self.stores[sign]["offset"] if sub is None else self.stores[sign]["offset"].index_select(0, sub)
+
+        neg_lo = -(((offset("neg") + m + 1) << s) - 1)
+        i = (col - (w + 2)).clamp(min=0)
+        pos_lo = torch.where(i > 0, (offset("pos") + i) << s, torch.ones_like(i)).clamp(min=1)
+        key_lo = torch.where(col <= w, neg_lo, torch.where(col == w + 1, torch.zeros_like(col), pos_lo))
+        folded = torch.gather(csum, 1, (col - 1).clamp(min=0)[:, None])[:, 0]
+        return col, key_lo, folded
+
+    def _pos_low_col(self, floors_at_or_above_zero: bool = False) -> int:
         """A column of the positive store below which every unit's counts are 0.
 
         A value above a floor >= 0 falls in the floor's bucket or a higher one, and
         :meth:`raise_floor` empties the buckets below a raised floor; a unit with a
         floor below 0 may have counts anywhere (then 0). Dense updates and floor
-        raises touch only the columns from here up.
+        raises touch only the columns from here up. ``floors_at_or_above_zero``:
+        the column for the units whose floor is >= 0 only (the others left out).
         """
         assert self.floor is not None
         pos = self.stores["pos"]
         key = float_keys(self.floor).to(torch.int64)
-        col = torch.where(key >= 0, (key >> self.shift) - pos["offset"], torch.zeros_like(key))
-        return max(0, int(col.min()))
+        col = (key >> self.shift) - pos["offset"]
+        if floors_at_or_above_zero:
+            col = col[key >= 0]
+            return max(0, int(col.min())) if col.numel() else 0
+        return max(0, int(torch.where(key >= 0, col, torch.zeros_like(key)).min()))
 
     def _extremes(self, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
         assert self.key_min is not None and self.key_max is not None
@@ -612,20 +644,25 @@ class QuantileSketch:
         self.n += other.n
         return self
 
-    def _ordered_counts(self) -> torch.Tensor:
-        """Value-ordered counts [U, L]: the floor bucket (with a floor), the negative
-        buckets from the most negative up, the zeros, then the positive buckets
-        (:meth:`_column_keys` gives each column's key range)."""
+    def _ordered_counts(self, sub: torch.Tensor | None = None) -> torch.Tensor:
+        """Value-ordered counts [U, L] (or [S, L] of the units ``sub``, int64 [S]): the floor
+        bucket (with a floor), the negative buckets from the most negative up, the zeros,
+        then the positive buckets (:meth:`_column_keys` gives each column's key range)."""
         w = self.max_buckets
         assert self.zeros is not None
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t if sub is None else t.index_select(0, sub)
+
         parts = []
         if self.floor is not None:
             assert self.floor_count is not None
-            parts.append(self.floor_count[:, None])
-        empty = torch.zeros(self.units, w, dtype=torch.int64, device=self.device)
-        parts.append(self.stores["neg"]["counts"].flip(1) if "neg" in self.stores else empty)
-        parts.append(self.zeros[:, None])
-        parts.append(self.stores["pos"]["counts"] if "pos" in self.stores else empty)
+            parts.append(rows(self.floor_count)[:, None])
+        n = self.units if sub is None else sub.numel()
+        empty = torch.zeros(n, w, dtype=torch.int64, device=self.device)
+        parts.append(rows(self.stores["neg"]["counts"]).flip(1) if "neg" in self.stores else empty)
+        parts.append(rows(self.zeros)[:, None])
+        parts.append(rows(self.stores["pos"]["counts"]) if "pos" in self.stores else empty)
         return torch.cat(parts, 1)
 
     def _column_keys(self, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

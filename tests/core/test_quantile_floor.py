@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -164,3 +165,56 @@ def test_a_window_that_moves_for_some_units_only_keeps_the_others() -> None:
     assert not np.array_equal(a["pos_offset"][[0]], a["pos_offset"][[1]])
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def gelu_like(rng: np.random.Generator, units: int, n: int) -> np.ndarray:
+    """GELU outputs (values down to about -0.17) of many units whose upper quantiles are
+    positive, and two units whose every value is below 0 (their floors stay below 0)."""
+    pre = rng.normal(size=(units, n)) * rng.uniform(0.5, 4, size=(units, 1))
+    pre[-2:] = rng.normal(-3.0, 0.4, size=(2, n))
+    return (pre * 0.5 * (1 + np.vectorize(math.erf)(pre / math.sqrt(2)))).astype(np.float32)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("q", [0.99, 0.95, 0.9])
+def test_a_few_units_with_floors_below_zero_among_many(q: float, fast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Most units' floors rise above 0 while two stay below it (values of both signs above
+    them): given as rows of 16 values like the dissection's segments, the sketch keeps the
+    bracket of a plain sketch and the exact quantiles, with the two units' values added one
+    by one rather than widening every unit's histogram."""
+    monkeypatch.setattr(quantile_module, "_FAST_RAISE", fast)
+    one_by_one = []
+    add_pairs = QuantileSketch._add_pairs
+
+    def spy(self: QuantileSketch, units: torch.Tensor, values: torch.Tensor) -> None:
+        one_by_one.append(units.unique().tolist())
+        add_pairs(self, units, values)
+
+    monkeypatch.setattr(QuantileSketch, "_add_pairs", spy)
+    monkeypatch.setattr(quantile_module, "_SPARSE_BELOW", -1.0)  # the dense path (else few values are given)
+    rng = np.random.default_rng(2)
+    units = 200
+    x = gelu_like(rng, units, 8192)
+    n = x.shape[1]
+    k = n - hazen_ranks(n, q)[0]
+    plain = QuantileSketch(units)
+    rising = QuantileSketch(units, floor=np.full(units, -np.inf, np.float32))
+    for part in np.array_split(x, 8, axis=1):
+        t = torch.from_numpy(np.ascontiguousarray(part))
+        plain.add(t)
+        rows = t.reshape(units * (t.shape[1] // 16), 16)
+        unit = torch.arange(units).repeat_interleave(t.shape[1] // 16)
+        given = rows.amax(1) > rising.floor[unit]  # the others lie at or below the floor
+        rising.add_rows(rows[given], unit[given], total=t.shape[1], lower=t.amin(1), upper=t.amax(1))
+        if rising.n >= k:
+            rising.raise_floor(rising.n - k)
+    assert bool((rising.floor[:-2] > 0).all()) and bool((rising.floor[-2:] < 0).all())
+    assert [units - 2, units - 1] in one_by_one  # the two units' rows went value by value
+    a, b = plain.bracket(q), rising.bracket(q)
+    for name in ("key_lo", "key_hi", "below", "inside"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    while not b.done:
+        refiner = QuantileRefiner(b)
+        refiner.add(torch.from_numpy(x))
+        b = refiner.bracket()
+    np.testing.assert_array_equal(b.values(), np.quantile(x.astype(np.float64), q, axis=1, method="hazen"))
