@@ -75,7 +75,7 @@ from .quantile import (
     hazen_ranks,
     keys_to_float,
 )
-from .upsample import interpolation_matrix, upsample
+from .upsample import interpolation_matrix, interpolation_matrix_numpy, upsample
 
 __all__ = [
     "LayerResult",
@@ -589,6 +589,27 @@ def _upsample_slack(device: torch.device) -> float:
     return 2.0**-21 if exact else 2.0**-5
 
 
+def _cells(weights: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Cells of a 1-D interpolation matrix [T, S] (float64): groups of target pixels that read
+    the same consecutive source pixels, with the same zero padding (weights summing to less
+    than 1). Returns (first source pixel [R], last source pixel [R], padded bool [R], target
+    pixels int64 [R]) on ``device``."""
+    cells: Counter[tuple[int, int, bool]] = Counter()
+    for row in weights:
+        read = row.nonzero().squeeze(1).tolist()
+        lo, hi = (read[0], read[-1]) if read else (0, 0)
+        if read != list(range(lo, hi + 1)):
+            raise AssertionError("interpolation reads non-consecutive source pixels")
+        cells[(lo, hi, not read or float(row.sum()) < 1.0 - 2.0**-30)] += 1  # float64 sums: 1 or clearly less
+    lo, hi, pad = zip(*cells)
+    return (
+        torch.tensor(lo, dtype=torch.int64, device=device),
+        torch.tensor(hi, dtype=torch.int64, device=device),
+        torch.tensor(pad, dtype=torch.bool, device=device),
+        torch.tensor(list(cells.values()), dtype=torch.int64, device=device),
+    )
+
+
 class _MapBound:
     """An upper bound on every upsampled value of each (image, unit) feature map.
 
@@ -610,6 +631,9 @@ class _MapBound:
             self.scale = float(wh.sum(1).max()) * float(ww.sum(1).max()) * (1.0 + 2.0**-40)
             self.slack = _upsample_slack(device)
         self.row_weights = (wh.t() * float(ww.sum(1).max()) * (1.0 + 2.0**-40)).to(device)
+        self.row_cells, self.col_cells = (
+            _cells(torch.from_numpy(interpolation_matrix_numpy(n, t)), device) for n, t in zip(native, size)
+        )
         # Segments of each upsampled row: spans of ``seg_width`` columns (a multiple of the
         # upsampling factor, at least _SEGMENT_MIN columns, dividing the row into at least
         # _SEGMENTS_MIN), each reading the native columns ``seg_ranges`` (G ranges); one
@@ -630,6 +654,26 @@ class _MapBound:
         self.seg_ranges = [(c[0], c[-1] + 1) if c else (0, 0) for c in cols]
         if any(c != list(range(a, b)) for c, (a, b) in zip(cols, self.seg_ranges)):
             raise AssertionError("interpolation reads non-consecutive native columns")
+
+    def cell_lower(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower bounds of the upsampled values of a batch [B, U, h, w], by cells: float32
+        [B, U, R * C], and int64 [R * C] the upsampled pixels of each cell.
+
+        The upsampled pixels of a cell read the same native pixels (:func:`_cells`), with
+        non-negative weights summing to 1, or to less (zero padding: then 0 is read too),
+        so each is at least the smallest value read, less the rounding of the weights and
+        of the two products (``2**-20`` of the values' magnitudes, and the upsampling
+        slack); at least 0 in a map without negative values (as :meth:`both`).
+        """
+        (r_lo, r_hi, r_pad, r_count), (c_lo, c_hi, c_pad, c_count) = self.row_cells, self.col_cells
+        rows = torch.minimum(a.index_select(2, r_lo), a.index_select(2, r_hi))
+        low = torch.minimum(rows.index_select(3, c_lo), rows.index_select(3, c_hi))
+        low = torch.where(r_pad[:, None] | c_pad[None, :], low.clamp(max=0), low).to(torch.float64)
+        mag = torch.maximum(a.amax(dim=(2, 3)).abs(), a.amin(dim=(2, 3)).abs()).to(torch.float64)[:, :, None, None]
+        low = low - (low.abs() + mag) * 2.0**-20 - self.slack * mag
+        low = torch.where(a.amin(dim=(2, 3))[:, :, None, None] >= 0, low.clamp(min=0), low)
+        count = (r_count[:, None] * c_count[None, :]).reshape(-1)
+        return _to_float32(low, up=False).reshape(a.shape[0], a.shape[1], -1), count
 
     def segments(self, maps: torch.Tensor, nonneg: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """float64 [m, mh, G] upper bounds of each segment of each upsampled row of maps
@@ -764,7 +808,7 @@ class _RisingFloorSketch:
         pixels = self.mask_size[0] * self.mask_size[1]
         lower, upper = self.bound.both(a, peaks) if self.skip else (None, None)
         if lower is not None and self.sketch.n == 0:
-            self._first_floor(lower, pixels)
+            self._first_floor(a, lower, pixels)
         floor_now = self.sketch.floor  # None only without skip, hence without bounds
         if lower is None or upper is None or floor_now is None or bool(torch.isneginf(floor_now).all()):
             for _, up in _chunks(a, self.mask_size):
@@ -823,15 +867,32 @@ class _RisingFloorSketch:
             self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi, zeros=zeros)
         self._raise()
 
-    def _first_floor(self, lower: torch.Tensor, pixels: int) -> None:
-        """Before any data: a floor just below 0 for each unit with at least k upsampled values
-        >= 0 in this first batch (maps without negative values), since its k-th largest value
-        is then >= 0. Only the exact zeros of such units are then counted rather than bucketed."""
+    def _first_floor(self, a: torch.Tensor, lower: torch.Tensor, pixels: int) -> None:
+        """Before any data, from the first batch's native maps [B, U, h, w]: a floor just below
+        the largest value v of which this batch has at least k upsampled values >= v, by the
+        lower bounds of its cells (:meth:`_MapBound.cell_lower`). The k-th largest value of
+        all the data is at least that (the batch is part of it), so the floor starts where
+        it would otherwise rise to only once a batch has been sketched. At least just below 0
+        for each unit with k upsampled values >= 0 (maps without negative values), so only
+        the exact zeros of such units are then counted rather than bucketed."""
         assert self.sketch.floor is not None
+        floor = self.sketch.floor
         enough = (lower >= 0).sum(0) * pixels >= self.k
         below_zero = float(np.nextafter(np.float32(0), np.float32(-1)))
-        floor = self.sketch.floor
-        self.sketch.floor = torch.where(enough.to(floor.device), floor.clamp(min=below_zero), floor)
+        floor = torch.where(enough.to(floor.device), floor.clamp(min=below_zero), floor)
+        if a.shape[0] * pixels >= self.k and bool(torch.isfinite(a).all()):
+            units = a.shape[1]
+            step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[0] * (a.shape[2] + 1) * (a.shape[3] + 1)))
+            for start in range(0, units, step):
+                low, count = self.bound.cell_lower(a[:, start : start + step])
+                values = low.transpose(0, 1).reshape(low.shape[1], -1)  # [u, B * cells]
+                values, order = values.sort(dim=1, descending=True)
+                covered = torch.cumsum(count.repeat(a.shape[0])[order], dim=1)
+                at = torch.searchsorted(covered, torch.full_like(covered[:, :1], self.k))
+                v = values.gather(1, at)[:, 0]  # k upsampled values of this batch are >= v
+                below = torch.nextafter(v, torch.full_like(v, -np.inf)).to(floor.device)
+                floor[start : start + step] = torch.maximum(floor[start : start + step], below)
+        self.sketch.floor = floor
 
     def _raise(self) -> None:
         if self.skip and self.sketch.n >= self.k:

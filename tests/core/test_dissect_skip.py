@@ -24,6 +24,7 @@ from dissect_core.dissect import (
     resolve_thresholds,
 )
 from dissect_core.models import LoadedModel
+from dissect_core.quantile import QuantileRefiner
 from dissect_core.upsample import upsample_numpy
 from dissect_core.visualize import save_unit_strips, top_images_strip
 
@@ -161,6 +162,72 @@ def test_map_bound_is_an_upper_bound(native_size: tuple[int, int], size: tuple[i
     assert rows.shape == (50 * 6, size[0])
     assert (up.view(-1, size[0], size[1]).amax(dim=2).to(torch.float64) <= rows).all()
     assert (rows.view(50, 6, -1).amax(dim=2) <= upper * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize(
+    "native_size,size", [((4, 4), (8, 8)), ((3, 5), (10, 7)), ((6, 4), (13, 11)), ((4, 4), (4, 4)), ((7, 7), (56, 56))]
+)
+def test_cell_lower_bounds_lie_below_the_upsampled_values(native_size: tuple[int, int], size: tuple[int, int]) -> None:
+    """The first floor's cell bounds, each repeated over its cell's pixels and sorted, lie at
+    or below the sorted upsampled values of the same map (so the k-th largest bound is at most
+    the k-th largest value, for every k); the border cells read the zero padding; a constant
+    map's inner cells are bounded tightly."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(20, 6, *native_size, generator=gen) * 3
+    a[:, 0] = a[:, 0].relu()
+    a[:, 1] = -a[:, 1].abs()
+    a[:, 2] = 1.0 / 3.0
+    a[:, 3] *= 1e-30
+    a[:, 4] = 5.0 + a[:, 4].abs() * 1e-3  # nearly constant and positive: only padding lowers its border
+    bounds = engine._MapBound(native_size, size, torch.device("cpu"))
+    low, count = bounds.cell_lower(a)
+    assert int(count.sum()) == size[0] * size[1] and low.dtype == torch.float32
+    up = torch.cat([up for _, up in engine._chunks(a, size)])
+    for b in range(a.shape[0]):
+        for u in range(a.shape[1]):
+            bound = low[b, u].repeat_interleave(count).sort(descending=True).values
+            values = up[b, u].sort(descending=True).values
+            assert (bound <= values).all(), (b, u)
+    pixels = size[0] * size[1]
+    inner = float(torch.sort(low[0, 2].repeat_interleave(count), descending=True).values[pixels // 4])
+    assert inner == pytest.approx(1.0 / 3.0, rel=1e-5) or (native_size == (4, 4) and size == (8, 8))
+    if native_size != size:
+        assert float(low[:, 4].amin()) <= 0.0  # the border cells blend toward 0
+
+
+@pytest.mark.parametrize("q", [0.99, 0.95, 0.9, 0.5])
+def test_the_first_floor_keeps_the_bracket_of_a_plain_sketch(q: float) -> None:
+    """Maps that are constant per image (their upsampled inner pixels equal the constant, so
+    the first batch's cell bounds are tight) and noisy ones: the sketch whose floor starts from
+    the first batch's cell bounds brackets the quantile as one that sketches every value."""
+    gen = torch.Generator().manual_seed(8)
+    images, units = 48, 5
+    a = torch.randn(images, units, 7, 7, generator=gen)
+    a[:, 0] = torch.linspace(1.0, 2.0, images)[:, None, None]
+    a[:, 1] = -torch.linspace(1.0, 2.0, images)[:, None, None]
+    a[:, 2] = torch.rand(images, generator=gen)[:, None, None] * 3
+    sketches = {
+        skip: engine._RisingFloorSketch(units, (7, 7), (28, 28), q, images, torch.device("cpu"), skip=skip)
+        for skip in (True, False)
+    }
+    for part in a.split(16):
+        for sketch in sketches.values():
+            sketch.add(part, part.amax(dim=(2, 3)))
+    assert bool((sketches[True].sketch.floor[[0, 2]] > 0).all()) or q == 0.5
+    # The brackets hold the same ranks in the same buckets (the rising sketch knows the
+    # largest value by its bound only, so its last bucket may reach higher), and refine to
+    # the exact quantiles of the upsampled values.
+    up = torch.cat([up for _, up in engine._chunks(a, (28, 28))]).transpose(0, 1).reshape(units, -1)
+    expected = np.quantile(up.numpy().astype(np.float64), q, axis=1, method="hazen")
+    plain, rising = sketches[False].sketch.bracket(q), sketches[True].sketch.bracket(q)
+    for name in ("key_lo", "below", "inside"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(rising, name), err_msg=name)
+    for bracket in (plain, rising):
+        while not bracket.done:
+            refiner = QuantileRefiner(bracket)
+            refiner.add(up)
+            bracket = refiner.bracket()
+        np.testing.assert_array_equal(bracket.values(), expected)
 
 
 @pytest.mark.parametrize(
