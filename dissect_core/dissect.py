@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .allocator import keep_freed_memory
 from .concepts import Concept, ConceptDataset, Sample, collate_samples, size_pair
 from .counts import ConceptCounts, PixelLabels, TopActivations, prepare_labels
 from .errors import DatasetError, DissectError, LayerError
@@ -322,7 +323,9 @@ class _Source:
 def _make_source(
     model: LoadedModel, dataset: ConceptDataset, layers: Sequence[str], segmenter: Any, options: RunOptions
 ) -> _Source:
-    """Check a dissection pass's inputs; its batch size defaults to 32 images."""
+    """Check a dissection pass's inputs; its batch size defaults to 32 images. Every pass
+    starts here, and so sets the allocator to keep freed memory (:mod:`.allocator`)."""
+    keep_freed_memory()
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise LayerError("no layers requested", valid=[])
