@@ -530,8 +530,10 @@ class ConceptCounts:
             raise ValueError("add_rows before any add_area: the mask size is not known yet")
         dev = self.block_act.device
         bu = block.to(unit.device) * self.units + unit
+        # index_add_ touches only the counted entries; a bincount would build and add whole tables.
         act = self.block_act.view(-1)
-        act += torch.bincount(bu * g + cell.to(unit.device), minlength=act.numel()).to(dev)
+        where = (bu * g + cell.to(unit.device)).to(dev)
+        act.index_add_(0, where, torch.ones(1, dtype=act.dtype, device=dev).expand(where.numel()))
         if concepts.shape[1] == 0:
             return
         inter = self.block_intersection.view(-1)
@@ -541,7 +543,8 @@ class ConceptCounts:
             flat += (bu.to(torch.int32) * width)[:, None]
         else:
             flat = bu[:, None] * width + concepts.to(torch.int64)
-        inter += torch.bincount(flat.view(-1), minlength=inter.numel()).to(inter.device)
+        flat = flat.view(-1).to(inter.device)
+        inter.index_add_(0, flat, torch.ones(1, dtype=inter.dtype, device=inter.device).expand(flat.numel()))
 
     def merge(self, other: ConceptCounts) -> ConceptCounts:
         """Add another shard's counts (in place).
