@@ -8,7 +8,7 @@ fresh pages that the kernel must map and zero: on the 2-core development machine
 50 MB ``torch.zeros`` took 25 ms that way against 2.4 ms reused (measured with the
 commands in docs/benchmarks.md). :func:`keep_freed_memory` raises both thresholds once per
 process, so such buffers are reused; the price is that up to the trim threshold of freed
-memory stays with the process. ``NETDISSECT_MALLOC_TUNING=0`` leaves the allocator as it is.
+memory stays with the process. ``DISSECT_MALLOC_TUNING=0`` leaves the allocator as it is.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ def keep_freed_memory() -> bool:
 
     Returns:
         True when the allocator keeps freed memory (now or from an earlier call); False
-        where it is not glibc, the call was refused, or ``NETDISSECT_MALLOC_TUNING=0``.
+        where it is not glibc, the call was refused, or ``DISSECT_MALLOC_TUNING=0``.
     """
     if "done" in _state:
         return _state["done"]
     done = False
-    if os.environ.get("NETDISSECT_MALLOC_TUNING", "1") != "0" and sys.platform.startswith("linux"):
+    if os.environ.get("DISSECT_MALLOC_TUNING", "1") != "0" and sys.platform.startswith("linux"):
         try:
             mallopt = ctypes.CDLL(None).mallopt
         except (OSError, AttributeError):

@@ -13,9 +13,9 @@ CHECK = "from dissect_core.allocator import keep_freed_memory; print(keep_freed_
 
 def _run(env_value: str | None) -> str:
     env = dict(os.environ)
-    env.pop("NETDISSECT_MALLOC_TUNING", None)
+    env.pop("DISSECT_MALLOC_TUNING", None)
     if env_value is not None:
-        env["NETDISSECT_MALLOC_TUNING"] = env_value
+        env["DISSECT_MALLOC_TUNING"] = env_value
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True, env=env)
     return out.stdout.strip()
 
