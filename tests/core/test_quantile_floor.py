@@ -25,6 +25,18 @@ def data(rng: np.random.Generator, units: int, n: int, signed: bool) -> np.ndarr
     return x.astype(np.float32)
 
 
+def same_bracket_and_exact_quantiles(plain: QuantileSketch, rising: QuantileSketch, x: np.ndarray, q: float) -> None:
+    """The two sketches bracket the q-quantile alike, and refining gives numpy's exact quantiles."""
+    a, b = plain.bracket(q), rising.bracket(q)
+    for name in ("key_lo", "key_hi", "below", "inside"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    while not b.done:
+        refiner = QuantileRefiner(b)
+        refiner.add(torch.from_numpy(x))
+        b = refiner.bracket()
+    np.testing.assert_array_equal(b.values(), np.quantile(x.astype(np.float64), q, axis=1, method="hazen"))
+
+
 @pytest.mark.parametrize("path", ["auto", "sparse", "dense"])
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("q", [0.99, 0.9, 0.5, 0.999, 1.0, 0.0])
@@ -57,15 +69,7 @@ def test_rising_floor_keeps_the_bracket_of_a_plain_sketch(
         assert (state["floor_count"][[0, 1, 2, 4]] > 0).all() and state["floor_count"][3] == 0
     if not signed and q >= 0.9:
         assert bool((rising.floor[[0, 1, 2, 4]] > 0).all())
-    a, b = plain.bracket(q), rising.bracket(q)
-    for name in ("key_lo", "key_hi", "below", "inside"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    while not b.done:
-        refiner = QuantileRefiner(b)
-        refiner.add(torch.from_numpy(x))
-        b = refiner.bracket()
-    expected = np.quantile(x.astype(np.float64), q, axis=1, method="hazen")
-    np.testing.assert_array_equal(b.values(), expected)
+    same_bracket_and_exact_quantiles(plain, rising, x, q)
 
 
 def test_rows_left_out_are_counted_at_the_floor() -> None:
@@ -210,11 +214,4 @@ def test_a_few_units_with_floors_below_zero_among_many(q: float, fast: bool, mon
             rising.raise_floor(rising.n - k)
     assert bool((rising.floor[:-2] > 0).all()) and bool((rising.floor[-2:] < 0).all())
     assert [units - 2, units - 1] in one_by_one  # the two units' rows went value by value
-    a, b = plain.bracket(q), rising.bracket(q)
-    for name in ("key_lo", "key_hi", "below", "inside"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    while not b.done:
-        refiner = QuantileRefiner(b)
-        refiner.add(torch.from_numpy(x))
-        b = refiner.bracket()
-    np.testing.assert_array_equal(b.values(), np.quantile(x.astype(np.float64), q, axis=1, method="hazen"))
+    same_bracket_and_exact_quantiles(plain, rising, x, q)
