@@ -59,7 +59,10 @@ def main() -> None:
     print(f"torch.zeros + one add, median of {args.repeat}, ms")
     header = ["setting", *(f"{mb} MB" for mb in SIZES_MB)]
     table = [header] + [
-        [label + ("" if r["kept"] == ("kept" in label) else " (setting refused)"), *(f"{r[str(mb)]:.2f}" for mb in SIZES_MB)]
+        [
+            label + ("" if r["kept"] == ("kept" in label) else " (setting refused)"),
+            *(f"{r[str(mb)]:.2f}" for mb in SIZES_MB),
+        ]
         for label, r in rows.items()
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
