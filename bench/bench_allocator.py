@@ -55,16 +55,13 @@ def main() -> None:
         env = dict(os.environ, DISSECT_MALLOC_TUNING=value)
         cmd = [sys.executable, __file__, "--child", "--repeat", str(args.repeat)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        rows[label] = json.loads(out.stdout.strip().splitlines()[-1])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if result["kept"] != (value == "1"):
+            label += " (setting refused)"
+        rows[label] = result
     print(f"torch.zeros + one add, median of {args.repeat}, ms")
     header = ["setting", *(f"{mb} MB" for mb in SIZES_MB)]
-    table = [header] + [
-        [
-            label + ("" if r["kept"] == ("kept" in label) else " (setting refused)"),
-            *(f"{r[str(mb)]:.2f}" for mb in SIZES_MB),
-        ]
-        for label, r in rows.items()
-    ]
+    table = [header] + [[label, *(f"{r[str(mb)]:.2f}" for mb in SIZES_MB)] for label, r in rows.items()]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
         print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))

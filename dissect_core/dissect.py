@@ -672,9 +672,10 @@ class _MapBound:
         rows = torch.minimum(a.index_select(2, r_lo), a.index_select(2, r_hi))
         low = torch.minimum(rows.index_select(3, c_lo), rows.index_select(3, c_hi))
         low = torch.where(r_pad[:, None] | c_pad[None, :], low.clamp(max=0), low).to(torch.float64)
-        mag = torch.maximum(a.amax(dim=(2, 3)).abs(), a.amin(dim=(2, 3)).abs()).to(torch.float64)[:, :, None, None]
+        least = a.amin(dim=(2, 3))[:, :, None, None]
+        mag = torch.maximum(a.amax(dim=(2, 3))[:, :, None, None].abs(), least.abs()).to(torch.float64)
         low = low - (low.abs() + mag) * 2.0**-20 - self.slack * mag
-        low = torch.where(a.amin(dim=(2, 3))[:, :, None, None] >= 0, low.clamp(min=0), low)
+        low = torch.where(least >= 0, low.clamp(min=0), low)
         count = (r_count[:, None] * c_count[None, :]).reshape(-1)
         return _to_float32(low, up=False).reshape(a.shape[0], a.shape[1], -1), count
 
@@ -811,7 +812,7 @@ class _RisingFloorSketch:
         pixels = self.mask_size[0] * self.mask_size[1]
         lower, upper = self.bound.both(a, peaks) if self.skip else (None, None)
         if lower is not None and self.sketch.n == 0:
-            self._first_floor(a, lower, pixels)
+            self._first_floor(a, pixels)
         floor_now = self.sketch.floor  # None only without skip, hence without bounds
         if lower is None or upper is None or floor_now is None or bool(torch.isneginf(floor_now).all()):
             for _, up in _chunks(a, self.mask_size):
@@ -870,19 +871,16 @@ class _RisingFloorSketch:
             self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi, zeros=zeros)
         self._raise()
 
-    def _first_floor(self, a: torch.Tensor, lower: torch.Tensor, pixels: int) -> None:
+    def _first_floor(self, a: torch.Tensor, pixels: int) -> None:
         """Before any data, from the first batch's native maps [B, U, h, w]: a floor just below
         the largest value v of which this batch has at least k upsampled values >= v, by the
         lower bounds of its cells (:meth:`_MapBound.cell_lower`). The k-th largest value of
         all the data is at least that (the batch is part of it), so the floor starts where
-        it would otherwise rise to only once a batch has been sketched. At least just below 0
-        for each unit with k upsampled values >= 0 (maps without negative values), so only
-        the exact zeros of such units are then counted rather than bucketed."""
+        it would otherwise rise to only once a batch has been sketched. The bounds of maps
+        without negative values are >= 0, so a unit with k such upsampled values gets a floor
+        of at least just below 0: only its exact zeros are then counted rather than bucketed."""
         assert self.sketch.floor is not None
-        floor = self.sketch.floor
-        enough = (lower >= 0).sum(0) * pixels >= self.k
-        below_zero = float(np.nextafter(np.float32(0), np.float32(-1)))
-        floor = torch.where(enough.to(floor.device), floor.clamp(min=below_zero), floor)
+        floor = self.sketch.floor.clone()
         if a.shape[0] * pixels >= self.k and bool(torch.isfinite(a).all()):
             units = a.shape[1]
             step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[0] * (a.shape[2] + 1) * (a.shape[3] + 1)))
