@@ -866,6 +866,19 @@ class QuantileBracket:
             and np.array_equal(self.below, other.below)
         )
 
+    def with_units(self, units: np.ndarray, other: QuantileBracket) -> QuantileBracket:
+        """A copy with the units ``units`` (int [S]) taken from ``other``, a bracket of those
+        units alone over the same values (same q and n)."""
+        units = np.asarray(units, dtype=np.int64)
+        if other.q != self.q or other.n != self.n or other.key_lo.shape != (2, units.size):
+            raise ValueError("the other bracket must cover the same values for the given units")
+        parts = {}
+        for name in ("key_lo", "key_hi", "below", "inside"):
+            mine = getattr(self, name).copy()
+            mine[:, units] = getattr(other, name)
+            parts[name] = mine
+        return QuantileBracket(q=self.q, n=self.n, ranks=self.ranks, gamma=self.gamma, **parts)
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain numpy arrays (see :meth:`from_state_dict`)."""
         return {

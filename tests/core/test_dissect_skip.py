@@ -230,6 +230,95 @@ def test_the_first_floor_keeps_the_bracket_of_a_plain_sketch(q: float) -> None:
         np.testing.assert_array_equal(bracket.values(), expected)
 
 
+class HotStart(Blocks):
+    """Blocks whose first two images are red all over, and the others at most half red: the
+    first batch (of 2) shows the red unit far above its quantile over all images."""
+
+    def __init__(self) -> None:
+        super().__init__(n=60, seed=5)
+        self.images[2:, :, :, 0] //= 2
+        self.images[:2, :, :, 0] = 255
+
+
+@pytest.mark.parametrize("layer", ["coarse", "units"])
+def test_a_guessed_floor_that_overshoots_is_sketched_again(layer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first floor's guess (the first batch's native 0.75 quantile for q = 0.95) lies above
+    the red unit's threshold here, so that unit's values below it were only counted: the units
+    it overshot are found and sketched again, and the thresholds and counts are those of a
+    run that upsamples and sketches every value."""
+    missed: list[list[int]] = []
+    real = engine._RisingFloorSketch.missed
+
+    def spy(self: engine._RisingFloorSketch) -> torch.Tensor:
+        units = real(self)
+        missed.append(units.tolist())
+        return units
+
+    monkeypatch.setattr(engine._RisingFloorSketch, "missed", spy)
+    # The brackets refined or counted: how many values each run's red unit still has to sort out.
+    inside: list[int] = []
+    real_refiner = engine.QuantileRefiner.__init__
+
+    def refiner_spy(self: QuantileRefiner, bracket: engine.QuantileBracket, **kw: int) -> None:
+        inside.append(int(bracket.inside[:, 0].max()))
+        real_refiner(self, bracket, **kw)
+
+    monkeypatch.setattr(engine.QuantileRefiner, "__init__", refiner_spy)
+    model, ds, q = net(), HotStart(), 0.95
+    monkeypatch.setattr(engine, "_SKIP_MAPS", False)
+    full = dissect(model, ds, [layer], quantile=q, batch_size=2, device="cpu")[layer]
+    plain_inside, inside[:] = max(inside, default=0), []
+    monkeypatch.setattr(engine, "_SKIP_MAPS", True)
+    res = dissect(model, ds, [layer], quantile=q, batch_size=2, device="cpu")[layer]
+    assert 0 in missed[-1]  # the red unit
+    # Sketched again, it is bracketed as finely as by the plain sketch (without that, its
+    # bracket would hold every value below the guess, for the refinement passes to narrow).
+    assert max(inside, default=0) <= plain_inside
+    up = upsample_numpy(native(ds, layer)[:, 0], ds.mask_size)
+    assert float(np.quantile(native(ds, layer)[:2, 0], 0.75)) > float(np.quantile(up, q, method="hazen"))
+    for name in ("thresholds", "intersection", "act_area", "iou"):
+        np.testing.assert_array_equal(getattr(res, name), getattr(full, name), err_msg=name)
+
+
+def test_the_guessed_floor_keeps_the_bracket_of_a_plain_sketch() -> None:
+    """Where the guess does not overshoot (smooth maps, one unit far hotter later than in the
+    first batch), the sketch that starts from it brackets the quantile as one that sketches
+    every value, and misses no unit; one whose first batch is hot is missed."""
+    gen = torch.Generator().manual_seed(9)
+    images, units, q = 64, 4, 0.99
+    # Smooth maps (white noise blends down so much that the guess would overshoot it).
+    coarse = torch.randn(images, units, 3, 3, generator=gen)
+    a = nn.functional.interpolate(coarse, size=(7, 7), mode="bilinear") + 0.05 * torch.randn(
+        images, units, 7, 7, generator=gen
+    )
+    a[16:, 1] *= 4  # hotter after the first batch: the guess lies far below its threshold
+    a[:16, 2] += 10  # hot in the first batch only: the guess overshoots
+    sketches = {
+        guess: engine._RisingFloorSketch(units, (7, 7), (28, 28), q, images, torch.device("cpu"), guess=guess)
+        for guess in (True, False)
+    }
+    for part in a.split(16):
+        for sketch in sketches.values():
+            sketch.add(part, part.amax(dim=(2, 3)))
+    assert sketches[True].missed().tolist() == [2] and sketches[False].missed().numel() == 0
+    guessed, plain = sketches[True].sketch.bracket(q), sketches[False].sketch.bracket(q)
+    for name in ("key_lo", "below", "inside"):
+        np.testing.assert_array_equal(getattr(plain, name)[:, [0, 1, 3]], getattr(guessed, name)[:, [0, 1, 3]])
+    again = engine._RisingFloorSketch(1, (7, 7), (28, 28), q, images, torch.device("cpu"))
+    for part in a[:, [2]].split(16):
+        again.add(part, part.amax(dim=(2, 3)))
+    spliced = guessed.with_units(np.array([2]), again.sketch.bracket(q))
+    with pytest.raises(ValueError, match="same values"):
+        guessed.with_units(np.array([2]), plain)
+    up = torch.cat([up for _, up in engine._chunks(a, (28, 28))]).transpose(0, 1).reshape(units, -1)
+    expected = np.quantile(up.numpy().astype(np.float64), q, axis=1, method="hazen")
+    while not spliced.done:
+        refiner = QuantileRefiner(spliced)
+        refiner.add(up)
+        spliced = refiner.bracket()
+    np.testing.assert_array_equal(spliced.values(), expected)
+
+
 @pytest.mark.parametrize(
     "native_size,size",
     [
