@@ -111,6 +111,7 @@ _GUESS_SPREAD = 5.0
 # q = 0.99, upsampled values). ViT-S MLP, 500 scenes: s = 2 missed 88 of 1,536 units and took
 # 12.5 + 0.7 s (main sketch + again); s = 3: 6 units, 14.1 s; s = 1.5: 350 units, 11.4 + 3.4 s.
 _GUESS_SPREAD_SEEN = 2.0
+_GUESS_MIN_ABOVE = 8  # native values per unit above a guessed level, at least, in its sample
 
 
 @dataclass(frozen=True)
@@ -830,12 +831,15 @@ class _RisingFloorSketch:
         self.k = n - self.lo_rank
         self.quantile = quantile
         self.guess_level = 1.0 - _GUESS_SPREAD * (1.0 - quantile) if guess else None
+        self.guessed_first = False  # whether the first floor is a guess
+        self.native_seen = 0  # native values per unit so far
         self.bound = _MapBound(native, mask_size, device)
         self.upsampler = _MapUpsampler(mask_size)
 
     def add(self, a: torch.Tensor, peaks: torch.Tensor) -> None:
         """Add a batch of native maps [B, U, h, w] (``peaks``: their spatial max [B, U])."""
         pixels = self.mask_size[0] * self.mask_size[1]
+        self.native_seen += a.shape[0] * a.shape[2] * a.shape[3]
         lower, upper = self.bound.both(a, peaks) if self.skip else (None, None)
         if lower is not None and self.sketch.n == 0:
             self._first_floor(a, pixels)
@@ -892,7 +896,7 @@ class _RisingFloorSketch:
             # counted at the floor already, as if they were low, which can only lower the
             # k-th largest value the raise goes by (so it stays at or below the final one).
             # A guessed first floor lies higher than these raises reach.
-            if first and self.guess_level is None:
+            if first and not self.guessed_first:
                 self._raise()
         if total:
             self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi, zeros=zeros)
@@ -908,10 +912,17 @@ class _RisingFloorSketch:
         of at least just below 0: only its exact zeros are then counted rather than bucketed.
 
         With a guess (``guess_level``), the floor is the guess alone: it lies well above these
-        bounds on every network measured, and where it overshoots, the unit is sketched again."""
+        bounds on every network measured, and where it overshoots, the unit is sketched again.
+        The guess needs a level of at least 0.5 and a batch with at least ``_GUESS_MIN_ABOVE``
+        native values per unit above it (not, say, a batch of 32 vectors at q = 0.99)."""
         assert self.sketch.floor is not None
         floor = self.sketch.floor.clone()
-        guessing = self.guess_level is not None and self.guess_level >= 0.5
+        values_per_unit = a.shape[0] * a.shape[2] * a.shape[3]
+        guessing = (
+            self.guess_level is not None
+            and self.guess_level >= 0.5
+            and (1.0 - self.guess_level) * values_per_unit >= _GUESS_MIN_ABOVE
+        )
         if not guessing and a.shape[0] * pixels >= self.k and bool(torch.isfinite(a).all()):
             units = a.shape[1]
             step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[0] * (a.shape[2] + 1) * (a.shape[3] + 1)))
@@ -926,7 +937,7 @@ class _RisingFloorSketch:
                 floor[start : start + step] = torch.maximum(floor[start : start + step], below)
         if guessing and bool(torch.isfinite(a).all()):
             assert self.guess_level is not None
-            values_per_unit = a.shape[0] * a.shape[2] * a.shape[3]
+            self.guessed_first = True
             m = min(values_per_unit, max(1, math.ceil(self.guess_level * values_per_unit)))
             step = max(1, _CHUNK_ELEMENTS // max(1, values_per_unit))
             for start in range(0, a.shape[1], step):
@@ -948,10 +959,11 @@ class _RisingFloorSketch:
             return
         n = self.sketch.n
         rank = n - self.k  # the k-th largest value so far: at most the final one
-        if self.guess_level is not None:
+        spread = _GUESS_SPREAD_SEEN * (1.0 - self.quantile)
+        if self.guess_level is not None and spread * self.native_seen >= _GUESS_MIN_ABOVE:
             # Guessing: also the value of the data so far at the quantile 1 - s * (1 - q)
             # (s = _GUESS_SPREAD_SEEN); higher than the bound in the first part of the data.
-            rank = max(rank, n - math.ceil(_GUESS_SPREAD_SEEN * (1.0 - self.quantile) * n))
+            rank = max(rank, n - max(1, math.ceil(spread * n)))
         if 0 <= rank < n:
             self.sketch.raise_floor(rank)
 

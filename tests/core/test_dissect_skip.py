@@ -320,6 +320,42 @@ def test_the_guessed_floor_keeps_the_bracket_of_a_plain_sketch() -> None:
 
 
 @pytest.mark.parametrize(
+    "native_size,q,guessed",
+    [((7, 7), 0.99, True), ((7, 7), 0.9, True), ((7, 7), 0.5, False), ((7, 7), 1.0, False), ((1, 1), 0.99, False)],
+)
+def test_a_guessing_sketch_refines_to_the_exact_quantiles(
+    native_size: tuple[int, int], q: float, guessed: bool
+) -> None:
+    """Whether the first floor is guessed (a level of at least 0.5, and at least 8 native
+    values per unit above it in the first batch: not for 1 x 1 maps, nor q = 1), and, with the
+    units it missed sketched again, the exact quantiles in the end."""
+    gen = torch.Generator().manual_seed(10)
+    images, units, size = 64, 5, (28, 28)
+    coarse = torch.randn(images, units, 3, 3, generator=gen)
+    a = nn.functional.interpolate(coarse, size=native_size, mode="bilinear")
+    a[:16, 4] += 5  # a unit hot in the first batch only
+    cpu = torch.device("cpu")
+    sketch = engine._RisingFloorSketch(units, native_size, size, q, images, cpu, guess=True)
+    for part in a.split(16):
+        sketch.add(part, part.amax(dim=(2, 3)))
+    assert sketch.guessed_first is guessed
+    missed = sketch.missed()
+    bracket = sketch.sketch.bracket(q)
+    if missed.numel():
+        again = engine._RisingFloorSketch(missed.numel(), native_size, size, q, images, cpu)
+        for part in a.index_select(1, missed).split(16):
+            again.add(part, part.amax(dim=(2, 3)))
+        bracket = bracket.with_units(missed.numpy(), again.sketch.bracket(q))
+    up = torch.cat([up for _, up in engine._chunks(a, size)]).transpose(0, 1).reshape(units, -1)
+    expected = np.quantile(up.numpy().astype(np.float64), q, axis=1, method="hazen")
+    while not bracket.done:
+        refiner = QuantileRefiner(bracket)
+        refiner.add(up)
+        bracket = refiner.bracket()
+    np.testing.assert_array_equal(bracket.values(), expected)
+
+
+@pytest.mark.parametrize(
     "native_size,size",
     [
         ((4, 4), (64, 64)),
