@@ -195,6 +195,20 @@ def test_cell_lower_bounds_lie_below_the_upsampled_values(native_size: tuple[int
         assert float(low[:, 4].amin()) <= 0.0  # the border cells blend toward 0
 
 
+def _two_sketches(a: torch.Tensor, q: float, flag: str) -> dict[bool, engine._RisingFloorSketch]:
+    """Two rising-floor sketches of native maps ``a`` [B, U, 7, 7] upsampled to 28 px, with
+    ``flag`` (``skip`` or ``guess``) on and off, fed 16 images a batch."""
+    cpu = torch.device("cpu")
+    sketches = {
+        on: engine._RisingFloorSketch(a.shape[1], (7, 7), (28, 28), q, a.shape[0], cpu, **{flag: on})
+        for on in (True, False)
+    }
+    for part in a.split(16):
+        for sketch in sketches.values():
+            sketch.add(part, part.amax(dim=(2, 3)))
+    return sketches
+
+
 @pytest.mark.parametrize("q", [0.99, 0.95, 0.9, 0.5])
 def test_the_first_floor_keeps_the_bracket_of_a_plain_sketch(q: float) -> None:
     """Maps that are constant per image (their upsampled inner pixels equal the constant, so
@@ -206,13 +220,7 @@ def test_the_first_floor_keeps_the_bracket_of_a_plain_sketch(q: float) -> None:
     a[:, 0] = torch.linspace(1.0, 2.0, images)[:, None, None]
     a[:, 1] = -torch.linspace(1.0, 2.0, images)[:, None, None]
     a[:, 2] = torch.rand(images, generator=gen)[:, None, None] * 3
-    sketches = {
-        skip: engine._RisingFloorSketch(units, (7, 7), (28, 28), q, images, torch.device("cpu"), skip=skip)
-        for skip in (True, False)
-    }
-    for part in a.split(16):
-        for sketch in sketches.values():
-            sketch.add(part, part.amax(dim=(2, 3)))
+    sketches = _two_sketches(a, q, "skip")
     assert bool((sketches[True].sketch.floor[[0, 2]] > 0).all()) or q == 0.5
     # The brackets hold the same ranks in the same buckets (the rising sketch knows the
     # largest value by its bound only, so its last bucket may reach higher), and refine to
@@ -280,6 +288,26 @@ def test_a_guessed_floor_that_overshoots_is_sketched_again(layer: str, monkeypat
         np.testing.assert_array_equal(getattr(res, name), getattr(full, name), err_msg=name)
 
 
+def _assert_sketched_again_and_exact(
+    a: torch.Tensor, bracket: engine.QuantileBracket, missed: torch.Tensor, q: float, size: tuple[int, int]
+) -> None:
+    """The units ``missed`` of native maps ``a`` sketched again (as the engine does, 16 images
+    a batch) and spliced into ``bracket``, which then refines to numpy's exact quantiles."""
+    images, units, native_size = a.shape[0], a.shape[1], tuple(a.shape[2:])
+    if missed.numel():
+        again = engine._RisingFloorSketch(missed.numel(), native_size, size, q, images, torch.device("cpu"))
+        for part in a.index_select(1, missed).split(16):
+            again.add(part, part.amax(dim=(2, 3)))
+        bracket = bracket.with_units(missed.numpy(), again.sketch.bracket(q))
+    up = torch.cat([up for _, up in engine._chunks(a, size)]).transpose(0, 1).reshape(units, -1)
+    expected = np.quantile(up.numpy().astype(np.float64), q, axis=1, method="hazen")
+    while not bracket.done:
+        refiner = QuantileRefiner(bracket)
+        refiner.add(up)
+        bracket = refiner.bracket()
+    np.testing.assert_array_equal(bracket.values(), expected)
+
+
 def test_the_guessed_floor_keeps_the_bracket_of_a_plain_sketch() -> None:
     """Where the guess does not overshoot (smooth maps, one unit far hotter later than in the
     first batch), the sketch that starts from it brackets the quantile as one that sketches
@@ -293,30 +321,14 @@ def test_the_guessed_floor_keeps_the_bracket_of_a_plain_sketch() -> None:
     )
     a[16:, 1] *= 4  # hotter after the first batch: the guess lies far below its threshold
     a[:16, 2] += 10  # hot in the first batch only: the guess overshoots
-    sketches = {
-        guess: engine._RisingFloorSketch(units, (7, 7), (28, 28), q, images, torch.device("cpu"), guess=guess)
-        for guess in (True, False)
-    }
-    for part in a.split(16):
-        for sketch in sketches.values():
-            sketch.add(part, part.amax(dim=(2, 3)))
+    sketches = _two_sketches(a, q, "guess")
     assert sketches[True].missed().tolist() == [2] and sketches[False].missed().numel() == 0
     guessed, plain = sketches[True].sketch.bracket(q), sketches[False].sketch.bracket(q)
     for name in ("key_lo", "below", "inside"):
         np.testing.assert_array_equal(getattr(plain, name)[:, [0, 1, 3]], getattr(guessed, name)[:, [0, 1, 3]])
-    again = engine._RisingFloorSketch(1, (7, 7), (28, 28), q, images, torch.device("cpu"))
-    for part in a[:, [2]].split(16):
-        again.add(part, part.amax(dim=(2, 3)))
-    spliced = guessed.with_units(np.array([2]), again.sketch.bracket(q))
     with pytest.raises(ValueError, match="same values"):
         guessed.with_units(np.array([2]), plain)
-    up = torch.cat([up for _, up in engine._chunks(a, (28, 28))]).transpose(0, 1).reshape(units, -1)
-    expected = np.quantile(up.numpy().astype(np.float64), q, axis=1, method="hazen")
-    while not spliced.done:
-        refiner = QuantileRefiner(spliced)
-        refiner.add(up)
-        spliced = refiner.bracket()
-    np.testing.assert_array_equal(spliced.values(), expected)
+    _assert_sketched_again_and_exact(a, guessed, torch.tensor([2]), q, (28, 28))
 
 
 @pytest.mark.parametrize(
@@ -339,20 +351,7 @@ def test_a_guessing_sketch_refines_to_the_exact_quantiles(
     for part in a.split(16):
         sketch.add(part, part.amax(dim=(2, 3)))
     assert sketch.guessed_first is guessed
-    missed = sketch.missed()
-    bracket = sketch.sketch.bracket(q)
-    if missed.numel():
-        again = engine._RisingFloorSketch(missed.numel(), native_size, size, q, images, cpu)
-        for part in a.index_select(1, missed).split(16):
-            again.add(part, part.amax(dim=(2, 3)))
-        bracket = bracket.with_units(missed.numpy(), again.sketch.bracket(q))
-    up = torch.cat([up for _, up in engine._chunks(a, size)]).transpose(0, 1).reshape(units, -1)
-    expected = np.quantile(up.numpy().astype(np.float64), q, axis=1, method="hazen")
-    while not bracket.done:
-        refiner = QuantileRefiner(bracket)
-        refiner.add(up)
-        bracket = refiner.bracket()
-    np.testing.assert_array_equal(bracket.values(), expected)
+    _assert_sketched_again_and_exact(a, sketch.sketch.bracket(q), sketch.missed(), q, size)
 
 
 @pytest.mark.parametrize(
