@@ -9,6 +9,12 @@ fresh pages that the kernel must map and zero: on the 2-core development machine
 commands in docs/benchmarks.md). :func:`keep_freed_memory` raises both thresholds once per
 process, so such buffers are reused; the price is that up to the trim threshold of freed
 memory stays with the process. ``DISSECT_MALLOC_TUNING=0`` leaves the allocator as it is.
+
+Freed blocks in the middle of the heap are not trimmed at all, and a pass whose buffers
+vary in size can leave the heap ever more fragmented: a threshold-refinement pass over the
+ViT-S MLP layer (200 scenes, brackets holding most values) grew from 1.5 to 15.9 GB that
+way (3.1 GB without the setting). :func:`release_freed_memory` (glibc's ``malloc_trim``)
+hands every free page back; such passes call it after each chunk (2.99 GB peak there).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "release_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -46,3 +52,20 @@ def keep_freed_memory() -> bool:
             done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     _state["done"] = done
     return done
+
+
+def release_freed_memory() -> bool:
+    """Give the free pages of every heap back to the kernel (glibc's ``malloc_trim(0)``), if
+    :func:`keep_freed_memory` took effect; otherwise nothing.
+
+    Returns:
+        True when memory was released (glibc's answer), else False.
+    """
+    if not _state.get("done"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return bool(trim(0))

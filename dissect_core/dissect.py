@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .allocator import keep_freed_memory
+from .allocator import keep_freed_memory, release_freed_memory
 from .concepts import Concept, ConceptDataset, Sample, collate_samples, size_pair
 from .counts import ConceptCounts, PixelLabels, TopActivations, prepare_labels
 from .errors import DatasetError, DissectError, LayerError
@@ -1312,6 +1312,7 @@ def dissect(
             batches = _cached_batches(cache, list(crowded), src.run, "quantile")
             for layer, up in _upsampled(batches, src):
                 crowded[layer].add_batch(up)
+                release_freed_memory()  # its buffers vary in size: see dissect_core.allocator
             brackets.update({layer: r.bracket() for layer, r in crowded.items()})
         for layer in src.layers:
             units = cache.shapes[layer][0]
@@ -1430,6 +1431,7 @@ def refine_pass(
     src = _make_source(model, dataset, todo, segmenter, options)
     for layer, up in _upsampled(_forward_batches(src, phase="quantile"), src):
         refiners[layer].add_batch(up)
+        release_freed_memory()  # its buffers vary in size: see dissect_core.allocator
     return refiners
 
 

@@ -37,3 +37,38 @@ def test_a_dissection_pass_sets_it() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     before, after = out.stdout.strip().splitlines()[-2:]
     assert before == "{}" and "'done'" in after, out.stderr[-2000:]
+
+
+RELEASE = """
+from dissect_core.allocator import keep_freed_memory, release_freed_memory
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+
+kept = keep_freed_memory()
+big, small = [], []
+for _ in range(20):  # 20 MB blocks, each followed by a small long-lived one: freed, they are holes
+    big.append(bytearray(20 << 20))
+    small.append(bytearray(4096))
+del big
+before = rss_mb()
+released = release_freed_memory()
+print(kept, released, before, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_holes_stay_with_the_process_until_released() -> None:
+    """With the setting, 400 MB of freed blocks below live ones stay resident until
+    release_freed_memory hands them back; without it, glibc gave them back at once (mmap)
+    and there is nothing to release."""
+    env = {k: v for k, v in os.environ.items() if k != "DISSECT_MALLOC_TUNING"}
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True, env=env)
+    kept, released, before, after = out.stdout.split()
+    assert (kept, released) == ("True", "True")
+    assert int(before) - int(after) >= 300, out.stdout
+    env["DISSECT_MALLOC_TUNING"] = "0"
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True, env=env)
+    kept, released, before, after = out.stdout.split()
+    assert (kept, released) == ("False", "False") and int(before) < 300, out.stdout
