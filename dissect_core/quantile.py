@@ -38,6 +38,8 @@ from typing import TypedDict, Unpack
 import numpy as np
 import torch
 
+from dissect_core import fused
+
 __all__ = [
     "QuantileBracket",
     "QuantileRefiner",
@@ -376,6 +378,9 @@ class QuantileSketch:
         assert self.floor is not None and self.floor_count is not None and self.zeros is not None
         p = rows.shape[1]
         floor = self.floor.index_select(0, units)[:, None]
+        if fused.available(rows):
+            self._add_floored_fused(rows, units)
+            return
         # Exact zeros above the floor (post-ReLU units whose floor is still below 0) are
         # only counted: they need no bucket, and they are most values of such units.
         if nonneg:
@@ -559,6 +564,33 @@ class QuantileSketch:
         key_lo = torch.where(col <= w, neg_lo, torch.where(col == w + 1, torch.zeros_like(col), pos_lo))
         folded = torch.gather(csum, 1, (col - 1).clamp(min=0)[:, None])[:, 0]
         return col, key_lo, folded
+
+    def _add_floored_fused(self, rows: torch.Tensor, units: torch.Tensor) -> None:
+        """:meth:`_add_floored` in two fused CPU loops (:mod:`dissect_core.fused`): the tops
+        per sign, the stores' windows raised to them, then every value to its bucket. The
+        counts, zeros, floor counts and windows are those of the torch path (a histogram
+        whose window only rises does not depend on when each value came)."""
+        assert self.floor is not None and self.floor_count is not None and self.zeros is not None
+        units = units.contiguous()
+        floor = self.floor.contiguous()
+        tops = {sign: torch.full((self.units,), -1, dtype=torch.int64) for sign in ("pos", "neg")}
+        above = fused.floored_stats(rows, units, floor, self.shift, tops["pos"], tops["neg"])
+        for sign, top in tops.items():
+            if sign in self.stores or bool((top >= 0).any()):
+                self._raise_max(sign, top)
+        if not above:
+            self.floor_count += torch.bincount(units, minlength=self.units) * rows.shape[1]
+            return
+        none = torch.zeros((1, 1), dtype=torch.int64)
+        parts = []
+        for sign in ("pos", "neg"):
+            if sign in self.stores:
+                store = self.stores[sign]
+                store["counts"] = store["counts"].contiguous()
+                parts.append((store["offset"], store["counts"]))
+            else:
+                parts.append((none[0], none))
+        fused.floored_bucket(rows, units, floor, self.shift, parts[0], parts[1], self.zeros, self.floor_count)
 
     def _pos_low_col(self, floors_at_or_above_zero: bool = False) -> int:
         """A column of the positive store below which every unit's counts are 0.

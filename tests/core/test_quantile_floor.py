@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dissect_core.quantile as quantile_module
+from dissect_core import fused
 from dissect_core.quantile import QuantileRefiner, QuantileSketch, hazen_ranks
 
 
@@ -179,14 +180,19 @@ def gelu_like(rng: np.random.Generator, units: int, n: int) -> np.ndarray:
     return (pre * 0.5 * (1 + np.vectorize(math.erf)(pre / math.sqrt(2)))).astype(np.float32)
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["torch", "fused"])
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("q", [0.99, 0.95, 0.9])
-def test_a_few_units_with_floors_below_zero_among_many(q: float, fast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_few_units_with_floors_below_zero_among_many(
+    q: float, fast: bool, fuse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Most units' floors rise above 0 while two stay below it (values of both signs above
     them): given as rows of 16 values like the dissection's segments, the sketch keeps the
-    bracket of a plain sketch and the exact quantiles, with the two units' values added one
-    by one rather than widening every unit's histogram."""
+    bracket of a plain sketch and the exact quantiles. On the torch path the two units'
+    values are added one by one rather than widening every unit's histogram; the fused loop
+    (dissect_core.fused) puts every value in its bucket directly."""
     monkeypatch.setattr(quantile_module, "_FAST_RAISE", fast)
+    monkeypatch.setattr(fused, "_enabled", fuse)
     one_by_one = []
     add_pairs = QuantileSketch._add_pairs
 
@@ -213,5 +219,8 @@ def test_a_few_units_with_floors_below_zero_among_many(q: float, fast: bool, mon
         if rising.n >= k:
             rising.raise_floor(rising.n - k)
     assert bool((rising.floor[:-2] > 0).all()) and bool((rising.floor[-2:] < 0).all())
-    assert [units - 2, units - 1] in one_by_one  # the two units' rows went value by value
+    if fuse:
+        assert one_by_one == []
+    else:
+        assert [units - 2, units - 1] in one_by_one  # the two units' rows went value by value
     same_bracket_and_exact_quantiles(plain, rising, x, q)

@@ -1,0 +1,125 @@
+"""The fused CPU loops (dissect_core.fused) give the torch path's sketches and dissections exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dissect_core import fused
+from dissect_core.dissect import dissect
+from dissect_core.models import LoadedModel
+from dissect_core.quantile import QuantileSketch
+from dissect_core.synthetic import SyntheticScenes
+
+
+@pytest.fixture(autouse=True)
+def _restore() -> object:
+    before = fused.set_enabled(True)
+    yield
+    fused.set_enabled(before)
+
+
+def _state(s: QuantileSketch) -> dict[str, np.ndarray]:
+    out = {name: getattr(s, name).numpy().copy() for name in ("zeros", "floor_count", "key_min", "key_max", "floor")}
+    for sign, store in s.stores.items():
+        for part, t in store.items():
+            out[f"{sign}.{part}"] = t.numpy().copy()
+    out["n"] = np.array(s.n)
+    return out
+
+
+def _values(kind: str, rng: np.random.Generator, units: int, n: int) -> np.ndarray:
+    if kind == "gelu":  # both signs, two units below 0 throughout
+        pre = rng.normal(size=(units, n)) * rng.uniform(0.5, 4, size=(units, 1))
+        pre[-2:] = rng.normal(-3.0, 0.4, size=(2, n))
+        return (pre / (1 + np.exp(-1.702 * pre))).astype(np.float32)
+    if kind == "relu":  # mostly exact zeros, some -0.0
+        x = np.maximum(rng.normal(-1.0, 1.0, size=(units, n)), 0).astype(np.float32)
+        x[:, ::7] = np.float32(-0.0)
+        return x
+    if kind == "rising":  # every unit's values grow call by call: the stores' windows move
+        return (rng.random((units, n)) * np.exp(np.linspace(0, 30, n))[None, :]).astype(np.float32)
+    # negative values only, of many magnitudes
+    return (-np.exp(rng.normal(0, 6, size=(units, n)))).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "relu", "rising", "negative"])
+@pytest.mark.parametrize("max_buckets", [4096, 64])
+def test_fused_sketch_equals_the_torch_sketch(kind: str, max_buckets: int) -> None:
+    """Rows of 16 values fed to two floored sketches whose floors rise between calls: every
+    count, zero, floor count and window is the same with the fused loops as without."""
+    rng = np.random.default_rng(5)
+    units = 40
+    x = _values(kind, rng, units, 4096)
+    n = x.shape[1]
+    sketches, states = {}, {}
+    for on in (False, True):
+        fused.set_enabled(on)
+        s = QuantileSketch(units, max_buckets=max_buckets, floor=np.full(units, -np.inf, np.float32))
+        for part in np.array_split(x, 8, axis=1):
+            t = torch.from_numpy(np.ascontiguousarray(part))
+            rows = t.reshape(units * (t.shape[1] // 16), 16)
+            unit = torch.arange(units).repeat_interleave(t.shape[1] // 16)
+            given = rows.amax(1) > s.floor[unit]
+            s.add_rows(rows[given], unit[given], total=t.shape[1], lower=t.amin(1), upper=t.amax(1))
+            states.setdefault(on, []).append(_state(s))
+            k = n - int(0.97 * n)
+            if s.n >= k:
+                s.raise_floor(s.n - k)
+        sketches[on] = s
+    for step, (a, b) in enumerate(zip(states[False], states[True], strict=True)):
+        assert a.keys() == b.keys(), step
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{name} after call {step}")
+    assert sketches[True].bracket(0.97).key_lo.tolist() == sketches[False].bracket(0.97).key_lo.tolist()
+
+
+def test_fused_loops_are_used_on_the_cpu_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = fused.floored_bucket
+
+    def spy(rows: torch.Tensor, *args: object) -> None:
+        calls.append(rows.shape[0])
+        real(rows, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused, "floored_bucket", spy)
+    s = QuantileSketch(2, floor=np.zeros(2, np.float32))
+    rows = torch.tensor([[0.5, 2.0], [-1.0, 3.0]])
+    s.add_rows(rows, torch.tensor([0, 1]), total=2, lower=torch.full((2,), -1.0), upper=torch.full((2,), 3.0))
+    assert calls == [2]
+    fused.set_enabled(False)
+    assert not fused.available(rows)
+    s.add_rows(rows, torch.tensor([0, 1]), total=2, lower=torch.full((2,), -1.0), upper=torch.full((2,), 3.0))
+    assert calls == [2]
+
+
+class _Mixed(nn.Module):
+    """Two layers of mixed sign: ``gelu`` (8 units, 1/4 of the image size) and ``coarse`` (1/8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        self.gelu = nn.GELU()
+        self.coarse = nn.Conv2d(8, 6, 2, stride=2)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.coarse(self.gelu(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_a_dissection_is_the_same_with_and_without_the_fused_loops() -> None:
+    ds = SyntheticScenes(24, seed=1, image_size=(64, 64))
+    model = LoadedModel(_Mixed().eval(), "test:mixed", 2, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "builtin")
+    runs = {}
+    for on in (False, True):
+        fused.set_enabled(on)
+        runs[on] = dissect(model, ds, ["gelu", "coarse"], batch_size=5)
+    for layer in ("gelu", "coarse"):
+        a, b = runs[False][layer], runs[True][layer]
+        np.testing.assert_array_equal(a.thresholds, b.thresholds)
+        np.testing.assert_array_equal(a.intersection, b.intersection)
+        np.testing.assert_array_equal(a.act_area, b.act_area)
+        assert (a.act_area > 0).all()
