@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from . import fused
 from .allocator import keep_freed_memory, release_freed_memory
 from .concepts import Concept, ConceptDataset, Sample, collate_samples, size_pair
 from .counts import ConceptCounts, PixelLabels, TopActivations, prepare_labels
@@ -1047,9 +1048,36 @@ class _LayerCounter:
         def keep(u: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
             return _rows_above(bound.rows(native), self.cand.index_select(0, u))
 
+        fuse = fused.available(a, self.counts.block_act)
+        if fuse:
+            sure = self.sure if self.sure is not None else torch.full_like(self.cand, -torch.inf)
+            block, cells = labels.blocks(self.counts.blocks), labels.cells()[0]
+            pixel = labels.pixel.contiguous()
         for b, u, idx, rows in self.upsampler.kept_rows(a, bi, ui, keep):
-            level = self.cand.index_select(0, u)
             width = rows.shape[1]
+            if fuse:
+                # One loop over the rows counts every pixel above its threshold's sure side.
+                rows = rows.contiguous()
+                amb = fused.count_rows(
+                    rows,
+                    idx,
+                    b,
+                    u,
+                    self.cand,
+                    sure,
+                    pixel,
+                    block,
+                    cells,
+                    self.counts.block_act,
+                    self.counts.block_intersection,
+                )
+                if amb.numel():
+                    row = idx.index_select(0, amb // width)
+                    mi, pi = row // height, (row % height) * width + amb % width
+                    amb_vals = rows.view(-1).index_select(0, amb)
+                    self._add_ambiguous(b.index_select(0, mi), u.index_select(0, mi), pi, amb_vals, labels)
+                continue
+            level = self.cand.index_select(0, u)
             flat = (rows > level.index_select(0, idx // height)[:, None]).view(-1).nonzero().squeeze(1)
             row = idx.index_select(0, flat // width)
             mi, pi = row // height, (row % height) * width + flat % width
@@ -1072,8 +1100,16 @@ class _LayerCounter:
         sure = (~amb).nonzero().squeeze(1)
         self.counts.add_pixels(bi.index_select(0, sure), ui.index_select(0, sure), pi.index_select(0, sure), labels)
         amb = amb.nonzero().squeeze(1)
-        ua, keys = ui.index_select(0, amb), float_keys(vals.index_select(0, amb)).to(torch.int64)
-        ba, pa = bi.index_select(0, amb), pi.index_select(0, amb)
+        self._add_ambiguous(
+            bi.index_select(0, amb), ui.index_select(0, amb), pi.index_select(0, amb), vals.index_select(0, amb), labels
+        )
+
+    def _add_ambiguous(
+        self, ba: torch.Tensor, ua: torch.Tensor, pa: torch.Tensor, vals: torch.Tensor, labels: PixelLabels
+    ) -> None:
+        """Keep pixels above ``cand`` but not ``sure`` (their unit's threshold is not resolved
+        yet) until :meth:`finish`, and collect their values for the refiner."""
+        keys = float_keys(vals).to(torch.int64)
         rows = labels.rows(ba, pa)
         block = labels.blocks(self.counts.blocks).index_select(0, ba)
         cell = labels.cells()[0].index_select(0, pa)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["available", "floored_bucket", "floored_stats", "set_enabled"]
+__all__ = ["available", "count_rows", "floored_bucket", "floored_stats", "set_enabled"]
 
 _enabled = os.environ.get("DISSECT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 _kernels: dict[str, Any] | None = None
@@ -111,7 +111,45 @@ def _compile() -> dict[str, Any] | None:
                 else:  # an exact zero above the floor has a count of its own
                     zeros[u] += 1
 
-    _kernels = {"stats": _stats, "bucket": _bucket}
+    @jit
+    def _count(
+        rows, idx, height, images, units, cand, sure, pixel, blocks, cells, block_act, block_inter
+    ):  # pragma: no cover - compiled
+        width = rows.shape[1]
+        labels = pixel.shape[2]
+        on = np.empty(width, np.int64)
+        amb = np.empty(256, np.int64)
+        n_amb = 0
+        for k in range(rows.shape[0]):
+            r = idx[k]
+            m = r // height
+            y = r - m * height
+            u = units[m]
+            im = images[m]
+            t = cand[u]
+            s = sure[u]
+            blk = blocks[im]
+            n = 0
+            for x in range(width):  # the pixels above the level first (no branch)
+                on[n] = x
+                n += rows[k, x] > t
+            for j in range(n):
+                x = on[j]
+                if rows[k, x] > s:
+                    p = y * width + x
+                    block_act[blk, u, cells[p]] += 1
+                    for c in range(labels):
+                        block_inter[blk, u, pixel[im, p, c]] += 1
+                else:  # at or below the sure level: left to the caller
+                    if n_amb == amb.size:
+                        grown = np.empty(2 * amb.size, np.int64)
+                        grown[:n_amb] = amb[:n_amb]
+                        amb = grown
+                    amb[n_amb] = k * width + x
+                    n_amb += 1
+        return amb[:n_amb]
+
+    _kernels = {"stats": _stats, "bucket": _bucket, "count": _count}
     return _kernels
 
 
@@ -202,3 +240,56 @@ def floored_bucket(
         _np(zeros),
         _np(floor_count),
     )
+
+
+def count_rows(
+    rows: torch.Tensor,
+    idx: torch.Tensor,
+    images: torch.Tensor,
+    units: torch.Tensor,
+    cand: torch.Tensor,
+    sure: torch.Tensor,
+    pixel: torch.Tensor,
+    blocks: torch.Tensor,
+    cells: torch.Tensor,
+    block_act: torch.Tensor,
+    block_inter: torch.Tensor,
+) -> torch.Tensor:
+    """Count the pixels of upsampled map rows that lie above their unit's level.
+
+    Row k of ``rows`` is row ``idx[k] % h`` of map ``m = idx[k] // h`` (h = the mask
+    height), the map of unit ``units[m]`` on batch image ``images[m]``. A pixel p above
+    ``cand[u]`` and above ``sure[u]`` adds one to ``block_act[block, u, cells[p]]`` and
+    to ``block_inter[block, u, c]`` for each entry c of ``pixel[image, p]`` (block =
+    ``blocks[image]``), in place; one above ``cand[u]`` but not ``sure[u]`` is returned.
+
+    Args:
+        rows: float32 [R, W], contiguous.
+        idx: int64 [R].
+        images, units: int64 [M], per map.
+        cand: float32 [U]; sure: float32 [U] (-inf where every pixel above ``cand`` counts).
+        pixel: int32 [B, H * W, L], the batch's deduplicated concepts per pixel.
+        blocks: int64 [B]; cells: int64 [H * W].
+        block_act: int64 [blocks, U, G]; block_inter: int32 or int64 [blocks, U, C + 1].
+
+    Returns:
+        int64 [A]: flat positions (k * W + x) in ``rows`` of the pixels not counted.
+    """
+    kernels = _compile()
+    assert kernels is not None
+    height = pixel.shape[1] // rows.shape[1]
+    amb = kernels["count"](
+        _np(rows),
+        _np(idx),
+        np.int64(height),
+        _np(images),
+        _np(units),
+        _np(cand),
+        _np(sure),
+        _np(pixel),
+        _np(blocks),
+        _np(cells),
+        _np(block_act),
+        _np(block_inter),
+    )
+    return torch.from_numpy(amb)

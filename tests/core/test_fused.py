@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from dissect_core import fused
+from dissect_core.counts import prepare_labels
 from dissect_core.dissect import dissect
 from dissect_core.models import LoadedModel
 from dissect_core.quantile import QuantileSketch
 from dissect_core.synthetic import SyntheticScenes
+
+engine = importlib.import_module("dissect_core.dissect")  # the module (the package exports the function)
 
 
 @pytest.fixture(autouse=True)
@@ -123,3 +128,26 @@ def test_a_dissection_is_the_same_with_and_without_the_fused_loops() -> None:
         np.testing.assert_array_equal(a.intersection, b.intersection)
         np.testing.assert_array_equal(a.act_area, b.act_area)
         assert (a.act_area > 0).all()
+
+
+@pytest.mark.parametrize("image_labels", [False, True])
+def test_counts_with_known_thresholds_are_the_same_with_and_without_the_fused_loops(image_labels: bool) -> None:
+    """A counter given its thresholds (the sharded count pass) counts every on-pixel into
+    the same blocks, cells and concepts either way, with whole-image labels or without."""
+    rng = np.random.default_rng(7)
+    units, concepts = 6, 9
+    maps = torch.from_numpy(rng.normal(size=(12, units, 4, 4)).astype(np.float32))
+    label_maps = torch.from_numpy(rng.integers(0, concepts + 1, size=(12, 2, 16, 16)))
+    image = torch.from_numpy(rng.integers(0, concepts + 1, size=(12, 2 if image_labels else 0)))
+    labels = prepare_labels(label_maps, image, concepts, indices=torch.arange(12) * 5)
+    thresholds = np.quantile(maps.numpy(), 0.8, axis=(0, 2, 3))
+    tallies = {}
+    for on in (False, True):
+        fused.set_enabled(on)
+        counter = engine._LayerCounter(units, concepts, 0, torch.device("cpu"), thresholds=thresholds, blocks=4)
+        counter.counts.add_area(labels)
+        counter.add_batch(maps, labels, (16, 16))
+        tallies[on] = (counter.counts.block_act.clone(), counter.counts.block_intersection.clone())
+    assert int(tallies[True][0].sum()) > 0
+    for a, b in zip(tallies[False], tallies[True], strict=True):
+        assert torch.equal(a, b)
