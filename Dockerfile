@@ -10,5 +10,7 @@ COPY manage.py ./
 COPY client ./client
 RUN pip install --no-cache-dir . ./client && useradd --create-home app && mkdir -p /data /media && chown app /data /media
 USER app
+# numba compiles the engine's fused CPU loops into ~/.cache/numba once, here rather than in each container
+RUN python -c "from dissect_core import fused; fused.warm()"
 EXPOSE 8000
 CMD ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000"]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["available", "count_rows", "floored_bucket", "floored_stats", "set_enabled"]
+__all__ = ["available", "count_rows", "floored_bucket", "floored_stats", "set_enabled", "warm"]
 
 _enabled = os.environ.get("DISSECT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 _kernels: dict[str, Any] | None = None
@@ -293,3 +293,36 @@ def count_rows(
         _np(block_inter),
     )
     return torch.from_numpy(amb)
+
+
+def warm() -> bool:
+    """Compile (or load from the cache) the loops for the CPU's usual types, now rather than
+    in the first job: a worker calls this before its pool forks.
+
+    Returns:
+        Whether the fused loops are available.
+    """
+    if not available(torch.zeros(0)):
+        return False
+    rows = torch.zeros((1, 2), dtype=torch.float32)
+    one = torch.zeros(1, dtype=torch.int64)
+    floor = torch.zeros(1, dtype=torch.float32)
+    floored_stats(rows, one, floor, 15, one.clone(), one.clone())
+    counts = torch.zeros((1, 1), dtype=torch.int64)
+    floored_bucket(rows, one, floor, 15, (one, counts), (one, counts), one.clone(), one.clone())
+    pixel = torch.zeros((1, 2, 1), dtype=torch.int32)
+    for inter in (torch.int32, torch.int64):
+        count_rows(
+            rows,
+            one,
+            one,
+            one,
+            floor,
+            floor,
+            pixel,
+            one,
+            torch.zeros(2, dtype=torch.int64),
+            torch.zeros((1, 1, 1), dtype=torch.int64),
+            torch.zeros((1, 1, 1), dtype=inter),
+        )
+    return True

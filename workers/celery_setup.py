@@ -99,10 +99,14 @@ def _stop_heartbeat(**kwargs) -> None:
 def _preload_engine(**kwargs) -> None:
     """Import torch, torchvision and the engine in the main process before the pool forks, so
     every pool process starts with them loaded: a fresh worker's first job no longer spends
-    seconds importing them (CUDA is not touched, so forking stays safe)."""
+    seconds importing them (CUDA is not touched, so forking stays safe). The engine's fused
+    CPU loops are compiled or loaded from numba's cache here too."""
     import dissect_core.ablation
     import dissect_core.dissect
     import dissect_core.generators  # noqa: F401
+    from dissect_core import fused
+
+    fused.warm()
 
     with contextlib.suppress(ImportError):
         import torchvision  # noqa: F401

@@ -151,3 +151,9 @@ def test_counts_with_known_thresholds_are_the_same_with_and_without_the_fused_lo
     assert int(tallies[True][0].sum()) > 0
     for a, b in zip(tallies[False], tallies[True], strict=True):
         assert torch.equal(a, b)
+
+
+def test_warm_compiles_the_loops_unless_they_are_off() -> None:
+    assert fused.warm() is True
+    fused.set_enabled(False)
+    assert fused.warm() is False
