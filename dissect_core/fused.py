@@ -9,9 +9,12 @@ count is exact, so the sketch, the thresholds and the IoU are those of the torch
 path bit for bit (``tests/core/test_fused.py`` compares the two).
 
 They are used when numba can be imported and the data lies on the CPU, unless
-``DISSECT_FUSED=0`` (then, and on a GPU, the torch path runs). numba compiles each
-loop the first time a process uses it (about a second) and caches the machine
-code next to this file (``__pycache__``) or in ``NUMBA_CACHE_DIR``.
+``DISSECT_FUSED=0`` (then, and on a GPU, the torch path runs). numba compiles the
+loops once per machine (about 4 s) and caches the machine code next to this file
+(``__pycache__``), in ``~/.cache/numba`` where that is read-only, or in
+``NUMBA_CACHE_DIR``; a process loads them in about 0.4 s (:func:`warm`). They run
+on one thread: split by unit over two, they were slower on this 2-CPU machine
+(torch's idle intra-op threads keep the other CPU busy for a while).
 """
 
 from __future__ import annotations
