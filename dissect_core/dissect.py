@@ -1048,7 +1048,7 @@ class _LayerCounter:
         def keep(u: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
             return _rows_above(bound.rows(native), self.cand.index_select(0, u))
 
-        fuse = fused.available(a, self.counts.block_act)
+        fuse = fused.available(a, self.counts.block_act) and a.dtype in (torch.float32, torch.float64)
         if fuse:
             sure = self.sure if self.sure is not None else torch.full_like(self.cand, -torch.inf)
             block, cells = labels.blocks(self.counts.blocks), labels.cells()[0]

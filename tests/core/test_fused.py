@@ -130,17 +130,21 @@ def test_a_dissection_is_the_same_with_and_without_the_fused_loops() -> None:
         assert (a.act_area > 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("image_labels", [False, True])
-def test_counts_with_known_thresholds_are_the_same_with_and_without_the_fused_loops(image_labels: bool) -> None:
+def test_counts_with_known_thresholds_are_the_same_with_and_without_the_fused_loops(
+    image_labels: bool, dtype: torch.dtype
+) -> None:
     """A counter given its thresholds (the sharded count pass) counts every on-pixel into
-    the same blocks, cells and concepts either way, with whole-image labels or without."""
+    the same blocks, cells and concepts either way, with whole-image labels or without
+    (half-precision maps, which numba cannot take, stay on the torch path)."""
     rng = np.random.default_rng(7)
     units, concepts = 6, 9
-    maps = torch.from_numpy(rng.normal(size=(12, units, 4, 4)).astype(np.float32))
+    maps = torch.from_numpy(rng.normal(size=(12, units, 4, 4)).astype(np.float32)).to(dtype)
     label_maps = torch.from_numpy(rng.integers(0, concepts + 1, size=(12, 2, 16, 16)))
     image = torch.from_numpy(rng.integers(0, concepts + 1, size=(12, 2 if image_labels else 0)))
     labels = prepare_labels(label_maps, image, concepts, indices=torch.arange(12) * 5)
-    thresholds = np.quantile(maps.numpy(), 0.8, axis=(0, 2, 3))
+    thresholds = np.quantile(maps.float().numpy(), 0.8, axis=(0, 2, 3))
     tallies = {}
     for on in (False, True):
         fused.set_enabled(on)
