@@ -184,3 +184,21 @@ def test_degenerate_inputs():
     on = np.zeros((40, 1, SIZE, SIZE), bool)
     ev = _count(on, [_rects(np.random.default_rng(5), 40, 0.5)]).evidence(resamples=50)
     assert ev.label[0] == -1 and np.isnan(ev.iou_low[0]) and ev.unit(0)["p_value"] is None
+
+
+def test_the_interval_is_the_jackknife_with_students_t_by_hand():
+    """One unit, two concepts, four blocks of one cell: each IoU's interval is its IoU plus or
+    minus t(0.975, 3) times the delete-one-block jackknife spread, computed here by hand."""
+    from scipy.stats import t as student_t
+
+    inter = np.array([[[5, 1]], [[7, 0]], [[4, 2]], [[6, 1]]])  # [blocks, U, C]
+    act = np.array([[[9]], [[11]], [[8]], [[10]]])  # [blocks, U, G]
+    con = np.array([[[12], [6]], [[10], [5]], [[9], [7]], [[13], [4]]])  # [blocks, C, G]
+    ev = label_evidence(inter, act, con, np.array([3, 3, 3, 3]), np.array([100]), resamples=20)
+    i, a, c = inter[:, 0, :].astype(float), act[:, 0, 0].astype(float), con[:, :, 0].astype(float)
+    iou = i.sum(0) / (a.sum() + c.sum(0) - i.sum(0))
+    loo = np.stack([(i.sum(0) - i[b]) / (a.sum() - a[b] + c.sum(0) - c[b] - i.sum(0) + i[b]) for b in range(4)])
+    spread = student_t.ppf(0.975, 3) * np.sqrt(3 / 4 * ((loo - loo.mean(0)) ** 2).sum(0))
+    np.testing.assert_allclose(ev.low[0], np.clip(iou - spread, 0, 1), rtol=1e-6)
+    np.testing.assert_allclose(ev.high[0], np.clip(iou + spread, 0, 1), rtol=1e-6)
+    assert ev.label[0] == 0
