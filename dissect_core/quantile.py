@@ -376,11 +376,11 @@ class QuantileSketch:
         the floor, else one dense ``bincount`` over the value-ordered layout of :meth:`_ordered_counts`.
         ``nonneg``: no value is below 0 (then the zeros take one comparison less)."""
         assert self.floor is not None and self.floor_count is not None and self.zeros is not None
-        p = rows.shape[1]
-        floor = self.floor.index_select(0, units)[:, None]
         if fused.available(rows):
             self._add_floored_fused(rows, units)
             return
+        p = rows.shape[1]
+        floor = self.floor.index_select(0, units)[:, None]
         # Exact zeros above the floor (post-ReLU units whose floor is still below 0) are
         # only counted: they need no bucket, and they are most values of such units.
         if nonneg:
