@@ -20,6 +20,7 @@ on one thread: split by unit over two, they were slower on this 2-CPU machine
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -300,13 +301,26 @@ def count_rows(
 
 def warm() -> bool:
     """Compile (or load from the cache) the loops for the CPU's usual types, now rather than
-    in the first job: a worker calls this before its pool forks.
+    in the first job: a worker calls this before its pool forks. A loop that fails to
+    compile (a numba that does not match this numpy, say) turns the loops off in this
+    process, with a warning: the torch path stands in.
 
     Returns:
         Whether the fused loops are available.
     """
+    global _kernels, _import_error
     if not available(torch.zeros(0)):
         return False
+    try:
+        _warm_calls()
+    except Exception as exc:  # any compiler failure: fall back, and say why
+        _kernels, _import_error = None, f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"dissect_core.fused: the fused loops are off ({_import_error})", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def _warm_calls() -> None:
     rows = torch.zeros((1, 2), dtype=torch.float32)
     one = torch.zeros(1, dtype=torch.int64)
     floor = torch.zeros(1, dtype=torch.float32)
@@ -328,4 +342,3 @@ def warm() -> bool:
             torch.zeros((1, 1, 1), dtype=torch.int64),
             torch.zeros((1, 1, 1), dtype=inter),
         )
-    return True

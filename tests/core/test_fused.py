@@ -161,3 +161,16 @@ def test_warm_compiles_the_loops_unless_they_are_off() -> None:
     assert fused.warm() is True
     fused.set_enabled(False)
     assert fused.warm() is False
+
+
+def test_a_loop_that_fails_to_compile_turns_the_loops_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """warm() in a worker must not stop it from starting: a compiler failure leaves the torch path."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no such type")
+
+    monkeypatch.setattr(fused, "_kernels", {"stats": broken, "bucket": broken, "count": broken})
+    monkeypatch.setattr(fused, "_import_error", None)
+    with pytest.warns(RuntimeWarning, match="the fused loops are off .*no such type"):
+        assert fused.warm() is False
+    assert not fused.available(torch.zeros(1))
