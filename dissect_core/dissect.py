@@ -34,6 +34,11 @@ upsampled: the row product runs on the whole map, the column product on the kept
 rows alone (checked against whole maps the first time per shape). Nothing else
 changes: the thresholds and counts are those of upsampling every map.
 
+On the CPU the per-value work after upsampling, the sketch's histogram update and
+the count's tally of each on-pixel's block, cell and concepts, runs as fused loops
+compiled by numba (:mod:`~dissect_core.fused`, same integer counts as the torch
+operations, which run on a GPU or with ``DISSECT_FUSED=0``).
+
 The same pieces serve distributed workers, one shard of images each::
 
     sketches = merge(quantile_pass(model, ds, layers, indices=shard) for shard in shards)
