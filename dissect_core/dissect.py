@@ -974,6 +974,16 @@ class _RisingFloorSketch:
             self.sketch.raise_floor(rank)
 
 
+def _located(
+    flat: torch.Tensor, idx: torch.Tensor, images: torch.Tensor, units: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image, unit, mask pixel) of flat positions into kept rows [r, width], whose row k is
+    row ``idx[k] % height`` of map ``idx[k] // height`` (of unit ``units[m]`` on ``images[m]``)."""
+    row = idx.index_select(0, flat // width)
+    m = row // height
+    return images.index_select(0, m), units.index_select(0, m), (row % height) * width + flat % width
+
+
 def _float32_below(values: np.ndarray) -> np.ndarray:
     """Largest float32 <= each float64 value (so ``a > result`` iff ``a > value`` for float32 a)."""
     f = np.asarray(values, dtype=np.float64).astype(np.float32)
@@ -1077,17 +1087,14 @@ class _LayerCounter:
                     self.counts.block_intersection,
                 )
                 if amb.numel():
-                    row = idx.index_select(0, amb // width)
-                    mi, pi = row // height, (row % height) * width + amb % width
-                    amb_vals = rows.view(-1).index_select(0, amb)
-                    self._add_ambiguous(b.index_select(0, mi), u.index_select(0, mi), pi, amb_vals, labels)
+                    self._add_ambiguous(
+                        *_located(amb, idx, b, u, height, width), rows.view(-1).index_select(0, amb), labels
+                    )
                 continue
             level = self.cand.index_select(0, u)
             flat = (rows > level.index_select(0, idx // height)[:, None]).view(-1).nonzero().squeeze(1)
-            row = idx.index_select(0, flat // width)
-            mi, pi = row // height, (row % height) * width + flat % width
             vals = rows.view(-1).index_select(0, flat) if self.sure is not None else None
-            self._add_on(b.index_select(0, mi), u.index_select(0, mi), pi, vals, labels)
+            self._add_on(*_located(flat, idx, b, u, height, width), vals, labels)
 
     def _add_on(
         self, bi: torch.Tensor, ui: torch.Tensor, pi: torch.Tensor, vals: torch.Tensor | None, labels: PixelLabels
