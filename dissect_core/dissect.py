@@ -52,6 +52,8 @@ Merged shard counts equal a single run's exactly (the counts are integers).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 import shutil
@@ -477,6 +479,7 @@ class _MapUpsampler:
 
     _verdicts: ClassVar[dict[tuple[Any, ...], bool]] = {}
     _row_verdicts: ClassVar[dict[tuple[Any, ...], bool]] = {}
+    _fused_modes: ClassVar[dict[tuple[Any, ...], tuple[bool, bool] | None]] = {}
 
     def __init__(self, mask_size: tuple[int, int]) -> None:
         self.mask_size = mask_size
@@ -568,10 +571,12 @@ class _MapUpsampler:
         bi: torch.Tensor,
         ui: torch.Tensor,
         keep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        parts: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(images [m], units [m], row index [r] into the m * mh rows, rows float32 [r, mw])
-        chunks of the maps ``a[bi, ui]``, with only the rows ``keep(units, native maps)``
-        (bool [m, mh]) marks.
+        """(images [m], units [m], index [r] into the m * mh * parts row parts, values float32
+        [r, mw / parts]) chunks of the maps ``a[bi, ui]``, with only the parts of rows (of
+        equal width; ``parts=1``: whole rows) that ``keep(units, native maps)`` (bool
+        [m, mh, parts]) marks.
 
         The rows hold the values of upsampling the whole batch. Where allowed
         (:meth:`_rows_eligible`) only the kept rows are computed; the first time per
@@ -583,21 +588,114 @@ class _MapUpsampler:
         mw = self.mask_size[1]
         key = self._key(a)
         if self._rows_eligible(a) and self._verdicts.get(key) and self._row_verdicts.get(key, True):
-            per = max(_MIN_MAPS, _CHUNK_ELEMENTS // max(1, self.mask_size[0] * mw))
-            for start in range(0, bi.numel(), per):
-                b, u = bi[start : start + per], ui[start : start + per]
-                native = _pick(a, b, u)
-                idx = keep(u, native).view(-1).nonzero().squeeze(1)
+            for b, u, native in self._chunks(bi, ui, a):
+                kept = keep(u, native).reshape(native.shape[0], self.mask_size[0], parts)
+                idx = kept.any(2).reshape(-1).nonzero().squeeze(1)
                 rows = self._upsample_rows(native, idx)
                 if key not in self._row_verdicts and idx.numel():
                     whole = _upsample_maps(native, self.mask_size).view(-1, mw).index_select(0, idx)
                     self._row_verdicts[key] = torch.equal(rows, whole)
                     rows = whole
-                yield b, u, idx, rows
+                yield b, u, *_kept_parts(kept, idx, rows)
             return
         for b, u, native, up in self.rows(a, bi, ui):
-            idx = keep(u, native).view(-1).nonzero().squeeze(1)
-            yield b, u, idx, up.view(-1, mw).index_select(0, idx)
+            kept = keep(u, native).reshape(native.shape[0], self.mask_size[0], parts)
+            idx = kept.any(2).reshape(-1).nonzero().squeeze(1)
+            yield b, u, *_kept_parts(kept, idx, up.view(-1, mw).index_select(0, idx))
+
+    def _chunks(
+        self, bi: torch.Tensor, ui: torch.Tensor, a: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(images, units, native maps [m, h, w]) of the maps ``a[bi, ui]``, in chunks of
+        bounded size once upsampled."""
+        per = max(_MIN_MAPS, _CHUNK_ELEMENTS // max(1, self.mask_size[0] * self.mask_size[1]))
+        for start in range(0, bi.numel(), per):
+            b, u = bi[start : start + per], ui[start : start + per]
+            yield b, u, _pick(a, b, u)
+
+    def fused_chunks(
+        self, a: torch.Tensor, bi: torch.Tensor, ui: torch.Tensor
+    ) -> (
+        tuple[Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], fused.Interpolation, tuple[bool, bool]] | None
+    ):
+        """(chunks as :meth:`_chunks`, the interpolation, the rounding mode) for the fused
+        loops that make only the parts of rows they need from the native maps
+        (:func:`~dissect_core.fused.sketch_parts`, :func:`~dissect_core.fused.count_parts`),
+        or None where they do not apply: where only some rows may be upsampled
+        (:meth:`_rows_eligible`, once the whole-batch comparison has been made) and the
+        loops' blends give this machine's values (:meth:`_fused_mode`)."""
+        key = self._key(a)
+        if not (
+            bi.numel()
+            and self._rows_eligible(a)
+            and self._verdicts.get(key)
+            and self._row_verdicts.get(key, True)
+            and fused.available(a)
+            and a.dtype == torch.float32
+        ):
+            return None
+        chunks = self._chunks(bi, ui, a)
+        first = next(chunks)
+        mode = self._fused_mode(a, first[2])
+        if mode is None:
+            return None
+        return itertools.chain([first], chunks), self._interpolation(a), mode
+
+    def _interpolation(self, a: torch.Tensor) -> fused.Interpolation:
+        h, w = (int(v) for v in a.shape[-2:])
+        return _fused_interpolation(h, w, int(self.mask_size[0]), int(self.mask_size[1]))
+
+    def _fused_mode(self, a: torch.Tensor, native: torch.Tensor) -> tuple[bool, bool] | None:
+        """How :func:`~dissect_core.fused.upsample_parts` reproduces :func:`_upsample_maps` for
+        maps like ``a``'s, or None (then the matrix products run). Decided once per map
+        shape, device and thread count, in this process: the rounding of each blend (fused
+        multiply-adds or not, per product) that gives the same float32 values as the
+        products on ``native`` (the first maps asked for) and on random maps of the same
+        shape, with zeros and negative values; None if no rounding does."""
+        if not (fused.available(a) and a.dtype == torch.float32):
+            return None
+        key = self._key(a)
+        if key not in self._fused_modes:
+            h, w = native.shape[-2:]
+            generator = torch.Generator().manual_seed(0)
+            synthetic = torch.randn((_MIN_MAPS, h, w), generator=generator) * 3.0
+            synthetic = torch.where(synthetic < -1.0, torch.zeros_like(synthetic), synthetic)
+            samples = [native[:_MIN_MAPS].contiguous(), synthetic]
+            wants = [_upsample_maps(x, self.mask_size).view(-1, self.mask_size[1]) for x in samples]
+            interp = self._interpolation(a)
+            self._fused_modes[key] = next(
+                (
+                    mode
+                    for mode in ((False, True), (True, True), (False, False), (True, False))
+                    if all(
+                        torch.equal(
+                            fused.upsample_parts(
+                                x, torch.ones((x.shape[0], self.mask_size[0], 1), dtype=torch.bool), interp, mode
+                            ),
+                            want,
+                        )
+                        for x, want in zip(samples, wants)
+                    )
+                ),
+                None,
+            )
+        return self._fused_modes[key]
+
+
+@functools.lru_cache(maxsize=16)
+def _fused_interpolation(h: int, w: int, th: int, tw: int) -> fused.Interpolation:
+    return fused.Interpolation(interpolation_matrix(h, th), interpolation_matrix(w, tw))
+
+
+def _kept_parts(kept: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index into the m * mh * parts row parts, values [r, mw / parts]) of the parts that
+    ``kept`` (bool [m, mh, parts]) marks, from whole rows ``rows`` [k, mw] (rows ``idx``)."""
+    parts = kept.shape[2]
+    if parts == 1:
+        return idx, rows
+    flat = kept.reshape(-1, parts).index_select(0, idx).view(-1).nonzero().squeeze(1)
+    values = rows.reshape(-1, rows.shape[1] // parts).index_select(0, flat)
+    return idx.index_select(0, flat // parts) * parts + flat % parts, values
 
 
 def _upsample_slack(device: torch.device) -> float:
@@ -677,6 +775,7 @@ class _MapBound:
         self.seg_ranges = [(c[0], c[-1] + 1) if c else (0, 0) for c in cols]
         if any(c != list(range(a, b)) for c, (a, b) in zip(cols, self.seg_ranges)):
             raise AssertionError("interpolation reads non-consecutive native columns")
+        self._part_bounds: fused.PartBounds | None = None
 
     def cell_lower(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Lower bounds of the upsampled values of a batch [B, U, h, w], by cells: float32
@@ -730,6 +829,20 @@ class _MapBound:
             return bound.transpose(1, 2), (bound == 0).transpose(1, 2)
         zero = (mag.transpose(1, 2).reshape(m * g, h) @ self.row_weights).view(m, g, -1) == 0
         return bound.transpose(1, 2), zero.transpose(1, 2)
+
+    def part_bounds(self) -> fused.PartBounds:
+        """The bounds of :meth:`segments` for the fused loops, by cells of upsampled rows
+        (rows that read the same native rows): each cell's largest row weight sum (times the
+        column weights' largest sum, as ``row_weights``), with a margin for the rounding of
+        the float64 sums."""
+        if self._part_bounds is None:
+            weights = self.row_weights.cpu()
+            reads = [tuple(weights[:, t].nonzero().squeeze(1).tolist()) for t in range(weights.shape[1])]
+            starts = [t for t in range(len(reads)) if t == 0 or reads[t] != reads[t - 1]]
+            ends = [*starts[1:], len(reads)]
+            scale = [float(weights[:, t0:t1].sum(0).max()) * (1.0 + 2.0**-40) for t0, t1 in zip(starts, ends)]
+            self._part_bounds = fused.PartBounds(np.array([*starts, len(reads)]), np.array(scale), self.slack)
+        return self._part_bounds
 
     def rows(self, maps: torch.Tensor) -> torch.Tensor:
         """float64 [m, mh] upper bounds of each upsampled row of maps [m, h, w].
@@ -865,36 +978,11 @@ class _RisingFloorSketch:
         lo, hi = _to_float32(lower.amin(0), up=False), _to_float32(upper.amax(0), up=True)
         total = a.shape[0] * pixels
         first = self.sketch.n == 0
-        seg_width = self.bound.seg_width
         nonneg = bool((lower >= 0).all())  # no map of the batch holds a negative value
         g = self.bound.segments_count
-        kept_segments: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def keep(u: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
-            # Segments (of rows) that cannot rise above the floor are only counted, and so
-            # are segments of exact zeros (most of a post-ReLU unit's early batches, while
-            # its floor is still below 0).
-            bound, zero = self.bound.segments(native, nonneg=nonneg)
-            assert self.sketch.floor is not None
-            level = self.sketch.floor.index_select(0, u).to(torch.float64)[:, None, None]
-            seg = (~(bound <= level) & ~zero).contiguous()
-            zero_count = (
-                torch.zeros(a.shape[1], dtype=torch.int64, device=u.device).index_add_(
-                    0, u, torch.count_nonzero(zero, dim=(1, 2))
-                )
-                * seg_width
-            )
-            kept_segments.append((seg, zero_count))
-            return seg.any(2)
-
-        for _, u, idx, rows in self.upsampler.kept_rows(a, bi, ui, keep):
-            seg, zero_count = kept_segments.pop()
+        for u, idx, rows, zero_count in self._parts(a, bi, ui, nonneg):
             zeros = zero_count if zeros is None else zeros + zero_count
-            unit = u.index_select(0, idx // self.mask_size[0])
-            if g > 1:
-                flat = seg.view(-1, g).index_select(0, idx).view(-1).nonzero().squeeze(1)
-                rows = rows.view(-1, seg_width).index_select(0, flat)
-                unit = unit.index_select(0, flat // g)
+            unit = u.index_select(0, idx // (self.mask_size[0] * g))
             self.sketch.add_rows(rows, unit, total=total, lower=lo, upper=hi, zeros=zeros)
             total, zeros = 0, None
             # In the first batch the floor also rises between chunks (later, a chunk moves
@@ -907,6 +995,39 @@ class _RisingFloorSketch:
         if total:
             self.sketch.add_rows(a.new_zeros((0, pixels)), ui, total=total, lower=lo, upper=hi, zeros=zeros)
         self._raise()
+
+    def _parts(
+        self, a: torch.Tensor, bi: torch.Tensor, ui: torch.Tensor, nonneg: bool
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(units [m], index [r] into the m * mh * G row segments, segments float32 [r,
+        seg_width], int64 [U] values of segments of exact zeros left out) chunks of the maps
+        ``a[bi, ui]``: the segments that may rise above the floor, but those of exact zeros
+        (most of a post-ReLU unit's early batches, while its floor is still below 0), which
+        are only counted. By the fused loop where it applies, else by :meth:`_MapBound.segments`
+        and the upsampler."""
+        g, seg_width, units = self.bound.segments_count, self.bound.seg_width, a.shape[1]
+        assert self.sketch.floor is not None
+        plan = self.upsampler.fused_chunks(a, bi, ui)
+        if plan is not None:
+            chunks, interp, mode = plan
+            for _, u, native in chunks:
+                level = self.sketch.floor.index_select(0, u)
+                rows, idx, zero_parts = fused.sketch_parts(native, level, interp, mode, self.bound.part_bounds(), g)
+                zero_count = torch.zeros(units, dtype=torch.int64).index_add_(0, u, zero_parts) * seg_width
+                yield u, idx, rows, zero_count
+            return
+        zero_counts: list[torch.Tensor] = []
+
+        def keep(u: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
+            assert self.sketch.floor is not None
+            level = self.sketch.floor.index_select(0, u).to(torch.float64)[:, None, None]
+            bound, zero = self.bound.segments(native, nonneg=nonneg)
+            zero_count = torch.zeros(units, dtype=torch.int64, device=u.device)
+            zero_counts.append(zero_count.index_add_(0, u, torch.count_nonzero(zero, dim=(1, 2))) * seg_width)
+            return ~(bound <= level) & ~zero
+
+        for _, u, idx, rows in self.upsampler.kept_rows(a, bi, ui, keep, parts=g):
+            yield u, idx, rows, zero_counts.pop()
 
     def _first_floor(self, a: torch.Tensor, pixels: int) -> None:
         """Before any data, from the first batch's native maps [B, U, h, w]: a floor just below
@@ -1068,6 +1189,31 @@ class _LayerCounter:
             sure = self.sure if self.sure is not None else torch.full_like(self.cand, -torch.inf)
             block, cells = labels.blocks(self.counts.blocks), labels.cells()[0]
             pixel = labels.pixel.contiguous()
+            plan = self.upsampler.fused_chunks(a, bi, ui)
+            if plan is not None:
+                # Only the segments of rows that may hold a pixel above cand are made, and
+                # counted as they are made.
+                chunks, interp, mode = plan
+                for b, u, native in chunks:
+                    m, p, v = fused.count_parts(
+                        native,
+                        self.cand.index_select(0, u),
+                        sure.index_select(0, u),
+                        interp,
+                        mode,
+                        bound.part_bounds(),
+                        bound.segments_count,
+                        b,
+                        u,
+                        pixel,
+                        block,
+                        cells,
+                        self.counts.block_act,
+                        self.counts.block_intersection,
+                    )
+                    if m.numel():
+                        self._add_ambiguous(b.index_select(0, m), u.index_select(0, m), p, v, labels)
+                return
         for b, u, idx, rows in self.upsampler.kept_rows(a, bi, ui, keep):
             width = rows.shape[1]
             if fuse:

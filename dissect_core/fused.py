@@ -26,7 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["available", "count_rows", "floored_bucket", "floored_stats", "set_enabled", "warm"]
+__all__ = [
+    "Interpolation",
+    "PartBounds",
+    "available",
+    "count_parts",
+    "count_rows",
+    "floored_bucket",
+    "floored_stats",
+    "set_enabled",
+    "sketch_parts",
+    "upsample_parts",
+    "warm",
+]
 
 _enabled = os.environ.get("DISSECT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 _kernels: dict[str, Any] | None = None
@@ -56,7 +68,195 @@ def _compile() -> dict[str, Any] | None:
         return None
 
     jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+    inline = numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")  # helpers of the loops
     _ABS = np.int32(0x7FFFFFFF)
+    _ZERO = np.float32(0.0)
+    fma = _fma_intrinsic(numba)
+
+    @inline
+    def _blend_row(native, m, t, r_lo, r_hi, r_w0, r_w1, rows_fma, blended):  # pragma: no cover - compiled
+        # Upsampled row t of map m before the columns product: a * x + b * y from +0, as
+        # a dot product rounds it (fused multiply-adds, or each product rounded, then the sum).
+        # (Plain indexing throughout these loops: a slice would count references.)
+        a, b, lo, hi = r_w0[t], r_w1[t], r_lo[t], r_hi[t]
+        if rows_fma:
+            for x in range(blended.shape[0]):
+                blended[x] = fma(b, native[m, hi, x], fma(a, native[m, lo, x], _ZERO))
+        else:
+            for x in range(blended.shape[0]):
+                blended[x] = (_ZERO + a * native[m, lo, x]) + b * native[m, hi, x]
+
+    @inline
+    def _blend_part(blended, part, p_first, p_weights, cols_fma, out, k):  # pragma: no cover - compiled
+        # Part ``part`` of a row into out[k]: the native columns it reads in order, each
+        # times its weights (zero where a column is not read: adding an exact zero changes
+        # nothing).
+        width = p_weights.shape[2]
+        first = p_first[part]
+        for j in range(width):
+            out[k, j] = _ZERO
+        for c in range(p_weights.shape[1]):
+            v = blended[first + c]
+            if cols_fma:
+                for j in range(width):
+                    out[k, j] = fma(v, p_weights[part, c, j], out[k, j])
+            else:
+                for j in range(width):
+                    out[k, j] = out[k, j] + v * p_weights[part, c, j]
+
+    @inline
+    def _part_above(blended, part, p_first, p_scale, reads, level):  # pragma: no cover - compiled
+        # Whether a part of a blended row may hold a value above level: each of its values
+        # blends at most two of the native columns it reads with non-negative weights, so
+        # it is at most max(their largest blend, 0) * p_scale[part] (the part's largest
+        # weight sum, with room for the float32 rounding of the product), plus 2**-148 for
+        # roundings among subnormal numbers.
+        top = blended[p_first[part]]
+        for c in range(1, reads):
+            top = max(top, blended[p_first[part] + c])
+        return not max(np.float64(top), 0.0) * p_scale[part] + 2.0**-148 <= level
+
+    @jit
+    def _upsample(
+        native, kept, r_lo, r_hi, r_w0, r_w1, p_first, p_weights, rows_fma, cols_fma, out
+    ):  # pragma: no cover - compiled
+        # The kept parts (kept[m, t, part]) of each row t of each map m, in that order.
+        blended = np.empty(native.shape[2], np.float32)
+        k = 0
+        for m in range(kept.shape[0]):
+            for t in range(kept.shape[1]):
+                ready = False
+                for part in range(kept.shape[2]):
+                    if kept[m, t, part]:
+                        if not ready:  # once for the row's parts
+                            _blend_row(native, m, t, r_lo, r_hi, r_w0, r_w1, rows_fma, blended)
+                            ready = True
+                        _blend_part(blended, part, p_first, p_weights, cols_fma, out, k)
+                        k += 1
+
+    @jit
+    def _parts(
+        native,
+        level,
+        sure,
+        r_lo,
+        r_hi,
+        r_w0,
+        r_w1,
+        cell_start,
+        cell_scale,
+        p_first,
+        p_weights,
+        p_scale,
+        slack,
+        zeros_apart,
+        rows_fma,
+        cols_fma,
+        out,
+        items,
+        zero_parts,
+        counting,
+        images,
+        units,
+        pixel,
+        blocks,
+        cells,
+        block_act,
+        block_inter,
+    ):  # pragma: no cover - compiled
+        # The parts of the upsampled rows of each map m that may hold a value above level[m]:
+        # stored in out (items: each one's index, (m * T_h + t) * parts + part), or, when
+        # counting, counted as _count does (units[m] on image images[m]; values above level
+        # but not sure[m] are returned). Target rows come in cells that read the same two
+        # native rows (cell_start: the first row of each, then the end). A cell's part is
+        # passed over when its bound says no value lies above the level: per native row
+        # and part, c = max(max, 0) + slack * max|value| over the native columns the part
+        # reads, and the bound max(c of the cell's two rows) * cell_scale (the cell's
+        # largest row weight sum times the parts' column weight sum, with a margin). Then
+        # per row, a part whose blend of native rows bounds it at or below the level
+        # (_part_above). With zeros_apart, a cell's parts whose native values are all exact
+        # zeros are counted in zero_parts[m] (one per row) and not stored.
+        h = native.shape[1]
+        n_parts = p_weights.shape[0]
+        reads = p_weights.shape[1]
+        width = p_weights.shape[2]
+        row_width = width * n_parts
+        height = r_lo.shape[0]
+        labels = pixel.shape[2]
+        c = np.empty((h, n_parts), np.float64)
+        z = np.empty((h, n_parts), np.bool_)
+        active = np.empty(n_parts, np.bool_)
+        blended = np.empty(native.shape[2], np.float32)
+        o = np.empty((1, width), np.float32)
+        on = np.empty(width, np.int64)
+        amb_m = np.empty(256, np.int64)
+        amb_p = np.empty(256, np.int64)
+        amb_v = np.empty(256, np.float32)
+        n_amb = 0
+        k = 0
+        for m in range(native.shape[0]):
+            lvl = level[m]
+            for i in range(h):
+                for g in range(n_parts):
+                    first = p_first[g]
+                    hi = native[m, i, first]
+                    lo = hi
+                    for x in range(first + 1, first + reads):
+                        hi = max(hi, native[m, i, x])
+                        lo = min(lo, native[m, i, x])
+                    hi64 = np.float64(hi)
+                    c[i, g] = max(hi64, 0.0) + slack * max(abs(hi64), abs(np.float64(lo)))
+                    z[i, g] = hi == 0 and lo == 0
+            for cell in range(cell_start.shape[0] - 1):
+                t0, t1 = cell_start[cell], cell_start[cell + 1]
+                a, b = r_lo[t0], r_hi[t0]
+                any_active = False
+                for g in range(n_parts):
+                    active[g] = False
+                    if zeros_apart and z[a, g] and z[b, g]:
+                        zero_parts[m] += t1 - t0
+                    elif not max(c[a, g], c[b, g]) * cell_scale[cell] <= lvl:
+                        active[g] = True
+                        any_active = True
+                if not any_active:
+                    continue
+                for t in range(t0, t1):
+                    _blend_row(native, m, t, r_lo, r_hi, r_w0, r_w1, rows_fma, blended)
+                    for g in range(n_parts):
+                        if not active[g] or not _part_above(blended, g, p_first, p_scale, reads, lvl):
+                            continue
+                        if not counting:
+                            _blend_part(blended, g, p_first, p_weights, cols_fma, out, k)
+                            items[k] = (m * height + t) * n_parts + g
+                            k += 1
+                            continue
+                        _blend_part(blended, g, p_first, p_weights, cols_fma, o, 0)
+                        u = units[m]
+                        im = images[m]
+                        blk = blocks[im]
+                        s = sure[m]
+                        n = 0
+                        for x in range(width):  # the pixels above the level first (no branch)
+                            on[n] = x
+                            n += o[0, x] > lvl
+                        start = t * row_width + g * width
+                        for j in range(n):
+                            x = on[j]
+                            p = start + x
+                            if o[0, x] > s:
+                                block_act[blk, u, cells[p]] += 1
+                                for q in range(labels):
+                                    block_inter[blk, u, pixel[im, p, q]] += 1
+                            else:  # at or below the sure level: left to the caller
+                                if n_amb == amb_m.size:
+                                    amb_m = np.concatenate((amb_m, np.empty_like(amb_m)))
+                                    amb_p = np.concatenate((amb_p, np.empty_like(amb_p)))
+                                    amb_v = np.concatenate((amb_v, np.empty_like(amb_v)))
+                                amb_m[n_amb] = m
+                                amb_p[n_amb] = p
+                                amb_v[n_amb] = o[0, x]
+                                n_amb += 1
+        return k, amb_m[:n_amb], amb_p[:n_amb], amb_v[:n_amb]
 
     @jit
     def _stats(rows, bits, units, floor, shift, pos_top, neg_top):  # pragma: no cover - compiled
@@ -153,8 +353,33 @@ def _compile() -> dict[str, Any] | None:
                     n_amb += 1
         return amb[:n_amb]
 
-    _kernels = {"stats": _stats, "bucket": _bucket, "count": _count}
+    _kernels = {
+        "stats": _stats,
+        "bucket": _bucket,
+        "count": _count,
+        "upsample": _upsample,
+        "parts": _parts,
+    }
     return _kernels
+
+
+def _fma_intrinsic(numba: Any) -> Any:
+    """``fma(a, b, c)``: float32 a * b + c rounded once (LLVM's ``llvm.fma.f32``)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    @numba.extending.intrinsic
+    def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+        f32 = numba.types.float32
+        sig = f32(f32, f32, f32)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()] * 3)
+            return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.f32"), args)
+
+        return sig, codegen
+
+    return fma
 
 
 def available(*tensors: torch.Tensor) -> bool:
@@ -299,6 +524,268 @@ def count_rows(
     return torch.from_numpy(amb)
 
 
+class Interpolation:
+    """A separable interpolation for :func:`upsample_parts`, as pairs of weights.
+
+    Args:
+        rows: float32 [T_h, S_h] matrix (e.g. :func:`~dissect_core.upsample.interpolation_matrix`),
+            at most two nonzero weights per row, and those in adjacent columns.
+        cols: float32 [T_w, S_w], the same for the columns.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        self.height = rows.shape[0]
+        self.width = cols.shape[0]
+        self.source_width = cols.shape[1]
+        self.rows = self._pairs(rows)
+        self.cols = self._pairs(cols)
+        self._parts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    @staticmethod
+    def _pairs(matrix: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        m = matrix.detach().to("cpu", torch.float32).numpy()
+        lo = np.zeros(m.shape[0], np.int64)
+        hi = np.zeros(m.shape[0], np.int64)
+        w0 = np.zeros(m.shape[0], np.float32)
+        w1 = np.zeros(m.shape[0], np.float32)
+        for t, row in enumerate(m):
+            nz = np.flatnonzero(row)
+            if nz.size > 2 or (nz.size == 2 and nz[1] != nz[0] + 1):
+                raise ValueError("an interpolation row reads more than two adjacent source pixels")
+            if nz.size:
+                lo[t], hi[t] = nz[0], nz[-1]
+                w0[t] = row[nz[0]]
+                w1[t] = row[nz[1]] if nz.size == 2 else 0.0
+        return lo, hi, w0, w1
+
+    def part_tables(self, parts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(first native column each part reads, int64 [parts]; float32 [parts, K, width] the
+        weights of the K native columns from there, zero where a column is not read; float64
+        [parts] each part's largest weight sum, with a margin for rounding)."""
+        if parts not in self._parts:
+            if parts < 1 or self.width % parts:
+                raise ValueError(f"{parts} parts do not divide a row of {self.width}")
+            lo, hi, w0, w1 = self.cols
+            width = self.width // parts
+            first = np.array([lo[g * width : (g + 1) * width].min() for g in range(parts)], np.int64)
+            reads = max(int(hi[g * width : (g + 1) * width].max() - first[g]) + 1 for g in range(parts))
+            # A part must not read past the map's last column (its weights there are 0).
+            first = np.minimum(first, max(0, self.source_width - reads))
+            if reads > self.source_width:
+                raise ValueError("a part reads more native columns than a row has")
+            weights = np.zeros((parts, reads, width), np.float32)
+            for s in range(self.width):
+                g, j = divmod(s, width)
+                weights[g, lo[s] - first[g], j] = w0[s]
+                if hi[s] != lo[s]:
+                    weights[g, hi[s] - first[g], j] = w1[s]
+            # The largest weight sum of each part, raised for the rounding of two float32
+            # products and a sum (relative 2**-22 at most) by 2**-20.
+            scale = weights.astype(np.float64).sum(1).max(1) * (1.0 + 2.0**-20)
+            self._parts[parts] = (first, weights, scale)
+        return self._parts[parts]
+
+
+def upsample_parts(
+    native: torch.Tensor, kept: torch.Tensor, interp: Interpolation, mode: tuple[bool, bool]
+) -> torch.Tensor:
+    """Parts of rows of upsampled maps, computed from the native maps alone.
+
+    The result is ``rows @ native @ cols.T`` (rows first) with each output value
+    blended from its two nonzero weights per product (:class:`Interpolation`): equal
+    to a dense product wherever the dense product rounds as the blend does, which
+    ``mode`` says per product (fused multiply-adds, or products rounded then summed;
+    the caller checks which one its matrix products match).
+
+    Args:
+        native: float32 [m, h, w], contiguous.
+        kept: bool [m, T_h, parts], contiguous: the parts (of equal width) of each
+            upsampled row wanted (``parts=1``: whole rows).
+        interp: the interpolation.
+        mode: (rows product with fused multiply-adds, columns product likewise).
+
+    Returns:
+        float32 [n, T_w / parts]: the kept parts in the order of ``kept.nonzero()``.
+    """
+    kernels = _compile()
+    assert kernels is not None
+    parts = kept.shape[2]
+    first, weights, _ = interp.part_tables(parts)
+    out = torch.empty((int(torch.count_nonzero(kept)), interp.width // parts), dtype=torch.float32)
+    kernels["upsample"](_np(native), _np(kept), *interp.rows, first, weights, bool(mode[0]), bool(mode[1]), out.numpy())
+    return out
+
+
+class PartBounds:
+    """What :func:`sketch_parts` and :func:`count_parts` bound the upsampled values with.
+
+    Args:
+        cell_start: int64 [C + 1]: the target rows come in cells that read the same native
+            rows, rows ``cell_start[c]`` to ``cell_start[c + 1]``.
+        cell_scale: float64 [C]: at least the largest row weight sum of each cell times the
+            largest column weight sum, with a margin for float64 rounding.
+        slack: the upsampling's rounding allowance, a fraction of the largest |value| read.
+    """
+
+    def __init__(self, cell_start: np.ndarray, cell_scale: np.ndarray, slack: float) -> None:
+        self.cell_start = np.ascontiguousarray(cell_start, np.int64)
+        self.cell_scale = np.ascontiguousarray(cell_scale, np.float64)
+        self.slack = float(slack)
+
+
+_NO_COUNTS: dict[str, np.ndarray] = {}
+
+
+def _no_counts() -> dict[str, np.ndarray]:
+    if not _NO_COUNTS:
+        _NO_COUNTS.update(
+            images=np.zeros(1, np.int64),
+            units=np.zeros(1, np.int64),
+            pixel=np.zeros((1, 1, 1), np.int32),
+            blocks=np.zeros(1, np.int64),
+            cells=np.zeros(1, np.int64),
+            block_act=np.zeros((1, 1, 1), np.int64),
+            block_inter=np.zeros((1, 1, 1), np.int64),
+        )
+    return _NO_COUNTS
+
+
+def _parts_call(
+    native: torch.Tensor,
+    level: torch.Tensor,
+    sure: torch.Tensor,
+    interp: Interpolation,
+    mode: tuple[bool, bool],
+    bounds: PartBounds,
+    parts: int,
+    zeros_apart: bool,
+    out: np.ndarray,
+    items: np.ndarray,
+    zero_parts: np.ndarray,
+    counting: dict[str, np.ndarray] | None,
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    kernels = _compile()
+    assert kernels is not None
+    count = counting if counting is not None else _no_counts()
+    k, amb_m, amb_p, amb_v = kernels["parts"](
+        _np(native),
+        _np(level.to(torch.float32).contiguous()),
+        _np(sure.to(torch.float32).contiguous()),
+        *interp.rows,
+        bounds.cell_start,
+        bounds.cell_scale,
+        *interp.part_tables(parts),
+        np.float64(bounds.slack),
+        bool(zeros_apart),
+        bool(mode[0]),
+        bool(mode[1]),
+        out,
+        items,
+        zero_parts,
+        counting is not None,
+        count["images"],
+        count["units"],
+        count["pixel"],
+        count["blocks"],
+        count["cells"],
+        count["block_act"],
+        count["block_inter"],
+    )
+    return int(k), amb_m, amb_p, amb_v
+
+
+def sketch_parts(
+    native: torch.Tensor,
+    level: torch.Tensor,
+    interp: Interpolation,
+    mode: tuple[bool, bool],
+    bounds: PartBounds,
+    parts: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The parts of the upsampled rows of maps that may hold a value above their map's
+    level, made from the native maps (values as :func:`upsample_parts`).
+
+    Args:
+        native: float32 [m, h, w], contiguous.
+        level: float32 [m].
+        interp, mode: as for :func:`upsample_parts`.
+        bounds: how parts are bounded (:class:`PartBounds`).
+        parts: the parts of a row (of equal width).
+
+    Returns:
+        (float32 [n, T_w / parts] the parts; int64 [n] each one's index ``(i * T_h + t) *
+        parts + part`` (map i, row t); int64 [m] per map, the parts of exact zeros, which
+        are not among the first). Every part left out but the zeros lies wholly at or below
+        its map's level.
+    """
+    width = interp.width // parts
+    most = native.shape[0] * interp.height * parts
+    out = torch.empty((most, width), dtype=torch.float32)
+    items = torch.empty(most, dtype=torch.int64)
+    zero_parts = torch.zeros(native.shape[0], dtype=torch.int64)
+    k, *_ = _parts_call(
+        native, level, level, interp, mode, bounds, parts, True, out.numpy(), items.numpy(), zero_parts.numpy(), None
+    )
+    return out[:k], items[:k], zero_parts
+
+
+def count_parts(
+    native: torch.Tensor,
+    level: torch.Tensor,
+    sure: torch.Tensor,
+    interp: Interpolation,
+    mode: tuple[bool, bool],
+    bounds: PartBounds,
+    parts: int,
+    images: torch.Tensor,
+    units: torch.Tensor,
+    pixel: torch.Tensor,
+    blocks: torch.Tensor,
+    cells: torch.Tensor,
+    block_act: torch.Tensor,
+    block_inter: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count the pixels of upsampled maps above their map's level, as :func:`count_rows`
+    does, making only the parts of rows that may hold one (:func:`sketch_parts`) and
+    storing none.
+
+    Args:
+        native: float32 [m, h, w], contiguous: map i is unit ``units[i]`` on batch image
+            ``images[i]``.
+        level: float32 [m]; sure: float32 [m] (-inf where every pixel above the level counts).
+        interp, mode, bounds, parts: as for :func:`sketch_parts`.
+        pixel, blocks, cells, block_act, block_inter: as for :func:`count_rows`.
+
+    Returns:
+        (map int64 [A], mask pixel int64 [A], value float32 [A]) of the pixels above the
+        level but not ``sure``, which are not counted.
+    """
+    empty = np.zeros((0, interp.width // parts), np.float32)
+    _, amb_m, amb_p, amb_v = _parts_call(
+        native,
+        level,
+        sure,
+        interp,
+        mode,
+        bounds,
+        parts,
+        False,
+        empty,
+        np.zeros(0, np.int64),
+        np.zeros(native.shape[0], np.int64),
+        {
+            "images": _np(images),
+            "units": _np(units),
+            "pixel": _np(pixel),
+            "blocks": _np(blocks),
+            "cells": _np(cells),
+            "block_act": _np(block_act),
+            "block_inter": _np(block_inter),
+        },
+    )
+    return torch.from_numpy(amb_m), torch.from_numpy(amb_p), torch.from_numpy(amb_v)
+
+
 def warm() -> bool:
     """Compile (or load from the cache) the loops for the CPU's usual types, now rather than
     in the first job: a worker calls this before its pool forks. A loop that fails to
@@ -321,13 +808,38 @@ def warm() -> bool:
 
 
 def _warm_calls() -> None:
-    rows = torch.zeros((1, 2), dtype=torch.float32)
+    interp = Interpolation(torch.ones((2, 1)) * 0.5, torch.ones((2, 1)))
+    bounds = PartBounds(np.array([0, 2]), np.ones(1), 2.0**-21)
+    native = torch.zeros((1, 1, 1))
+    level = torch.zeros(1)
+    pixel = torch.zeros((1, 4, 1), dtype=torch.int32)
     one = torch.zeros(1, dtype=torch.int64)
+    for mode in ((False, False), (False, True), (True, False), (True, True)):
+        upsample_parts(native, torch.ones((1, 2, 1), dtype=torch.bool), interp, mode)
+        sketch_parts(native, level, interp, mode, bounds, 1)
+        for inter in (torch.int32, torch.int64):
+            count_parts(
+                native,
+                level,
+                level,
+                interp,
+                mode,
+                bounds,
+                1,
+                one,
+                one,
+                pixel,
+                one,
+                torch.zeros(4, dtype=torch.int64),
+                torch.zeros((1, 1, 1), dtype=torch.int64),
+                torch.zeros((1, 1, 1), dtype=inter),
+            )
+    pixel = torch.zeros((1, 2, 1), dtype=torch.int32)
+    rows = torch.zeros((1, 2), dtype=torch.float32)
     floor = torch.zeros(1, dtype=torch.float32)
     floored_stats(rows, one, floor, 15, one.clone(), one.clone())
     counts = torch.zeros((1, 1), dtype=torch.int64)
     floored_bucket(rows, one, floor, 15, (one, counts), (one, counts), one.clone(), one.clone())
-    pixel = torch.zeros((1, 2, 1), dtype=torch.int32)
     for inter in (torch.int32, torch.int64):
         count_rows(
             rows,

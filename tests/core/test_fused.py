@@ -132,25 +132,28 @@ def test_a_dissection_is_the_same_with_and_without_the_fused_loops() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("image_labels", [False, True])
+@pytest.mark.parametrize(("native", "size"), [(4, 16), (7, 112)])
 def test_counts_with_known_thresholds_are_the_same_with_and_without_the_fused_loops(
-    image_labels: bool, dtype: torch.dtype
+    image_labels: bool, dtype: torch.dtype, native: int, size: int
 ) -> None:
     """A counter given its thresholds (the sharded count pass) counts every on-pixel into
     the same blocks, cells and concepts either way, with whole-image labels or without
-    (half-precision maps, which numba cannot take, stay on the torch path)."""
+    (half-precision maps, which numba cannot take, stay on the torch path). Two batches:
+    the second one through the loop that makes and counts parts of rows (7 -> 112: 7 parts)."""
     rng = np.random.default_rng(7)
     units, concepts = 6, 9
-    maps = torch.from_numpy(rng.normal(size=(12, units, 4, 4)).astype(np.float32)).to(dtype)
-    label_maps = torch.from_numpy(rng.integers(0, concepts + 1, size=(12, 2, 16, 16)))
+    maps = torch.from_numpy(rng.normal(size=(12, units, native, native)).astype(np.float32)).to(dtype)
+    label_maps = torch.from_numpy(rng.integers(0, concepts + 1, size=(12, 2, size, size)))
     image = torch.from_numpy(rng.integers(0, concepts + 1, size=(12, 2 if image_labels else 0)))
-    labels = prepare_labels(label_maps, image, concepts, indices=torch.arange(12) * 5)
     thresholds = np.quantile(maps.float().numpy(), 0.8, axis=(0, 2, 3))
     tallies = {}
     for on in (False, True):
         fused.set_enabled(on)
         counter = engine._LayerCounter(units, concepts, 0, torch.device("cpu"), thresholds=thresholds, blocks=4)
-        counter.counts.add_area(labels)
-        counter.add_batch(maps, labels, (16, 16))
+        for batch in (slice(0, 6), slice(6, 12)):
+            labels = prepare_labels(label_maps[batch], image[batch], concepts, indices=torch.arange(12)[batch] * 5)
+            counter.counts.add_area(labels)
+            counter.add_batch(maps[batch], labels, (size, size))
         tallies[on] = (counter.counts.block_act.clone(), counter.counts.block_intersection.clone())
     assert int(tallies[True][0].sum()) > 0
     for a, b in zip(tallies[False], tallies[True], strict=True):
@@ -169,8 +172,108 @@ def test_a_loop_that_fails_to_compile_turns_the_loops_off(monkeypatch: pytest.Mo
     def broken(*args: object) -> None:
         raise RuntimeError("no such type")
 
-    monkeypatch.setattr(fused, "_kernels", {"stats": broken, "bucket": broken, "count": broken})
+    kernels = fused._compile()
+    assert kernels is not None
+    monkeypatch.setattr(fused, "_kernels", dict.fromkeys(kernels, broken))
     monkeypatch.setattr(fused, "_import_error", None)
     with pytest.warns(RuntimeWarning, match="the fused loops are off .*no such type"):
         assert fused.warm() is False
     assert not fused.available(torch.zeros(1))
+
+
+def _test_maps(native: int, seed: int) -> torch.Tensor:
+    """Maps of both signs, post-ReLU ones, all-zero ones and ones with zero rows."""
+    gen = torch.Generator().manual_seed(seed)
+    maps = torch.randn((48, native, native), generator=gen) * 2.0
+    maps[8:24].relu_()
+    maps[24:28] = 0.0
+    maps[28:36, : native // 2] = 0.0
+    maps[36:40] = maps[36:40].abs() * 1e-42  # subnormal values
+    return maps
+
+
+@pytest.mark.parametrize(("native", "size"), [(7, 112), (14, 112), (8, 32), (5, 40), (7, 56)])
+def test_the_parts_loop_gives_every_part_above_each_level(native: int, size: int) -> None:
+    """fused.sketch_parts against whole maps upsampled by the matrix products: the parts it
+    gives are the upsampled values bit for bit, every part it leaves out lies at or below
+    its map's level, and the parts it counts as exact zeros are zeros (all of those left
+    out where the level is below 0, as the sketch needs)."""
+    maps = _test_maps(native, native * size)
+    full = engine._upsample_maps(maps, (size, size)).view(maps.shape[0], size, size)
+    bound = engine._MapBound((native, native), (size, size), torch.device("cpu"))
+    parts = bound.segments_count
+    width = size // parts
+    ups = engine._MapUpsampler((size, size))
+    mode = ups._fused_mode(maps[None], maps)
+    assert mode is not None, "the loop's blends must match this machine's matrix products"
+    gen = torch.Generator().manual_seed(1)
+    level = torch.quantile(full.view(maps.shape[0], -1), 0.9, dim=1) * (0.5 + torch.rand(maps.shape[0], generator=gen))
+    level[::5] = -1.0
+    level[24:26] = 0.0
+    values, items, zero_parts = fused.sketch_parts(
+        maps, level, ups._interpolation(maps[None]), mode, bound.part_bounds(), parts
+    )
+    flat = full.reshape(-1, width)
+    assert torch.equal(values, flat[items])
+    assert bool((items[1:] > items[:-1]).all())
+    left = torch.ones(flat.shape[0], dtype=torch.bool)
+    left[items] = False
+    owner = torch.arange(flat.shape[0]) // (size * parts)
+    below = (flat <= level[owner][:, None]).all(1)
+    zero = (flat == 0).all(1)
+    assert bool((below | zero)[left].all())
+    left_zero = torch.zeros(maps.shape[0], dtype=torch.int64).index_add_(0, owner, (left & zero).long())
+    negative = level < 0
+    assert torch.equal(zero_parts[negative], left_zero[negative])
+    assert bool((zero_parts <= left_zero).all()) and int(zero_parts[24:28].sum()) == 4 * size * parts
+    assert values.shape[0] < flat.shape[0]  # the bounds leave parts out
+
+
+def test_a_parts_loop_that_does_not_match_the_products_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no rounding of the loop's blends gives the matrix products' values (another BLAS,
+    say), the passes upsample by the products and the results stay exact."""
+    ds = SyntheticScenes(12, seed=3, image_size=(64, 64))
+    model = LoadedModel(_Mixed().eval(), "test:mixed", 2, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "builtin")
+    fused.set_enabled(False)
+    want = dissect(model, ds, ["coarse"], batch_size=4)["coarse"]
+    fused.set_enabled(True)
+    real = fused.upsample_parts
+    monkeypatch.setattr(fused, "upsample_parts", lambda *args: real(*args) * (1 + 2.0**-20))
+    monkeypatch.setattr(engine._MapUpsampler, "_fused_modes", {})
+    used: list[int] = []
+    monkeypatch.setattr(fused, "sketch_parts", lambda *args: used.append(1))
+    got = dissect(model, ds, ["coarse"], batch_size=4)["coarse"]
+    assert not used and set(engine._MapUpsampler._fused_modes.values()) == {None}
+    np.testing.assert_array_equal(got.thresholds, want.thresholds)
+    np.testing.assert_array_equal(got.intersection, want.intersection)
+
+
+class _Coarse(nn.Module):
+    """resnet-like strides: 14x14 and 7x7 maps of a 224 px image (masks 112 px: 8x and 16x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mid = nn.Sequential(nn.Conv2d(3, 12, 16, stride=16), nn.ReLU())
+        self.low = nn.Conv2d(12, 10, 2, stride=2)
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.low(self.mid(x)).mean(dim=(2, 3)))
+
+
+def test_a_dissection_at_broden_sizes_is_the_same_with_and_without_the_fused_loops() -> None:
+    """Layers upsampled 8x and 16x to 112 px masks (7 parts per row): the loops that make
+    only the parts of rows they need give the same thresholds and counts."""
+    ds = SyntheticScenes(16, seed=2, image_size=(224, 224))
+    model = LoadedModel(_Coarse().eval(), "test:coarse", 2, (224, 224), (0.5,) * 3, (0.25,) * 3, "builtin")
+    runs = {}
+    for on in (False, True):
+        fused.set_enabled(on)
+        runs[on] = dissect(model, ds, ["mid", "low"], batch_size=4)
+    for layer in ("mid", "low"):
+        a, b = runs[False][layer], runs[True][layer]
+        np.testing.assert_array_equal(a.thresholds, b.thresholds)
+        np.testing.assert_array_equal(a.intersection, b.intersection)
+        np.testing.assert_array_equal(a.act_area, b.act_area)
+        assert (a.act_area > 0).all()
