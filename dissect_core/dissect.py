@@ -34,10 +34,14 @@ upsampled: the row product runs on the whole map, the column product on the kept
 rows alone (checked against whole maps the first time per shape). Nothing else
 changes: the thresholds and counts are those of upsampling every map.
 
-On the CPU the per-value work after upsampling, the sketch's histogram update and
-the count's tally of each on-pixel's block, cell and concepts, runs as fused loops
-compiled by numba (:mod:`~dissect_core.fused`, same integer counts as the torch
-operations, which run on a GPU or with ``DISSECT_FUSED=0``).
+On the CPU the per-value work runs as fused loops compiled by numba
+(:mod:`~dissect_core.fused`; the torch operations run on a GPU or with
+``DISSECT_FUSED=0``): the sketch's histogram update, and, once the first batch has
+checked that the loops' blends round as this machine's matrix products do, the
+upsampling itself, made from the native maps for only the segments of rows that may
+rise above the floor (the sketch) or the threshold (the count, which tallies each
+on-pixel's block, cell and concepts as it is made). The same float32 values, the same
+integer counts.
 
 The same pieces serve distributed workers, one shard of images each::
 

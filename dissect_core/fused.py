@@ -8,9 +8,18 @@ integer work in one loop per value, with the same results: they count, and every
 count is exact, so the sketch, the thresholds and the IoU are those of the torch
 path bit for bit (``tests/core/test_fused.py`` compares the two).
 
+The upsampling (:func:`sketch_parts`, :func:`count_parts`) is made here too, from the
+native maps, for only the parts of rows that may hold a value above a level: a
+bilinear value blends two native values per direction, so each value is a blend of
+two weights per product instead of a dense row of them. A dense product adds the
+other terms as exact zeros, so the blend gives its value bit for bit when it rounds
+as the product's kernel does: with fused multiply-adds or with each product rounded
+(:func:`upsample_parts` takes the ``mode``; the engine finds the one that matches this
+machine's products once per map shape, and keeps the products where none does).
+
 They are used when numba can be imported and the data lies on the CPU, unless
 ``DISSECT_FUSED=0`` (then, and on a GPU, the torch path runs). numba compiles the
-loops once per machine (about 4 s) and caches the machine code next to this file
+loops once per machine (about 16 s) and caches the machine code next to this file
 (``__pycache__``), in ``~/.cache/numba`` where that is read-only, or in
 ``NUMBA_CACHE_DIR``; a process loads them in about 0.4 s (:func:`warm`). They run
 on one thread: split by unit over two, they were slower on this 2-CPU machine
