@@ -655,9 +655,8 @@ class _MapUpsampler:
         shape, device and thread count, in this process: the rounding of each blend (fused
         multiply-adds or not, per product) that gives the same float32 values as the
         products on ``native`` (the first maps asked for) and on random maps of the same
-        shape, with zeros and negative values; None if no rounding does."""
-        if not (fused.available(a) and a.dtype == torch.float32):
-            return None
+        shape, with zeros and negative values; None if no rounding does. (For float32 maps
+        on the CPU with the fused loops available: :meth:`fused_chunks` checks.)"""
         key = self._key(a)
         if key not in self._fused_modes:
             h, w = native.shape[-2:]
@@ -779,7 +778,7 @@ class _MapBound:
         self.seg_ranges = [(c[0], c[-1] + 1) if c else (0, 0) for c in cols]
         if any(c != list(range(a, b)) for c, (a, b) in zip(cols, self.seg_ranges)):
             raise AssertionError("interpolation reads non-consecutive native columns")
-        self._part_bounds: fused.PartBounds | None = None
+        self._row_cells: tuple[np.ndarray, np.ndarray] | None = None
 
     def cell_lower(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Lower bounds of the upsampled values of a batch [B, U, h, w], by cells: float32
@@ -834,19 +833,19 @@ class _MapBound:
         zero = (mag.transpose(1, 2).reshape(m * g, h) @ self.row_weights).view(m, g, -1) == 0
         return bound.transpose(1, 2), zero.transpose(1, 2)
 
-    def part_bounds(self) -> fused.PartBounds:
+    def fused_parts(self, interp: fused.Interpolation, mode: tuple[bool, bool]) -> fused.Parts:
         """The bounds of :meth:`segments` for the fused loops, by cells of upsampled rows
         (rows that read the same native rows): each cell's largest row weight sum (times the
         column weights' largest sum, as ``row_weights``), with a margin for the rounding of
-        the float64 sums."""
-        if self._part_bounds is None:
+        the float64 sums; with the segments, the interpolation and its rounding ``mode``."""
+        if self._row_cells is None:
             weights = self.row_weights.cpu()
             reads = [tuple(weights[:, t].nonzero().squeeze(1).tolist()) for t in range(weights.shape[1])]
             starts = [t for t in range(len(reads)) if t == 0 or reads[t] != reads[t - 1]]
             ends = [*starts[1:], len(reads)]
             scale = [float(weights[:, t0:t1].sum(0).max()) * (1.0 + 2.0**-40) for t0, t1 in zip(starts, ends)]
-            self._part_bounds = fused.PartBounds(np.array([*starts, len(reads)]), np.array(scale), self.slack)
-        return self._part_bounds
+            self._row_cells = (np.array([*starts, len(reads)]), np.array(scale))
+        return fused.Parts(interp, mode, self.segments_count, *self._row_cells, self.slack)
 
     def rows(self, maps: torch.Tensor) -> torch.Tensor:
         """float64 [m, mh] upper bounds of each upsampled row of maps [m, h, w].
@@ -1014,9 +1013,9 @@ class _RisingFloorSketch:
         plan = self.upsampler.fused_chunks(a, bi, ui)
         if plan is not None:
             chunks, interp, mode = plan
+            parts = self.bound.fused_parts(interp, mode)
             for _, u, native in chunks:
-                level = self.sketch.floor.index_select(0, u)
-                rows, idx, zero_parts = fused.sketch_parts(native, level, interp, mode, self.bound.part_bounds(), g)
+                rows, idx, zero_parts = fused.sketch_parts(native, self.sketch.floor.index_select(0, u), parts)
                 zero_count = torch.zeros(units, dtype=torch.int64).index_add_(0, u, zero_parts) * seg_width
                 yield u, idx, rows, zero_count
             return
@@ -1198,15 +1197,13 @@ class _LayerCounter:
                 # Only the segments of rows that may hold a pixel above cand are made, and
                 # counted as they are made.
                 chunks, interp, mode = plan
+                parts = bound.fused_parts(interp, mode)
                 for b, u, native in chunks:
                     m, p, v = fused.count_parts(
                         native,
                         self.cand.index_select(0, u),
                         sure.index_select(0, u),
-                        interp,
-                        mode,
-                        bound.part_bounds(),
-                        bound.segments_count,
+                        parts,
                         b,
                         u,
                         pixel,

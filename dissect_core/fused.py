@@ -37,7 +37,7 @@ import torch
 
 __all__ = [
     "Interpolation",
-    "PartBounds",
+    "Parts",
     "available",
     "count_parts",
     "count_rows",
@@ -313,10 +313,13 @@ def upsample_parts(
     return out
 
 
-class PartBounds:
-    """What :func:`sketch_parts` and :func:`count_parts` bound the upsampled values with.
+class Parts:
+    """How :func:`sketch_parts` and :func:`count_parts` make and bound the parts of upsampled rows.
 
     Args:
+        interp: the interpolation.
+        mode: the rounding of its blends (as for :func:`upsample_parts`).
+        parts: the parts of a row (of equal width).
         cell_start: int64 [C + 1]: the target rows come in cells that read the same native
             rows, rows ``cell_start[c]`` to ``cell_start[c + 1]``.
         cell_scale: float64 [C]: at least the largest row weight sum of each cell times the
@@ -324,38 +327,40 @@ class PartBounds:
         slack: the upsampling's rounding allowance, a fraction of the largest |value| read.
     """
 
-    def __init__(self, cell_start: np.ndarray, cell_scale: np.ndarray, slack: float) -> None:
+    def __init__(
+        self,
+        interp: Interpolation,
+        mode: tuple[bool, bool],
+        parts: int,
+        cell_start: np.ndarray,
+        cell_scale: np.ndarray,
+        slack: float,
+    ) -> None:
+        self.interp = interp
+        self.mode = (bool(mode[0]), bool(mode[1]))
+        self.parts = int(parts)
+        self.width = interp.width // self.parts
         self.cell_start = np.ascontiguousarray(cell_start, np.int64)
         self.cell_scale = np.ascontiguousarray(cell_scale, np.float64)
         self.slack = float(slack)
 
 
-_NO_COUNTS: dict[str, np.ndarray] = {}
-
-
-def _no_counts() -> dict[str, np.ndarray]:
-    if not _NO_COUNTS:
-        _NO_COUNTS.update(
-            images=np.zeros(1, np.int64),
-            units=np.zeros(1, np.int64),
-            pixel=np.zeros((1, 1, 1), np.int32),
-            blocks=np.zeros(1, np.int64),
-            cells=np.zeros(1, np.int64),
-            block_act=np.zeros((1, 1, 1), np.int64),
-            block_inter=np.zeros((1, 1, 1), np.int64),
-        )
-    return _NO_COUNTS
+_NO_COUNTS = {  # the tallies' arguments when the loop stores parts instead
+    "images": np.zeros(1, np.int64),
+    "units": np.zeros(1, np.int64),
+    "pixel": np.zeros((1, 1, 1), np.int32),
+    "blocks": np.zeros(1, np.int64),
+    "cells": np.zeros(1, np.int64),
+    "block_act": np.zeros((1, 1, 1), np.int64),
+    "block_inter": np.zeros((1, 1, 1), np.int64),
+}
 
 
 def _parts_call(
     native: torch.Tensor,
     level: torch.Tensor,
     sure: torch.Tensor,
-    interp: Interpolation,
-    mode: tuple[bool, bool],
-    bounds: PartBounds,
-    parts: int,
-    zeros_apart: bool,
+    plan: Parts,
     out: np.ndarray,
     items: np.ndarray,
     zero_parts: np.ndarray,
@@ -363,19 +368,19 @@ def _parts_call(
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     kernels = _compile()
     assert kernels is not None
-    count = counting if counting is not None else _no_counts()
+    count = counting if counting is not None else _NO_COUNTS
     k, amb_m, amb_p, amb_v = kernels["parts"](
         _np(native),
         _np(level.to(torch.float32).contiguous()),
         _np(sure.to(torch.float32).contiguous()),
-        *interp.rows,
-        bounds.cell_start,
-        bounds.cell_scale,
-        *interp.part_tables(parts),
-        np.float64(bounds.slack),
-        bool(zeros_apart),
-        bool(mode[0]),
-        bool(mode[1]),
+        *plan.interp.rows,
+        plan.cell_start,
+        plan.cell_scale,
+        *plan.interp.part_tables(plan.parts),
+        np.float64(plan.slack),
+        counting is None,  # the sketch leaves exact zeros apart
+        plan.mode[0],
+        plan.mode[1],
         out,
         items,
         zero_parts,
@@ -392,12 +397,7 @@ def _parts_call(
 
 
 def sketch_parts(
-    native: torch.Tensor,
-    level: torch.Tensor,
-    interp: Interpolation,
-    mode: tuple[bool, bool],
-    bounds: PartBounds,
-    parts: int,
+    native: torch.Tensor, level: torch.Tensor, plan: Parts
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The parts of the upsampled rows of maps that may hold a value above their map's
     level, made from the native maps (values as :func:`upsample_parts`).
@@ -405,9 +405,7 @@ def sketch_parts(
     Args:
         native: float32 [m, h, w], contiguous.
         level: float32 [m].
-        interp, mode: as for :func:`upsample_parts`.
-        bounds: how parts are bounded (:class:`PartBounds`).
-        parts: the parts of a row (of equal width).
+        plan: how the parts are made and bounded (:class:`Parts`).
 
     Returns:
         (float32 [n, T_w / parts] the parts; int64 [n] each one's index ``(i * T_h + t) *
@@ -415,14 +413,11 @@ def sketch_parts(
         are not among the first). Every part left out but the zeros lies wholly at or below
         its map's level.
     """
-    width = interp.width // parts
-    most = native.shape[0] * interp.height * parts
-    out = torch.empty((most, width), dtype=torch.float32)
+    most = native.shape[0] * plan.interp.height * plan.parts
+    out = torch.empty((most, plan.width), dtype=torch.float32)
     items = torch.empty(most, dtype=torch.int64)
     zero_parts = torch.zeros(native.shape[0], dtype=torch.int64)
-    k, *_ = _parts_call(
-        native, level, level, interp, mode, bounds, parts, True, out.numpy(), items.numpy(), zero_parts.numpy(), None
-    )
+    k, *_ = _parts_call(native, level, level, plan, out.numpy(), items.numpy(), zero_parts.numpy(), None)
     return out[:k], items[:k], zero_parts
 
 
@@ -430,10 +425,7 @@ def count_parts(
     native: torch.Tensor,
     level: torch.Tensor,
     sure: torch.Tensor,
-    interp: Interpolation,
-    mode: tuple[bool, bool],
-    bounds: PartBounds,
-    parts: int,
+    plan: Parts,
     images: torch.Tensor,
     units: torch.Tensor,
     pixel: torch.Tensor,
@@ -450,35 +442,31 @@ def count_parts(
         native: float32 [m, h, w], contiguous: map i is unit ``units[i]`` on batch image
             ``images[i]``.
         level: float32 [m]; sure: float32 [m] (-inf where every pixel above the level counts).
-        interp, mode, bounds, parts: as for :func:`sketch_parts`.
+        plan: as for :func:`sketch_parts`.
         pixel, blocks, cells, block_act, block_inter: as for :func:`count_rows`.
 
     Returns:
         (map int64 [A], mask pixel int64 [A], value float32 [A]) of the pixels above the
         level but not ``sure``, which are not counted.
     """
-    empty = np.zeros((0, interp.width // parts), np.float32)
+    tallies = {
+        "images": images,
+        "units": units,
+        "pixel": pixel,
+        "blocks": blocks,
+        "cells": cells,
+        "block_act": block_act,
+        "block_inter": block_inter,
+    }
     _, amb_m, amb_p, amb_v = _parts_call(
         native,
         level,
         sure,
-        interp,
-        mode,
-        bounds,
-        parts,
-        False,
-        empty,
+        plan,
+        np.zeros((0, plan.width), np.float32),
         np.zeros(0, np.int64),
         np.zeros(native.shape[0], np.int64),
-        {
-            "images": _np(images),
-            "units": _np(units),
-            "pixel": _np(pixel),
-            "blocks": _np(blocks),
-            "cells": _np(cells),
-            "block_act": _np(block_act),
-            "block_inter": _np(block_inter),
-        },
+        {name: _np(t) for name, t in tallies.items()},
     )
     return torch.from_numpy(amb_m), torch.from_numpy(amb_p), torch.from_numpy(amb_v)
 
@@ -506,23 +494,20 @@ def warm() -> bool:
 
 def _warm_calls() -> None:
     interp = Interpolation(torch.ones((2, 1)) * 0.5, torch.ones((2, 1)))
-    bounds = PartBounds(np.array([0, 2]), np.ones(1), 2.0**-21)
     native = torch.zeros((1, 1, 1))
     level = torch.zeros(1)
-    pixel = torch.zeros((1, 4, 1), dtype=torch.int32)
     one = torch.zeros(1, dtype=torch.int64)
+    pixel = torch.zeros((1, 4, 1), dtype=torch.int32)
     for mode in ((False, False), (False, True), (True, False), (True, True)):
         upsample_parts(native, torch.ones((1, 2, 1), dtype=torch.bool), interp, mode)
-        sketch_parts(native, level, interp, mode, bounds, 1)
+        plan = Parts(interp, mode, 1, np.array([0, 2]), np.ones(1), 2.0**-21)
+        sketch_parts(native, level, plan)
         for inter in (torch.int32, torch.int64):
             count_parts(
                 native,
                 level,
                 level,
-                interp,
-                mode,
-                bounds,
-                1,
+                plan,
                 one,
                 one,
                 pixel,

@@ -115,19 +115,26 @@ class _Mixed(nn.Module):
         return self.head(self.coarse(self.gelu(self.conv(x))).mean(dim=(2, 3)))
 
 
-def test_a_dissection_is_the_same_with_and_without_the_fused_loops() -> None:
-    ds = SyntheticScenes(24, seed=1, image_size=(64, 64))
-    model = LoadedModel(_Mixed().eval(), "test:mixed", 2, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "builtin")
+def _same_with_and_without_the_loops(
+    model: LoadedModel, ds: SyntheticScenes, layers: list[str], batch_size: int
+) -> None:
+    """Dissect with the fused loops off, then on: the same thresholds and counts, every unit on somewhere."""
     runs = {}
     for on in (False, True):
         fused.set_enabled(on)
-        runs[on] = dissect(model, ds, ["gelu", "coarse"], batch_size=5)
-    for layer in ("gelu", "coarse"):
+        runs[on] = dissect(model, ds, layers, batch_size=batch_size)
+    for layer in layers:
         a, b = runs[False][layer], runs[True][layer]
         np.testing.assert_array_equal(a.thresholds, b.thresholds)
         np.testing.assert_array_equal(a.intersection, b.intersection)
         np.testing.assert_array_equal(a.act_area, b.act_area)
         assert (a.act_area > 0).all()
+
+
+def test_a_dissection_is_the_same_with_and_without_the_fused_loops() -> None:
+    ds = SyntheticScenes(24, seed=1, image_size=(64, 64))
+    model = LoadedModel(_Mixed().eval(), "test:mixed", 2, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "builtin")
+    _same_with_and_without_the_loops(model, ds, ["gelu", "coarse"], batch_size=5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -210,9 +217,7 @@ def test_the_parts_loop_gives_every_part_above_each_level(native: int, size: int
     level = torch.quantile(full.view(maps.shape[0], -1), 0.9, dim=1) * (0.5 + torch.rand(maps.shape[0], generator=gen))
     level[::5] = -1.0
     level[24:26] = 0.0
-    values, items, zero_parts = fused.sketch_parts(
-        maps, level, ups._interpolation(maps[None]), mode, bound.part_bounds(), parts
-    )
+    values, items, zero_parts = fused.sketch_parts(maps, level, bound.fused_parts(ups._interpolation(maps[None]), mode))
     flat = full.reshape(-1, width)
     assert torch.equal(values, flat[items])
     assert bool((items[1:] > items[:-1]).all())
@@ -267,13 +272,4 @@ def test_a_dissection_at_broden_sizes_is_the_same_with_and_without_the_fused_loo
     only the parts of rows they need give the same thresholds and counts."""
     ds = SyntheticScenes(16, seed=2, image_size=(224, 224))
     model = LoadedModel(_Coarse().eval(), "test:coarse", 2, (224, 224), (0.5,) * 3, (0.25,) * 3, "builtin")
-    runs = {}
-    for on in (False, True):
-        fused.set_enabled(on)
-        runs[on] = dissect(model, ds, ["mid", "low"], batch_size=4)
-    for layer in ("mid", "low"):
-        a, b = runs[False][layer], runs[True][layer]
-        np.testing.assert_array_equal(a.thresholds, b.thresholds)
-        np.testing.assert_array_equal(a.intersection, b.intersection)
-        np.testing.assert_array_equal(a.act_area, b.act_area)
-        assert (a.act_area > 0).all()
+    _same_with_and_without_the_loops(model, ds, ["mid", "low"], batch_size=4)
