@@ -1198,20 +1198,18 @@ class _LayerCounter:
                 # counted as they are made.
                 chunks, interp, mode = plan
                 parts = bound.fused_parts(interp, mode)
-                for b, u, native in chunks:
-                    m, p, v = fused.count_parts(
-                        native,
-                        self.cand.index_select(0, u),
-                        sure.index_select(0, u),
-                        parts,
-                        b,
-                        u,
-                        pixel,
-                        block,
-                        cells,
-                        self.counts.block_act,
-                        self.counts.block_intersection,
-                    )
+
+                def count(
+                    chunk: tuple[torch.Tensor, torch.Tensor, torch.Tensor], act: torch.Tensor, inter: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    b, u, native = chunk
+                    level, above = self.cand.index_select(0, u), sure.index_select(0, u)
+                    return b, u, fused.count_parts(native, level, above, parts, b, u, pixel, block, cells, act, inter)
+
+                # The chunks are dealt out to the CPU's threads, each with its own tallies; the
+                # pixels left ambiguous are then added in the chunks' order.
+                tallies = (self.counts.block_act, self.counts.block_intersection)
+                for b, u, (m, p, v) in fused.split_tallies(count, chunks, tallies):
                     if m.numel():
                         self._add_ambiguous(b.index_select(0, m), u.index_select(0, m), p, v, labels)
                 return

@@ -22,8 +22,10 @@ engine = importlib.import_module("dissect_core.dissect")  # the module (the pack
 @pytest.fixture(autouse=True)
 def _restore() -> object:
     before = fused.set_enabled(True)
+    threads = fused.set_threads(None)
     yield
     fused.set_enabled(before)
+    fused.set_threads(threads)
 
 
 def _state(s: QuantileSketch) -> dict[str, np.ndarray]:
@@ -137,22 +139,38 @@ def test_a_dissection_is_the_same_with_and_without_the_fused_loops() -> None:
     _same_with_and_without_the_loops(model, ds, ["gelu", "coarse"], batch_size=5)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("image_labels", [False, True])
 @pytest.mark.parametrize(("native", "size"), [(4, 16), (7, 112)])
 def test_counts_with_known_thresholds_are_the_same_with_and_without_the_fused_loops(
-    image_labels: bool, dtype: torch.dtype, native: int, size: int
+    image_labels: bool, dtype: torch.dtype, native: int, size: int, threads: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A counter given its thresholds (the sharded count pass) counts every on-pixel into
     the same blocks, cells and concepts either way, with whole-image labels or without
     (half-precision maps, which numba cannot take, stay on the torch path). Two batches:
-    the second one through the loop that makes and counts parts of rows (7 -> 112: 7 parts)."""
+    the second one through the loop that makes and counts parts of rows (7 -> 112: 7 parts),
+    in chunks of 5 maps dealt out to ``threads`` threads."""
+    monkeypatch.setattr(engine, "_MIN_MAPS", 5)
+    monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", 5 * size * size)
+    fused.set_threads(threads)
     rng = np.random.default_rng(7)
     units, concepts = 6, 9
     maps = torch.from_numpy(rng.normal(size=(12, units, native, native)).astype(np.float32)).to(dtype)
+    maps[0::3, 1] = -5.0  # maps wholly below their threshold: the first batch checks the rows path on the others
     label_maps = torch.from_numpy(rng.integers(0, concepts + 1, size=(12, 2, size, size)))
     image = torch.from_numpy(rng.integers(0, concepts + 1, size=(12, 2 if image_labels else 0)))
     thresholds = np.quantile(maps.float().numpy(), 0.8, axis=(0, 2, 3))
+    monkeypatch.setattr(engine._MapUpsampler, "_verdicts", {})  # per process: start with no verdict
+    monkeypatch.setattr(engine._MapUpsampler, "_row_verdicts", {})
+    calls: list[int] = []
+    count_parts = fused.count_parts
+
+    def spy(native_maps: torch.Tensor, *args: object) -> object:
+        calls.append(native_maps.shape[0])
+        return count_parts(native_maps, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused, "count_parts", spy)
     tallies = {}
     for on in (False, True):
         fused.set_enabled(on)
@@ -162,9 +180,36 @@ def test_counts_with_known_thresholds_are_the_same_with_and_without_the_fused_lo
             counter.counts.add_area(labels)
             counter.add_batch(maps[batch], labels, (size, size))
         tallies[on] = (counter.counts.block_act.clone(), counter.counts.block_intersection.clone())
+    # The second float32 batch went through the parts loop, in chunks of at most 5 maps.
+    assert (len(calls) > 1) == (dtype == torch.float32) and all(n <= 5 for n in calls)
     assert int(tallies[True][0].sum()) > 0
     for a, b in zip(tallies[False], tallies[True], strict=True):
         assert torch.equal(a, b)
+
+
+def test_split_tallies_adds_what_one_thread_adds_and_keeps_the_order() -> None:
+    """Items dealt out to 3 threads: the first adds to the tallies given, the others to
+    copies summed in at the end; results come back in the items' order."""
+
+    def add(item: int, ones: torch.Tensor, squares: torch.Tensor) -> tuple[int, int]:
+        ones[item % 4] += 1
+        squares[item % 4] += item * item
+        return item, id(ones)
+
+    runs = {}
+    for threads in (1, 3):
+        fused.set_threads(threads)
+        tallies = (torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
+        results = fused.split_tallies(add, iter(range(10)), tallies)
+        assert [item for item, _ in results] == list(range(10))
+        given = [owner == id(tallies[0]) for _, owner in results]
+        assert given == ([True] * 10 if threads == 1 else [k % 3 == 0 for k in range(10)])
+        runs[threads] = tallies
+    assert runs[1][0].tolist() == [3, 3, 2, 2]
+    for a, b in zip(runs[1], runs[3], strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="integer tallies"):
+        fused.split_tallies(add, range(3), (torch.zeros(4), torch.zeros(4)))
 
 
 def test_warm_compiles_the_loops_unless_they_are_off() -> None:
