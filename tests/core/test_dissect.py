@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -282,12 +283,37 @@ def test_shards_merge_to_the_single_run() -> None:
         assert res.evidence.blocks >= 2
 
 
-def test_cached_passes_equal_fresh_forward_passes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory", [0, 1 << 30, "one batch"])
+def test_cached_passes_equal_fresh_forward_passes(
+    tmp_path: Path, memory: int | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached activations and labels, on disk, in memory, or the first batch's
+    activations in memory and the rest on disk, give what fresh forward passes give (a
+    refinement pass and the count pass read them back)."""
+    engine = importlib.import_module("dissect_core.dissect")
+    monkeypatch.setattr(engine, "_CACHE_MEMORY", memory if isinstance(memory, int) else 0)
+    places: list[tuple[bool, bool]] = []  # per batch: (activations held, labels held)
+    write = engine._Cache.write
+
+    def spy(cache: Any, prepared: Any) -> None:
+        if memory == "one batch" and not cache.batches:
+            cache.memory_left = sum(a.numel() * a.element_size() for a in prepared.acts.values())
+        write(cache, prepared)
+        places.append((cache.offsets["coarse"][-1] < 0, cache.labels[-1][0] < 0))
+
+    monkeypatch.setattr(engine._Cache, "write", spy)
     model, ds = copy_model(), RectDataset()
     cached = dissect(
         model, ds, ["coarse"], quantile=0.9, batch_size=6, device="cpu", cache_dir=tmp_path, max_collect=50
     )["coarse"]
     assert list(tmp_path.iterdir()) == []
+    assert len(places) > 1
+    if memory == 0:
+        assert not any(held for place in places for held in place)
+    elif memory == "one batch":
+        assert places == [(True, False)] + [(False, False)] * (len(places) - 1)
+    else:
+        assert all(held for place in places for held in place)
     fresh = count_pass(model, ds, ["coarse"], {"coarse": cached.thresholds}, batch_size=4, device="cpu")["coarse"]
     np.testing.assert_array_equal(cached.intersection, fresh.intersection.numpy()[:, 1:])
     np.testing.assert_array_equal(cached.act_area, fresh.act_area.numpy())
