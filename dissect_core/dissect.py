@@ -1302,13 +1302,13 @@ class _LayerCounter:
 
 class _Cache:
     """Per-layer activations plus per-batch labels, appended batch by batch and read back
-    batch by batch: held in memory while they fit in ``memory`` bytes, then in one file per
-    layer and one of labels under ``root``. Reads return fresh arrays (the passes may
-    change what they read)."""
+    batch by batch: held in memory while they fit in ``_CACHE_MEMORY`` bytes, then in one
+    file per layer and one of labels under ``root``. Reads return fresh arrays (the passes
+    may change what they read)."""
 
-    def __init__(self, root: Path, memory: int | None = None) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.memory_left = _CACHE_MEMORY if memory is None else int(memory)
+        self.memory_left = _CACHE_MEMORY
         self.files: dict[str, Any] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.batches: list[tuple[int, np.ndarray]] = []
@@ -1358,11 +1358,11 @@ class _Cache:
         self.batches.append((b, prepared.indices.cpu().numpy()))
 
     def read(self, k: int, layer: str) -> np.ndarray:
-        b = self.batches[k][0]
-        u, h, w = self.shapes[layer]
         offset = self.offsets[layer][k]
         if offset < 0:
             return self.held[(layer, k)].copy()
+        b = self.batches[k][0]
+        u, h, w = self.shapes[layer]
         f = self.files[layer]
         f.seek(offset)
         data = np.fromfile(f, dtype=np.float32, count=b * u * h * w)

@@ -122,25 +122,22 @@ def split_tallies(fn: Callable[..., R], items: Iterable[T], tallies: Sequence[to
     """
     if any(t.is_floating_point() for t in tallies):
         raise TypeError("split_tallies adds integer tallies only (a float sum would depend on the split)")
-    if threads() <= 1:
+    if threads() <= 1:  # the items one by one, none held
         return [fn(item, *tallies) for item in items]
-    items = list(items)
-    n = min(threads(), len(items))
+    listed = list(items)
+    n = min(threads(), len(listed))
     if n <= 1:
-        return [fn(item, *tallies) for item in items]
+        return [fn(item, *tallies) for item in listed]
     copies = [tuple(tallies)] + [tuple(torch.zeros_like(t) for t in tallies) for _ in range(n - 1)]
 
     def work(j: int) -> list[R]:
-        return [fn(item, *copies[j]) for item in items[j::n]]
+        return [fn(item, *copies[j]) for item in listed[j::n]]
 
     dealt = list(_executor(threads()).map(work, range(n)))
     for extra in copies[1:]:
         for tally, part in zip(tallies, extra, strict=True):
             tally += part
-    out: list[R] = []
-    for k in range(len(items)):
-        out.append(dealt[k % n][k // n])
-    return out
+    return [dealt[k % n][k // n] for k in range(len(listed))]
 
 
 def _compile() -> dict[str, Any] | None:
@@ -474,9 +471,7 @@ def _parts_call(
 
 
 def sketch_parts(
-    native: torch.Tensor,
-    level: torch.Tensor,
-    plan: Parts,
+    native: torch.Tensor, level: torch.Tensor, plan: Parts
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The parts of the upsampled rows of maps that may hold a value above their map's
     level, made from the native maps (values as :func:`upsample_parts`).
