@@ -214,3 +214,30 @@ def test_null_characters_and_crafted_cursors_are_4xx_on_both_paths(api, stored):
     cursor = base64.urlsafe_b64encode(b"o=0&p=1.5").decode()
     assert api.get(f"/api/units/?cursor={cursor}&ordering=id").status_code == 404  # ids are integers
     assert api.get(f"/api/units/?cursor={cursor}").status_code == 200  # an IoU may be 1.5 (none is)
+
+
+def test_names_are_escaped_and_non_finite_numbers_quoted_as_before(api, user):
+    """The page's JSON is written by concatenation: a name with quotes, backslashes and control
+    characters must survive, and a number JSON cannot hold (a NaN or infinite value written by
+    hand) reads as json_build_object wrote it, a quoted string, not as broken JSON."""
+    from api.models import NetworkModel, Unit
+
+    name = 'odd "name" \\ with\ttab\nand é'
+    job = _fill(_job(user, name="plain"), seed=4, layers=("conv5",), units=6)
+    NetworkModel.objects.filter(pk=job.model_id).update(name=name)
+    assert _lean(api, "page_size=100")["results"] == _general(api, "page_size=100")["results"]
+    assert {u["model_name"] for u in _lean(api, "page_size=100")["results"]} == {name}
+
+    target = Unit.objects.filter(job=job).exclude(runner_up=None).exclude(stability=None).order_by("-iou").first()
+    Unit.objects.filter(pk=target.pk).update(
+        threshold=float("nan"), runner_up_iou=float("inf"), stability=float("-inf"), chance_iou=None
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT json_build_object('t', 'NaN'::float8, 'r', 'Infinity'::float8, 's', '-Infinity'::float8)::text"
+        )
+        before = __import__("json").loads(cursor.fetchone()[0])
+    (unit,) = [u for u in _lean(api, "page_size=100")["results"] if u["id"] == target.pk]
+    assert (unit["threshold"], unit["runner_up_iou"], unit["stability"]) == (before["t"], before["r"], before["s"])
+    assert unit["threshold"] == "NaN" and unit["margin"] == "-Infinity" and unit["chance_iou"] is None
+    assert unit["iou"] == target.iou and unit["model_name"] == name
