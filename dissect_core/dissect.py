@@ -1457,7 +1457,8 @@ def dissect(
         layers: dotted layer names; all are recorded from the same forward passes.
         quantile: the activation quantile that sets each unit's threshold.
         cache_dir: where to put the scratch activation files (a temporary
-            directory inside it, removed afterwards; default: the system's).
+            directory inside it, removed afterwards; default: the system's). The first
+            256 MiB of activations (``_CACHE_MEMORY``) stay in memory and never reach it.
         top_k_images: top-activating images kept per unit, with the unit's
             native maps on them (:attr:`LayerResult.top_maps`, U x k maps).
         segmenter: a :class:`~dissect_core.segmenter.Segmenter` that labels the
