@@ -242,12 +242,6 @@ class Unit(models.Model):
     # (api.unit_page). Empty for units stored before migration 0015 (and where an IoU is not
     # finite): the list reads their scores then.
     top_concepts_json = models.TextField(blank=True, default="", editable=False)
-    # The unit's fields after ``model_name`` as GET /api/units/ renders them (compact JSON text
-    # from "layer" to the closing brace, top concepts included), written with the unit by
-    # services.layer_result_store, so that a page of units renders no numbers or names per
-    # request (api.unit_page). Empty for units stored before migration 0017, where a number is
-    # not finite, and after any save() (the page then renders the columns, as before).
-    list_json = models.TextField(blank=True, default="", editable=False)
 
     class Meta:
         db_table = "nd_unit"
@@ -264,13 +258,6 @@ class Unit(models.Model):
 
     def __str__(self) -> str:
         return f"{self.layer}#{self.unit}"
-
-    def save(self, *args, **kwargs) -> None:
-        # A unit changed through the ORM no longer matches the JSON written with it.
-        self.list_json = ""
-        if kwargs.get("update_fields") is not None:
-            kwargs["update_fields"] = {*kwargs["update_fields"], "list_json"}
-        super().save(*args, **kwargs)
 
 
 class UnitConcept(models.Model):

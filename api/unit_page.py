@@ -4,11 +4,9 @@ The unit list is the query other services call most (every unit of a concept acr
 model, best first). Through the ORM and the serializers a page of 100 units cost about
 18 ms in process, most of it building model instances and serializing them field by field,
 while its SQL takes about 2 ms. Here the same page is one prepared statement: Postgres
-filters, orders and limits the units and returns each one as the JSON object the serializer
+filters, orders and limits the units and renders each one as the JSON object the serializer
 would give (:class:`api.serializers.UnitSerializer`, same fields, values and order of units),
-top concepts included; Python only joins the rows into the page. Each unit's JSON after its
-model's name was written with the unit (``Unit.list_json``), so a page renders only ids and
-model names; units stored without it render their columns.
+top concepts included; Python only joins the rows into the page.
 
 What stays the general path's (``UnitViewSet.list``): a database other than Postgres, a
 renderer other than JSON (the browsable API) and any ``?ordering=``. The filters are
@@ -35,12 +33,11 @@ from api.models import Job, Unit
 from api.serializers import UnitSerializer
 
 
-# The JSON of one unit: UnitSerializer's fields in its order (margin and iou_ci derived as it does).
-# A unit stored with its list JSON (Unit.list_json: every field after model_name, written with the
-# unit) reads it as it is, after its id, job, model and model name. Any other unit (stored before
-# migration 0017, or with a number JSON cannot hold) renders its columns by concatenation:
-# numbers as float8out writes them (shortest exact), non-finite ones quoted as json_build_object
-# quoted them; strings through to_json; its concepts' names looked up only then.
+# The JSON of one unit: UnitSerializer's fields in its order (margin and iou_ci derived as it does),
+# written as compact text by concatenation. json_build_object gave the same JSON but cost about
+# twice as much per page (it looks up how to render each of its 38 arguments on every row).
+# Numbers render as float8out does (shortest exact), non-finite ones quoted as json_build_object
+# quotes them; strings escape through to_json.
 def _number(sql: str) -> str:
     return (
         f"CASE WHEN abs({sql}) < 'Infinity' THEN ({sql})::text WHEN ({sql}) IS NULL THEN 'null'"
@@ -56,10 +53,6 @@ def _integer(sql: str) -> str:
     return f"({sql})::text"
 
 
-def _concept(column: str, field: str) -> str:
-    return _string(f"(SELECT {field} FROM nd_concept WHERE id = {column})")
-
-
 # Top concepts: the unit's own copy (written with its scores), else (units stored before
 # migration 0015) its score rows; there the OFFSET 0 keeps the concept lookup a nested loop
 # over the primary key: flattened, the planner hashes all ~1,200 concepts once per unit.
@@ -73,41 +66,36 @@ _IOU_CI = (
     "CASE WHEN p.iou_low IS NULL OR p.iou_high IS NULL THEN 'null'"
     f" ELSE '[' || {_number('p.iou_low')} || ',' || {_number('p.iou_high')} || ']' END"
 )
-_HEAD_FIELDS = (  # before the list JSON
+_UNIT_FIELDS = (
     ("id", _integer("p.id")),
     ("job", _integer("p.job_id")),
     ("model", _integer("p.model_id")),
     ("model_name", _string("m.name")),
-)
-_UNIT_FIELDS = (
-    *_HEAD_FIELDS,
     ("layer", _string("p.layer")),
     ("unit", _integer("p.unit")),
-    ("label", _concept("p.label_id", "name")),
-    ("category", _concept("p.label_id", "category")),
+    ("label", _string("l.name")),
+    ("category", _string("l.category")),
     ("iou", _number("p.iou")),
     ("threshold", _number("p.threshold")),
     ("top_concepts", _TOP_CONCEPTS),
     ("iou_ci", _IOU_CI),
     ("stability", _number("p.stability")),
-    ("runner_up", _concept("p.runner_up_id", "name")),
-    ("runner_up_category", _concept("p.runner_up_id", "category")),
+    ("runner_up", _string("r.name")),
+    ("runner_up_category", _string("r.category")),
     ("runner_up_iou", _number("p.runner_up_iou")),
     ("margin", _number("p.iou - p.runner_up_iou")),
     ("chance_iou", _number("p.chance_iou")),
     ("p_value", _number("p.p_value")),
 )
-assert [name for name, _ in _UNIT_FIELDS] == list(UnitSerializer.Meta.fields), "api.unit_page: UnitSerializer's fields"
-
-
-def _concatenation(fields) -> str:
-    return " || ".join(f"'{'{' if i == 0 else ','}\"{name}\":' || {sql}" for i, (name, sql) in enumerate(fields))
-
-
 _UNIT_JSON = (
-    f"CASE WHEN p.list_json <> '' THEN {_concatenation(_HEAD_FIELDS)} || ',' || p.list_json"
-    f" ELSE {_concatenation(_UNIT_FIELDS)} || '}}' END".replace("{", "{{").replace("}", "}}")
+    (
+        " || ".join(f"'{'{' if i == 0 else ','}\"{name}\":' || {sql}" for i, (name, sql) in enumerate(_UNIT_FIELDS))
+        + " || '}'"
+    )
+    .replace("{", "{{")
+    .replace("}", "}}")
 )  # the statement is a str.format template (its arguments)
+assert [name for name, _ in _UNIT_FIELDS] == list(UnitSerializer.Meta.fields), "api.unit_page: UnitSerializer's fields"
 
 
 # UnitFilter's filters as SQL over nd_unit u (and nd_concept lc, joined only for category).
@@ -193,6 +181,8 @@ class PageQuery:
             # Lookups by primary key per unit (OFFSET 0: not flattened into hash joins that
             # read every model and concept for a page of 100).
             " CROSS JOIN LATERAL (SELECT name FROM nd_model WHERE id = p.model_id OFFSET 0) m"
+            " LEFT JOIN LATERAL (SELECT name, category FROM nd_concept WHERE id = p.label_id OFFSET 0) l ON true"
+            " LEFT JOIN LATERAL (SELECT name, category FROM nd_concept WHERE id = p.runner_up_id OFFSET 0) r ON true"
             f" ORDER BY {outer_order}"
         )
         return [Row(*row) for row in prepared.execute("units", sql, args)]

@@ -3,13 +3,11 @@ curves; the per-model concept summary."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
 import os
 from dataclasses import dataclass
-from json.encoder import encode_basestring
 from pathlib import Path
 
 import numpy as np
@@ -288,11 +286,10 @@ class _UnitRows:
     score_iou: np.ndarray
     top_concepts_json: list[str]  # per unit, its top-K as GET /api/units/ renders them
     evidence: dict[str, list] | None = None  # EVIDENCE_FIELDS -> U values (None: unknown)
-    list_json: list[str] | None = None  # per unit, its fields after model_name (unit_list_json)
 
 
 _UNIT_COLUMNS: tuple[str, ...] = ("id", "job", "model", "layer", "unit", "label", "label_name", "iou", "threshold")
-_UNIT_COLUMNS += ("top_images", "top_concepts_json", "list_json")
+_UNIT_COLUMNS += ("top_images", "top_concepts_json")
 # The label evidence columns of nd_unit, in the order the writers send them.
 EVIDENCE_FIELDS = ("iou_low", "iou_high", "stability", "runner_up", "runner_up_iou", "chance_iou", "p_value")
 
@@ -305,88 +302,6 @@ def _evidence_values(rows: _UnitRows, u: int) -> list:
 
 def _copy_value(value) -> str:
     return "\\N" if value is None else repr(value)
-
-
-def _page_texts(rows: _UnitRows) -> tuple[list[str], list[str]]:
-    """Per unit, its list JSON and its top concepts' JSON as stored: the top concepts stand
-    alone only where the list JSON is empty (they are inside it otherwise)."""
-    list_json = rows.list_json or [""] * len(rows.label_ids)
-    return list_json, [top if not whole else "" for top, whole in zip(rows.top_concepts_json, list_json, strict=True)]
-
-
-def _json_number(value: float | None) -> str:
-    if value is None:
-        return "null"
-    if not math.isfinite(value):
-        raise ValueError("JSON has no NaN or infinity")
-    return repr(float(value))
-
-
-def _json_string(value: str | None) -> str:
-    return "null" if value is None else encode_basestring(value)
-
-
-def unit_list_json(
-    *,
-    layer: str,
-    unit: int,
-    label: str | None,
-    category: str | None,
-    iou: float,
-    threshold: float,
-    top_concepts: str,
-    iou_low: float | None = None,
-    iou_high: float | None = None,
-    stability: float | None = None,
-    runner_up: str | None = None,
-    runner_up_category: str | None = None,
-    runner_up_iou: float | None = None,
-    chance_iou: float | None = None,
-    p_value: float | None = None,
-) -> str:
-    """One unit's fields after ``model_name`` as GET /api/units/ renders them (UnitSerializer's
-    fields and values, compact JSON from ``"layer"`` to the closing brace), with its top
-    concepts' JSON text as written (:func:`_top_concepts_json`). Empty where a number is not
-    finite or the top concepts are empty: the page renders that unit from its columns."""
-    if not top_concepts:
-        return ""
-    try:
-        ci = "null" if iou_low is None or iou_high is None else f"[{_json_number(iou_low)},{_json_number(iou_high)}]"
-        margin = None if runner_up_iou is None else iou - runner_up_iou
-        return (
-            f'"layer":{_json_string(layer)},"unit":{int(unit)},"label":{_json_string(label)},'
-            f'"category":{_json_string(category)},"iou":{_json_number(iou)},"threshold":{_json_number(threshold)},'
-            f'"top_concepts":{top_concepts},"iou_ci":{ci},"stability":{_json_number(stability)},'
-            f'"runner_up":{_json_string(runner_up)},"runner_up_category":{_json_string(runner_up_category)},'
-            f'"runner_up_iou":{_json_number(runner_up_iou)},"margin":{_json_number(margin)},'
-            f'"chance_iou":{_json_number(chance_iou)},"p_value":{_json_number(p_value)}}}'
-        )
-    except ValueError:
-        return ""
-
-
-def _list_jsons(*, layer: str, rows: _UnitRows, names: dict[int, tuple[str, str]]) -> list[str]:
-    """Every unit's :func:`unit_list_json`; ``names``: concept id -> (name, category)."""
-    out = []
-    for u, label in enumerate(rows.label_ids):
-        evidence = dict(zip(EVIDENCE_FIELDS, _evidence_values(rows, u), strict=True))
-        runner = names.get(evidence.pop("runner_up"), (None, None))
-        name, category = names[label] if label is not None else (None, None)
-        out.append(
-            unit_list_json(
-                layer=layer,
-                unit=u,
-                label=name,
-                category=category,
-                iou=rows.best_iou[u],
-                threshold=rows.thresholds[u],
-                top_concepts=rows.top_concepts_json[u],
-                runner_up=runner[0],
-                runner_up_category=runner[1],
-                **evidence,
-            )
-        )
-    return out
 
 
 def _store_units_copy(*, job: Job, layer: str, rows: _UnitRows, top_images: list[str]) -> None:
@@ -404,14 +319,13 @@ def _store_units_copy(*, job: Job, layer: str, rows: _UnitRows, top_images: list
             "\\N\t" if label is None else f"{label}\t{_copy_text(name)}"
             for label, name in zip(rows.label_ids, rows.label_names, strict=True)
         ]
-        list_json, top_concepts = _page_texts(rows)
         _copy_into(
             cursor,
             Unit,
             [*_UNIT_COLUMNS, *EVIDENCE_FIELDS],
             [
                 f"{ids[u]}{prefix}{u}\t{labels[u]}\t{rows.best_iou[u]!r}\t{rows.thresholds[u]!r}\t{top_images[u]}"
-                f"\t{_copy_text(top_concepts[u])}\t{_copy_text(list_json[u])}\t{extra[u]}\n"
+                f"\t{_copy_text(rows.top_concepts_json[u])}\t{extra[u]}\n"
                 for u in range(units_count)
             ],
         )
@@ -431,7 +345,6 @@ def _store_units_copy(*, job: Job, layer: str, rows: _UnitRows, top_images: list
 
 def _store_units_orm(*, job: Job, layer: str, rows: _UnitRows, top_images: list[list[int]]) -> None:
     """Other databases (the embedded SQLite): batched bulk_create."""
-    list_json, top_concepts = _page_texts(rows)
     Unit.objects.bulk_create(
         [
             Unit(
@@ -444,8 +357,7 @@ def _store_units_orm(*, job: Job, layer: str, rows: _UnitRows, top_images: list[
                 iou=rows.best_iou[u],
                 threshold=rows.thresholds[u],
                 top_images=top_images[u],
-                top_concepts_json=top_concepts[u],
-                list_json=list_json[u],
+                top_concepts_json=rows.top_concepts_json[u],
                 **{
                     ("runner_up_id" if name == "runner_up" else name): value
                     for name, value in zip(EVIDENCE_FIELDS, _evidence_values(rows, u), strict=True)
@@ -543,8 +455,6 @@ def layer_result_store(
         top_concepts_json=_top_concepts_json(order, score_iou, [concept_rows[pair] for pair in concepts]),
         evidence=None if evidence is None else _evidence_columns(evidence, column_ids, label_ids),
     )
-    names = {row.pk: (row.name, row.category) for row in concept_rows.values()}
-    rows = dataclasses.replace(rows, list_json=_list_jsons(layer=layer, rows=rows, names=names))
     images = [[int(i) for i in row] for row in top_images] if top_images is not None else [[]] * units_count
     with transaction.atomic():
         locked = Job.objects.select_for_update().get(pk=job.pk)

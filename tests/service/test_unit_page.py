@@ -140,29 +140,14 @@ def test_every_filter_gives_the_units_and_fields_of_the_general_path(api, stored
     assert any(u["runner_up"] is None and u["margin"] is None for u in everything)
     assert all(len(u["top_concepts"]) == 5 for u in everything)
     assert any(t["concept"] == "café" for u in everything for t in u["top_concepts"])
-    from api.serializers import UnitSerializer
-
-    assert all(list(u) == UnitSerializer.Meta.fields for u in everything)  # the serializer's order
 
 
 def test_units_stored_before_the_copy_read_their_scores(api, stored):
-    """Three generations of stored units render alike: with their list JSON (now), with only
-    their top concepts' JSON (migrations 0015 to 0017), with neither (before 0015)."""
-    import json
-
     from api.models import Unit
 
-    mine, theirs = stored
+    mine, _theirs = stored
     before = _lean(api, "page_size=1000")["results"]
-    assert not Unit.objects.filter(list_json="").exists()
-    assert not Unit.objects.exclude(top_concepts_json="").exists()  # inside the list JSON
-    for unit in Unit.objects.filter(job=mine):
-        top = json.loads("{" + unit.list_json)["top_concepts"]
-        Unit.objects.filter(pk=unit.pk).update(
-            list_json="", top_concepts_json=json.dumps(top, separators=(",", ":"), ensure_ascii=False)
-        )
-    Unit.objects.filter(job=theirs).update(list_json="")
-    assert _lean(api, "page_size=1000")["results"] == before == _general(api, "page_size=1000")["results"]
+    assert Unit.objects.exclude(top_concepts_json="").count() == 4 * 2 * 30
     Unit.objects.filter(job=mine).update(top_concepts_json="")
     after = _lean(api, "page_size=1000")["results"]
     assert after == before == _general(api, "page_size=1000")["results"]
@@ -244,9 +229,8 @@ def test_names_are_escaped_and_non_finite_numbers_quoted_as_before(api, user):
     assert {u["model_name"] for u in _lean(api, "page_size=100")["results"]} == {name}
 
     target = Unit.objects.filter(job=job).exclude(runner_up=None).exclude(stability=None).order_by("-iou").first()
-    # What the writer stores for a unit with a number JSON cannot hold: no list JSON.
     Unit.objects.filter(pk=target.pk).update(
-        threshold=float("nan"), runner_up_iou=float("inf"), stability=float("-inf"), chance_iou=None, list_json=""
+        threshold=float("nan"), runner_up_iou=float("inf"), stability=float("-inf"), chance_iou=None
     )
     with connection.cursor() as cursor:
         cursor.execute(
@@ -257,25 +241,3 @@ def test_names_are_escaped_and_non_finite_numbers_quoted_as_before(api, user):
     assert (unit["threshold"], unit["runner_up_iou"], unit["stability"]) == (before["t"], before["r"], before["s"])
     assert unit["threshold"] == "NaN" and unit["margin"] == "-Infinity" and unit["chance_iou"] is None
     assert unit["iou"] == target.iou and unit["model_name"] == name
-
-
-def test_a_unit_saved_through_the_orm_renders_its_columns(api, user):
-    """The list JSON is written with the unit; a later save() (the admin shows units read-only,
-    but any code may save one) drops it, so the page never shows values the row no longer has."""
-    from api.models import Unit
-    from api.services.results import unit_list_json
-
-    job = _fill(_job(user, name="saved"), seed=5, layers=("conv5",), units=6)
-    unit = Unit.objects.filter(job=job).exclude(label=None).order_by("-iou").first()
-    assert unit.list_json
-    unit.threshold = 123.5
-    unit.save(update_fields=["threshold"])
-    unit.refresh_from_db()
-    assert unit.list_json == ""
-    (shown,) = [u for u in _lean(api, "page_size=100")["results"] if u["id"] == unit.pk]
-    assert shown["threshold"] == 123.5
-    assert _lean(api, "page_size=100")["results"] == _general(api, "page_size=100")["results"]
-    fields = {"layer": "l", "unit": 0, "label": None, "category": None, "iou": 0.5, "top_concepts": "[]"}
-    assert unit_list_json(**fields, threshold=float("nan")) == ""
-    assert unit_list_json(**fields, threshold=1.0, p_value=float("inf")) == ""
-    assert unit_list_json(**fields, threshold=1.0).startswith('"layer":"l","unit":0,"label":null')
