@@ -140,6 +140,9 @@ def test_every_filter_gives_the_units_and_fields_of_the_general_path(api, stored
     assert any(u["runner_up"] is None and u["margin"] is None for u in everything)
     assert all(len(u["top_concepts"]) == 5 for u in everything)
     assert any(t["concept"] == "café" for u in everything for t in u["top_concepts"])
+    from api.serializers import UnitSerializer
+
+    assert all(list(u) == UnitSerializer.Meta.fields for u in everything)  # the serializer's order
 
 
 def test_units_stored_before_the_copy_read_their_scores(api, stored):
@@ -241,3 +244,16 @@ def test_names_are_escaped_and_non_finite_numbers_quoted_as_before(api, user):
     assert (unit["threshold"], unit["runner_up_iou"], unit["stability"]) == (before["t"], before["r"], before["s"])
     assert unit["threshold"] == "NaN" and unit["margin"] == "-Infinity" and unit["chance_iou"] is None
     assert unit["iou"] == target.iou and unit["model_name"] == name
+
+
+def test_the_admin_cannot_edit_what_units_copy(rf, admin_user):
+    """Units carry copies of their concepts' names (label_name, top_concepts_json), which the
+    page reads: the admin shows concept names and units read-only."""
+    from django.contrib import admin
+
+    from api.models import Concept, Unit
+
+    request = rf.get("/admin/")
+    request.user = admin_user
+    assert {"name", "category"} <= set(admin.site._registry[Concept].get_readonly_fields(request))
+    assert not admin.site._registry[Unit].has_change_permission(request)
