@@ -350,7 +350,7 @@ class ConceptStatScope(_ScopeRow):
     Rewritten per scope and bucket (services.concept_scopes_refresh): by concept_stats_refresh
     for the model it rewrites, when a model's ``public`` changes or a model or user is deleted
     (api.signals), and whole by ``concept_stats_rebuild``. On Postgres from the units, with its
-    :class:`ConceptIouScope`; elsewhere summed from ConceptStat.
+    :class:`ConceptIouCell` rows; elsewhere summed from ConceptStat.
     """
 
     concept = models.ForeignKey(Concept, on_delete=models.CASCADE, related_name="scope_stats", db_index=False)
@@ -375,31 +375,46 @@ class ConceptStatScope(_ScopeRow):
         return f"{self.concept_id} ({self._where()}): {self.units} in {self.model_count} models"
 
 
-class ConceptIouScope(_ScopeRow):
-    """Every labelled unit of one concept in a scope and bucket (as :class:`ConceptStatScope`),
-    for GET /api/concepts/ at any ``min_iou`` (Postgres only): their IoUs negated and sorted
-    ascending (``neg_ious``) and each model's best likewise (``neg_model_best``), so that the
-    units and models at or above a threshold are one binary search each (``width_bucket``)
-    rather than a count over the units; ``top_iou`` is the best IoU of all."""
+IOU_CELL_UNITS = 1000  # about this many labelled units per ConceptIouCell (ties stay in one cell)
 
-    concept = models.ForeignKey(Concept, on_delete=models.CASCADE, related_name="iou_scopes", db_index=False)
-    top_iou = models.FloatField()
-    neg_ious = ArrayField(models.FloatField())
-    neg_model_best = ArrayField(models.FloatField())
+
+class ConceptIouCell(_ScopeRow):
+    """One cell of a scope's labelled units by IoU (for one bar and bucket, as
+    :class:`ConceptStatScope`), for GET /api/concepts/ at any ``min_iou`` (Postgres only).
+
+    A scope's units, sorted by IoU, are cut into cells of about IOU_CELL_UNITS units; the cell
+    holds the IoUs in [``lo``, the next cell's ``lo``) (the first cell's ``lo`` is -infinity).
+    Each cell row carries, per concept, what lies above the cell (``above_*``: units, models
+    whose best unit for the concept lies there, best IoU), and every unit in the cell (its
+    concept and IoU) and every model's best in it. The units at or above a threshold t are then
+    those above the cell holding t plus that cell's units with IoU >= t: a request reads one row
+    per scope and bucket, whatever the number of units, and counts exactly.
+    """
+
+    lo = models.FloatField()
+    above_concepts = ArrayField(models.IntegerField())
+    above_units = ArrayField(models.IntegerField())
+    above_models = ArrayField(models.IntegerField())
+    above_best = ArrayField(models.FloatField())
+    unit_concepts = ArrayField(models.IntegerField())
+    unit_ious = ArrayField(models.FloatField())
+    model_concepts = ArrayField(models.IntegerField())
+    model_ious = ArrayField(models.FloatField())
 
     class Meta:
-        db_table = "nd_concept_iou_scope"
-        ordering = ["bar", "scope_owner_id", "concept_id", "bucket"]
+        db_table = "nd_concept_iou_cell"
+        ordering = ["scope_owner_id", "bucket", "bar", "lo"]
+        # Serves the read (the last cell with lo <= t) and a scope's rewrite.
         constraints = [
             models.UniqueConstraint(
-                fields=["bar", "scope_owner", "concept", "bucket"],
+                fields=["scope_owner", "bucket", "bar", "lo"],
                 nulls_distinct=False,
-                name="conceptiouscope_bar_owner_concept_bucket",
+                name="conceptioucell_owner_bucket_bar_lo",
             )
         ]
 
     def __str__(self) -> str:
-        return f"{self.concept_id} ({self._where()}): {len(self.neg_ious)} units"
+        return f"IoU >= {self.lo} ({self._where()}): {len(self.unit_ious)} units"
 
 
 class LayerResult(models.Model):

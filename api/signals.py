@@ -6,6 +6,7 @@ refresh scopes themselves (concept_stats_refresh)."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.db import connections
 from django.db.models.signals import post_delete, post_migrate, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 
@@ -63,9 +64,14 @@ def _user_deleted(sender, instance, **kwargs) -> None:
 def _fill_scopes_after_upgrade(sender, app_config=None, using="default", **kwargs) -> None:
     if app_config is None or app_config.label != "api":
         return
-    from api.models import ConceptIouScope, ConceptStatScope, Unit
+    from api.models import ConceptIouCell, ConceptStatScope, Unit
     from api.services.results import concept_scopes_rebuild
 
-    empty = not (ConceptStatScope.objects.using(using).exists() or ConceptIouScope.objects.using(using).exists())
+    # A table empty (a new database, or an upgrade that added one) while labelled units exist;
+    # the IoU cells exist on Postgres only.
+    tables = [ConceptStatScope, *([ConceptIouCell] if connections[using].vendor == "postgresql" else [])]
+    if not {t._meta.db_table for t in tables} <= set(connections[using].introspection.table_names()):
+        return  # migrated back to before them
+    empty = not all(table.objects.using(using).exists() for table in tables)
     if empty and Unit.objects.using(using).filter(label__isnull=False).exists():
         concept_scopes_rebuild()

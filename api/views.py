@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 from django.http import FileResponse, StreamingHttpResponse
+from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
+from rest_framework.filters import OrderingFilter
 from rest_framework.generics import get_object_or_404
 from rest_framework.pagination import CursorPagination
 from rest_framework.parsers import FormParser, MultiPartParser
@@ -398,7 +400,7 @@ class ConceptPagination(LimitOffsetPagination):
 
 
 class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
-    queryset = Concept.objects.none()  # schema introspection only; get_queryset() scopes the rows to the user
+    queryset = Concept.objects.all()  # the catalogue, filtered by ConceptFilter; list() counts the user's units
     serializer_class = ConceptSerializer
     filterset_class = ConceptFilter
     pagination_class = ConceptPagination
@@ -409,7 +411,8 @@ class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
             "Concepts that label at least one visible unit of a succeeded job, with the number of such "
             "units, of models, and the best IoU. The counts are sums of summary rows per visibility scope "
             "(the public models, your own jobs on other models) refreshed when a job succeeds: detector "
-            "counts at the default min_iou (0.04), binary searches in sorted IoUs at any other (Postgres). "
+            "counts at the default min_iou (0.04), at any other (Postgres) the units above the IoU cell that "
+            "holds it plus that cell's units at or above it. "
             "Other min_stability or max_p_value values count the units themselves (seconds over millions "
             "of units)."
         ),
@@ -420,18 +423,20 @@ class ConceptViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
         ],
     )
     def list(self, request, *args, **kwargs):
-        return super().list(request, *args, **kwargs)
-
-    def get_queryset(self):
-        params = self.request.query_params
-        min_iou = _number_param(params, "min_iou", selectors.DETECTOR_MIN_IOU)
-        # Plain rows: the count reads every visible concept (~1,200), model instances cost more than the query.
-        return selectors.concept_list(
-            user=self.request.user,
-            min_iou=min_iou,
+        params = request.query_params
+        # The filters choose concepts and the ordering is checked as DRF does; the selector counts
+        # and orders (plain rows: the count reads every visible concept, ~1,200).
+        concepts = DjangoFilterBackend().filter_queryset(request, self.get_queryset(), self)
+        rows = selectors.concept_list(
+            user=request.user,
+            min_iou=_number_param(params, "min_iou", selectors.DETECTOR_MIN_IOU),
             min_stability=_number_param(params, "min_stability", None, low=0.0, high=1.0),
             max_p_value=_number_param(params, "max_p_value", None, low=0.0, high=1.0),
-        ).values(*ConceptSerializer.Meta.fields)
+            concepts=concepts,
+            ordering=OrderingFilter().get_ordering(request, concepts, self) or (),
+        )
+        page = self.paginate_queryset(rows)
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)
 
 
 def _number_param(params, name: str, default, *, low: float | None = None, high: float | None = None):

@@ -801,7 +801,7 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
             "",
         )
     )
-    # Any other min_iou: a binary search in each scope row's sorted IoUs (checked against the units).
+    # Any other min_iou: one IoU cell per scope and bucket (checked against the units).
     thresholds = [0.0, 0.0123, 0.05, 0.1, 0.2, 0.3333]
     for t in thresholds[:2]:
         expected = [

@@ -130,7 +130,7 @@ def search_page(request):
         concept = page.object_list[0].label_name
     suggestions = [] if found else selectors.dashboard_concept_suggestions(user=user, text=concept)
     for suggestion in suggestions:
-        suggestion.colour = category_colour(suggestion.category)
+        suggestion["colour"] = category_colour(suggestion["category"])
     return render(
         request,
         "dashboard/search.html",

@@ -23,7 +23,7 @@ from api.models import (
     AblationCurve,
     ClassUnitImportance,
     Concept,
-    ConceptIouScope,
+    ConceptIouCell,
     ConceptStat,
     ConceptStatScope,
     Job,
@@ -32,6 +32,7 @@ from api.models import (
     Unit,
     UnitConcept,
 )
+from api.services.concept_cells import scope_rows_write
 
 
 @transaction.atomic
@@ -112,11 +113,11 @@ def concept_scopes_refresh(*, scopes: list[int | None], bucket: int | None = Non
     user's jobs on models that are not public), of one bucket of models (model id modulo
     SCOPE_BUCKETS) or of all.
 
-    On Postgres from the units (one pass: the detector counts and the sorted IoU arrays of
-    every bar), each scope and bucket locked first (a transaction advisory lock, in order), so
-    two jobs finishing together rewrite a bucket one after the other, the second from a
-    snapshot that holds the first's rows. Elsewhere (the embedded SQLite) the detector counts
-    are summed from ConceptStat, without arrays.
+    On Postgres from the units, with the IoU cells of every bar (:mod:`api.services.concept_cells`),
+    each scope and bucket locked first (a
+    transaction advisory lock, in order), so two jobs finishing together rewrite a bucket one
+    after the other, the second from a snapshot that holds the first's rows. Elsewhere (the
+    embedded SQLite) the detector counts are summed from ConceptStat, without cells.
     """
     table = ConceptStatScope._meta.db_table
     with transaction.get_connection().cursor() as cursor:
@@ -133,8 +134,11 @@ def concept_scopes_refresh(*, scopes: list[int | None], bucket: int | None = Non
                 args.append(bucket)
             cursor.execute(f"DELETE FROM {table} WHERE {scope}", args)
             if postgres:
-                cursor.execute(f"DELETE FROM {ConceptIouScope._meta.db_table} WHERE {scope}", args)
-            cursor.execute(*(_scope_from_units if postgres else _scope_from_stats)(owner, bucket))
+                cursor.execute(f"DELETE FROM {ConceptIouCell._meta.db_table} WHERE {scope}", args)
+                where, where_args = _scope_where(owner, bucket, "j.owner_id")
+                scope_rows_write(cursor, owner=owner, where=where, args=where_args)
+            else:
+                cursor.execute(*_scope_from_stats(owner, bucket))
 
 
 def _scope_where(owner: int | None, bucket: int | None, job_owner: str) -> tuple[str, list]:
@@ -159,72 +163,12 @@ def _scope_from_stats(owner: int | None, bucket: int | None) -> tuple[str, list]
     )
 
 
-def _scope_from_units(owner: int | None, bucket: int | None) -> tuple[str, list]:
-    """One statement: the scope's labelled units read once, aggregated per concept and bucket
-    for the four bars at once (FILTER), then one row per bar into each table."""
-    where, args = _scope_where(owner, bucket, "j.owner_id")
-    detector = repr(float(DETECTOR_MIN_IOU))
-    bars = {  # bar -> which labelled units it holds
-        ConceptStat.Bar.ALL.value: "true",
-        ConceptStat.Bar.STABLE.value: "stable",
-        ConceptStat.Bar.SIGNIFICANT.value: "significant",
-        ConceptStat.Bar.BOTH.value: "stable AND significant",
-    }
-    per_model = ", ".join(f"max(iou) FILTER (WHERE {held}) AS best_{i}" for i, held in enumerate(bars.values()))
-    models = ", ".join(
-        f"array_agg(-best_{i} ORDER BY best_{i} DESC) FILTER (WHERE best_{i} IS NOT NULL) AS neg_model_best_{i}, "
-        f"count(*) FILTER (WHERE best_{i} >= {detector}) AS model_count_{i}"
-        for i in range(len(bars))
-    )
-    ious = ", ".join(
-        f"array_agg(-iou ORDER BY iou DESC) FILTER (WHERE {held}) AS neg_ious_{i}, "
-        f"count(*) FILTER (WHERE {held} AND iou >= {detector}) AS units_{i}, "
-        f"max(iou) FILTER (WHERE {held} AND iou >= {detector}) AS best_{i}"
-        for i, held in enumerate(bars.values())
-    )
-    per_bar = ", ".join(
-        f"('{name}', i.units_{i}, i.best_{i}, i.neg_ious_{i}, mo.model_count_{i}, mo.neg_model_best_{i})"
-        for i, name in enumerate(bars)
-    )
-    return (
-        f"""WITH labelled AS MATERIALIZED (
-            SELECT u.label_id AS concept_id, u.model_id, u.model_id %% {SCOPE_BUCKETS} AS bucket, u.iou,
-                   coalesce(u.stability >= {STABLE_LABEL_MIN!r}, false) AS stable,
-                   coalesce(u.p_value <= {SIGNIFICANT_P_MAX!r}, false) AS significant
-            FROM {NetworkModel._meta.db_table} m
-            JOIN {Unit._meta.db_table} u ON u.model_id = m.id
-            JOIN {Job._meta.db_table} j ON j.id = u.job_id
-            WHERE j.status = %s AND u.label_id IS NOT NULL AND {where}
-        ), per_model AS (
-            SELECT concept_id, bucket, {per_model} FROM labelled GROUP BY concept_id, bucket, model_id
-        ), models AS (
-            SELECT concept_id, bucket, {models} FROM per_model GROUP BY concept_id, bucket
-        ), ious AS (
-            SELECT concept_id, bucket, {ious} FROM labelled GROUP BY concept_id, bucket
-        ), scope_rows AS (
-            SELECT b.bar, i.concept_id, i.bucket, b.units, b.best, b.neg_ious, b.model_count, b.neg_model_best
-            FROM ious i JOIN models mo ON mo.concept_id = i.concept_id AND mo.bucket = i.bucket
-            CROSS JOIN LATERAL (VALUES {per_bar}) AS b (bar, units, best, neg_ious, model_count, neg_model_best)
-            WHERE b.neg_ious IS NOT NULL
-        ), arrays AS (
-            INSERT INTO {ConceptIouScope._meta.db_table}
-                (bar, scope_owner_id, concept_id, bucket, top_iou, neg_ious, neg_model_best)
-            SELECT bar, %s, concept_id, bucket, -neg_ious[1], neg_ious, neg_model_best FROM scope_rows
-            ORDER BY bar, concept_id, bucket  -- a bar's rows together: the read scans one bar
-        )
-        INSERT INTO {ConceptStatScope._meta.db_table}
-            (bar, scope_owner_id, concept_id, bucket, units, model_count, best_iou)
-        SELECT bar, %s, concept_id, bucket, units, model_count, best FROM scope_rows WHERE units > 0""",
-        [Job.Status.SUCCEEDED.value, *args, owner, owner],
-    )
-
-
 @transaction.atomic
 def concept_scopes_rebuild() -> int:
     """Every scope's rows anew from ConceptStat (after ``concept_stats_rebuild`` rewrote it)."""
     owners = job_owners()
     ConceptStatScope.objects.all().delete()
-    ConceptIouScope.objects.all().delete()
+    ConceptIouCell.objects.all().delete()
     concept_scopes_refresh(scopes=[None, *sorted(owners)])
     return ConceptStatScope.objects.count()
 

@@ -4,6 +4,7 @@ the same answer as counting the units, kept current by job_succeed and by the re
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ FIELDS = ("id", "name", "category", "units", "models", "best_iou")
 CONCEPTS = [("tree", "object"), ("sky", "object"), ("tree", "part"), ("wood", "material"), ("leg", "part")]
 
 
-def _rows(queryset) -> list[tuple]:
-    return [tuple(row[f] for f in FIELDS) for row in queryset.values(*FIELDS)]
+def _rows(rows) -> list[tuple]:
+    """The rows of concept_list (dicts) or of concept_list_live (a queryset)."""
+    return [tuple(row[f] for f in FIELDS) for row in (rows if isinstance(rows, list) else rows.values(*FIELDS))]
 
 
 def _stat_rows() -> list[tuple]:
@@ -130,6 +132,13 @@ def test_the_summary_counts_exactly_the_detectors_of_succeeded_jobs(zoo, user):
         "ordering=-name",
         "limit=2",
         "limit=2&offset=2",
+        # any other threshold: the IoU cells
+        "min_iou=0.1",
+        "min_iou=0.0&ordering=name",
+        "min_iou=0.0401&ordering=-models",
+        "min_iou=0.02&category=part&limit=2&offset=1",
+        "min_iou=0.01&name=E&ordering=-name",
+        "min_iou=0.3&max_p_value=0.01&ordering=units",
     ],
 )
 def test_the_endpoint_gives_the_same_page_either_way(zoo, api, other_api, monkeypatch, query):
@@ -142,11 +151,14 @@ def test_the_endpoint_gives_the_same_page_either_way(zoo, api, other_api, monkey
     for client in (api, other_api):
         stats = client.get(f"/api/concepts/?{query}").json()
         with monkeypatch.context() as patched:
-            patched.setattr(selectors, "concept_list", selectors.concept_list_live)
+            patched.setattr(selectors, "_concept_stat_bar", lambda *bars: None)  # count the units
             live = client.get(f"/api/concepts/?{query}").json()
         assert stats["count"] == live["count"] > 0
         if "ordering=" in query:  # the ordering replaces ours, ties fall in any order
             assert sorted(stats["results"], key=key) == sorted(live["results"], key=key)
+            field = query.split("ordering=")[1]
+            values = [row[field.lstrip("-")] for row in stats["results"]]
+            assert values == sorted(values, reverse=field.startswith("-"))
         else:
             assert stats["results"] == live["results"]
 
@@ -369,7 +381,7 @@ def test_the_evidence_bars_have_summary_rows_too(zoo, api, user, other_user, car
 
 
 def _scope_rows() -> list[tuple]:
-    from api.models import ConceptIouScope, ConceptStatScope
+    from api.models import ConceptIouCell, ConceptStatScope
 
     return sorted(
         ConceptStatScope.objects.values_list(
@@ -377,8 +389,19 @@ def _scope_rows() -> list[tuple]:
         ),
         key=lambda r: (r[0], r[1] or 0, r[2], r[3]),
     ) + sorted(
-        ConceptIouScope.objects.values_list(
-            "bar", "scope_owner_id", "concept_id", "bucket", "top_iou", "neg_ious", "neg_model_best"
+        ConceptIouCell.objects.values_list(
+            "bar",
+            "scope_owner_id",
+            "bucket",
+            "lo",
+            "above_concepts",
+            "above_units",
+            "above_models",
+            "above_best",
+            "unit_concepts",
+            "unit_ious",
+            "model_concepts",
+            "model_ious",
         ),
         key=lambda r: (r[0], r[1] or 0, r[2], r[3]),
     )
@@ -427,11 +450,11 @@ def test_scopes_follow_jobs_visibility_and_deletions(zoo, user, other_user, caro
     assert not ConceptStatScope.objects.filter(scope_owner=user).exists()  # nothing private of hers is left
     # A private model whose units are all below the detector threshold: no ConceptStat row, but
     # its owner's scope holds their IoUs (for a lower min_iou), and must lose them with it.
-    from api.models import ConceptIouScope, NetworkModel
+    from api.models import ConceptIouCell, NetworkModel
 
     faint = NetworkModel.objects.create(owner=user, name="faint", arch="builtin:scenecnn", weights_path="/x")
     _run(other_user, faint, 14, scale=0.4)
-    assert ConceptIouScope.objects.filter(scope_owner=other_user).exists()
+    assert ConceptIouCell.objects.filter(scope_owner=other_user).exists()
     _all_agree(user, other_user, thresholds=THRESHOLDS)
     faint.delete()
     _all_agree(user, other_user, thresholds=THRESHOLDS)
@@ -461,7 +484,7 @@ def test_two_jobs_finishing_together_rewrite_a_public_bucket_in_turn(zoo, user, 
     _all_agree(user, other_user, carol)
 
 
-def test_any_threshold_is_a_binary_search_per_scope_row(zoo, api, user):
+def test_any_threshold_reads_one_iou_cell_per_scope_and_bucket(zoo, api, user):
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
@@ -469,10 +492,82 @@ def test_any_threshold_is_a_binary_search_per_scope_row(zoo, api, user):
 
     with CaptureQueriesContext(connection) as queries:
         page = api.get("/api/concepts/?min_iou=0.0401&min_stability=0.9&limit=1000").json()
-    sql = [q["sql"] for q in queries.captured_queries if "nd_concept_iou_scope" in q["sql"]]
-    assert len(sql) == 1 and "width_bucket" in sql[0] and "nd_unit" not in sql[0]
+    sql = [q["sql"] for q in queries.captured_queries if "nd_concept_iou_cell" in q["sql"]]
+    assert len(sql) == 1 and "LIMIT 1" in sql[0] and "nd_unit" not in sql[0]
     expected = _rows(selectors.concept_list_live(user=user, min_iou=0.0401, min_stability=0.9))
     assert [tuple(c[f] for f in FIELDS) for c in page["results"]] == expected and expected
+
+
+@pytest.mark.parametrize("cell_units", [1, 3, 7, 1000])
+def test_any_threshold_counts_exactly_whatever_the_cells(zoo, user, other_user, carol, monkeypatch, cell_units):
+    """Cells of 1, 3, 7 units (every zoo IoU a bound; runs of tied IoUs such as the many 0.04s
+    across bounds) and of 1000 (one cell per scope): at the thresholds around stored IoUs, on
+    each cell's bound and either side of it, at each model's best, below and above every unit,
+    the cells count what the units count. Three more public models share one bucket, with IoUs
+    on a 0.01 grid (long runs of ties), so that a concept's models spread over many cells."""
+    from django.db.models import Max
+
+    from api import selectors, services
+    from api.models import SCOPE_BUCKETS, Concept, ConceptIouCell, Job, NetworkModel, Unit
+    from api.services import concept_cells
+
+    rng = np.random.default_rng(100 + cell_units)
+    concepts = list(Concept.objects.order_by("id"))
+    first = zoo["bob-public"]
+    for i in (1, 2, 3):
+        model = NetworkModel.objects.create(
+            pk=first.pk + 1000 * i * SCOPE_BUCKETS,
+            owner=other_user,
+            name=f"tied{i}",
+            arch="builtin:scenecnn",
+            weights_path="/x",
+            public=True,
+        )
+        job = Job.objects.create(
+            owner=other_user, type="dissect", model=model, dataset=first.jobs.first().dataset, status="succeeded"
+        )
+        Unit.objects.bulk_create(
+            Unit(
+                job=job,
+                model=model,
+                layer="layer0",
+                unit=u,
+                label=concepts[u % len(concepts)],
+                label_name=concepts[u % len(concepts)].name,
+                iou=round(float(rng.uniform(0.0, 0.2)), 2),
+                threshold=1.0,
+                stability=[0.9, 0.5][u % 2],
+                p_value=[0.01, 0.3][u % 3 == 0],
+            )
+            for u in range(60)
+        )
+    monkeypatch.setattr(concept_cells, "IOU_CELL_UNITS", cell_units)
+    services.concept_scopes_rebuild()
+    cells = ConceptIouCell.objects.filter(bar="all", scope_owner__isnull=True)
+    if cell_units == 1000:
+        assert set(cells.values_list("lo", flat=True)) == {float("-inf")}
+    else:  # many cells; no unit lost or counted twice
+        assert cells.count() > 10
+        public = Unit.objects.filter(job__status="succeeded", label__isnull=False, model__public=True).count()
+        assert sum(len(c.unit_ious) for c in cells) == public
+    bounds = sorted({lo for lo in ConceptIouCell.objects.values_list("lo", flat=True) if math.isfinite(lo)})
+    rng = np.random.default_rng(cell_units)
+    sampled = [float(x) for x in rng.choice(bounds, size=min(8, len(bounds)), replace=False)] if bounds else []
+    near = [v for lo in sampled for v in (np.nextafter(lo, -1.0), lo, np.nextafter(lo, 2.0))]
+    # each model's best IoU per concept: a threshold there splits the models of its cell
+    near += sorted(
+        set(
+            Unit.objects.filter(label__isnull=False)
+            .values("model", "label")
+            .annotate(best=Max("iou"))
+            .values_list("best", flat=True)
+        )
+    )
+    for who in (user, carol):
+        for bars in ({}, {"min_stability": 0.9, "max_p_value": 0.01}):
+            for t in (*THRESHOLDS, *near):
+                live = _rows(selectors.concept_list_live(user=who, min_iou=float(t), **bars))
+                assert _rows(selectors.concept_list(user=who, min_iou=float(t), **bars)) == live, (who, bars, t)
 
 
 def test_the_embedded_database_sums_the_detector_rows(zoo, user, other_user, carol, monkeypatch):
@@ -481,7 +576,7 @@ def test_the_embedded_database_sums_the_detector_rows(zoo, user, other_user, car
     from django.db import connection
 
     from api import selectors, services
-    from api.models import ConceptIouScope, ConceptStatScope
+    from api.models import ConceptIouCell, ConceptStatScope
 
     expected = sorted(
         ConceptStatScope.objects.values_list(
@@ -497,7 +592,7 @@ def test_the_embedded_database_sums_the_detector_rows(zoo, user, other_user, car
         ),
         key=str,
     )
-    assert got == expected and not ConceptIouScope.objects.exists()
+    assert got == expected and not ConceptIouCell.objects.exists()
     assert _rows(selectors.concept_list(user=user, min_iou=0.1)) == _rows(
         selectors.concept_list_live(user=user, min_iou=0.1)
     )

@@ -6,13 +6,13 @@ from django.core.management.base import BaseCommand
 from django.db import connection
 
 from api import services
-from api.models import ConceptIouScope, ConceptStat, ConceptStatScope, NetworkModel
+from api.models import ConceptIouCell, ConceptStat, ConceptStatScope, NetworkModel
 
 
 class Command(BaseCommand):
     help = (
         "Recompute the concept summary rows (nd_concept_stat per model; nd_concept_stat_scope and "
-        "nd_concept_iou_scope per scope) "
+        "nd_concept_iou_cell per scope) "
         "that GET /api/concepts/ reads, "
         "for every model: after loading units around the services (a restore, a bulk COPY)."
     )
@@ -27,7 +27,7 @@ class Command(BaseCommand):
             # read scan the covering index alone.
             vacuum = "ANALYZE" if connection.in_atomic_block else "VACUUM (ANALYZE)"
             with connection.cursor() as cursor:
-                for model in (ConceptStat, ConceptStatScope, ConceptIouScope):
+                for model in (ConceptStat, ConceptStatScope, ConceptIouCell):
                     cursor.execute(f"{vacuum} {connection.ops.quote_name(model._meta.db_table)}")
         self.stdout.write(
             f"concept stats: {rows} rows for {len(model_ids)} models, {scopes} scope rows,"
