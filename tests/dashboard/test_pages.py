@@ -173,6 +173,14 @@ def test_dissect_watch_browse_and_search(live_server, celery_worker_process, use
     assert ious == sorted(ious, reverse=True)
     images_loaded(page)
     shot(page, "10-search", full_page=False)
+    from api.models import Concept
+
+    page.goto(f"{live_server.url}/search/")  # nothing searched: the concepts with the most units
+    chips = page.locator("p.concepts a.chip")
+    expect(chips.first).to_be_visible()
+    assert chips.first.inner_text().split()[0] in set(Concept.objects.values_list("name", flat=True))
+    assert (chips.first.get_attribute("style") or "").startswith("--c: #")
+    shot(page, "10b-search-suggestions", full_page=False)
 
     from datetime import timedelta
 
