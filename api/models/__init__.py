@@ -1,0 +1,63 @@
+"""Tables: registered networks and datasets, jobs, every dissected unit with its scores
+(:mod:`api.models.core`), and the concept summaries read instead of the units
+(:mod:`api.models.summaries`)."""
+
+from api.models.core import (
+    ARCH_SPECS,
+    DETECTOR_MIN_IOU,
+    LAYER_KINDS,
+    SIGNIFICANT_P_MAX,
+    STABLE_LABEL_MIN,
+    AblationCurve,
+    ClassUnitImportance,
+    Concept,
+    Dataset,
+    IdempotencyKey,
+    Job,
+    JobShard,
+    LayerResult,
+    NetworkModel,
+    Unit,
+    UnitConcept,
+    WebhookDelivery,
+    WebhookSecret,
+    WorkerHeartbeat,
+    arch_spec_problem,
+    visible_to,
+)
+from api.models.summaries import (
+    IOU_CELL_UNITS,
+    SCOPE_BUCKETS,
+    ConceptIouCell,
+    ConceptStat,
+    ConceptStatScope,
+)
+
+__all__ = [
+    "ARCH_SPECS",
+    "DETECTOR_MIN_IOU",
+    "IOU_CELL_UNITS",
+    "LAYER_KINDS",
+    "SCOPE_BUCKETS",
+    "SIGNIFICANT_P_MAX",
+    "STABLE_LABEL_MIN",
+    "AblationCurve",
+    "ClassUnitImportance",
+    "Concept",
+    "ConceptIouCell",
+    "ConceptStat",
+    "ConceptStatScope",
+    "Dataset",
+    "IdempotencyKey",
+    "Job",
+    "JobShard",
+    "LayerResult",
+    "NetworkModel",
+    "Unit",
+    "UnitConcept",
+    "WebhookDelivery",
+    "WebhookSecret",
+    "WorkerHeartbeat",
+    "arch_spec_problem",
+    "visible_to",
+]
