@@ -14,13 +14,13 @@ from api.models import SCOPE_BUCKETS, NetworkModel
 
 
 def _scopes_of(model: NetworkModel, public: bool) -> list[int | None]:
-    from api.services.results import job_owners
+    from api.services.concepts import job_owners
 
     return [None] if public else list(job_owners(model_id=model.pk))
 
 
 def _refresh(scopes: list[int | None], bucket: int | None = None) -> None:
-    from api.services.results import concept_scopes_refresh
+    from api.services.concepts import concept_scopes_refresh
 
     if scopes:
         concept_scopes_refresh(scopes=scopes, bucket=bucket)
@@ -65,7 +65,7 @@ def _fill_scopes_after_upgrade(sender, app_config=None, using="default", **kwarg
     if app_config is None or app_config.label != "api":
         return
     from api.models import ConceptIouCell, ConceptStatScope, Unit
-    from api.services.results import concept_scopes_rebuild
+    from api.services.concepts import concept_scopes_rebuild
 
     # A table empty (a new database, or an upgrade that added one) while labelled units exist;
     # the IoU cells exist on Postgres only.

@@ -3,13 +3,15 @@ through here; callers import from ``api.services``.
 
 - ``registration``: models, datasets, API tokens;
 - ``jobs``: a job's life (create, start, progress, succeed, fail, cancel, stage);
-- ``results``: units, scores, matrices, ablation rows, the concept summary;
+- ``results``: units, scores, matrices, ablation rows;
+- ``concepts``: the concept summaries (per model, per scope; ``concept_cells``: the IoU cells);
 - ``shards``: the shards of a big dissection;
 - ``recovery``: worker heartbeats, jobs and shards of dead workers, lost messages;
 - ``painting``: Figure 6 edits on the interactive queue;
 - ``queue``: sending tasks to the workers by name.
 """
 
+from api.services.concepts import concept_scopes_rebuild, concept_scopes_refresh, concept_stats_refresh
 from api.services.jobs import (
     GENERATOR_JOBS,
     drop_results,
@@ -27,14 +29,7 @@ from api.services.jobs import (
 from api.services.painting import generator_paint
 from api.services.recovery import jobs_recover_stale, jobs_requeue_lost, worker_gone, worker_heartbeat
 from api.services.registration import dataset_register, model_register, token_get_or_create
-from api.services.results import (
-    ablation_store,
-    concept_scopes_rebuild,
-    concept_scopes_refresh,
-    concept_stats_refresh,
-    concepts_ensure,
-    layer_result_store,
-)
+from api.services.results import ablation_store, concepts_ensure, layer_result_store
 from api.services.shards import (
     SHARD_STAGE_SHARE,
     ShardBusy,

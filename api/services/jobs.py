@@ -16,7 +16,7 @@ from api.errors import ApplicationError
 from api.job_params import job_params_clean
 from api.models import AblationCurve, ClassUnitImportance, Dataset, Job, LayerResult, NetworkModel, Unit
 from api.services import queue, webhooks
-from api.services.results import concept_stats_refresh
+from api.services.concepts import concept_stats_refresh
 
 QUEUED_RETRY_AFTER_SECONDS = 30
 GENERATOR_JOBS = (Job.Type.DISSECT, Job.Type.GENERATOR_REMOVE, Job.Type.GENERATOR_INSERT)
