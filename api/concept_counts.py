@@ -47,9 +47,6 @@ def concept_list(
     """
     concepts = Concept.objects.all() if concepts is None else concepts
     bar = _concept_stat_bar(min_stability, max_p_value)
-    cells = connection.vendor == "postgresql" and math.isfinite(min_iou) and min_iou != DETECTOR_MIN_IOU
-    if bar is not None and cells:
-        return _concept_list_from_cells(user=user, min_iou=min_iou, bar=bar, concepts=concepts, ordering=ordering)
     if bar is not None and min_iou == DETECTOR_MIN_IOU:
         rows = (
             concepts.filter(
@@ -64,6 +61,8 @@ def concept_list(
             )
             .order_by("-units", "name", "id")
         )
+    elif bar is not None and connection.vendor == "postgresql" and math.isfinite(min_iou):
+        return _concept_list_from_cells(user=user, min_iou=min_iou, bar=bar, concepts=concepts, ordering=ordering)
     else:
         rows = concept_list_live(
             user=user, min_iou=min_iou, min_stability=min_stability, max_p_value=max_p_value, concepts=concepts

@@ -59,10 +59,10 @@ def scope_rows_write(cursor, *, owner: int | None, where: str, args: list) -> No
     from its labelled units of succeeded jobs (``where`` over nd_model m and nd_job j chooses
     them, with ``args``); the caller deleted the old rows."""
     units = _labelled_units(cursor, where, args)
-    concepts, models_, ious = (
-        units[name].astype(np.float64 if name == "iou" else np.int64) for name in ("concept", "model", "iou")
-    )
-    held, buckets = units["held"].astype(np.int64), units["model"].astype(np.int64) % SCOPE_BUCKETS
+    # native, contiguous copies of the big-endian fields
+    concepts, models_ = units["concept"].astype(np.int64), units["model"].astype(np.int64)
+    ious, held = units["iou"].astype(np.float64), units["held"].astype(np.int64)
+    buckets = models_ % SCOPE_BUCKETS
     stats: list[tuple] = []
     cells: list[tuple] = []
     for bar, bits in _BARS.items():
