@@ -579,27 +579,49 @@ def _pids(*pgrep: str) -> list[int]:
 
 def _http_client(base: str, headers: dict, mine: list[str], ready, go, results) -> None:
     """One client of :func:`measure_http`, in a process of its own (threads of one process
-    would queue behind one interpreter lock for their JSON decoding): a keep-alive session,
-    three warm-up requests, then its share of the paths once ``go`` is set. Puts (latencies,
-    errors, its CPU seconds over them)."""
-    import requests
+    would queue behind one interpreter lock): ``http.client`` on one connection, kept alive
+    where the server keeps it (sync gunicorn workers close it after each answer; the client
+    then reconnects), three warm-up requests, then its share of the paths once ``go`` is set,
+    each timed until its whole body has arrived. The bodies are decoded and checked after the
+    timed run, so that the clients' JSON decoding does not take CPU from the server while it
+    is measured (on this machine they share the CPUs). Puts (latencies, errors, its CPU
+    seconds over the timed run)."""
+    import http.client
+    import json
+    from urllib.parse import parse_qs, urlsplit
 
-    session = requests.Session()
+    host, port = urlsplit(base).hostname, urlsplit(base).port
+    connection = http.client.HTTPConnection(host, port)
+
+    def get(path: str) -> tuple[int, bytes]:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+
     for path in mine[:3]:  # warm each worker's connection and caches
-        session.get(base + path, headers=headers).json()
+        get(path)
     ready.put(True)
     go.wait()
     samples: list[float] = []
-    errors: list[str] = []
+    answers: list[tuple[str, int, bytes]] = []
     before = resource.getrusage(resource.RUSAGE_SELF)
     for path in mine:
         t0 = time.perf_counter()
-        response = session.get(base + path, headers=headers)
-        response.json()
+        status, body = get(path)
         samples.append(time.perf_counter() - t0)
-        if response.status_code != 200:
-            errors.append(f"GET {path} -> {response.status_code}")
+        answers.append((path, status, body))
     after = resource.getrusage(resource.RUSAGE_SELF)
+    errors: list[str] = []
+    for path, status, body in answers:
+        if status != 200:
+            errors.append(f"GET {path} -> {status}")
+            continue
+        query = parse_qs(urlsplit(path).query)
+        page = json.loads(body)
+        for unit in page["results"]:
+            if unit["label"] != query["concept"][0] or unit["iou"] < float(query["min_iou"][0]):
+                errors.append(f"GET {path}: unit {unit['id']} is outside the filter")
+                break
     results.put((samples, errors, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime))
 
 
@@ -700,31 +722,41 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
         if results and len(results[0]["top_concepts"]) != args.top:
             raise SystemExit(f"{path}: expected {args.top} top concepts")
 
-    samples = measure_get(client, [f"/api/units/?concept={c}&min_iou=0.04" for c in head], check=check_units)
-    rows.append(("GET /api/units/?concept=X&min_iou=0.04, first request for each of the 20 (cold cache)", samples, ""))
     interleaved = [name for pair in zip(names_head, names_any, strict=False) for name in pair]
-    samples = measure_get(client, [f"/api/units/?concept={c}&min_iou=0.04" for c in interleaved], check=check_units)
-    rows.append(
-        ("GET /api/units/?concept=X&min_iou=0.04 (X among the 20 most frequent labels)", samples[0::2], "p95 <= 5 ms")
-    )
-    rows.append(("GET /api/units/?concept=X&min_iou=0.04 (X any label, uniform)", samples[1::2], "p95 <= 5 ms"))
-    rows.append(("  both together (requests alternate between the two)", samples, "p95 <= 5 ms"))
-    for extra in ("min_stability=0.9", "max_p_value=0.01", "min_stability=0.9&max_p_value=0.01"):
-
-        def check_evidence(path, body, extra=extra):
-            check_units(path, body)
-            for r in body["results"]:
-                if ("min_stability" in extra and r["stability"] < 0.9) or ("max_p" in extra and r["p_value"] > 0.01):
-                    raise SystemExit(f"{path}: a unit outside the evidence filter")
-
-        samples = measure_get(
-            client, [f"/api/units/?concept={c}&min_iou=0.04&{extra}" for c in interleaved], check=check_evidence
+    if not args.http_only:
+        samples = measure_get(client, [f"/api/units/?concept={c}&min_iou=0.04" for c in head], check=check_units)
+        rows.append(
+            ("GET /api/units/?concept=X&min_iou=0.04, first request for each of the 20 (cold cache)", samples, "")
         )
-        rows.append((f"GET /api/units/?concept=X&min_iou=0.04&{extra} (X as above)", samples, "p95 < 50 ms"))
+        samples = measure_get(client, [f"/api/units/?concept={c}&min_iou=0.04" for c in interleaved], check=check_units)
+        rows.append(
+            (
+                "GET /api/units/?concept=X&min_iou=0.04 (X among the 20 most frequent labels)",
+                samples[0::2],
+                "p95 <= 5 ms",
+            )
+        )
+        rows.append(("GET /api/units/?concept=X&min_iou=0.04 (X any label, uniform)", samples[1::2], "p95 <= 5 ms"))
+        rows.append(("  both together (requests alternate between the two)", samples, "p95 <= 5 ms"))
+        for extra in ("min_stability=0.9", "max_p_value=0.01", "min_stability=0.9&max_p_value=0.01"):
+
+            def check_evidence(path, body, extra=extra):
+                check_units(path, body)
+                for r in body["results"]:
+                    if ("min_stability" in extra and r["stability"] < 0.9) or (
+                        "max_p" in extra and r["p_value"] > 0.01
+                    ):
+                        raise SystemExit(f"{path}: a unit outside the evidence filter")
+
+            samples = measure_get(
+                client, [f"/api/units/?concept={c}&min_iou=0.04&{extra}" for c in interleaved], check=check_evidence
+            )
+            rows.append((f"GET /api/units/?concept=X&min_iou=0.04&{extra} (X as above)", samples, "p95 < 50 ms"))
 
     if args.http_clients:
         token = Token.objects.get(user=user).key
-        paths = [f"/api/units/?concept={c}&min_iou=0.04" for c in interleaved] * 2
+        paths = [f"/api/units/?concept={c}&min_iou=0.04" for c in interleaved]
+        paths = (paths * (args.http_requests // len(paths) + 1))[: args.http_requests]
         samples, wall, cpu = measure_http(args, token, paths)
         threads = f" x {args.http_threads} threads" if args.http_threads else ""
         rows.append(
@@ -737,6 +769,8 @@ def measure(args, rows: list[tuple[str, list[float], str]]) -> None:
         )
         spent = ", ".join(f"{name} {seconds * 1000:.2f} ms" for name, seconds in cpu.items())
         rows.append((f"  CPU per request over HTTP: {spent}", [], ""))
+    if args.http_only:
+        return
 
     first = client.get(f"/api/units/?concept={head[0]}&min_iou=0.04").json()
     nexts = []
@@ -941,11 +975,17 @@ def main() -> int:
     parser.add_argument(
         "--http-clients", type=int, default=8, help="concurrent clients of the HTTP unit query (0: skip it)"
     )
+    parser.add_argument("--http-requests", type=int, default=1600, help="requests of the HTTP unit query, all clients")
     parser.add_argument("--http-workers", type=int, default=4, help="gunicorn worker processes for the HTTP query")
     parser.add_argument(
         "--http-threads", type=int, default=0, help="gunicorn threads per worker (gthread, keep-alive); 0: sync workers"
     )
+    parser.add_argument(
+        "--http-only", action="store_true", help="with --skip-fill: measure only the unit query over HTTP"
+    )
     args = parser.parse_args()
+    if args.http_only and not (args.skip_fill and args.http_clients):
+        raise SystemExit("--http-only needs --skip-fill (a database kept by an earlier --keep run) and --http-clients")
     if args.db in PROTECTED:
         raise SystemExit(f"refusing to use database {args.db!r}")
 

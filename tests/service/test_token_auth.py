@@ -56,3 +56,33 @@ def test_a_new_connection_prepares_its_statements_again(api):
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'nd_%%'")
         assert cursor.fetchone()[0] == 2  # the token lookup and the unit page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_terminated_server_session_is_replaced_at_the_next_request(api):
+    """The token lookup stands in for Django's health check (api/prepared.py): a connection
+    whose server session has gone is replaced, and the request answers as before."""
+    import psycopg2
+    from django.db import close_old_connections
+
+    first = api.get("/api/units/")
+    assert first.status_code == 200
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    settings = connection.settings_dict
+    admin = psycopg2.connect(
+        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"], port=settings["PORT"] or 5432
+    )
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+            assert cursor.fetchone()[0]
+    finally:
+        admin.close()
+    close_old_connections()  # what Django's handler runs as each request starts
+    second = api.get("/api/units/")
+    assert second.status_code == 200 and second.json() == first.json()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != pid
