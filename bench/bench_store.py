@@ -653,7 +653,7 @@ def measure_http(args, token: str, paths: list[str]) -> tuple[list[float], float
             try:  # any answer will do (health says 503 here: the benchmark runs no worker)
                 requests.get(f"{base}/api/health/", timeout=2)
                 break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not up yet, or slow to answer while it starts
                 pass
             if time.monotonic() > deadline or server.poll() is not None:
                 raise SystemExit("gunicorn did not answer within 60 s")
