@@ -10,7 +10,8 @@ through ``api.services.layer_result_store``. Targets: p95 of
 Usage:
     python bench/bench_store.py [--models 1000] [--layers 5] [--units 512] [--requests 200]
                                 [--db netdissect_bench] [--skip-fill] [--keep]
-                                [--http-clients 8] [--http-workers 4] [--http-threads 0]
+                                [--http-clients 8] [--http-requests 1600] [--http-workers 4]
+                                [--http-threads 0] [--http-only]
 
 The database (default ``netdissect_bench`` on 127.0.0.1:5432, user postgres; override
 with --admin-url) is dropped and recreated unless --skip-fill reuses a filled one;
@@ -35,8 +36,10 @@ and its first page is checked against the same page counted over the units. Late
 wall-clock times of ``APIClient.get`` including JSON decoding; the first request for each
 frequent concept is reported apart (cold cache). The unit query is also timed over HTTP:
 gunicorn (``--http-workers``, as compose runs 4) on loopback, ``--http-clients`` concurrent
-client processes with keep-alive sessions, each request timed to its decoded JSON; and the
-CPU that gunicorn's processes, Postgres's and the clients spent per request meanwhile.
+client processes (``http.client``, one connection each, kept alive where the server keeps it),
+``--http-requests`` in all, each timed until its whole body has arrived, every answer decoded
+and checked after the timed run; and the CPU that gunicorn's processes, Postgres's and the
+clients spent per request meanwhile. ``--skip-fill --http-only`` measures only that.
 """
 
 from __future__ import annotations
