@@ -29,8 +29,10 @@ name, so ?concept= of those names spans two categories. Every unit carries label
 the IoU), so ``min_stability`` and ``max_p_value`` select a part of each concept's units.
 
 Fill: the unit tables' indexes and constraints are dropped, the rows generated with
-numpy and sent as COPY BINARY, the indexes rebuilt, then VACUUM ANALYZE and CHECKPOINT;
-each step is timed. The units bypass the services, so the per-model concept summary rows
+numpy and sent as COPY BINARY (each unit's ``audience`` written too, the triggers that
+compute it off; the running jobs' units then set to no one by the trigger, and every
+unit's audience checked against ``nd_unit_audience_of``), the indexes rebuilt, then VACUUM
+ANALYZE and CHECKPOINT; each step is timed. The units bypass the services, so the per-model concept summary rows
 that ``/api/concepts/`` reads are then rebuilt (``manage.py concept_stats_rebuild``, timed),
 and its first page is checked against the same page counted over the units. Latencies are
 wall-clock times of ``APIClient.get``, until the view's whole answer is back (each answer
@@ -254,6 +256,7 @@ def unit_rows(
     first_unit_id: int,
     jobs: np.ndarray,
     models: np.ndarray,
+    audiences: np.ndarray,
     n_layers: int,
     n_units: int,
     concept_ids: np.ndarray,
@@ -267,6 +270,7 @@ def unit_rows(
     ids = np.arange(first_unit_id, first_unit_id + n, dtype=np.int64)
     job = np.repeat(jobs, n_layers * n_units)
     model = np.repeat(models, n_layers * n_units)
+    audience = np.repeat(audiences, n_layers * n_units)
     layer_index = np.tile(np.repeat(np.arange(n_layers), n_units), n_jobs)
     layer = np.array([s.encode() for s in LAYERS[:n_layers]], dtype="S8")[layer_index]
     unit = np.tile(np.arange(n_units, dtype=np.int32), n_jobs * n_layers)
@@ -303,6 +307,7 @@ def unit_rows(
         "runner_up_iou": ious[:, 1],
         "chance_iou": best * rng.uniform(0.05, 0.5, size=n),
         "p_value": p_value,
+        "audience": audience,
     }
     scores = {
         "unit_id": np.repeat(ids, top),
@@ -437,6 +442,10 @@ def fill(args, timings: dict) -> dict:
     weights = rng.permutation(weights / weights.sum())
     job_ids = np.array([j.pk for j in jobs], dtype=np.int64)
     model_ids = np.array([j.model_id for j in jobs], dtype=np.int64)
+    # Who may read each job's units (Unit.audience, which a trigger computes for each row the
+    # services insert): 0 everyone, else the owner. Written here, the triggers off during the
+    # COPY; the running jobs' units are set to no one after it, by the trigger.
+    audiences = np.array([0 if j.model.public else j.owner_id for j in jobs], dtype=np.int64)
     unit_cols = [
         ("id", ">i8"),
         ("job_id", ">i8"),
@@ -456,6 +465,7 @@ def fill(args, timings: dict) -> dict:
         ("runner_up_iou", ">f8"),
         ("chance_iou", ">f8"),
         ("p_value", ">f8"),
+        ("audience", ">i8"),
     ]
     score_cols = [("id", ">i8"), ("unit_id", ">i8"), ("concept_id", ">i8"), ("rank", ">i2"), ("iou", ">f8")]
     per_chunk = 50
@@ -471,6 +481,7 @@ def fill(args, timings: dict) -> dict:
                 first_unit_id=next_unit,
                 jobs=job_ids[start : start + per_chunk],
                 models=model_ids[start : start + per_chunk],
+                audiences=audiences[start : start + per_chunk],
                 n_layers=args.layers,
                 n_units=args.units,
                 concept_ids=concept_ids,
@@ -503,7 +514,11 @@ def fill(args, timings: dict) -> dict:
                     score_file.write(score_bytes)
                     yield unit_bytes
 
+            cursor.execute("SET session_replication_role = replica")  # no per-row trigger
             copy_binary(raw, "nd_unit", [c for c, _ in unit_cols], unit_chunks())
+            cursor.execute("SET session_replication_role = origin")
+            running_ids = [j.pk for j in jobs if j.status == Job.Status.RUNNING]
+            cursor.execute("UPDATE nd_unit SET audience = NULL WHERE job_id = ANY(%s)", [running_ids])
             t1 = time.perf_counter()
             timings["fill: COPY units (incl. generation)"] = t1 - t0
             score_file.seek(0)
@@ -521,6 +536,13 @@ def fill(args, timings: dict) -> dict:
         for sql in recreate:
             cursor.execute(sql)
         timings["fill: rebuild indexes and constraints"] = time.perf_counter() - t0
+        # The audiences written above are the ones the triggers would have computed.
+        cursor.execute(
+            "SELECT count(*) FROM nd_unit WHERE audience IS DISTINCT FROM nd_unit_audience_of(job_id, model_id)"
+        )
+        (wrong,) = cursor.fetchone()
+        if wrong:
+            raise SystemExit(f"fill: {wrong} units with another audience than their job's and model's")
     t0 = time.perf_counter()
     with connection.cursor() as cursor:
         cursor.execute("VACUUM ANALYZE")

@@ -241,6 +241,12 @@ class Unit(models.Model):
     # (api.unit_page). Empty for units stored before migration 0015 (and where an IoU is not
     # finite): the list reads their scores then.
     top_concepts_json = models.TextField(blank=True, default="", editable=False)
+    # Who may read the unit, a copy of its job's and model's state: None, no one (the job has
+    # not succeeded); 0, everyone (the model is public); else the job owner's user id. The unit
+    # list's lean path (api.unit_page) filters on it instead of joining every unit to its job
+    # and model. Postgres keeps it (triggers of migration 0018: on a unit's insert, a job's
+    # status or owner, a model's publicity); it stays None on other databases, whose reads join.
+    audience = models.BigIntegerField(null=True, blank=True, editable=False)
 
     class Meta:
         db_table = "nd_unit"

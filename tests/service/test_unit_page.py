@@ -257,3 +257,125 @@ def test_the_admin_cannot_edit_what_units_copy(rf, admin_user):
     request.user = admin_user
     assert {"name", "category"} <= set(admin.site._registry[Concept].get_readonly_fields(request))
     assert not admin.site._registry[Unit].has_change_permission(request)
+
+
+# The lean path reads visibility from each unit's copy of it (Unit.audience, kept by the
+# triggers of migration 0018); the general path joins the job and the model. They must agree
+# whatever changes the job's status or the model's publicity, however it is written.
+
+
+def _visible(api) -> set[int]:
+    lean = _lean(api, "page_size=1000")["results"]
+    assert lean == _general(api, "page_size=1000")["results"]
+    return {u["id"] for u in lean}
+
+
+def test_a_model_made_public_or_private_shows_or_hides_its_units(api, user, other_user, settings, tmp_path):
+    from api.models import NetworkModel, Unit
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    mine = _fill(_job(user, name="mine"), seed=0, layers=("conv5",), units=6)
+    theirs = _fill(_job(other_user, name="theirs"), seed=1, layers=("conv5",), units=6)
+    their_units = set(Unit.objects.filter(job=theirs).values_list("id", flat=True))
+    my_units = set(Unit.objects.filter(job=mine).values_list("id", flat=True))
+    assert _visible(api) == my_units
+
+    model = NetworkModel.objects.get(pk=theirs.model_id)
+    model.public = True
+    model.save()
+    assert _visible(api) == my_units | their_units
+    NetworkModel.objects.filter(pk=theirs.model_id).update(public=False)  # a queryset update too
+    assert _visible(api) == my_units
+    NetworkModel.objects.filter(pk=mine.model_id).update(public=True)  # public and mine: still seen
+    assert _visible(api) == my_units
+
+
+def test_a_job_that_stops_having_succeeded_hides_its_units(api, user, settings, tmp_path):
+    from api.models import Job, Unit
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    job = _fill(_job(user, public=True), seed=2, layers=("conv5",), units=6)
+    units = set(Unit.objects.filter(job=job).values_list("id", flat=True))
+    assert _visible(api) == units
+    Job.objects.filter(pk=job.pk).update(status="failed")
+    assert _visible(api) == set()
+    job.refresh_from_db()
+    job.status = "succeeded"
+    job.save()
+    assert _visible(api) == units
+
+
+def test_units_written_after_success_or_by_hand_get_the_audience_of_their_job(
+    api, user, other_user, settings, tmp_path
+):
+    from api.models import Unit
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    theirs = _fill(_job(other_user, name="theirs"), seed=3, layers=("conv5",), units=6)
+    # Inserted for a job that has already succeeded (the ORM, not the services' COPY).
+    Unit.objects.create(job=theirs, model_id=theirs.model_id, layer="late", unit=0, iou=0.5, threshold=1.0)
+    assert set(Unit.objects.filter(job=theirs).values_list("audience", flat=True)) == {other_user.pk}
+    # An audience written by hand is computed again: bob's private units stay his.
+    Unit.objects.filter(job=theirs).update(audience=0)
+    assert set(Unit.objects.filter(job=theirs).values_list("audience", flat=True)) == {other_user.pk}
+    assert _visible(api) == set()
+
+
+def test_the_migration_fills_the_audience_of_units_stored_before_it(api, user, other_user, settings, tmp_path):
+    import importlib
+
+    from api.models import Unit
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    mine = _fill(_job(user, name="mine"), seed=4, layers=("conv5",), units=6)
+    _fill(_job(other_user, public=True, name="theirs"), seed=5, layers=("conv5",), units=6)
+    _fill(_job(user, name="running"), seed=6, layers=("conv5",), units=6, status="running")
+    _fill(_job(other_user, name="private"), seed=7, layers=("conv5",), units=6)
+    expected = dict(Unit.objects.values_list("id", "audience"))
+    assert set(expected.values()) == {user.pk, 0, None, other_user.pk}
+    assert expected[Unit.objects.filter(job=mine).first().pk] == user.pk
+    backfill = importlib.import_module("api.migrations.0018_unit_audience").FORWARD.split(";")[1]
+    assert backfill.strip().startswith("UPDATE nd_unit u")
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL session_replication_role = replica")  # the triggers off, as before 0018
+        cursor.execute("UPDATE nd_unit SET audience = NULL")
+        cursor.execute(backfill)
+        cursor.execute("SET LOCAL session_replication_role = origin")
+    assert dict(Unit.objects.values_list("id", "audience")) == expected
+    _visible(api)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_model_made_private_while_its_job_succeeds_never_leaves_its_units_public(user, settings, tmp_path):
+    """Two sessions at once, in either order: a job succeeding takes a share lock on its model
+    first, so one of the two waits for the other and the units end with the owner alone."""
+    import threading
+    import time
+
+    import psycopg2
+
+    from api.models import Job, NetworkModel, Unit
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    job = _fill(_job(user, public=True), seed=8, layers=("conv5",), units=4, status="running")
+    db = connection.settings_dict
+    dsn = {"dbname": db["NAME"], "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
+    make_private = ("UPDATE nd_model SET public = false WHERE id = %s", (job.model_id,))
+    succeed = ("UPDATE nd_job SET status = 'succeeded' WHERE id = %s", (job.pk,))
+    for first, second in ((make_private, succeed), (succeed, make_private)):
+        Job.objects.filter(pk=job.pk).update(status="running")
+        NetworkModel.objects.filter(pk=job.model_id).update(public=True)
+        one, two = psycopg2.connect(**dsn), psycopg2.connect(**dsn)
+        try:
+            one.cursor().execute(*first)  # not committed yet
+            waiting = threading.Thread(target=lambda: two.cursor().execute(*second))  # noqa: B023
+            waiting.start()
+            time.sleep(0.3)
+            assert waiting.is_alive(), "the second session should wait for the first"
+            one.commit()
+            waiting.join(10)
+            two.commit()
+        finally:
+            one.close()
+            two.close()
+        assert set(Unit.objects.filter(job=job).values_list("audience", flat=True)) == {user.pk}
