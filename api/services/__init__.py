@@ -29,7 +29,7 @@ from api.services.jobs import (
 from api.services.painting import generator_paint
 from api.services.recovery import jobs_recover_stale, jobs_requeue_lost, worker_gone, worker_heartbeat
 from api.services.registration import dataset_register, model_register, token_get_or_create
-from api.services.results import ablation_store, concepts_ensure, layer_result_store
+from api.services.results import ablation_store, concepts_ensure, layer_result_store, unit_audiences_repair
 from api.services.shards import (
     SHARD_STAGE_SHARE,
     ShardBusy,
@@ -78,6 +78,7 @@ __all__ = [
     "shards_recover_stale",
     "shards_requeue_unfinished",
     "token_get_or_create",
+    "unit_audiences_repair",
     "worker_gone",
     "worker_heartbeat",
 ]

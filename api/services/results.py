@@ -352,3 +352,19 @@ def ablation_store(*, job: Job, layer: str, importance_rows: list[dict], curve_r
         )
         locked.summary = summary
         locked.save(update_fields=["summary"])
+
+
+def unit_audiences_repair() -> int:
+    """Recompute ``Unit.audience`` wherever it differs from its job's and model's state; return
+    how many units were wrong. The triggers of migration 0018 keep it on every write through
+    Postgres; units loaded with them off (a bulk COPY under ``session_replication_role =
+    replica``) need this. Postgres only (0 elsewhere, where nothing reads the column)."""
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        return 0
+    with connection.cursor() as cursor:
+        # Set to NULL, the row trigger writes the computed value (whatever the statement sends).
+        cursor.execute(
+            "UPDATE nd_unit SET audience = NULL WHERE audience IS DISTINCT FROM nd_unit_audience_of(job_id, model_id)"
+        )
+        return cursor.rowcount

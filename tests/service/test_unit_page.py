@@ -345,6 +345,30 @@ def test_the_migration_fills_the_audience_of_units_stored_before_it(api, user, o
     _visible(api)
 
 
+def test_the_rebuild_command_repairs_audiences_loaded_with_the_triggers_off(api, user, other_user, settings, tmp_path):
+    import io
+
+    from django.core.management import call_command
+
+    from api.models import Unit
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    _fill(_job(user, name="mine"), seed=9, layers=("conv5",), units=6)
+    _fill(_job(other_user, name="private"), seed=10, layers=("conv5",), units=6)
+    _fill(_job(other_user, name="running", public=True), seed=11, layers=("conv5",), units=6, status="running")
+    expected = dict(Unit.objects.values_list("id", "audience"))
+    with connection.cursor() as cursor:  # a bulk load that got every audience wrong
+        cursor.execute("SET LOCAL session_replication_role = replica")
+        cursor.execute("UPDATE nd_unit SET audience = 0")
+        cursor.execute("SET LOCAL session_replication_role = origin")
+    assert len(_lean(api, "page_size=1000")["results"]) == 18  # everything shows: wrong
+    out = io.StringIO()
+    call_command("concept_stats_rebuild", stdout=out)
+    assert "unit audiences: 18 units set from their job and model" in out.getvalue()
+    assert dict(Unit.objects.values_list("id", "audience")) == expected
+    _visible(api)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_model_made_private_while_its_job_succeeds_never_leaves_its_units_public(user, settings, tmp_path):
     """Two sessions at once, in either order: a job succeeding takes a share lock on its model

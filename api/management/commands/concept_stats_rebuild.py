@@ -14,11 +14,15 @@ class Command(BaseCommand):
         "Recompute the concept summary rows (nd_concept_stat per model; nd_concept_stat_scope and "
         "nd_concept_iou_cell per scope) "
         "that GET /api/concepts/ reads, "
-        "for every model: after loading units around the services (a restore, a bulk COPY)."
+        "for every model: after loading units around the services (a restore, a bulk COPY). "
+        "First, every unit's audience (who may read it) where it differs from its job's and model's."
     )
 
     def handle(self, *args, **options):
         started = time.perf_counter()
+        repaired = services.unit_audiences_repair()
+        if repaired:
+            self.stdout.write(f"unit audiences: {repaired} units set from their job and model")
         model_ids = list(NetworkModel.objects.order_by("id").values_list("id", flat=True))
         rows = sum(services.concept_stats_refresh(model_id=pk, scopes=False) for pk in model_ids)
         scopes = services.concept_scopes_rebuild()
