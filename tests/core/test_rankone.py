@@ -73,13 +73,22 @@ def brute_force(model: LoadedModel, data: ConceptDataset, layer: str, units: lis
 
 
 def assert_rank_one_equals_brute_force(
-    model: LoadedModel, layer: str, *, direct: bool | None = None, every: int = 1
+    model: LoadedModel,
+    layer: str,
+    *,
+    direct: bool | None = None,
+    every: int = 1,
+    memory_format: torch.memory_format | None = None,
 ) -> None:
     """The plan's logits against the suffix on zeroed maps (every ``every``-th unit) and the whole
-    network (three units), and the sweep's counts against the counts of the whole network's logits."""
+    network (three units), and the sweep's counts against the counts of the whole network's logits;
+    with ``memory_format``, the plan's convolutions after the linear operations run in it rather
+    than in the one the plan measured faster."""
     data = Noise(6, model.input_size[0], model.num_classes or 5)
     split = split_network(model, layer, device="cpu")
     assert split.plan is not None, f"{layer}: no rank-one plan ({split.kind} split)"
+    if memory_format is not None:
+        split.plan.use_memory_format(memory_format)
     if direct is not None:
         assert split.plan.direct == direct
     units = split.units
@@ -107,7 +116,7 @@ def assert_rank_one_equals_brute_force(
         assert outputs_match(got[1 + u], full), f"{layer} unit {u} vs the whole network"
 
     # the counts the sweep keeps, through ablation_counts, against counts of the brute-force logits
-    counts = ablation_counts(model, data, layer, unit_ablations(units, sample), batch_size=4, device="cpu")
+    counts = ablation_counts(model, data, layer, unit_ablations(units, sample), batch_size=4, device="cpu", split=split)
     naive = AblationCounts.empty(1 + len(sample), counts.num_classes)
     for row, logits in enumerate([base, *want]):
         naive._add_rows(logits.unsqueeze(0), labels, row)
@@ -129,6 +138,24 @@ def assert_rank_one_equals_brute_force(
 )
 def test_rank_one_sweep_equals_brute_force(arch: str, layer: str, size: int, direct: bool, every: int) -> None:
     assert_rank_one_equals_brute_force(torchvision_model(arch, size), layer, direct=direct, every=every)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "contiguous"])
+def test_either_memory_format_after_the_linear_operations_equals_brute_force(
+    memory_format: torch.memory_format,
+) -> None:
+    """resnet18 ``layer3``: all of ``layer4`` but its first convolutions runs per (image, unit);
+    the plan times it in both memory formats and keeps the faster, and both give the answer."""
+    model = torchvision_model("resnet18", 64)
+    plan = split_network(model, "layer3", device="cpu").plan
+    assert plan is not None and plan.memory_format in (torch.channels_last, torch.contiguous_format)
+    assert_rank_one_equals_brute_force(model, "layer3", direct=False, memory_format=memory_format)
+
+
+def test_no_memory_format_is_chosen_where_no_convolution_follows() -> None:
+    for arch, layer in [("shufflenet_v2_x1_0", "stage4"), ("resnet18", "layer4")]:
+        plan = split_network(torchvision_model(arch, 64), layer, device="cpu").plan
+        assert plan is not None and plan.memory_format is None, (arch, layer)
 
 
 def test_shufflenet_splits_by_its_graph_not_by_rerunning_the_network() -> None:
