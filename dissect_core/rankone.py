@@ -501,6 +501,12 @@ _TIMED_ROWS = 256
 take at least: ``ablation._PLAN_ROWS``)."""
 
 
+_FORMAT_CHOICES: dict[tuple[Any, ...], torch.memory_format] = {}
+"""The memory format chosen for each network after a layer (its code and parameter shapes, the
+rows' shapes, the device and dtype), in this process: a second plan for it (the set ablations
+after the sweep, the next job on a worker) takes the choice without timing again."""
+
+
 def _fastest_rest(
     rest: fx.GraphModule, shapes: list[torch.Size], like: torch.Tensor
 ) -> tuple[fx.GraphModule, torch.memory_format | None]:
@@ -512,11 +518,22 @@ def _fastest_rest(
     convolution over 4x4 maps ran 40% faster with contiguous rows and weights, over 7x7 maps
     the same in both. So each layout runs ``rest`` once to warm up and twice timed (alternated
     with the other), on random rows of the sweep's size, and the faster one is kept (with
-    fewer rows the two came out close enough to choose the slower). Both give the same outputs
-    to float rounding."""
+    fewer rows the two came out close enough to choose the slower), once per process for each
+    network after a layer (:data:`_FORMAT_CHOICES`). Both give the same outputs to float
+    rounding."""
     if not any(isinstance(m, nn.Conv2d) for m in rest.modules()) or any(len(s) != 4 for s in shapes):
         return rest, None
     device, dtype = like.device, like.dtype
+    key = (
+        str(device),
+        str(dtype),
+        tuple(tuple(s[1:]) for s in shapes),
+        rest.code,
+        tuple((name, tuple(p.shape)) for name, p in rest.named_parameters()),
+    )
+    known = _FORMAT_CHOICES.get(key)
+    if known is not None:  # the same network after the same layer, on the same device
+        return rest.to(memory_format=known), known
     generator = torch.Generator(device=device).manual_seed(0)
     rows = [torch.randn((_TIMED_ROWS, *s[1:]), generator=generator, device=device, dtype=dtype) for s in shapes]
     formats = (torch.channels_last, torch.contiguous_format)
@@ -534,6 +551,7 @@ def _fastest_rest(
                 _synchronize(device)
                 seconds[f] = min(seconds[f], time.perf_counter() - start)
     best = min(formats, key=lambda f: seconds[f])
+    _FORMAT_CHOICES[key] = best
     return modules[best], best
 
 

@@ -152,6 +152,24 @@ def test_either_memory_format_after_the_linear_operations_equals_brute_force(
     assert_rank_one_equals_brute_force(model, "layer3", direct=False, memory_format=memory_format)
 
 
+def test_the_memory_format_is_timed_once_per_network_after_a_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second plan for the same network after the same layer (the set ablations after the
+    sweep, the next job) takes the first one's choice without timing again."""
+    from dissect_core import rankone
+
+    monkeypatch.setattr(rankone, "_FORMAT_CHOICES", {})
+    model = torchvision_model("resnet18", 64)
+    first = split_network(model, "layer3", device="cpu").plan
+    assert first is not None and len(rankone._FORMAT_CHOICES) == 1
+    (key,) = rankone._FORMAT_CHOICES
+    other = torch.channels_last if first.memory_format is torch.contiguous_format else torch.contiguous_format
+    rankone._FORMAT_CHOICES[key] = other  # what a second timing would not give: the memo decides
+    second = split_network(torchvision_model("resnet18", 64), "layer3", device="cpu").plan
+    assert second is not None and second.memory_format is other
+    assert split_network(torchvision_model("resnet18", 32), "layer3", device="cpu").plan is not None
+    assert len(rankone._FORMAT_CHOICES) == 2  # other row shapes: timed again
+
+
 def test_no_memory_format_is_chosen_where_no_convolution_follows() -> None:
     for arch, layer in [("shufflenet_v2_x1_0", "stage4"), ("resnet18", "layer4")]:
         plan = split_network(torchvision_model(arch, 64), layer, device="cpu").plan
