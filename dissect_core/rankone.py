@@ -540,16 +540,19 @@ def _fastest_rest(
     modules = {f: copy.deepcopy(rest).to(memory_format=f) for f in formats}
     inputs = {f: [r.contiguous(memory_format=f) for r in rows] for f in formats}
     seconds = {f: float("inf") for f in formats}
-    with torch.no_grad():
-        for f in formats:  # the first call builds the convolutions' kernels
-            modules[f](*inputs[f])
-        for _ in range(2):  # alternated, the best of two: a busy moment does not decide
-            for f in formats:
-                _synchronize(device)
-                start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for f in formats:  # the first call builds the convolutions' kernels
                 modules[f](*inputs[f])
-                _synchronize(device)
-                seconds[f] = min(seconds[f], time.perf_counter() - start)
+            for _ in range(2):  # alternated, the best of two: a busy moment does not decide
+                for f in formats:
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    modules[f](*inputs[f])
+                    _synchronize(device)
+                    seconds[f] = min(seconds[f], time.perf_counter() - start)
+    except Exception:  # the model's own code, on random rows: run it as the rows come
+        return rest, None
     best = min(formats, key=lambda f: seconds[f])
     _FORMAT_CHOICES[key] = best
     return modules[best], best

@@ -170,6 +170,29 @@ def test_the_memory_format_is_timed_once_per_network_after_a_layer(monkeypatch: 
     assert len(rankone._FORMAT_CHOICES) == 2  # other row shapes: timed again
 
 
+def test_a_network_that_fails_on_the_timing_rows_keeps_its_rows_as_they_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice runs the model's own code on random rows; where that raises, no format is
+    chosen (the rows run as they are made), rather than the plan failing."""
+    from dissect_core import rankone
+
+    class Picky(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] == rankone._TIMED_ROWS:
+                raise RuntimeError("not on 256 rows")
+            return x
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, Picky) or super().is_leaf_module(m, name)
+
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), Picky()).eval()
+    rest = torch.fx.GraphModule(net, Leaves().trace(net))
+    monkeypatch.setattr(rankone, "_FORMAT_CHOICES", {})
+    module, chosen = rankone._fastest_rest(rest, [torch.Size([1, 4, 3, 3])], torch.zeros(1))
+    assert module is rest and chosen is None and rankone._FORMAT_CHOICES == {}
+    assert module(torch.ones(2, 4, 3, 3)).shape == (2, 4, 3, 3)
+
+
 def test_no_memory_format_is_chosen_where_no_convolution_follows() -> None:
     for arch, layer in [("shufflenet_v2_x1_0", "stage4"), ("resnet18", "layer4")]:
         plan = split_network(torchvision_model(arch, 64), layer, device="cpu").plan
