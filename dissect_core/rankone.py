@@ -253,18 +253,20 @@ class RankOnePlan:
         self.unit_form = unit_form
         self.consumers = consumers
         self.zeros = {c.source: v for c, v in zip(consumers, self._run_region(zero), strict=True)}
-        self.rest, self.memory_format = _fastest_rest(_inference_copy(rest), self._row_shapes(zero), zero)
+        shapes = [base.shape for _, _, base in self._linear_outputs(zero)]  # what rest takes, one image
+        self.rest, self.memory_format = _fastest_rest(_inference_copy(rest), shapes, zero)
 
-    def _row_shapes(self, zero: torch.Tensor) -> list[torch.Size]:
-        """The shape of each linear operation's output for one image (what ``rest`` takes)."""
+    def _linear_outputs(self, a: torch.Tensor) -> list[tuple[_Consumer, torch.Tensor, torch.Tensor]]:
+        """For the layer's output ``a``: each linear operation, its input, and its output (the
+        BatchNorm after it applied)."""
         modules = dict(self.module.named_modules())
-        shapes = []
-        for consumer, value in zip(self.consumers, self._run_region(zero), strict=True):
-            out = modules[str(consumer.node.target)](value)
+        outputs = []
+        for consumer, value in zip(self.consumers, self._run_region(a), strict=True):
+            base = modules[str(consumer.node.target)](value)
             if consumer.norm is not None:
-                out = modules[str(consumer.norm.target)](out)
-            shapes.append(out.shape)
-        return shapes
+                base = modules[str(consumer.norm.target)](base)
+            outputs.append((consumer, value, base))
+        return outputs
 
     def use_memory_format(self, memory_format: torch.memory_format) -> None:
         """Run ``rest`` in this memory format (rows and weights) instead of the measured choice."""
@@ -304,12 +306,8 @@ class RankOnePlan:
             [G, B, K], block g with unit ``units[g]`` zeroed.
         """
         b = int(a.shape[0])
-        modules = dict(self.module.named_modules())
         prepared = []
-        for consumer, value in zip(self.consumers, self._run_region(a), strict=True):
-            base = modules[str(consumer.node.target)](value)
-            if consumer.norm is not None:
-                base = modules[str(consumer.norm.target)](base)
+        for consumer, value, base in self._linear_outputs(a):
             d = value - self.zeros[consumer.source]
             if d.dim() == 2:
                 d = d.view(b, -1, self.unit_form[consumer.source])
