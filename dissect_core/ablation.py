@@ -45,7 +45,7 @@ from .models import LoadedModel, layout_from_output
 from .nethook import evaluating, get_module, trace
 from .options import Run, RunOptions, resolve_device
 from .progress import check_stop
-from .rankone import RankOnePlan, rank_one_plan
+from .rankone import PLAN_ROWS, RankOnePlan, rank_one_plan
 from .surgery import prefix, split_module
 
 __all__ = [
@@ -77,9 +77,6 @@ DEFAULT_KS: tuple[int, ...] = (1, 2, 3, 4, 5, 20, 64, 128, 256)
 
 _MEMORY_BUDGET = 2 << 30
 _CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 256 << 20}
-_PLAN_ROWS = 256
-"""Rows per call of the network after a rank-one plan's linear operations, at least (convolutions
-there run far below their speed on fewer)."""
 
 
 class AblationOptions(RunOptions, total=False):
@@ -795,7 +792,7 @@ def ablation_counts(
                     y = cache.labels[start : start + a.shape[0]].to(dev)
                     g = _group_size(a.shape[0], row_bytes, chunk_bytes, rem.shape[0])
                     bound = split.plan.bind(a) if split.plan is not None else None
-                    g_plan = max(g, -(-_PLAN_ROWS // a.shape[0]))
+                    g_plan = max(g, -(-PLAN_ROWS // a.shape[0]))
                     for first, stop, single in segments:
                         step = g if single is None else g_plan
                         for s0 in range(first, stop, step):

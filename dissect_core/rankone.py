@@ -42,7 +42,7 @@ from torch import fx, nn
 from .layouts import LayerLayout
 from .surgery import outputs_match
 
-__all__ = ["RankOnePlan", "rank_one_plan"]
+__all__ = ["PLAN_ROWS", "RankOnePlan", "rank_one_plan"]
 
 _CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -494,9 +494,10 @@ def _inference_copy(rest: fx.GraphModule) -> fx.GraphModule:
     return fused
 
 
-_TIMED_ROWS = 256
-"""Rows per timed call of ``rest`` when choosing its memory format (as many as a sweep's calls
-take at least: ``ablation._PLAN_ROWS``)."""
+PLAN_ROWS = 256
+"""Rows per call of the network after a plan's linear operations, at least (convolutions
+there run far below their speed on fewer): the sweeps of :mod:`dissect_core.ablation` batch
+that many, and the choice of memory format times calls of that size."""
 
 
 _FORMAT_CHOICES: dict[tuple[Any, ...], torch.memory_format] = {}
@@ -533,7 +534,7 @@ def _fastest_rest(
     if known is not None:  # the same network after the same layer, on the same device
         return rest.to(memory_format=known), known
     generator = torch.Generator(device=device).manual_seed(0)
-    rows = [torch.randn((_TIMED_ROWS, *s[1:]), generator=generator, device=device, dtype=dtype) for s in shapes]
+    rows = [torch.randn((PLAN_ROWS, *s[1:]), generator=generator, device=device, dtype=dtype) for s in shapes]
     formats = (torch.channels_last, torch.contiguous_format)
     modules = {f: copy.deepcopy(rest).to(memory_format=f) for f in formats}
     inputs = {f: [r.contiguous(memory_format=f) for r in rows] for f in formats}

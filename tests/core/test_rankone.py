@@ -177,7 +177,7 @@ def test_a_network_that_fails_on_the_timing_rows_keeps_its_rows_as_they_come(mon
 
     class Picky(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] == rankone._TIMED_ROWS:
+            if x.shape[0] == rankone.PLAN_ROWS:
                 raise RuntimeError("not on 256 rows")
             return x
 
