@@ -74,12 +74,15 @@ def _bare_forward(model, dataset, indices, batch_size: int, device: str) -> None
     from dissect_core.concepts import collate_samples
     from dissect_core.dissect import _Indexed, preprocess_images
 
-    loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, collate_fn=collate_samples)
+    cuda = torch.device(device).type == "cuda"  # pinned host batches, as dissect's own loader on a GPU
+    loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, collate_fn=collate_samples, pin_memory=cuda)
     module = model.module.to(device)
     with torch.no_grad():
         for batch in loader:
-            module(preprocess_images(batch.images.to(device), model.input_size, model.mean, model.std))
-    if torch.device(device).type == "cuda":
+            module(
+                preprocess_images(batch.images.to(device, non_blocking=True), model.input_size, model.mean, model.std)
+            )
+    if cuda:
         torch.cuda.synchronize()
 
 

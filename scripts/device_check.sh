@@ -2,45 +2,53 @@
 # The engine's GPU checks as one command for a machine with a CUDA device (the device
 # tool's `run`, when a session is lent one):
 #
-#   run(command="bash scripts/device_check.sh", timeout_s=540)
+#   run(command="bash scripts/device_check.sh", timeout_s=600)
 #
-# It uses that machine's own python3 (PyTorch, numpy, Pillow and safetensors are
-# there; nothing can be installed), writes its logs under $OUT (or /tmp/device-check)
-# and prints: the GPU, the CUDA tests (known answers, CPU == CUDA, host syncs per
-# batch, the rank-one ablation), the core suite, bench_dissect on the GPU and on that
-# machine's CPU, and the ablation sweep on the GPU (where that machine has torchvision).
+# It uses that machine's own python3 (PyTorch, torchvision, numpy, numba, Pillow and
+# pytest are there; nothing can be installed), writes its logs under $OUT (or
+# /tmp/device-check) and prints, most important first, each step under its own time
+# limit so that the whole stays under about 8 minutes:
+#   1. the GPU and torch;
+#   2. the CUDA tests: known answers, CPU == CUDA, host syncs per batch;
+#   3. bench_dissect_large on the GPU: resnet18 layer4, then layer3, at 224 px on
+#      $LARGE_IMAGES (10,000) synthetic scenes: images/s and the ratio to a bare forward;
+#   4. the ablation sweep on the GPU (every case of bench_ablation_sweep, and the job);
+#   5. the core suite under that machine's torch, as far as its time limit allows.
+# DEVICE=cpu LARGE_IMAGES=64 SWEEP_IMAGES=100 PYTHON=.venv/bin/python runs the same steps
+# on a CPU (a dry run of this script).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/device-check}
 PY=${PYTHON:-python3}
-DEMO=${DEMO:-/tmp/device-check-demo}
+DEVICE=${DEVICE:-cuda}
+LARGE_IMAGES=${LARGE_IMAGES:-10000}
+SWEEP_IMAGES=${SWEEP_IMAGES:-2000}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 status=0
+begin=$SECONDS
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-$PY -c "import torch; print('torch', torch.__version__, 'cuda available:', torch.cuda.is_available())" \
+step() { echo; echo "== [$((SECONDS - begin)) s] $*"; }
+
+step "GPU and torch"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
+$PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda available:', torch.cuda.is_available(), 'cpus', __import__('os').cpu_count())" \
   | tee -a "$OUT/gpu.txt"
 
-echo "== CUDA tests"
-$PY -m pytest -q -p no:cacheprovider -rs tests/core/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" || status=1
-echo "== core suite (CPU and GPU torch of that machine)"
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/core 2>&1 | tail -15 | tee "$OUT/pytest_core.log" || status=1
-echo "== demo data and classifier for the benchmark (built once into \$DEMO)"
-timeout 300 $PY bench/bench_dissect.py --child setup --images 4000 --demo "$DEMO" 2>&1 | tail -3 || status=1
-echo "== bench_dissect on cuda"
-timeout 180 $PY bench/bench_dissect.py --device cuda --images 1000 --demo "$DEMO" 2>&1 \
-  | tee "$OUT/bench_cuda.log" || status=1
-echo "== bench_dissect on that machine's CPU (sketch inline, then on a second thread)"
-timeout 100 $PY bench/bench_dissect.py --device cpu --images 1000 --demo "$DEMO" 2>&1 \
-  | tee "$OUT/bench_cpu.log" || status=1
-timeout 100 $PY bench/bench_dissect.py --device cpu --images 1000 --demo "$DEMO" --sketch-thread 2>&1 \
-  | tee "$OUT/bench_cpu_thread.log" || status=1
-echo "== ablation sweep on cuda (resnet18 layer4 and layer3, 112 and 224 px)"
-if $PY -c "import torchvision" 2>/dev/null; then
-  timeout 150 $PY bench/bench_ablation_sweep.py --device cuda --only resnet18 --data /tmp/device-check-scenes112 2>&1 \
-    | tee "$OUT/bench_ablation_cuda.log" || status=1
-else
-  echo "no torchvision on this machine: skipped" | tee "$OUT/bench_ablation_cuda.log"
-fi
+step "CUDA tests"
+timeout 120 $PY -m pytest -q -p no:cacheprovider -rs -s tests/core/test_cuda.py 2>&1 | tail -25 | tee "$OUT/pytest_cuda.log" || status=1
+
+step "bench_dissect_large on $DEVICE: resnet18 layer4, then layer3, $LARGE_IMAGES images at 224 px"
+timeout 240 $PY bench/bench_dissect_large.py --device "$DEVICE" --images "$LARGE_IMAGES" --batch-size 128 --repeat 2 \
+  --layers layer4 --layers layer3 2>&1 | tee "$OUT/bench_large.log" || status=1
+
+step "ablation sweep on $DEVICE ($SWEEP_IMAGES scenes at 112 px)"
+timeout 150 $PY bench/bench_ablation_sweep.py --device "$DEVICE" --images "$SWEEP_IMAGES" --data "/tmp/device-check-scenes112-$SWEEP_IMAGES" 2>&1 \
+  | tee "$OUT/bench_ablation.log" || status=1
+
+step "core suite under this machine's torch (time-limited)"
+workers=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+timeout 80 $PY -m pytest -q -p no:cacheprovider $workers tests/core 2>&1 | tail -20 | tee "$OUT/pytest_core.log" || status=1
+
+step "done, status $status"
 exit $status
