@@ -1026,7 +1026,7 @@ class _RisingFloorSketch:
 
         def keep(u: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
             assert self.sketch.floor is not None
-            level = self.sketch.floor.index_select(0, u).to(torch.float64)[:, None, None]
+            level = self.sketch.floor.to(u.device).index_select(0, u).to(torch.float64)[:, None, None]
             bound, zero = self.bound.segments(native, nonneg=nonneg)
             zero_count = torch.zeros(units, dtype=torch.int64, device=u.device)
             zero_counts.append(zero_count.index_add_(0, u, torch.count_nonzero(zero, dim=(1, 2))) * seg_width)

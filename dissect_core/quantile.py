@@ -197,7 +197,7 @@ class QuantileSketch:
         self.device = torch.device(device) if device is not None else None
         self.floor: torch.Tensor | None = None
         if floor is not None:
-            self.floor = torch.as_tensor(np.asarray(torch.as_tensor(floor).cpu(), dtype=np.float32))
+            self.floor = torch.as_tensor(np.asarray(torch.as_tensor(floor).cpu(), dtype=np.float32), device=self.device)
             if self.floor.shape != (self.units,):
                 raise ValueError(f"floor must have shape ({self.units},), got {tuple(self.floor.shape)}")
         self.zeros: torch.Tensor | None = None

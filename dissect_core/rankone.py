@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .layouts import LayerLayout
-from .surgery import outputs_match
+from .surgery import exact_float32, outputs_match
 
 __all__ = ["PLAN_ROWS", "RankOnePlan", "rank_one_plan"]
 
@@ -371,7 +371,7 @@ def rank_one_plan(
     plan = _build(module, activation, layout.units)
     if plan is None:
         return None
-    with torch.no_grad():
+    with torch.no_grad(), exact_float32():  # the check at 1e-4: no TF32 on CUDA
         probe = activation[:2]
         units = torch.tensor([-1, 0, layout.units - 1, layout.units // 2])
         got = plan.logits(probe, units)

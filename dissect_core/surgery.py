@@ -36,7 +36,8 @@ the first whose output matches the full forward pass (:func:`outputs_match`);
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ __all__ = [
     "HookSuffix",
     "ModuleSplit",
     "chain_suffix",
+    "exact_float32",
     "explicit_suffix",
     "graph_suffix",
     "outputs_match",
@@ -62,6 +64,29 @@ SPLIT_WAYS: tuple[str, ...] = ("explicit", "chain", "graph", "hook")
 """The ways :func:`split_module` knows, in the order it would try them all."""
 
 _SUFFIX_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError)
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """Float32 convolutions and matrix products in IEEE float32 inside (no TF32 on CUDA, where
+    it is the default for convolutions), the settings as they were after. The checks that a
+    suffix or a rank-one plan reproduces the network compare at 1e-4 (:func:`outputs_match`),
+    which TF32's 10-bit mantissa does not hold to. No effect on the CPU."""
+    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
+        saved = (conv.fp32_precision, matmul.fp32_precision)
+        conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    legacy = (torch.backends.cudnn.allow_tf32, matmul.allow_tf32)  # torch before the fp32_precision API
+    torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = legacy
 
 
 def outputs_match(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -390,7 +415,7 @@ def split_module(
         calls[0] += 1
         return out
 
-    with torch.no_grad(), evaluating(module):
+    with torch.no_grad(), evaluating(module), exact_float32():
         with trace(module, [layer], edit={layer: count}) as tr:
             output = tr(*inputs)
         activation = tr[layer]

@@ -39,16 +39,17 @@ step "CUDA tests"
 timeout 120 $PY -m pytest -q -p no:cacheprovider -rs -s tests/core/test_cuda.py 2>&1 | tail -25 | tee "$OUT/pytest_cuda.log" || status=1
 
 step "bench_dissect_large on $DEVICE: resnet18 layer4, then layer3, $LARGE_IMAGES images at 224 px"
-timeout 240 $PY bench/bench_dissect_large.py --device "$DEVICE" --images "$LARGE_IMAGES" --batch-size 128 --repeat 2 \
+timeout 200 $PY bench/bench_dissect_large.py --device "$DEVICE" --images "$LARGE_IMAGES" --batch-size 128 --repeat 2 \
   --layers layer4 --layers layer3 2>&1 | tee "$OUT/bench_large.log" || status=1
 
 step "ablation sweep on $DEVICE ($SWEEP_IMAGES scenes at 112 px)"
-timeout 150 $PY bench/bench_ablation_sweep.py --device "$DEVICE" --images "$SWEEP_IMAGES" --data "/tmp/device-check-scenes112-$SWEEP_IMAGES" 2>&1 \
+timeout 120 $PY bench/bench_ablation_sweep.py --device "$DEVICE" --images "$SWEEP_IMAGES" --data "/tmp/device-check-scenes112-$SWEEP_IMAGES" 2>&1 \
   | tee "$OUT/bench_ablation.log" || status=1
 
 step "core suite under this machine's torch (time-limited)"
-workers=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-timeout 80 $PY -m pytest -q -p no:cacheprovider $workers tests/core 2>&1 | tail -20 | tee "$OUT/pytest_core.log" || status=1
+workers=$($PY -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
+timeout 60 $PY -m pytest -v --tb=line -p no:cacheprovider $workers tests/core 2>&1 | tee "$OUT/pytest_core.log" \
+  | grep -E "FAILED|ERROR|passed|failed" | head -40 || status=1
 
 step "done, status $status"
 exit $status
