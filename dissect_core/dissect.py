@@ -117,6 +117,7 @@ _SEGMENT_MIN = 16
 _SEGMENTS_MIN = 4
 _SKIP_MAPS = True
 _OVERLAP_SKETCH_ON_CPU = False
+_OVERLAP_SKETCH_ON_GPU = True  # False: inline there too (bench/profile_dissect.py, to see the sketch)
 # The first floor's guess (_RisingFloorSketch): the first batch's native quantile at
 # 1 - _GUESS_SPREAD * (1 - q), 0.95 for q = 0.99. On random-weight ViT-S (MLP hidden layer)
 # and resnet18 (layer3, layer4) it lay at 0.81-0.88 of the threshold (median over units)
@@ -1505,7 +1506,7 @@ def dissect(
                 if top[layer] is not None:
                     top[layer].add(peaks, prepared.indices.to(src.device), a)
 
-        if src.device.type == "cpu" and not _OVERLAP_SKETCH_ON_CPU:
+        if not (_OVERLAP_SKETCH_ON_CPU if src.device.type == "cpu" else _OVERLAP_SKETCH_ON_GPU):
             # On the CPU the network and the sketch share the same cores: a second thread
             # only oversubscribes them (measured slower on 2 cores, bench/bench_dissect.py).
             for prepared in _forward_batches(src):

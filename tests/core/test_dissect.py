@@ -119,7 +119,7 @@ class Units(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(x)
         b = x.shape[0]
-        return torch.cat([x, torch.ones(b, 1, 8, 8), self.pattern.expand(b, 1, 8, 8)], dim=1)
+        return torch.cat([x, x.new_ones(b, 1, 8, 8), self.pattern.expand(b, 1, 8, 8)], dim=1)
 
 
 class CopyNet(nn.Module):
