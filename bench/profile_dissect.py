@@ -10,7 +10,7 @@ Usage: python bench/profile_dissect.py [--device cpu] [--images 512] [--layers l
        [--batch-size 128] [--top 30] [--out DIR] [--overlap]
 
 On a GPU the sketch runs inline here (the engine's default there is a second thread, which
-cProfile does not see); ``--overlap`` keeps the default.
+cProfile before Python 3.12 does not see); ``--overlap`` keeps the default.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ def main() -> None:
     parser.add_argument("--overlap", action="store_true", help="on a GPU, the sketch on its second thread (unprofiled)")
     args = parser.parse_args()
 
-    import dissect_core.dissect
+    import importlib
+
     from dissect_core.dissect import dissect
 
-    if not args.overlap:  # the sketch on this thread, where the profile sees it
-        dissect_core.dissect._OVERLAP_SKETCH_ON_GPU = False
+    if not args.overlap:  # the sketch on this thread (the package's name `dissect` is the function)
+        importlib.import_module("dissect_core.dissect")._OVERLAP_SKETCH_ON_GPU = False
 
     layers = args.layers.split(",")
     dataset = _InMemory(args.images, args.workers)
