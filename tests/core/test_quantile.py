@@ -196,3 +196,12 @@ def test_floor_skips_low_values_and_stays_exact(floor_q: float) -> None:
     np.testing.assert_array_equal(bracket.values(), hazen(x, 0.99))
     with pytest.raises(ValueError, match="floors"):
         sketch.merge(QuantileSketch(4))
+
+
+def test_floor_lives_on_the_sketch_device_from_the_start() -> None:
+    """A floor given with a device is on that device before any data (the rising-floor
+    sketch raises it from the first batch before the first add: on CUDA a CPU floor failed
+    every dissection). The meta device stands in for a GPU here."""
+    sketch = QuantileSketch(4, floor=np.zeros(4, np.float32), device="meta")
+    assert sketch.floor is not None and sketch.floor.device.type == "meta"
+    assert QuantileSketch(4, floor=np.zeros(4, np.float32)).floor.device.type == "cpu"

@@ -25,6 +25,7 @@ from dissect_core.progress import check_stop
 from dissect_core.surgery import (
     HookSuffix,
     chain_suffix,
+    exact_float32,
     explicit_suffix,
     outputs_match,
     prefix,
@@ -251,3 +252,20 @@ def test_forward_hooks_are_registered_only_in_nethook() -> None:
     root = Path(dissect_core.__file__).parent
     found = sorted(p.name for p in root.glob("*.py") if re.search(r"register_forward", p.read_text()))
     assert found == ["nethook.py"]
+
+
+def test_exact_float32_turns_tf32_off_inside_and_restores_the_settings() -> None:
+    """The 1e-4 checks of a suffix or a rank-one plan run in IEEE float32 (TF32 is CUDA's
+    default for convolutions); the user's settings, whatever they are, come back after."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = (conv.fp32_precision, matmul.fp32_precision)
+    try:
+        conv.fp32_precision, matmul.fp32_precision = "tf32", "tf32"
+        with exact_float32():
+            assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+        with pytest.raises(RuntimeError), exact_float32():
+            raise RuntimeError("a failing check")
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
