@@ -89,21 +89,19 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def warm_up(model, dataset, layers: list[str], batch_size: int, device: str) -> None:
+    """One dissection of one batch: the plans, kernels and (on a GPU) the allocator, before timing."""
+    from dissect_core.dissect import dissect
+
+    indices = list(range(min(batch_size, len(dataset))))
+    dissect(model, dataset, layers, batch_size=batch_size, device=device, indices=indices)
+
+
 def _table(args: argparse.Namespace, model, dataset, layers: list[str], child: dict | None) -> None:
     import torch
 
-    from dissect_core.dissect import dissect
-
     cuda = torch.device(args.device).type == "cuda"
-    # warm-up: the plans, kernels and (on a GPU) the allocator, on one batch
-    dissect(
-        model,
-        dataset,
-        layers,
-        batch_size=args.batch_size,
-        device=args.device,
-        indices=list(range(min(args.batch_size, len(dataset)))),
-    )
+    warm_up(model, dataset, layers, args.batch_size, args.device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     forward_s, runs = [], []

@@ -21,13 +21,13 @@ import io
 import os
 import pstats
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_dissect_large import _InMemory, _model  # noqa: E402
+from bench_dissect import timed_dissect  # noqa: E402
+from bench_dissect_large import _InMemory, _model, warm_up  # noqa: E402
 
 
 def main() -> None:
@@ -44,39 +44,17 @@ def main() -> None:
 
     import importlib
 
-    from dissect_core.dissect import dissect
-
     if not args.overlap:  # the sketch on this thread (the package's name `dissect` is the function)
         importlib.import_module("dissect_core.dissect")._OVERLAP_SKETCH_ON_GPU = False
 
     layers = args.layers.split(",")
     dataset = _InMemory(args.images, args.workers)
     model = _model()
-    dissect(
-        model,
-        dataset,
-        layers,
-        batch_size=args.batch_size,
-        device=args.device,
-        indices=list(range(min(len(dataset), args.batch_size))),
-    )
-    marks: list[tuple[str, float]] = []
+    warm_up(model, dataset, layers, args.batch_size, args.device)
     profile = cProfile.Profile()
-    start = time.perf_counter()
     profile.enable()
-    dissect(
-        model,
-        dataset,
-        layers,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=lambda phase, done, total: marks.append((phase, time.perf_counter() - start)),
-    )
+    total, phases = timed_dissect(model, dataset, layers, args.batch_size, args.device)
     profile.disable()
-    total = time.perf_counter() - start
-    phases: dict[str, float] = {}
-    for i, (phase, t) in enumerate(marks):
-        phases[phase] = phases.get(phase, 0.0) + ((marks[i + 1][1] if i + 1 < len(marks) else total) - t)
     print(f"{args.images} images, {args.layers} on {args.device}, batch {args.batch_size}: {total:.2f} s (profiled)")
     print("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
     for key in ("tottime", "cumulative"):
