@@ -4,9 +4,12 @@ The unit list is the query other services call most (every unit of a concept acr
 model, best first). Through the ORM and the serializers a page of 100 units cost about
 18 ms in process, most of it building model instances and serializing them field by field,
 while its SQL takes about 2 ms. Here the same page is one prepared statement: Postgres
-filters, orders and limits the units and renders each one as the JSON object the serializer
+filters, orders and limits the units and returns each one as the JSON object the serializer
 would give (:class:`api.serializers.UnitSerializer`, same fields, values and order of units),
-top concepts included; Python only joins the rows into the page. Which units the user may
+top concepts included; Python only joins the rows into the page. That JSON is written with
+the unit (``Unit.page_json``, by the row trigger of migration 0019 through the SQL function
+``nd_unit_page_json``), so a page reads one column per unit; where it is empty (a unit stored
+before 0019, or one without its own top concepts) the same function builds it at read time. Which units the user may
 see it reads from each unit's row (``Unit.audience``, kept by triggers from the job's status
 and the model's publicity), not by joining every unit to its job and model: those two
 lookups per unit were about two thirds of the statement.
@@ -33,72 +36,6 @@ from rest_framework.exceptions import ValidationError
 from api import prepared
 from api.filters import UnitFilter
 from api.models import Unit
-from api.serializers import UnitSerializer
-
-
-# The JSON of one unit: UnitSerializer's fields in its order (margin and iou_ci derived as it does),
-# written as compact text by concatenation. json_build_object gave the same JSON but cost about
-# twice as much per page (it looks up how to render each of its 38 arguments on every row).
-# Numbers render as float8out does (shortest exact), non-finite ones quoted as json_build_object
-# quotes them; strings escape through to_json.
-def _number(sql: str) -> str:
-    return (
-        f"CASE WHEN abs({sql}) < 'Infinity' THEN ({sql})::text WHEN ({sql}) IS NULL THEN 'null'"
-        f" ELSE '\"' || ({sql})::text || '\"' END"
-    )
-
-
-def _string(sql: str) -> str:
-    return f"coalesce(to_json({sql})::text, 'null')"
-
-
-def _integer(sql: str) -> str:
-    return f"({sql})::text"
-
-
-# Top concepts: the unit's own copy (written with its scores), else (units stored before
-# migration 0015) its score rows; there the OFFSET 0 keeps the concept lookup a nested loop
-# over the primary key: flattened, the planner hashes all ~1,200 concepts once per unit.
-_TOP_CONCEPTS = """coalesce(nullif(p.top_concepts_json, ''), (
-        SELECT json_agg(json_build_object('concept', c.name, 'category', c.category, 'iou', s.iou, 'rank', s.rank)
-                        ORDER BY s.rank)::text
-        FROM nd_unit_concept s
-        CROSS JOIN LATERAL (SELECT c.name, c.category FROM nd_concept c WHERE c.id = s.concept_id OFFSET 0) c
-        WHERE s.unit_id = p.id), '[]')"""
-_IOU_CI = (
-    "CASE WHEN p.iou_low IS NULL OR p.iou_high IS NULL THEN 'null'"
-    f" ELSE '[' || {_number('p.iou_low')} || ',' || {_number('p.iou_high')} || ']' END"
-)
-_UNIT_FIELDS = (
-    ("id", _integer("p.id")),
-    ("job", _integer("p.job_id")),
-    ("model", _integer("p.model_id")),
-    ("model_name", _string("m.name")),
-    ("layer", _string("p.layer")),
-    ("unit", _integer("p.unit")),
-    ("label", _string("l.name")),
-    ("category", _string("l.category")),
-    ("iou", _number("p.iou")),
-    ("threshold", _number("p.threshold")),
-    ("top_concepts", _TOP_CONCEPTS),
-    ("iou_ci", _IOU_CI),
-    ("stability", _number("p.stability")),
-    ("runner_up", _string("r.name")),
-    ("runner_up_category", _string("r.category")),
-    ("runner_up_iou", _number("p.runner_up_iou")),
-    ("margin", _number("p.iou - p.runner_up_iou")),
-    ("chance_iou", _number("p.chance_iou")),
-    ("p_value", _number("p.p_value")),
-)
-_UNIT_JSON = (
-    (
-        " || ".join(f"'{'{' if i == 0 else ','}\"{name}\":' || {sql}" for i, (name, sql) in enumerate(_UNIT_FIELDS))
-        + " || '}'"
-    )
-    .replace("{", "{{")
-    .replace("}", "}}")
-)  # the statement is a str.format template (its arguments)
-assert [name for name, _ in _UNIT_FIELDS] == list(UnitSerializer.Meta.fields), "api.unit_page: UnitSerializer's fields"
 
 
 # UnitFilter's filters as SQL over nd_unit u (and nd_concept lc, joined only for category).
@@ -178,15 +115,13 @@ class PageQuery:
         outer_order = order.replace("u.", "p.")
         args += [stop - offset, offset]
         where = " AND ".join(clauses)
+        table = Unit._meta.db_table
         sql = (
-            f"SELECT p.id, p.iou, {_UNIT_JSON} FROM ("
-            f"SELECT u.* FROM {Unit._meta.db_table} u{joins} WHERE {where}"
+            # The JSON written with the unit, else built now (only then is the row read again).
+            f"SELECT p.id, p.iou, CASE WHEN p.page_json <> '' THEN p.page_json"
+            f" ELSE (SELECT nd_unit_page_json(x) FROM {table} x WHERE x.id = p.id) END FROM ("
+            f"SELECT u.id, u.iou, u.page_json FROM {table} u{joins} WHERE {where}"
             f" ORDER BY {order} LIMIT {{}} OFFSET {{}}) p"
-            # Lookups by primary key per unit (OFFSET 0: not flattened into hash joins that
-            # read every model and concept for a page of 100).
-            " CROSS JOIN LATERAL (SELECT name FROM nd_model WHERE id = p.model_id OFFSET 0) m"
-            " LEFT JOIN LATERAL (SELECT name, category FROM nd_concept WHERE id = p.label_id OFFSET 0) l ON true"
-            " LEFT JOIN LATERAL (SELECT name, category FROM nd_concept WHERE id = p.runner_up_id OFFSET 0) r ON true"
             f" ORDER BY {outer_order}"
         )
         return [Row(*row) for row in prepared.execute("units", sql, args)]

@@ -31,7 +31,8 @@ the IoU), so ``min_stability`` and ``max_p_value`` select a part of each concept
 Fill: the unit tables' indexes and constraints are dropped, the rows generated with
 numpy and sent as COPY BINARY (each unit's ``audience`` written too, the triggers that
 compute it off; the running jobs' units then set to no one by the trigger; the rebuild of
-the summaries below checks every unit's audience), the indexes rebuilt, then VACUUM
+the summaries below checks every unit's audience), each unit's page JSON written by its
+trigger (``services.unit_pages_fill``), the indexes rebuilt, then VACUUM
 ANALYZE and CHECKPOINT; each step is timed. The units bypass the services, so the per-model concept summary rows
 that ``/api/concepts/`` reads are then rebuilt (``manage.py concept_stats_rebuild``, timed),
 and its first page is checked against the same page counted over the units. Latencies are
@@ -355,6 +356,7 @@ def fill(args, timings: dict) -> dict:
     from django.db import connection, transaction
     from rest_framework.authtoken.models import Token
 
+    from api import services
     from api.models import Concept, Dataset, Job, LayerResult, NetworkModel
 
     rng = np.random.default_rng(args.seed)
@@ -521,6 +523,11 @@ def fill(args, timings: dict) -> dict:
             cursor.execute("UPDATE nd_unit SET audience = NULL WHERE job_id = ANY(%s)", [running_ids])
             t1 = time.perf_counter()
             timings["fill: COPY units (incl. generation)"] = t1 - t0
+            # Each unit's page JSON (Unit.page_json), as the trigger writes it for the services'
+            # inserts; here while the unit table has no index to update.
+            services.unit_pages_fill()
+            timings["fill: unit pages (nd_unit_page_json)"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
             score_file.seek(0)
 
             def score_chunks():
@@ -555,8 +562,8 @@ def rebuild_concept_stats(timings: dict) -> None:
     call_command("concept_stats_rebuild", stdout=out)
     timings["rebuild concept stats"] = time.perf_counter() - t0
     log(out.getvalue().strip())
-    if "unit audiences:" in out.getvalue():  # it repaired some: the fill wrote them wrong
-        raise SystemExit("fill: units with another audience than their job's and model's")
+    if "unit audiences:" in out.getvalue() or "unit pages:" in out.getvalue():  # the fill missed some
+        raise SystemExit("fill: units with a wrong audience or no page JSON: " + out.getvalue().strip())
 
 
 # ---------------------------------------------------------------- measurements

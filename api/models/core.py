@@ -247,6 +247,11 @@ class Unit(models.Model):
     # and model. Postgres keeps it (triggers of migration 0018: on a unit's insert, a job's
     # status or owner, a model's publicity); it stays None on other databases, whose reads join.
     audience = models.BigIntegerField(null=True, blank=True, editable=False)
+    # The unit as GET /api/units/ renders it (compact JSON text), so that a page of units reads
+    # one column (api.unit_page). Postgres writes it (a row trigger of migration 0019, from the
+    # row's columns, its concepts' names and its model's name); empty where the unit has no
+    # top_concepts_json, on units stored before 0019 and on other databases: built at read time.
+    page_json = models.TextField(blank=True, default="", db_default="", editable=False)
 
     class Meta:
         db_table = "nd_unit"

@@ -29,7 +29,13 @@ from api.services.jobs import (
 from api.services.painting import generator_paint
 from api.services.recovery import jobs_recover_stale, jobs_requeue_lost, worker_gone, worker_heartbeat
 from api.services.registration import dataset_register, model_register, token_get_or_create
-from api.services.results import ablation_store, concepts_ensure, layer_result_store, unit_audiences_repair
+from api.services.results import (
+    ablation_store,
+    concepts_ensure,
+    layer_result_store,
+    unit_audiences_repair,
+    unit_pages_fill,
+)
 from api.services.shards import (
     SHARD_STAGE_SHARE,
     ShardBusy,
@@ -79,6 +85,7 @@ __all__ = [
     "shards_requeue_unfinished",
     "token_get_or_create",
     "unit_audiences_repair",
+    "unit_pages_fill",
     "worker_gone",
     "worker_heartbeat",
 ]

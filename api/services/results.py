@@ -368,3 +368,17 @@ def unit_audiences_repair() -> int:
             "UPDATE nd_unit SET audience = NULL WHERE audience IS DISTINCT FROM nd_unit_audience_of(job_id, model_id)"
         )
         return cursor.rowcount
+
+
+def unit_pages_fill() -> int:
+    """Write ``Unit.page_json`` (migration 0019) where it is empty and the unit has its own top
+    concepts: units stored before 0019 or loaded with the triggers off. Return how many. The
+    unit list reads them either way (an empty one is built at read time); written, a page reads
+    one column per unit. Postgres only (0 elsewhere)."""
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        return 0
+    with connection.cursor() as cursor:
+        # Written by the row trigger (whatever the statement sends), from nd_unit_page_json.
+        cursor.execute("UPDATE nd_unit SET page_json = '' WHERE page_json = '' AND top_concepts_json <> ''")
+        return cursor.rowcount

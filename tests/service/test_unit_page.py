@@ -259,6 +259,74 @@ def test_the_admin_cannot_edit_what_units_copy(rf, admin_user):
     assert not admin.site._registry[Unit].has_change_permission(request)
 
 
+# The page reads each unit's JSON from its row (Unit.page_json, written by the trigger of
+# migration 0019), and builds it at read time where the row has none.
+
+
+def _page_json(unit_id: int) -> tuple[str, str]:
+    """A unit's stored page JSON and the one nd_unit_page_json builds from its row now."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT page_json, nd_unit_page_json(u) FROM nd_unit u WHERE id = %s", [unit_id])
+        return cursor.fetchone()
+
+
+def test_each_unit_is_written_with_its_page_and_the_page_reads_it(api, stored):
+    from api.models import Unit
+
+    mine, _theirs = stored
+    units = list(Unit.objects.values_list("id", flat=True))
+    assert len(units) == 4 * 2 * 30
+    for unit_id in units:
+        stored_json, built = _page_json(unit_id)
+        assert stored_json == built and stored_json.startswith(f'{{"id":{unit_id},"job":')
+    # Proof that the page reads the column: a value planted with the triggers off is served.
+    target = _lean(api, "page_size=1")["results"][0]["id"]
+    planted = '{"id":%d,"planted":true}' % target
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL session_replication_role = replica")
+        cursor.execute("UPDATE nd_unit SET page_json = %s WHERE id = %s", [planted, target])
+        cursor.execute("SET LOCAL session_replication_role = origin")
+    assert _lean(api, "page_size=1")["results"] == [{"id": target, "planted": True}]
+    Unit.objects.filter(pk=target).update(page_json="anything")  # written again by the trigger
+    assert _page_json(target)[0] == _page_json(target)[1]
+
+
+def test_units_without_a_page_are_built_at_read_time_and_the_rebuild_writes_them(api, stored):
+    import io
+
+    from django.core.management import call_command
+
+    from api.models import Unit
+
+    mine, _theirs = stored
+    before = _lean(api, "page_size=1000")["results"]
+    with connection.cursor() as cursor:  # as units stored before migration 0019 are
+        cursor.execute("SET LOCAL session_replication_role = replica")
+        cursor.execute("UPDATE nd_unit SET page_json = '' WHERE job_id = %s", [mine.pk])
+        cursor.execute("SET LOCAL session_replication_role = origin")
+    assert Unit.objects.filter(page_json="").count() == 2 * 30
+    assert _lean(api, "page_size=1000")["results"] == before == _general(api, "page_size=1000")["results"]
+    out = io.StringIO()
+    call_command("concept_stats_rebuild", stdout=out)
+    assert "unit pages: 60 units written" in out.getvalue()
+    assert not Unit.objects.filter(page_json="").exists()
+    assert _lean(api, "page_size=1000")["results"] == before
+
+
+def test_a_renamed_model_is_renamed_in_its_units_pages(api, stored):
+    from api.models import NetworkModel, Unit
+
+    mine, theirs = stored
+    model = NetworkModel.objects.get(pk=mine.model_id)
+    model.name = "renamed"
+    model.save()
+    pages = _lean(api, f"model={mine.model_id}&page_size=1000")["results"]
+    assert pages and {u["model_name"] for u in pages} == {"renamed"}
+    assert pages == _general(api, f"model={mine.model_id}&page_size=1000")["results"]
+    assert all(_page_json(pk)[0] == _page_json(pk)[1] for pk in Unit.objects.values_list("id", flat=True))
+    assert {u["model_name"] for u in _lean(api, f"model={theirs.model_id}")["results"]} == {"theirs"}
+
+
 # The lean path reads visibility from each unit's copy of it (Unit.audience, kept by the
 # triggers of migration 0018); the general path joins the job and the model. They must agree
 # whatever changes the job's status or the model's publicity, however it is written.

@@ -15,7 +15,8 @@ class Command(BaseCommand):
         "nd_concept_iou_cell per scope) "
         "that GET /api/concepts/ reads, "
         "for every model: after loading units around the services (a restore, a bulk COPY). "
-        "First, every unit's audience (who may read it) where it differs from its job's and model's."
+        "First, every unit's audience (who may read it) where it differs from its job's and model's, "
+        "and every unit's page JSON (what GET /api/units/ returns) where it is missing."
     )
 
     def handle(self, *args, **options):
@@ -23,6 +24,9 @@ class Command(BaseCommand):
         repaired = services.unit_audiences_repair()
         if repaired:
             self.stdout.write(f"unit audiences: {repaired} units set from their job and model")
+        pages = services.unit_pages_fill()
+        if pages:
+            self.stdout.write(f"unit pages: {pages} units written")
         model_ids = list(NetworkModel.objects.order_by("id").values_list("id", flat=True))
         rows = sum(services.concept_stats_refresh(model_id=pk, scopes=False) for pk in model_ids)
         scopes = services.concept_scopes_rebuild()
