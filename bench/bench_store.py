@@ -565,17 +565,24 @@ def fill_unit_pages(db: dict) -> None:
         dsn["password"] = db["PASSWORD"]
 
     def share(k: int) -> None:
-        with psycopg2.connect(**dsn) as conn, conn.cursor() as cursor:
-            cursor.execute(
-                "UPDATE nd_unit SET page_json = '' WHERE id % %s = %s AND top_concepts_json <> ''", [workers, k]
-            )
+        conn = psycopg2.connect(**dsn)
+        try:
+            with conn, conn.cursor() as cursor:  # one transaction, committed at the end
+                cursor.execute(
+                    "UPDATE nd_unit SET page_json = '' WHERE id %% %s = %s AND top_concepts_json <> ''", [workers, k]
+                )
+        finally:
+            conn.close()
 
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(share, range(workers)))
-    with psycopg2.connect(**dsn) as conn:
-        conn.autocommit = True
+    conn = psycopg2.connect(**dsn)
+    try:
+        conn.autocommit = True  # VACUUM runs outside a transaction
         with conn.cursor() as cursor:
             cursor.execute("VACUUM FULL nd_unit")
+    finally:
+        conn.close()
 
 
 def rebuild_concept_stats(timings: dict) -> None:
