@@ -273,7 +273,6 @@ def _page_json(unit_id: int) -> tuple[str, str]:
 def test_each_unit_is_written_with_its_page_and_the_page_reads_it(api, stored):
     from api.models import Unit
 
-    mine, _theirs = stored
     units = list(Unit.objects.values_list("id", flat=True))
     assert len(units) == 4 * 2 * 30
     for unit_id in units:
@@ -281,7 +280,7 @@ def test_each_unit_is_written_with_its_page_and_the_page_reads_it(api, stored):
         assert stored_json == built and stored_json.startswith(f'{{"id":{unit_id},"job":')
     # Proof that the page reads the column: a value planted with the triggers off is served.
     target = _lean(api, "page_size=1")["results"][0]["id"]
-    planted = '{"id":%d,"planted":true}' % target
+    planted = f'{{"id":{target},"planted":true}}'
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL session_replication_role = replica")
         cursor.execute("UPDATE nd_unit SET page_json = %s WHERE id = %s", [planted, target])
