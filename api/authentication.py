@@ -52,3 +52,24 @@ class TokenAuthentication(authentication.TokenAuthentication):
         if not user.is_active:
             raise exceptions.AuthenticationFailed(_("User inactive or deleted."))
         return (user, token)
+
+
+_KEYWORD = TokenAuthentication.keyword.lower().encode()
+
+
+def token_user(request):
+    """The user that TokenAuthentication would authenticate this Django request as, or None
+    where it would not (no ``Authorization: Token <key>`` header, a malformed one, an unknown
+    key, an inactive user): callers then let DRF's dispatch answer (and refuse) the request."""
+    auth = authentication.get_authorization_header(request).split()
+    if len(auth) != 2 or auth[0].lower() != _KEYWORD:
+        return None
+    try:
+        key = auth[1].decode()
+    except UnicodeError:
+        return None
+    try:
+        user, _token = TokenAuthentication().authenticate_credentials(key)
+    except exceptions.AuthenticationFailed:
+        return None
+    return user

@@ -20,6 +20,13 @@ renderer other than JSON (the browsable API) and any ``?ordering=``. The filters
 cursor is DRF's own :class:`~rest_framework.pagination.CursorPagination` logic, run over
 :class:`PageQuery` rather than a queryset, so ``next``/``previous`` links are the ones the
 general path gives.
+
+The request itself can skip DRF's dispatch too (:func:`lean_response`, routed ahead of the
+viewset by ``api.views.unit_list``): a plain JSON read (``Accept`` absent, ``*/*`` or
+``application/json``; no ``?format=``, no ``?ordering=``) with a token that authenticates,
+valid filters and cursor, is answered here with the headers DRF gives it. Every other request
+(no token or a refused one, a 400 or 404, the browsable API, a session user, any method but
+GET) goes through ``UnitViewSet`` as before, so its answers and errors are DRF's.
 """
 
 from __future__ import annotations
@@ -27,15 +34,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
+from typing import NamedTuple
 
 import django_filters
 from django.db import connection
 from django.http import HttpResponse
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import NotFound, ValidationError
 
 from api import prepared
+from api.authentication import token_user
 from api.filters import UnitFilter
 from api.models import Unit
+from api.pagination import UnitPagination
 
 
 # UnitFilter's filters as SQL over nd_unit u (and nd_concept lc, joined only for category).
@@ -64,9 +74,9 @@ _CAST = {"iou": float, "id": int}
 _COMPARE = {"lt": "<", "gt": ">"}
 
 
-@dataclass(frozen=True)
-class Row:
-    """One unit of a page: what the cursor reads (its ordering fields) and its JSON."""
+class Row(NamedTuple):
+    """One unit of a page: what the cursor reads (its ordering fields) and its JSON (a tuple:
+    101 of them per page, built at C speed rather than through a dataclass's __init__)."""
 
     id: int
     iou: float
@@ -124,7 +134,7 @@ class PageQuery:
             f" ORDER BY {order} LIMIT {{}} OFFSET {{}}) p"
             f" ORDER BY {outer_order}"
         )
-        return [Row(*row) for row in prepared.execute("units", sql, args)]
+        return list(map(Row._make, prepared.execute("units", sql, args)))
 
 
 def applies(request, view) -> bool:
@@ -139,12 +149,53 @@ def applies(request, view) -> bool:
 
 def list_response(request, view) -> HttpResponse:
     """The page of units that ``UnitViewSet.list`` would give, as one prepared statement."""
-    filters = _filters(request.query_params)
-    paginator = view.paginator
-    rows = paginator.paginate_queryset(PageQuery(user_id=request.user.pk, filters=filters), request, view=view)
+    return HttpResponse(_page(request.query_params, request, request.user.pk), content_type="application/json")
+
+
+# What DRF's dispatch adds to the viewset's list answer (APIView.default_response_headers: the
+# route's methods, and Vary since the viewset has two renderers); tests compare both routes.
+_HEADERS = {"Vary": "Accept", "Allow": "GET, HEAD, OPTIONS"}
+_ACCEPT_JSON = frozenset({"", "*/*", "application/json"})  # what DRF answers with JSONRenderer as is
+
+
+class _PagerRequest:
+    """What UnitPagination reads of a request (DRF's ``query_params``, the absolute URI)."""
+
+    def __init__(self, request) -> None:
+        self.query_params = request.GET
+        self.build_absolute_uri = request.build_absolute_uri
+
+
+def lean_response(request) -> HttpResponse | None:
+    """The unit list's answer without DRF's dispatch, or None where the request must take it
+    (see the module's docstring): same body and headers as ``UnitViewSet.list`` through DRF."""
+    if request.method != "GET" or connection.vendor != "postgresql":
+        return None
+    params = request.GET
+    if request.META.get("HTTP_ACCEPT", "").strip() not in _ACCEPT_JSON or "format" in params or "ordering" in params:
+        return None
+    user = token_user(request)
+    if user is None:
+        return None
+    try:
+        body = _page(params, _PagerRequest(request), user.pk)
+    except (ValidationError, NotFound):  # DRF's path answers them in the API's error shape
+        return None
+    request.user = user  # as DRF's Request sets it on the request it wraps
+    response = HttpResponse(body, content_type="application/json")
+    for name, value in _HEADERS.items():
+        response[name] = value
+    return response
+
+
+def _page(params, pager_request, user_id: int) -> bytes:
+    """The page's JSON: DRF's cursor links around the units' stored JSON."""
+    filters = _filters(params)
+    paginator = UnitPagination()
+    # No ?ordering= here (both callers check), so the pagination's own ordering: no view needed.
+    rows = paginator.paginate_queryset(PageQuery(user_id=user_id, filters=filters), pager_request, view=None)
     links = json.dumps({"next": paginator.get_next_link(), "previous": paginator.get_previous_link()})
-    body = links[:-1] + ', "results": [' + ", ".join(row.json for row in rows) + "]}"
-    return HttpResponse(body.encode(), content_type="application/json")
+    return (links[:-1] + ', "results": [' + ", ".join(row.json for row in rows) + "]}").encode()
 
 
 def _filters(params) -> tuple[tuple[str, object], ...]:

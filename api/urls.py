@@ -16,5 +16,8 @@ urlpatterns = [
     path("webhook-secret/", views.WebhookSecretView.as_view(), name="webhook-secret"),
     path("schema/", SpectacularAPIView.as_view(permission_classes=[]), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema", permission_classes=[]), name="docs"),
+    # The unit list ahead of the router (the same view for what the lean path does not answer):
+    # one pattern tried instead of ~28, and no DRF dispatch for a plain read (api.views.unit_list).
+    path("units/", views.unit_list, name="unit-list"),
     path("", include(router.urls)),
 ]

@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 
 from django.http import FileResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound
 from rest_framework.filters import OrderingFilter
 from rest_framework.generics import get_object_or_404
-from rest_framework.pagination import CursorPagination
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
@@ -23,7 +22,7 @@ from api import selectors, services, unit_page
 from api.errors import ApplicationError
 from api.filters import ConceptFilter, JobFilter, UnitFilter
 from api.models import Concept, Dataset, Job, NetworkModel, Unit
-from api.pagination import LimitOffsetPagination
+from api.pagination import LimitOffsetPagination, UnitPagination
 from api.parsers import JSONParser
 from api.serializers import (
     JOB_CREATE_REQUEST,
@@ -340,28 +339,6 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         return Response(AblationSerializer({"job": job.pk, "summary": job.summary, "curves": job.curves.all()}).data)
 
 
-class UnitPagination(CursorPagination):
-    ordering = ("-iou", "id")
-    page_size = 100
-    page_size_query_param = "page_size"
-    max_page_size = 1000
-
-    def decode_cursor(self, request):
-        """DRF's cursor, with its position checked against the ordering field (a finite IoU, an
-        integer id): a crafted position is an invalid cursor (404), not a database error."""
-        cursor = super().decode_cursor(request)
-        if cursor is None or cursor.position is None:
-            return cursor
-        field = self.ordering[0].lstrip("-")
-        try:
-            value = int(cursor.position) if field == "id" else float(cursor.position)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value):
-            raise NotFound(self.invalid_cursor_message)
-        return cursor
-
-
 class UnitViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     queryset = Unit.objects.none()  # schema introspection only; get_queryset() scopes the rows to the user
     filterset_class = UnitFilter
@@ -388,6 +365,18 @@ class UnitViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         if path is None:
             raise ApplicationError(f"unit {unit.pk} has no image", status=404)
         return FileResponse(open(path, "rb"), content_type="image/png")
+
+
+_unit_list = UnitViewSet.as_view({"get": "list"})
+
+
+@csrf_exempt  # as DRF's views are: the viewset checks CSRF itself, for session users
+def unit_list(request, *args, **kwargs):
+    """``/api/units/``, routed ahead of the router's pattern (api/urls.py): a plain JSON read with
+    a valid token is answered by :func:`api.unit_page.lean_response` without DRF's dispatch
+    (about a third of the request's Python time); everything else by the viewset's list."""
+    response = unit_page.lean_response(request)
+    return _unit_list(request, *args, **kwargs) if response is None else response
 
 
 class ConceptPagination(LimitOffsetPagination):

@@ -219,6 +219,98 @@ def test_null_characters_and_crafted_cursors_are_4xx_on_both_paths(api, stored):
     assert api.get(f"/api/units/?cursor={cursor}").status_code == 200  # an IoU may be 1.5 (none is)
 
 
+def _spy_drf(monkeypatch) -> list[str]:
+    """Records each request that reached the viewset's list (DRF's dispatch) rather than the
+    route's lean answer (api.unit_page.lean_response)."""
+    from api import unit_page
+
+    calls: list[str] = []
+    real = unit_page.list_response
+
+    def list_response(request, view):
+        calls.append(request.get_full_path())
+        return real(request, view)
+
+    monkeypatch.setattr(unit_page, "list_response", list_response)
+    return calls
+
+
+def test_a_plain_read_skips_drf_dispatch_and_answers_the_same_bytes_and_headers(api, stored, monkeypatch):
+    """The route answers a plain JSON read with a token itself; DRF's dispatch (reached here by an
+    Accept header DRF also answers with JSON) gives the same body and the same headers, across
+    filters, page sizes and cursor pages forward and back, and a lower-case keyword."""
+    from rest_framework.test import APIClient
+
+    mine, _theirs = stored
+    calls = _spy_drf(monkeypatch)
+    drf_accept = "application/json, text/plain, */*"  # what axios sends: JSON, through DRF
+    paths = [f"/api/units/?{q}" for q in ("", "concept=tree&page_size=3", f"model={mine.model_id}&page_size=7")]
+    seen = 0
+    while paths:
+        path = paths.pop()
+        for accept in ("", "*/*", "application/json", " application/json "):
+            lean = api.get(path, HTTP_ACCEPT=accept) if accept else api.get(path)
+            assert calls == [], (path, accept)
+            drf = api.get(path, HTTP_ACCEPT=drf_accept)
+            assert len(calls) == 1, (path, calls)
+            calls.clear()
+            assert lean.status_code == drf.status_code == 200
+            assert lean.content == drf.content, path
+            assert dict(lean.headers) == dict(drf.headers), path
+        body = lean.json()
+        seen += len(body["results"])
+        if body["next"] and seen < 40:  # two cursor pages forward, one back
+            paths.append(body["next"])
+        if body["previous"] and "page_size=3" in path and seen < 12:
+            paths.append(body["previous"])
+    assert seen >= 20
+    token = api._credentials["HTTP_AUTHORIZATION"].split()[1]
+    bare = APIClient()  # (an APIClient's credentials override a request's own header)
+    lower = bare.get("/api/units/?concept=tree", HTTP_AUTHORIZATION=f"token {token}")
+    assert lower.status_code == 200 and lower.content == api.get("/api/units/?concept=tree").content
+    assert calls == []  # DRF takes the keyword in any case too
+
+
+def test_every_other_request_goes_through_drf(api, user, stored, monkeypatch, client):
+    """What the lean answer leaves to DRF, answered as DRF answers it: other renderers and
+    ?format=, ?ordering=, HEAD, writes, session users, missing or refused tokens, bad filters
+    and cursors (in the API's error shape)."""
+    import base64
+
+    from rest_framework.test import APIClient
+
+    calls = _spy_drf(monkeypatch)
+    units = "/api/units/?concept=tree"
+    assert "text/html" in api.get(units, HTTP_ACCEPT="text/html")["Content-Type"]
+    assert "text/html" in api.get(f"{units}&format=api")["Content-Type"]
+    assert api.get(f"{units}&format=json").json()["results"]
+    assert api.get(f"{units}&ordering=id").json()["results"]  # the general path: no list_response
+    assert api.head(units).status_code == 200
+    # ?format=json and HEAD reach the viewset's statement; HTML and ?ordering= its general path
+    assert [c.split("?")[1] for c in calls] == ["concept=tree&format=json", "concept=tree"], calls
+    post = api.post("/api/units/", {}, format="json")
+    assert post.status_code == 405 and post["Allow"] == "GET, HEAD, OPTIONS"
+    client.force_login(user)  # a session user (the dashboard's): DRF's SessionAuthentication
+    assert client.get(units).json()["results"] and len(calls) == 3
+    token = api._credentials["HTTP_AUTHORIZATION"].split()[1]
+    bare = APIClient()  # (an APIClient's credentials override a request's own header)
+    for header in ("", "Token", f"Token {token} extra", f"Bearer {token}", "Token nosuchkey", "Token ab\u00e9"):
+        response = bare.get(units, HTTP_AUTHORIZATION=header)
+        assert response.status_code == 401, (header, response.content[:80])
+        assert response.json()["message"], header
+    user.is_active = False
+    user.save()
+    assert api.get(units).status_code == 401
+    user.is_active = True
+    user.save()
+    assert len(calls) == 3  # DRF refused them before its list
+    assert api.get("/api/units/?min_iou=lots").status_code == 400
+    cursor = base64.urlsafe_b64encode(b"o=0&p=nan").decode()
+    assert api.get(f"/api/units/?cursor={cursor}").status_code == 404
+    assert len(calls) == 5  # the 400 and the 404 are the viewset's
+    assert api.get(units).status_code == 200 and len(calls) == 5  # back on the lean answer
+
+
 def test_names_are_escaped_and_non_finite_numbers_quoted_as_before(api, user):
     """The page's JSON is written by concatenation: a name with quotes, backslashes and control
     characters must survive, and a number JSON cannot hold (a NaN or infinite value written by
