@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import fused
+
 __all__ = [
     "DEFAULT_BLOCKS",
     "DEFAULT_RESAMPLES",
@@ -351,23 +353,31 @@ def label_evidence(
         union = act_t.index_select(0, pu) + con_t.index_select(0, pc) - i_r
         return torch.where(union > 0, i_r / union, 0.0), pu
 
-    best = torch.full((units, n_res), -np.inf, dtype=torch.float64)  # the best other concept, per resample
-    reach = np.zeros(len(pair_unit), bool)  # the pair reaches the label's IoU in some resample
-    for start in range(0, len(pair_unit), step):
-        sl = slice(start, start + step)
-        iou_r, pu = pair_iou(sl)
-        with warnings.catch_warnings():  # "index_reduce() is in beta" (torch 2.x): the amax reduction is stable
-            warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)
-            best.index_reduce_(0, pu, iou_r, "amax")
-        reach[sl] = (iou_r >= lab_t.index_select(0, pu)).any(dim=1).numpy()
-    ties = torch.zeros((units, n_res), dtype=torch.float64)  # other concepts level with the label
-    level_units = (best == lab_t).any(dim=1).numpy()
-    if level_units.any():  # exact ties are rare: count them in a second pass over those units' pairs
-        chosen = np.nonzero(level_units[pair_unit])[0]
-        for start in range(0, len(chosen), step):
-            iou_r, pu = pair_iou(chosen[start : start + step])
-            ties.index_add_(0, pu, (iou_r == lab_t.index_select(0, pu)).to(torch.float64))
-    share = torch.where(best > lab_t, 0.0, 1.0 / (1.0 + ties)).mean(dim=1).numpy()
+    if fused.available():  # one compiled pass per pair, the same comparisons (fused.contend)
+        inter_p = inter_b[:, pair_unit, pair_concept].T
+        above_np, level_np, reach = fused.contend(
+            inter_p, w_t.numpy(), act_t.numpy(), con_t.numpy(), lab_t.numpy(), pair_unit, pair_concept
+        )
+        above, ties = torch.from_numpy(above_np), torch.from_numpy(level_np).to(torch.float64)
+    else:
+        best = torch.full((units, n_res), -np.inf, dtype=torch.float64)  # the best other concept, per resample
+        reach = np.zeros(len(pair_unit), bool)  # the pair reaches the label's IoU in some resample
+        for start in range(0, len(pair_unit), step):
+            sl = slice(start, start + step)
+            iou_r, pu = pair_iou(sl)
+            with warnings.catch_warnings():  # "index_reduce() is in beta" (torch 2.x): the amax reduction is stable
+                warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)
+                best.index_reduce_(0, pu, iou_r, "amax")
+            reach[sl] = (iou_r >= lab_t.index_select(0, pu)).any(dim=1).numpy()
+        ties = torch.zeros((units, n_res), dtype=torch.float64)  # other concepts level with the label
+        level_units = (best == lab_t).any(dim=1).numpy()
+        if level_units.any():  # exact ties are rare: count them in a second pass over those units' pairs
+            chosen = np.nonzero(level_units[pair_unit])[0]
+            for start in range(0, len(chosen), step):
+                iou_r, pu = pair_iou(chosen[start : start + step])
+                ties.index_add_(0, pu, (iou_r == lab_t.index_select(0, pu)).to(torch.float64))
+        above = best > lab_t
+    share = torch.where(above, 0.0, 1.0 / (1.0 + ties)).mean(dim=1).numpy()
     contenders = 1 + np.bincount(pair_unit[reach], minlength=units)
     ev.iou_low = np.where(labelled, label_low, np.nan)
     ev.iou_high = np.where(labelled, label_high, np.nan)

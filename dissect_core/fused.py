@@ -17,6 +17,11 @@ as the product's kernel does: with fused multiply-adds or with each product roun
 (:func:`upsample_parts` takes the ``mode``; the engine finds the one that matches this
 machine's products once per map shape, and keeps the products where none does).
 
+The label evidence's bootstrap (:func:`contend`) compares every contending (unit, concept)
+pair's IoU with the label's in each resample in one loop per pair; its sums are exact
+integers in float64, so its comparisons are the torch chunks' (about 0.33 s -> 0.14 s for
+the two layers of the Broden-like benchmark).
+
 They are used when numba can be imported and the data lies on the CPU, unless
 ``DISSECT_FUSED=0`` (then, and on a GPU, the torch path runs). numba compiles the
 loops (:mod:`~dissect_core.fused_kernels`) once per machine (about 14 s) and caches the machine code next to this file
@@ -47,6 +52,7 @@ __all__ = [
     "Interpolation",
     "Parts",
     "available",
+    "contend",
     "count_parts",
     "count_rows",
     "floored_bucket",
@@ -545,6 +551,43 @@ def count_parts(
     return torch.from_numpy(amb_m), torch.from_numpy(amb_p), torch.from_numpy(amb_v)
 
 
+def contend(
+    inter: np.ndarray,
+    weights: np.ndarray,
+    act: np.ndarray,
+    con: np.ndarray,
+    lab: np.ndarray,
+    pair_unit: np.ndarray,
+    pair_concept: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The label evidence's contenders in one pass per pair (see
+    :func:`~dissect_core.evidence.label_evidence`): each (unit, concept) pair's IoU in every
+    bootstrap resample, against the label's in that resample.
+
+    Args:
+        inter: float64 [p, m], each pair's intersections per block.
+        weights: float64 [m, R], each block's count in each resample (integers).
+        act: float64 [U, R], each unit's resampled on-pixels; con: float64 [C, R], each
+            concept's resampled pixels; lab: float64 [U, R], the label's resampled IoU.
+        pair_unit, pair_concept: int64 [p].
+
+    Returns:
+        ``above`` bool [U, R] (some pair of the unit beats the label), ``level`` int64 [U, R]
+        (the unit's pairs equal to the label) and ``reach`` bool [p] (the pair reaches the
+        label's IoU in some resample): exactly what the torch path computes, since every
+        resampled sum is an exact integer and each IoU one division.
+    """
+    kernels = _compile()
+    assert kernels is not None
+    arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (inter, weights, act, con, lab)]
+    above = np.zeros(lab.shape, np.bool_)
+    level = np.zeros(lab.shape, np.int64)
+    reach = np.zeros(len(pair_unit), np.bool_)
+    units, concepts = (np.ascontiguousarray(a, dtype=np.int64) for a in (pair_unit, pair_concept))
+    kernels["contend"](*arrays, units, concepts, above, level, reach)
+    return above, level, reach
+
+
 def warm() -> bool:
     """Compile (or load from the cache) the loops for the CPU's usual types, now rather than
     in the first job: a worker calls this before its pool forks. A loop that fails to
@@ -567,6 +610,8 @@ def warm() -> bool:
 
 
 def _warm_calls() -> None:
+    one_pair = np.zeros(1, np.int64)
+    contend(np.ones((1, 1)), np.ones((1, 1)), np.ones((1, 1)), np.ones((1, 1)), np.ones((1, 1)), one_pair, one_pair)
     interp = Interpolation(torch.ones((2, 1)) * 0.5, torch.ones((2, 1)))
     native = torch.zeros((1, 1, 1))
     level = torch.zeros(1)

@@ -320,10 +320,44 @@ def _count(
     return amb[:n_amb]
 
 
+@jit
+def _contend(inter, w, act, con, lab, pair_unit, pair_concept, above, level, reach):  # pragma: no cover - compiled
+    # The label evidence's contenders (evidence.label_evidence): each (unit, concept) pair's
+    # IoU in every resample, from its blocks' intersections [p, m] and the resampling weights
+    # [m, R] (integer counts: every sum is an exact integer in float64, whatever its order),
+    # compared with the label's: above[u, r] (some pair beats it), level[u, r] (pairs equal
+    # to it), reach[k] (pair k reaches it in some resample). One pass per pair, no [p, R]
+    # temporaries.
+    n_res = w.shape[1]
+    acc = np.empty(n_res)
+    for k in range(inter.shape[0]):
+        u, c = pair_unit[k], pair_concept[k]
+        for r in range(n_res):
+            acc[r] = 0.0
+        for b in range(inter.shape[1]):
+            v = inter[k, b]
+            if v != 0.0:
+                for r in range(n_res):
+                    acc[r] += v * w[b, r]
+        hit = False
+        for r in range(n_res):
+            union = act[u, r] + con[c, r] - acc[r]
+            iou = acc[r] / union if union > 0.0 else 0.0
+            target = lab[u, r]
+            if iou >= target:
+                hit = True
+                if iou > target:
+                    above[u, r] = True
+                else:
+                    level[u, r] += 1
+        reach[k] = hit
+
+
 KERNELS = {
     "stats": _stats,
     "bucket": _bucket,
     "count": _count,
     "upsample": _upsample,
     "parts": _parts,
+    "contend": _contend,
 }

@@ -318,3 +318,33 @@ def test_a_dissection_at_broden_sizes_is_the_same_with_and_without_the_fused_loo
     ds = SyntheticScenes(16, seed=2, image_size=(224, 224))
     model = LoadedModel(_Coarse().eval(), "test:coarse", 2, (224, 224), (0.5,) * 3, (0.25,) * 3, "builtin")
     _same_with_and_without_the_loops(model, ds, ["mid", "low"], batch_size=4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_label_evidence_is_the_same_with_and_without_the_fused_loops(seed: int) -> None:
+    """The contenders' pass (fused.contend) against the torch chunks it replaces, on random
+    tallies with an empty block and two identical concept columns (exact ties in every
+    resample): every array of the evidence bit for bit."""
+    from dissect_core.evidence import label_evidence
+
+    rng = np.random.default_rng(seed)
+    m, units, concepts, cells = 16, 60, 12, 4
+    act = rng.integers(0, 60, (m, units, cells))
+    con = rng.integers(0, 60, (m, concepts, cells))
+    con[:, 1] = con[:, 0]
+    most = np.minimum(act.sum(2)[:, :, None], con.sum(2)[:, None, :])
+    inter = rng.integers(0, most + 1)
+    inter[:, : units // 2, 0] = most[:, : units // 2, 0]  # half the units are concept 0 (and 1)
+    inter[:, :, 1] = inter[:, :, 0]
+    images = rng.integers(1, 20, m)
+    images[3] = 0
+    results = []
+    for on in (True, False):
+        fused.set_enabled(on)
+        results.append(label_evidence(inter, act, con, images, np.full(cells, 25), resamples=300, seed=seed))
+    with_loops, without = (vars(ev) for ev in results)
+    for name, value in with_loops.items():
+        assert np.array_equal(np.asarray(value), np.asarray(without[name]), equal_nan=True), name
+    tied = results[0].label == 0
+    assert tied.sum() >= units // 4 and (results[0].stability[tied] <= 0.5).all()  # the twin ties every resample
+    assert (results[0].contenders[tied] >= 2).all()
